@@ -1,0 +1,589 @@
+//! Loading weir's kernel programs, pinning them, and writing the maps.
+//!
+//! Layout under the bpffs (`--bpffs`, default `/sys/fs/bpf`):
+//!
+//! ```text
+//! <bpffs>/weir/maps/<MAP>                      every map, reused on restart
+//! <bpffs>/weir/links/cgroup-<cgid>-<program>   cgroup attachments
+//! <bpffs>/weir/links/netns-<cookie>            per-pod sk_lookup attachments
+//! ```
+//!
+//! Links are pinned, so capture goes on while the agent is down; a new agent
+//! swaps its freshly loaded programs into the existing links
+//! (`BPF_LINK_UPDATE`, atomic) instead of attaching a second copy.
+
+use std::collections::BTreeSet;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
+use aya::programs::SkLookup;
+use aya::programs::links::FdLink;
+use aya::{Ebpf, EbpfLoader};
+use log::{debug, info, warn};
+use weir_common::*;
+
+use crate::policy::{PodEntries, PodRules};
+use crate::sys;
+
+/// The kernel object, built by `cargo xtask build-ebpf` and embedded here.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEIR_EBPF_OBJECT"));
+
+/// Every map of the object, all pinned under `weir/maps/`.
+pub const MAP_NAMES: &[&str] = &[
+    "POD_POLICY",
+    "POD_ADDRS",
+    "PORT_RULES",
+    "PROXY_IDS",
+    "CIDR_EXCLUDE",
+    "CIDR_INCLUDE",
+    "LISTENERS",
+    "LISTEN_PORTS",
+    "PENDING_FLOWS",
+    "ORIG_DST",
+    "POD_COUNTERS",
+    "NODE_COUNTERS",
+    "POD_META",
+    "WEIR_META",
+];
+
+/// Programs attached to the cgroup.
+/// (name, `enum bpf_attach_type`)
+const CGROUP_PROGRAMS: &[(&str, u32)] = &[
+    ("weir_connect4", 10),   // BPF_CGROUP_INET4_CONNECT
+    ("weir_connect6", 11),   // BPF_CGROUP_INET6_CONNECT
+    ("weir_getpeer4", 29),   // BPF_CGROUP_INET4_GETPEERNAME
+    ("weir_getpeer6", 30),   // BPF_CGROUP_INET6_GETPEERNAME
+    ("weir_sockops", 3),     // BPF_CGROUP_SOCK_OPS
+    ("weir_getsockopt", 21), // BPF_CGROUP_GETSOCKOPT
+];
+
+/// The sk_lookup program, attached to each pod's network namespace.
+const SK_LOOKUP: &str = "weir_sk_lookup";
+
+/// Where weir keeps its pins.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    /// `<bpffs>/weir`.
+    pub root: PathBuf,
+}
+
+impl Pins {
+    /// Pins under `<bpffs>/weir`.
+    pub fn new(bpffs: &Path) -> Self {
+        Self {
+            root: bpffs.join("weir"),
+        }
+    }
+    /// `<root>/maps`.
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    /// `<root>/links`.
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    /// Pin of a pod's sk_lookup link.
+    pub fn netns_link(&self, cookie: u64) -> PathBuf {
+        self.links().join(format!("netns-{cookie}"))
+    }
+}
+
+/// Makes sure `bpffs` is a bpffs mount (mounting one if nothing is there).
+pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
+    if sys::is_bpffs(bpffs) {
+        return Ok(());
+    }
+    info!("no bpffs at {}: mounting one", bpffs.display());
+    sys::mount_bpffs(bpffs).with_context(|| {
+        format!(
+            "--bpffs {}: not a bpffs and mounting one failed; mount it (mount -t bpf bpf {0}) or point --bpffs at one",
+            bpffs.display()
+        )
+    })
+}
+
+/// Map capacities (set at first load; pinned maps keep theirs).
+#[derive(Clone, Debug)]
+pub struct Capacities {
+    /// Pods per node.
+    pub pods: u32,
+    /// Redirected connections between connect() and accept().
+    pub pending_flows: u32,
+    /// Port entries over all pods.
+    pub port_rules: u32,
+    /// CIDR entries over all pods, per list.
+    pub cidrs: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            pods: 16384,
+            pending_flows: 65536,
+            port_rules: 262_144,
+            cidrs: 262_144,
+        }
+    }
+}
+
+/// The loaded programs and open maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pins: Pins,
+    pod_policy: HashMap<MapData, u64, PodPolicy>,
+    pod_addrs: HashMap<MapData, Addr, u64>,
+    port_rules: HashMap<MapData, PortKey, u32>,
+    proxy_ids: HashMap<MapData, IdKey, u32>,
+    cidr_exclude: LpmTrie<MapData, CidrData, u32>,
+    cidr_include: LpmTrie<MapData, CidrData, u32>,
+    listen_ports: HashMap<MapData, u16, u32>,
+    pod_counters: PerCpuHashMap<MapData, u64, PodCounters>,
+    node_counters: PerCpuArray<MapData, NodeCounters>,
+    pod_meta: HashMap<MapData, u64, PodMeta>,
+    weir_meta: Array<MapData, WeirMeta>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the kernel object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Datapath {
+    /// Loads the programs (reusing pinned maps), and attaches the cgroup
+    /// programs to `cgroup` (reusing pinned links).
+    pub fn load(bpffs: &Path, cgroup: &Path, caps: &Capacities) -> Result<Self> {
+        ensure_bpffs(bpffs)?;
+        let pins = Pins::new(bpffs);
+        for dir in [pins.maps(), pins.links()] {
+            std::fs::create_dir_all(&dir).with_context(|| {
+                format!("cannot create {} (is --bpffs writable?)", dir.display())
+            })?;
+        }
+        let mut loader = EbpfLoader::new();
+        let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES
+            .iter()
+            .map(|n| (*n, pins.maps().join(n)))
+            .collect();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(*name, path.as_path());
+        }
+        loader
+            .map_max_entries("POD_POLICY", caps.pods)
+            .map_max_entries("POD_COUNTERS", caps.pods)
+            .map_max_entries("POD_META", caps.pods)
+            .map_max_entries("POD_ADDRS", caps.pods.saturating_mul(4))
+            .map_max_entries("PROXY_IDS", caps.pods.saturating_mul(4))
+            .map_max_entries("LISTENERS", caps.pods.saturating_mul(4))
+            .map_max_entries("PENDING_FLOWS", caps.pending_flows)
+            .map_max_entries("PORT_RULES", caps.port_rules)
+            .map_max_entries("CIDR_EXCLUDE", caps.cidrs)
+            .map_max_entries("CIDR_INCLUDE", caps.cidrs);
+        let mut ebpf = loader.load(EBPF_OBJECT).context(
+            "loading weir's kernel object failed (needs Linux >= 5.15 with BTF, root or CAP_BPF+CAP_NET_ADMIN; \
+             if pinned maps from another weir version exist, run `weir uninstall` first)",
+        )?;
+
+        let mut weir_meta: Array<MapData, WeirMeta> = take(&mut ebpf, "WEIR_META")?;
+        let meta = weir_meta.get(&0, 0).context("reading WEIR_META")?;
+        if meta.layout_version != 0 && meta.layout_version != LAYOUT_VERSION {
+            bail!(
+                "the maps pinned under {} were written by a weir with map layout v{} (this weir: v{}); \
+                 they cannot be reused safely: run `weir uninstall --bpffs {}` (capture stops until this agent starts)",
+                pins.maps().display(),
+                meta.layout_version,
+                LAYOUT_VERSION,
+                bpffs.display()
+            );
+        }
+        weir_meta
+            .set(
+                0,
+                WeirMeta {
+                    layout_version: LAYOUT_VERSION,
+                    ready: meta.ready,
+                },
+                0,
+            )
+            .context("writing WEIR_META")?;
+
+        let mut dp = Self {
+            pod_policy: take(&mut ebpf, "POD_POLICY")?,
+            pod_addrs: take(&mut ebpf, "POD_ADDRS")?,
+            port_rules: take(&mut ebpf, "PORT_RULES")?,
+            proxy_ids: take(&mut ebpf, "PROXY_IDS")?,
+            cidr_exclude: take(&mut ebpf, "CIDR_EXCLUDE")?,
+            cidr_include: take(&mut ebpf, "CIDR_INCLUDE")?,
+            listen_ports: take(&mut ebpf, "LISTEN_PORTS")?,
+            pod_counters: take(&mut ebpf, "POD_COUNTERS")?,
+            node_counters: take(&mut ebpf, "NODE_COUNTERS")?,
+            pod_meta: take(&mut ebpf, "POD_META")?,
+            weir_meta,
+            ebpf,
+            pins,
+        };
+        let prog: &mut SkLookup = dp
+            .ebpf
+            .program_mut(SK_LOOKUP)
+            .context("sk_lookup program missing")?
+            .try_into()?;
+        prog.load()
+            .context("the kernel refused program weir_sk_lookup")?;
+        dp.attach_cgroup(cgroup)?;
+        Ok(dp)
+    }
+
+    fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let cg = std::fs::File::open(cgroup).with_context(|| {
+            format!(
+                "--cgroup {}: cannot open it; pass a cgroup v2 directory",
+                cgroup.display()
+            )
+        })?;
+        let cgid = nix::sys::stat::fstat(cg.as_fd())
+            .with_context(|| format!("stat {}", cgroup.display()))?
+            .st_ino;
+        // Load everything before attaching anything: a refused program
+        // must not leave half of weir attached.
+        for (name, _) in CGROUP_PROGRAMS {
+            let program = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the kernel object"))?;
+            let loaded = match program {
+                aya::programs::Program::CgroupSockAddr(p) => p.load(),
+                aya::programs::Program::CgroupSockopt(p) => p.load(),
+                aya::programs::Program::SockOps(p) => p.load(),
+                _ => bail!("program {name} has an unexpected type"),
+            };
+            loaded.with_context(|| format!("the kernel refused program {name}"))?;
+        }
+        for (name, attach_type) in CGROUP_PROGRAMS {
+            let pin = self.pins.links().join(format!("cgroup-{cgid}-{name}"));
+            let program = self
+                .ebpf
+                .program(name)
+                .with_context(|| format!("program {name} missing from the kernel object"))?;
+            let fd = program.fd()?.as_fd();
+            // Swap into the existing link (atomic, no gap), or attach anew.
+            if update_pinned(&pin, fd)?.is_some() {
+                info!(
+                    "updated {name} in its pinned link on cgroup {}",
+                    cgroup.display()
+                );
+                continue;
+            }
+            let link = sys::link_create(fd, cg.as_fd(), *attach_type)
+                .with_context(|| format!("attaching {name} to cgroup {}", cgroup.display()))?;
+            sys::obj_pin(link.as_fd(), &pin)
+                .with_context(|| format!("pinning {}", pin.display()))?;
+            info!("attached {name} to cgroup {}", cgroup.display());
+        }
+        Ok(())
+    }
+
+    /// Attaches (or updates) the sk_lookup program in a pod's netns.
+    pub fn attach_netns(&mut self, cookie: u64, netns: &Path) -> Result<()> {
+        let pin = self.pins.netns_link(cookie);
+        let prog: &mut SkLookup = self
+            .ebpf
+            .program_mut(SK_LOOKUP)
+            .context("sk_lookup program missing")?
+            .try_into()?;
+        if update_pinned(&pin, prog.fd()?.as_fd())?.is_some() {
+            return Ok(());
+        }
+        let ns = std::fs::File::open(netns)
+            .with_context(|| format!("opening netns {}", netns.display()))?;
+        let id = prog
+            .attach(&ns)
+            .context("attaching weir_sk_lookup to the pod's netns")?;
+        let link: FdLink = prog.take_link(id)?.into();
+        link.pin(&pin)
+            .with_context(|| format!("pinning {}", pin.display()))?;
+        Ok(())
+    }
+
+    /// Detaches the sk_lookup program from a pod's netns.
+    pub fn detach_netns(&mut self, cookie: u64) {
+        let pin = self.pins.netns_link(cookie);
+        if let Err(e) = std::fs::remove_file(&pin)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!("removing {}: {e}", pin.display());
+        }
+    }
+
+    /// Cookies of the pods that have a pinned sk_lookup link.
+    pub fn pinned_netns_links(&self) -> Vec<u64> {
+        let Ok(rd) = std::fs::read_dir(self.pins.links()) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.strip_prefix("netns-")?.parse().ok())
+            .collect()
+    }
+
+    /// Cookies present in `POD_POLICY` (pods enrolled by any agent).
+    pub fn enrolled_cookies(&self) -> Vec<u64> {
+        self.pod_policy.keys().filter_map(|k| k.ok()).collect()
+    }
+
+    /// Writes (or rewrites) one pod's entries. New entries are inserted
+    /// before stale ones are removed, and the policy is written last on
+    /// enrollment and first on update, so no connection sees a half state.
+    pub fn write_pod(
+        &mut self,
+        cookie: u64,
+        pod_id: u32,
+        meta: &PodMeta,
+        rules: &PodRules,
+        old: Option<&PodEntries>,
+    ) -> Result<PodEntries> {
+        let new = rules.entries(cookie);
+        let mut policy = rules.policy;
+        policy.pod_id = pod_id;
+        for p in &rules.listen_ports {
+            self.listen_ports
+                .insert(p, 1, 0)
+                .context("LISTEN_PORTS full")?;
+        }
+        if self.pod_counters.get(&cookie, 0).is_err() {
+            let zero = PerCpuValues::try_from(vec![
+                PodCounters::default();
+                aya::util::nr_cpus().map_err(|(_, e)| e)?
+            ])?;
+            self.pod_counters
+                .insert(cookie, zero, 0)
+                .context("POD_COUNTERS full (raise --max-pods)")?;
+        }
+        self.pod_meta
+            .insert(cookie, meta, 0)
+            .context("POD_META full")?;
+        for k in &new.ports {
+            self.port_rules
+                .insert(k, 1, 0)
+                .context("PORT_RULES full (raise --max-port-rules)")?;
+        }
+        for k in &new.ids {
+            self.proxy_ids.insert(k, 1, 0).context("PROXY_IDS full")?;
+        }
+        for (bits, data) in &new.exclude {
+            self.cidr_exclude
+                .insert(&Key::new(*bits, *data), 1, 0)
+                .context("CIDR_EXCLUDE full (raise --max-cidrs)")?;
+        }
+        for (bits, data) in &new.include {
+            self.cidr_include
+                .insert(&Key::new(*bits, *data), 1, 0)
+                .context("CIDR_INCLUDE full (raise --max-cidrs)")?;
+        }
+        for a in &new.addrs {
+            self.pod_addrs
+                .insert(a, cookie, 0)
+                .context("POD_ADDRS full")?;
+        }
+        self.pod_policy
+            .insert(cookie, policy, 0)
+            .context("POD_POLICY full (raise --max-pods)")?;
+        if let Some(old) = old {
+            self.remove_stale(cookie, old, &new);
+        }
+        Ok(new)
+    }
+
+    fn remove_stale(&mut self, cookie: u64, old: &PodEntries, new: &PodEntries) {
+        for k in old.ports.difference(&new.ports) {
+            let _ = self.port_rules.remove(k);
+        }
+        for k in old.ids.difference(&new.ids) {
+            let _ = self.proxy_ids.remove(k);
+        }
+        for e in old.exclude.iter().filter(|e| !new.exclude.contains(e)) {
+            let _ = self.cidr_exclude.remove(&Key::new(e.0, e.1));
+        }
+        for e in old.include.iter().filter(|e| !new.include.contains(e)) {
+            let _ = self.cidr_include.remove(&Key::new(e.0, e.1));
+        }
+        for a in old.addrs.iter().filter(|a| !new.addrs.contains(a)) {
+            // Only if the address still points at this pod (it may have
+            // moved to a new pod already).
+            if self.pod_addrs.get(a, 0).ok() == Some(cookie) {
+                let _ = self.pod_addrs.remove(a);
+            }
+        }
+    }
+
+    /// Removes every entry of a pod. The policy goes first, so the
+    /// programs stop capturing before the tables disappear.
+    pub fn remove_pod(&mut self, cookie: u64, old: &PodEntries) {
+        let _ = self.pod_policy.remove(&cookie);
+        self.remove_stale(cookie, old, &PodEntries::default());
+        let _ = self.pod_meta.remove(&cookie);
+        let _ = self.pod_counters.remove(&cookie);
+        self.detach_netns(cookie);
+    }
+
+    /// Removes every trace of a pod known only by its cookie (left over by
+    /// an earlier agent): scans the keyed maps for that cookie.
+    pub fn purge_cookie(&mut self, cookie: u64) {
+        let ports: Vec<PortKey> = self
+            .port_rules
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns_cookie == cookie)
+            .collect();
+        let ids: Vec<IdKey> = self
+            .proxy_ids
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns_cookie == cookie)
+            .collect();
+        let ex: Vec<Key<CidrData>> = self
+            .cidr_exclude
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
+            .collect();
+        let inc: Vec<Key<CidrData>> = self
+            .cidr_include
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
+            .collect();
+        let addrs: Vec<Addr> = self
+            .pod_addrs
+            .iter()
+            .filter_map(|e| e.ok())
+            .filter(|(_, c)| *c == cookie)
+            .map(|(a, _)| a)
+            .collect();
+        let _ = self.pod_policy.remove(&cookie);
+        for k in &ports {
+            let _ = self.port_rules.remove(k);
+        }
+        for k in &ids {
+            let _ = self.proxy_ids.remove(k);
+        }
+        for k in &ex {
+            let _ = self.cidr_exclude.remove(k);
+        }
+        for k in &inc {
+            let _ = self.cidr_include.remove(k);
+        }
+        for a in &addrs {
+            let _ = self.pod_addrs.remove(a);
+        }
+        let _ = self.pod_meta.remove(&cookie);
+        let _ = self.pod_counters.remove(&cookie);
+        self.detach_netns(cookie);
+        debug!("purged leftover state of netns cookie {cookie}");
+    }
+
+    /// Keeps exactly `ports` in `LISTEN_PORTS`.
+    pub fn sync_listen_ports(&mut self, ports: &BTreeSet<u16>) {
+        let current: Vec<u16> = self.listen_ports.keys().filter_map(|k| k.ok()).collect();
+        for p in current {
+            if !ports.contains(&p) {
+                let _ = self.listen_ports.remove(&p);
+            }
+        }
+    }
+
+    /// Marks the pinned state as reconciled (for `weir status`).
+    pub fn set_ready(&mut self, ready: bool) {
+        let _ = self.weir_meta.set(
+            0,
+            WeirMeta {
+                layout_version: LAYOUT_VERSION,
+                ready: u32::from(ready),
+            },
+            0,
+        );
+    }
+
+    /// One pod's counters summed over CPUs.
+    pub fn pod_counters(&self, cookie: u64) -> Option<PodCounters> {
+        let v = self.pod_counters.get(&cookie, 0).ok()?;
+        Some(sum_pod(v.iter()))
+    }
+
+    /// Node counters summed over CPUs.
+    pub fn node_counters(&self) -> NodeCounters {
+        let mut out = NodeCounters::default();
+        if let Ok(v) = self.node_counters.get(&0, 0) {
+            for c in v.iter() {
+                out.not_enrolled += c.not_enrolled;
+                out.orig_dst_store_failed += c.orig_dst_store_failed;
+                out.pending_insert_failed += c.pending_insert_failed;
+                out.listeners_recorded += c.listeners_recorded;
+                out.listeners_record_failed += c.listeners_record_failed;
+            }
+        }
+        out
+    }
+}
+
+/// Sums per-CPU pod counters.
+pub fn sum_pod<'a>(it: impl Iterator<Item = &'a PodCounters>) -> PodCounters {
+    let mut o = PodCounters::default();
+    for c in it {
+        o.outbound_captured += c.outbound_captured;
+        o.outbound_to_inbound += c.outbound_to_inbound;
+        o.bypass_excluded_port += c.bypass_excluded_port;
+        o.bypass_passthrough += c.bypass_passthrough;
+        o.bypass_loopback += c.bypass_loopback;
+        o.bypass_proxy += c.bypass_proxy;
+        o.bypass_localhost += c.bypass_localhost;
+        o.bypass_excluded_cidr += c.bypass_excluded_cidr;
+        o.bypass_not_included += c.bypass_not_included;
+        o.inbound_captured += c.inbound_captured;
+        o.inbound_bypass += c.inbound_bypass;
+        o.inbound_fail_closed += c.inbound_fail_closed;
+        o.outbound_fail_closed += c.outbound_fail_closed;
+        o.orig_dst_answered += c.orig_dst_answered;
+        o.orig_dst_missed += c.orig_dst_missed;
+        o.source_bind_failed += c.source_bind_failed;
+    }
+    o
+}
+
+/// If a link is pinned at `pin`, swaps `prog` into it and returns Some.
+fn update_pinned(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<Option<()>> {
+    match sys::obj_get(pin) {
+        Ok(link) => {
+            sys::link_update(link.as_fd(), prog)
+                .with_context(|| format!("BPF_LINK_UPDATE on {}", pin.display()))?;
+            Ok(Some(()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("opening pinned link {}", pin.display())),
+    }
+}
+
+/// Removes every pin weir made under `<bpffs>/weir` (detaching every
+/// program whose last reference was a pin). Returns what was removed.
+pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
+    let pins = Pins::new(bpffs);
+    let mut removed = Vec::new();
+    for dir in [pins.links(), pins.maps()] {
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            removed.push(e.path());
+        }
+        let _ = std::fs::remove_dir(&dir);
+    }
+    let _ = std::fs::remove_dir(&pins.root);
+    Ok(removed)
+}

@@ -1,0 +1,316 @@
+//! The local pod source: a YAML file listing the pods of this node.
+//!
+//! ```yaml
+//! pods:
+//!   - name: productpage-v1            # required
+//!     namespace: default              # optional, default "default"
+//!     netns: /var/run/netns/productpage   # required
+//!     ips: [198.18.1.2]               # IPv4 and/or IPv6
+//!     mesh: istio                     # istio (default) | linkerd | kuma
+//!     annotations: {}                 # Kubernetes pod annotations
+//! ```
+//!
+//! A file that cannot be read or is not YAML is an error as a whole; a bad
+//! entry is reported (file, pod, field) and skipped, the others stay.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::policy::{Mesh, PodRules, pod_rules};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    pods: Vec<serde_yaml_ng::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPod {
+    name: String,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    netns: PathBuf,
+    #[serde(default)]
+    ips: Vec<String>,
+    #[serde(default)]
+    mesh: Mesh,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+/// One valid pod of the pods file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodSpec {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Path of the pod's network namespace.
+    pub netns: PathBuf,
+    /// The pod's addresses.
+    pub ips: Vec<IpAddr>,
+    /// The pod's mesh.
+    pub mesh: Mesh,
+    /// The pod's annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// Capture rules built from the above.
+    pub rules: PodRules,
+}
+
+impl PodSpec {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What a pods file holds: the valid pods and one message per bad entry.
+#[derive(Debug, Default)]
+pub struct PodsFile {
+    /// Valid pods.
+    pub pods: Vec<PodSpec>,
+    /// Problems, each naming the file, the pod and the field.
+    pub errors: Vec<String>,
+    /// `namespace/name` of the entries that were invalid (when their name
+    /// could be read): such pods keep their last good policy.
+    pub invalid: BTreeSet<String>,
+}
+
+/// Errors that make the whole file unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum PodsFileError {
+    /// The file cannot be read.
+    #[error("pods file {path}: cannot read it: {source}; check --pods-file")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not the expected YAML.
+    #[error("pods file {path}: {source}; expected a mapping with a `pods:` list")]
+    Yaml {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_yaml_ng::Error,
+    },
+}
+
+/// Reads and validates a pods file.
+pub fn load(path: &Path) -> Result<PodsFile, PodsFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PodsFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses pods-file text (`path` is only used in messages).
+pub fn parse(path: &Path, text: &str) -> Result<PodsFile, PodsFileError> {
+    let raw: RawFile = if text.trim().is_empty() {
+        RawFile { pods: Vec::new() }
+    } else {
+        serde_yaml_ng::from_str(text).map_err(|source| PodsFileError::Yaml {
+            path: path.to_path_buf(),
+            source,
+        })?
+    };
+    let mut out = PodsFile::default();
+    let mut seen_names = BTreeSet::new();
+    let mut seen_netns = BTreeMap::new();
+    let mut seen_ips = BTreeMap::new();
+    for (i, value) in raw.pods.into_iter().enumerate() {
+        let name = value
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map(str::to_string);
+        let ns = value
+            .get("namespace")
+            .and_then(|n| n.as_str())
+            .unwrap_or("default")
+            .to_string();
+        let label = name
+            .as_ref()
+            .map(|n| format!("pod {n:?}"))
+            .unwrap_or_else(|| format!("pod #{}", i + 1));
+        if let Some(n) = &name {
+            out.invalid.insert(format!("{ns}/{n}"));
+        }
+        let mut fail = |msg: String| {
+            out.errors
+                .push(format!("pods file {}: {label}: {msg}", path.display()))
+        };
+        let raw: RawPod = match serde_yaml_ng::from_value(value) {
+            Ok(r) => r,
+            Err(e) => {
+                fail(format!("{e}"));
+                continue;
+            }
+        };
+        if raw.name.trim().is_empty() {
+            fail("field `name` is empty; give the pod a name".into());
+            continue;
+        }
+        if !raw.netns.is_absolute() {
+            fail(format!(
+                "field `netns`: {:?} is not an absolute path; use e.g. /var/run/netns/NAME",
+                raw.netns
+            ));
+            continue;
+        }
+        let mut ips = Vec::new();
+        let mut bad_ip = None;
+        for s in &raw.ips {
+            match s.trim().parse::<IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => {
+                    bad_ip = Some(s.clone());
+                    break;
+                }
+            }
+        }
+        if let Some(s) = bad_ip {
+            fail(format!("field `ips`: {s:?} is not an IP address"));
+            continue;
+        }
+        let key = format!("{}/{}", raw.namespace, raw.name);
+        if !seen_names.insert(key.clone()) {
+            fail(format!("pod {key} is listed twice; keep one entry"));
+            continue;
+        }
+        if let Some(other) = seen_netns.insert(raw.netns.clone(), key.clone()) {
+            fail(format!(
+                "field `netns`: {} is already the netns of pod {other}; each pod has its own",
+                raw.netns.display()
+            ));
+            continue;
+        }
+        if let Some(other) = ips.iter().find_map(|ip| seen_ips.get(ip)) {
+            fail(format!(
+                "field `ips`: an address is already used by pod {other}"
+            ));
+            continue;
+        }
+        let rules = match pod_rules(raw.mesh, &ips, &raw.annotations) {
+            Ok(r) => r,
+            Err(e) => {
+                fail(format!("field `annotations`: {e}"));
+                continue;
+            }
+        };
+        for ip in &ips {
+            seen_ips.insert(*ip, key.clone());
+        }
+        out.invalid.remove(&key);
+        out.pods.push(PodSpec {
+            namespace: raw.namespace,
+            name: raw.name,
+            netns: raw.netns,
+            ips,
+            mesh: raw.mesh,
+            annotations: raw.annotations,
+            rules,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> PodsFile {
+        parse(Path::new("pods.yaml"), text).unwrap()
+    }
+
+    #[test]
+    fn minimal_and_defaults() {
+        let f = p(
+            "pods:\n  - name: a\n    netns: /var/run/netns/a\n    ips: [198.18.0.1, '2001:2::1']\n",
+        );
+        assert!(f.errors.is_empty(), "{:?}", f.errors);
+        assert_eq!(f.pods.len(), 1);
+        assert_eq!(f.pods[0].namespace, "default");
+        assert_eq!(f.pods[0].mesh, Mesh::Istio);
+        assert_eq!(f.pods[0].ips.len(), 2);
+    }
+
+    #[test]
+    fn empty_file_is_no_pods() {
+        assert!(p("").pods.is_empty());
+        assert!(p("pods: []").pods.is_empty());
+    }
+
+    #[test]
+    fn bad_entries_are_skipped_and_named() {
+        let f = p(r#"
+pods:
+  - name: good
+    netns: /var/run/netns/good
+  - name: noip
+    netns: /var/run/netns/x
+    ips: [not-an-ip]
+  - netns: /var/run/netns/y
+  - name: rel
+    netns: relative/path
+  - name: badann
+    netns: /var/run/netns/z
+    annotations:
+      traffic.sidecar.istio.io/excludeOutboundPorts: "80,x"
+  - name: typo
+    netns: /var/run/netns/t
+    meshh: istio
+  - name: badmesh
+    netns: /var/run/netns/m
+    mesh: consul
+"#);
+        assert_eq!(f.pods.len(), 1, "{:?}", f.errors);
+        assert_eq!(f.pods[0].name, "good");
+        let all = f.errors.join("\n");
+        assert_eq!(f.errors.len(), 6, "{all}");
+        assert!(
+            all.contains("pod \"noip\": field `ips`: \"not-an-ip\""),
+            "{all}"
+        );
+        assert!(all.contains("pod #3: missing field `name`"), "{all}");
+        assert!(all.contains("pod \"rel\": field `netns`"), "{all}");
+        assert!(all.contains("pod \"badann\": field `annotations`: annotation traffic.sidecar.istio.io/excludeOutboundPorts"), "{all}");
+        assert!(all.contains("pod \"typo\": unknown field `meshh`"), "{all}");
+        assert!(
+            all.contains("pod \"badmesh\": unknown variant `consul`"),
+            "{all}"
+        );
+        assert!(all.starts_with("pods file pods.yaml: "));
+    }
+
+    #[test]
+    fn duplicates_are_refused() {
+        let f = p(r#"
+pods:
+  - {name: a, netns: /n/a, ips: [198.18.0.1]}
+  - {name: a, netns: /n/b}
+  - {name: c, netns: /n/a}
+  - {name: d, netns: /n/d, ips: [198.18.0.1]}
+"#);
+        assert_eq!(f.pods.len(), 1);
+        assert_eq!(f.errors.len(), 3, "{:?}", f.errors);
+    }
+
+    #[test]
+    fn not_yaml_is_an_error() {
+        let e = parse(Path::new("f"), "pods: [").unwrap_err();
+        assert!(e.to_string().starts_with("pods file f:"), "{e}");
+        let e = parse(Path::new("f"), "pod: []").unwrap_err();
+        assert!(e.to_string().contains("unknown field `pod`"), "{e}");
+    }
+}

@@ -1,0 +1,729 @@
+//! Pod annotations -> per-pod capture rules -> BPF map entries.
+//!
+//! Pure logic, no kernel: everything here is unit tested. Parsing follows
+//! `istio-iptables` (split on commas, trim spaces, skip empty items; `*`
+//! means every value, an empty list means none).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use weir_common::*;
+
+/// The mesh whose sidecar conventions a pod follows.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mesh {
+    /// Istio: 15001/15006, UID/GID 1337, tunnel 15008.
+    #[default]
+    Istio,
+    /// Linkerd: 4140/4143, UID 2102.
+    Linkerd,
+    /// Kuma: 15001/15006, UID 5678.
+    Kuma,
+}
+
+impl fmt::Display for Mesh {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mesh::Istio => "istio",
+            Mesh::Linkerd => "linkerd",
+            Mesh::Kuma => "kuma",
+        })
+    }
+}
+
+/// Defaults of a mesh profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Profile {
+    /// Outbound capture port.
+    pub outbound_port: u16,
+    /// Inbound capture port.
+    pub inbound_port: u16,
+    /// Never-captured tunnel port (0: none).
+    pub tunnel_port: u16,
+    /// DNS capture port.
+    pub dns_port: u16,
+    /// Proxy UIDs.
+    pub uids: Vec<u32>,
+    /// Proxy GIDs.
+    pub gids: Vec<u32>,
+    /// Inbound ports always excluded (besides the status port).
+    pub always_excluded_inbound: Vec<u16>,
+    /// Default status port (Istio's `status.sidecar.istio.io/port`).
+    pub status_port: u16,
+}
+
+impl Mesh {
+    /// The profile's defaults.
+    pub fn profile(self) -> Profile {
+        match self {
+            Mesh::Istio => Profile {
+                outbound_port: 15001,
+                inbound_port: 15006,
+                tunnel_port: 15008,
+                dns_port: 15053,
+                uids: vec![1337],
+                gids: vec![1337],
+                // Envoy's Prometheus port and the readiness port, which the
+                // injector always adds to excludeInboundPorts.
+                always_excluded_inbound: vec![15090, 15021],
+                status_port: 15020,
+            },
+            Mesh::Linkerd => Profile {
+                outbound_port: 4140,
+                inbound_port: 4143,
+                tunnel_port: 0,
+                dns_port: 0,
+                uids: vec![2102],
+                gids: vec![],
+                // linkerd-proxy's admin and control ports.
+                always_excluded_inbound: vec![4190, 4191],
+                status_port: 0,
+            },
+            Mesh::Kuma => Profile {
+                outbound_port: 15001,
+                inbound_port: 15006,
+                tunnel_port: 0,
+                dns_port: 15053,
+                uids: vec![5678],
+                gids: vec![],
+                always_excluded_inbound: vec![9901],
+                status_port: 0,
+            },
+        }
+    }
+}
+
+/// Annotation keys (Kubernetes pod annotations, Istio's names).
+pub mod keys {
+    /// `REDIRECT` (default), `TPROXY`, or `NONE`.
+    pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+    /// Outbound CIDRs to capture (`*` = all).
+    pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+    /// Outbound CIDRs never captured.
+    pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+    /// Outbound ports always captured.
+    pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+    /// Outbound ports never captured.
+    pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+    /// Inbound ports to capture (`*` = all).
+    pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+    /// Inbound ports never captured (with `*`).
+    pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+    /// The sidecar's status port, never captured inbound.
+    pub const STATUS_PORT: &str = "status.sidecar.istio.io/port";
+    /// weir: proxy UIDs (comma list), replacing the mesh default.
+    pub const PROXY_UIDS: &str = "weir.dev/proxy-uids";
+    /// weir: proxy GIDs (comma list), replacing the mesh default.
+    pub const PROXY_GIDS: &str = "weir.dev/proxy-gids";
+    /// weir: outbound capture port, replacing the mesh default.
+    pub const OUTBOUND_PORT: &str = "weir.dev/outbound-port";
+    /// weir: inbound capture port, replacing the mesh default.
+    pub const INBOUND_PORT: &str = "weir.dev/inbound-port";
+}
+
+/// A bad annotation value: names the annotation, the bad item and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("annotation {key}: {problem} (value {value:?}); {fix}")]
+pub struct AnnotationError {
+    /// The annotation key.
+    pub key: String,
+    /// The whole value.
+    pub value: String,
+    /// What is wrong, naming the bad item.
+    pub problem: String,
+    /// How to fix it.
+    pub fix: &'static str,
+}
+
+/// Every rule weir needs for one pod, before it gets a cookie.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodRules {
+    /// The fixed-size part (ports, flags, primary addresses); `pod_id` is
+    /// assigned at enrollment.
+    pub policy: PodPolicy,
+    /// Outbound ports always captured.
+    pub out_include_ports: BTreeSet<u16>,
+    /// Outbound ports never captured.
+    pub out_exclude_ports: BTreeSet<u16>,
+    /// Inbound ports captured (when not `*`).
+    pub in_include_ports: BTreeSet<u16>,
+    /// Inbound ports not captured (with `*`).
+    pub in_exclude_ports: BTreeSet<u16>,
+    /// Proxy UIDs, in order (the first one matters, see `decide_outbound`).
+    pub uids: Vec<u32>,
+    /// Proxy GIDs, in order.
+    pub gids: Vec<u32>,
+    /// Outbound CIDRs never captured.
+    pub exclude_cidrs: BTreeSet<IpNet>,
+    /// Outbound CIDRs captured (when not `*`).
+    pub include_cidrs: BTreeSet<IpNet>,
+    /// The pod's addresses.
+    pub addrs: BTreeSet<IpAddr>,
+    /// The capture ports of this pod (proxy listeners weir records).
+    pub listen_ports: BTreeSet<u16>,
+}
+
+fn items(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+fn err(key: &str, value: &str, problem: String, fix: &'static str) -> AnnotationError {
+    AnnotationError {
+        key: key.to_string(),
+        value: value.to_string(),
+        problem,
+        fix,
+    }
+}
+
+const PORT_FIX: &str = "use a comma-separated list of ports 1-65535";
+
+fn parse_port(key: &str, value: &str, item: &str) -> Result<u16, AnnotationError> {
+    match item.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(err(key, value, format!("{item:?} is not a port"), PORT_FIX)),
+    }
+}
+
+/// Parses a port list; `Ok(None)` for `*`.
+fn parse_ports(
+    key: &str,
+    value: &str,
+    allow_star: bool,
+) -> Result<Option<BTreeSet<u16>>, AnnotationError> {
+    if allow_star && value.trim() == "*" {
+        return Ok(None);
+    }
+    items(value)
+        .map(|i| {
+            if i == "*" {
+                Err(err(
+                    key,
+                    value,
+                    "\"*\" must be the whole value".into(),
+                    "write \"*\" alone, or list ports",
+                ))
+            } else {
+                parse_port(key, value, i)
+            }
+        })
+        .collect::<Result<BTreeSet<_>, _>>()
+        .map(Some)
+}
+
+/// Parses a CIDR list (bare addresses are /32 or /128); `Ok(None)` for `*`.
+fn parse_cidrs(key: &str, value: &str) -> Result<Option<BTreeSet<IpNet>>, AnnotationError> {
+    if value.trim() == "*" {
+        return Ok(None);
+    }
+    items(value)
+        .map(|i| {
+            i.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .or_else(|_| i.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    err(
+                        key,
+                        value,
+                        format!("{i:?} is not a CIDR or IP address"),
+                        "use a comma-separated list like 10.0.0.0/8,fd00::/8, or \"*\"",
+                    )
+                })
+        })
+        .collect::<Result<BTreeSet<_>, _>>()
+        .map(Some)
+}
+
+fn parse_ids(key: &str, value: &str) -> Result<Vec<u32>, AnnotationError> {
+    let mut out = Vec::new();
+    for i in items(value) {
+        let id = i.parse::<u32>().map_err(|_| {
+            err(
+                key,
+                value,
+                format!("{i:?} is not a numeric id"),
+                "use a comma-separated list of numeric UIDs/GIDs",
+            )
+        })?;
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
+fn single_port(key: &str, value: &str) -> Result<u16, AnnotationError> {
+    parse_port(key, value, value.trim())
+}
+
+/// Builds a pod's rules from its mesh, addresses and annotations.
+pub fn pod_rules(
+    mesh: Mesh,
+    addrs: &[IpAddr],
+    annotations: &BTreeMap<String, String>,
+) -> Result<PodRules, AnnotationError> {
+    let prof = mesh.profile();
+    let get = |k: &str| annotations.get(k).map(String::as_str);
+    let mut r = PodRules::default();
+    let p = &mut r.policy;
+
+    let mode = get(keys::INTERCEPTION_MODE).unwrap_or("REDIRECT");
+    let capture = match mode.trim() {
+        "REDIRECT" | "" => true,
+        "NONE" => false,
+        "TPROXY" => {
+            return Err(err(
+                keys::INTERCEPTION_MODE,
+                mode,
+                "TPROXY is not supported by weir".into(),
+                "use REDIRECT (the proxy sees the same original destination) or NONE",
+            ));
+        }
+        other => {
+            return Err(err(
+                keys::INTERCEPTION_MODE,
+                mode,
+                format!("unknown mode {other:?}"),
+                "use REDIRECT, TPROXY or NONE",
+            ));
+        }
+    };
+
+    p.outbound_port = match get(keys::OUTBOUND_PORT) {
+        Some(v) => single_port(keys::OUTBOUND_PORT, v)?,
+        None => prof.outbound_port,
+    };
+    p.inbound_port = match get(keys::INBOUND_PORT) {
+        Some(v) => single_port(keys::INBOUND_PORT, v)?,
+        None => prof.inbound_port,
+    };
+    p.tunnel_port = prof.tunnel_port;
+    p.dns_port = prof.dns_port;
+    r.listen_ports = [p.outbound_port, p.inbound_port].into_iter().collect();
+
+    r.uids = match get(keys::PROXY_UIDS) {
+        Some(v) => parse_ids(keys::PROXY_UIDS, v)?,
+        None => prof.uids.clone(),
+    };
+    r.gids = match get(keys::PROXY_GIDS) {
+        Some(v) => parse_ids(keys::PROXY_GIDS, v)?,
+        None => prof.gids.clone(),
+    };
+    (p.lo_id_kind, p.lo_id) = match (r.uids.first(), r.gids.first()) {
+        (Some(u), _) => (ID_KIND_UID, *u),
+        (None, Some(g)) => (ID_KIND_GID, *g),
+        (None, None) => (ID_KIND_NONE, 0),
+    };
+
+    // Outbound CIDRs.
+    let include = get(keys::INCLUDE_OUTBOUND_IP_RANGES).unwrap_or("*");
+    match parse_cidrs(keys::INCLUDE_OUTBOUND_IP_RANGES, include)? {
+        None => p.flags |= POLICY_OUTBOUND_ALL_CIDRS,
+        Some(set) => r.include_cidrs = set,
+    }
+    if let Some(v) = get(keys::EXCLUDE_OUTBOUND_IP_RANGES) {
+        r.exclude_cidrs = parse_cidrs(keys::EXCLUDE_OUTBOUND_IP_RANGES, v)?.unwrap_or_else(|| {
+            // "*" excludes everything.
+            ["0.0.0.0/0", "::/0"]
+                .iter()
+                .map(|s| s.parse().expect("static CIDR"))
+                .collect()
+        });
+    }
+    if r.include_cidrs.iter().any(|n| match n {
+        IpNet::V4(n) => n.contains(&std::net::Ipv4Addr::LOCALHOST) || n.network().is_loopback(),
+        IpNet::V6(n) => n.contains(&std::net::Ipv6Addr::LOCALHOST),
+    }) {
+        p.flags |= POLICY_INCLUDE_HAS_LOOPBACK;
+    }
+
+    // Outbound ports.
+    if let Some(v) = get(keys::INCLUDE_OUTBOUND_PORTS) {
+        r.out_include_ports =
+            parse_ports(keys::INCLUDE_OUTBOUND_PORTS, v, false)?.unwrap_or_default();
+    }
+    if let Some(v) = get(keys::EXCLUDE_OUTBOUND_PORTS) {
+        r.out_exclude_ports =
+            parse_ports(keys::EXCLUDE_OUTBOUND_PORTS, v, false)?.unwrap_or_default();
+    }
+
+    // Inbound ports.
+    let inc = get(keys::INCLUDE_INBOUND_PORTS).unwrap_or("*");
+    match parse_ports(keys::INCLUDE_INBOUND_PORTS, inc, true)? {
+        None => p.flags |= POLICY_INBOUND_ALL_PORTS,
+        Some(set) => r.in_include_ports = set,
+    }
+    if let Some(v) = get(keys::EXCLUDE_INBOUND_PORTS) {
+        r.in_exclude_ports =
+            parse_ports(keys::EXCLUDE_INBOUND_PORTS, v, false)?.unwrap_or_default();
+    }
+    let status_port = match get(keys::STATUS_PORT) {
+        Some(v) if v.trim() == "0" => 0,
+        Some(v) => single_port(keys::STATUS_PORT, v)?,
+        None => prof.status_port,
+    };
+    r.in_exclude_ports
+        .extend(prof.always_excluded_inbound.iter().copied());
+    if status_port != 0 {
+        r.in_exclude_ports.insert(status_port);
+    }
+    // A connection to the inbound port itself would be steered to the very
+    // same listener: excluding it only saves a lookup.
+    r.in_exclude_ports.insert(p.inbound_port);
+
+    if capture {
+        p.flags |= POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND;
+    }
+
+    // Addresses: the first of each family is the pod's primary address.
+    for a in addrs {
+        r.addrs.insert(*a);
+    }
+    if let Some(v4) = addrs.iter().find_map(|a| match a {
+        IpAddr::V4(v) => Some(*v),
+        IpAddr::V6(_) => None,
+    }) {
+        p.flags |= POLICY_HAS_IP4;
+        p.pod_ip4 = u32::from_ne_bytes(v4.octets());
+    }
+    if let Some(v6) = addrs.iter().find_map(|a| match a {
+        IpAddr::V6(v) => Some(*v),
+        IpAddr::V4(_) => None,
+    }) {
+        p.flags |= POLICY_HAS_IP6;
+        p.pod_ip6 = addr_from_octets(v6.octets());
+    }
+    Ok(r)
+}
+
+/// An [`IpAddr`] in map form (IPv4-mapped for IPv4).
+pub fn addr_of(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v) => v4_mapped(u32::from_ne_bytes(v.octets())),
+        IpAddr::V6(v) => addr_from_octets(v.octets()),
+    }
+}
+
+/// An address in map form back to an [`IpAddr`].
+pub fn ip_of(a: &Addr) -> IpAddr {
+    let o = addr_octets(a);
+    if is_v4_mapped(a) {
+        IpAddr::V4(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::from(o))
+    }
+}
+
+/// An LPM key (prefix length, data) for `net` in pod `cookie`.
+pub fn cidr_key(cookie: u64, net: &IpNet) -> (u32, CidrData) {
+    let (addr, bits) = match net {
+        IpNet::V4(n) => (
+            addr_of(IpAddr::V4(n.network())),
+            96 + u32::from(n.prefix_len()),
+        ),
+        IpNet::V6(n) => (addr_of(IpAddr::V6(n.network())), u32::from(n.prefix_len())),
+    };
+    (
+        CIDR_COOKIE_BITS + bits,
+        CidrData {
+            netns_cookie: cookie.to_ne_bytes(),
+            addr: addr_octets(&addr),
+        },
+    )
+}
+
+/// Every map entry of one enrolled pod (besides `POD_POLICY`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodEntries {
+    /// `PORT_RULES` keys.
+    pub ports: BTreeSet<PortKey>,
+    /// `PROXY_IDS` keys.
+    pub ids: BTreeSet<IdKey>,
+    /// `CIDR_EXCLUDE` keys.
+    pub exclude: Vec<(u32, CidrData)>,
+    /// `CIDR_INCLUDE` keys.
+    pub include: Vec<(u32, CidrData)>,
+    /// `POD_ADDRS` keys.
+    pub addrs: Vec<Addr>,
+}
+
+impl PodRules {
+    /// The map entries of this pod when enrolled with `cookie`.
+    pub fn entries(&self, cookie: u64) -> PodEntries {
+        let port = |kind, port| PortKey {
+            netns_cookie: cookie,
+            port,
+            kind,
+            _pad: 0,
+        };
+        let mut ports = BTreeSet::new();
+        ports.extend(
+            self.out_include_ports
+                .iter()
+                .map(|p| port(PORT_OUT_INCLUDE, *p)),
+        );
+        ports.extend(
+            self.out_exclude_ports
+                .iter()
+                .map(|p| port(PORT_OUT_EXCLUDE, *p)),
+        );
+        ports.extend(
+            self.in_include_ports
+                .iter()
+                .map(|p| port(PORT_IN_INCLUDE, *p)),
+        );
+        ports.extend(
+            self.in_exclude_ports
+                .iter()
+                .map(|p| port(PORT_IN_EXCLUDE, *p)),
+        );
+        let id = |kind, id| IdKey {
+            netns_cookie: cookie,
+            id,
+            kind,
+        };
+        let mut ids = BTreeSet::new();
+        ids.extend(self.uids.iter().map(|u| id(IDKEY_UID, *u)));
+        ids.extend(self.gids.iter().map(|g| id(IDKEY_GID, *g)));
+        PodEntries {
+            ports,
+            ids,
+            exclude: self
+                .exclude_cidrs
+                .iter()
+                .map(|n| cidr_key(cookie, n))
+                .collect(),
+            include: self
+                .include_cidrs
+                .iter()
+                .map(|n| cidr_key(cookie, n))
+                .collect(),
+            addrs: self.addrs.iter().map(|a| addr_of(*a)).collect(),
+        }
+    }
+
+    /// In-memory tables for [`decide_outbound`]/[`decide_inbound`] (used by
+    /// `weir explain` and tests).
+    pub fn tables(&self) -> UserTables<'_> {
+        UserTables { rules: self }
+    }
+}
+
+/// [`PodTables`] over a [`PodRules`].
+pub struct UserTables<'a> {
+    rules: &'a PodRules,
+}
+
+impl PodTables for UserTables<'_> {
+    fn has_port(&self, kind: u16, port: u16) -> bool {
+        let set = match kind {
+            PORT_OUT_INCLUDE => &self.rules.out_include_ports,
+            PORT_OUT_EXCLUDE => &self.rules.out_exclude_ports,
+            PORT_IN_INCLUDE => &self.rules.in_include_ports,
+            PORT_IN_EXCLUDE => &self.rules.in_exclude_ports,
+            _ => return false,
+        };
+        set.contains(&port)
+    }
+    fn has_id(&self, kind: u32, id: u32) -> bool {
+        match kind {
+            IDKEY_UID => self.rules.uids.contains(&id),
+            IDKEY_GID => self.rules.gids.contains(&id),
+            _ => false,
+        }
+    }
+    fn in_cidrs(&self, list: CidrList, addr: &Addr) -> bool {
+        let ip = ip_of(addr);
+        let set = match list {
+            CidrList::OutboundExclude => &self.rules.exclude_cidrs,
+            CidrList::OutboundInclude => &self.rules.include_cidrs,
+        };
+        set.iter().any(|n| n.contains(&ip))
+    }
+    fn is_pod_addr(&self, addr: &Addr) -> bool {
+        self.rules.addrs.contains(&ip_of(addr))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn ips(s: &[&str]) -> Vec<IpAddr> {
+        s.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn istio_defaults() {
+        let r = pod_rules(Mesh::Istio, &ips(&["198.18.0.1"]), &BTreeMap::new()).unwrap();
+        assert_eq!(r.policy.outbound_port, 15001);
+        assert_eq!(r.policy.inbound_port, 15006);
+        assert_eq!(r.policy.tunnel_port, 15008);
+        assert_ne!(r.policy.flags & POLICY_OUTBOUND_ALL_CIDRS, 0);
+        assert_ne!(r.policy.flags & POLICY_INBOUND_ALL_PORTS, 0);
+        assert_ne!(r.policy.flags & POLICY_CAPTURE_OUTBOUND, 0);
+        assert_eq!(r.uids, vec![1337]);
+        assert_eq!((r.policy.lo_id_kind, r.policy.lo_id), (ID_KIND_UID, 1337));
+        let excl: Vec<u16> = r.in_exclude_ports.iter().copied().collect();
+        assert_eq!(excl, vec![15006, 15020, 15021, 15090]);
+        assert_eq!(r.policy.pod_ip4, u32::from_ne_bytes([198, 18, 0, 1]));
+    }
+
+    #[test]
+    fn lists_are_parsed_like_istio() {
+        let r = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[
+                (keys::EXCLUDE_OUTBOUND_PORTS, " 3306, ,5432,"),
+                (
+                    keys::INCLUDE_OUTBOUND_IP_RANGES,
+                    "10.0.0.0/8, 198.18.0.7 ,fd00::/8",
+                ),
+                (keys::EXCLUDE_OUTBOUND_IP_RANGES, ""),
+                (keys::INCLUDE_INBOUND_PORTS, "8080,9090"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(r.out_exclude_ports, [3306, 5432].into_iter().collect());
+        assert_eq!(r.include_cidrs.len(), 3);
+        assert!(r.include_cidrs.contains(&"198.18.0.7/32".parse().unwrap()));
+        assert_eq!(r.policy.flags & POLICY_OUTBOUND_ALL_CIDRS, 0);
+        assert_eq!(r.policy.flags & POLICY_INBOUND_ALL_PORTS, 0);
+        assert_eq!(r.in_include_ports, [8080, 9090].into_iter().collect());
+    }
+
+    #[test]
+    fn empty_include_means_none() {
+        let r = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[
+                (keys::INCLUDE_OUTBOUND_IP_RANGES, ""),
+                (keys::INCLUDE_INBOUND_PORTS, ""),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(r.policy.flags & POLICY_OUTBOUND_ALL_CIDRS, 0);
+        assert!(r.include_cidrs.is_empty());
+        assert_eq!(r.policy.flags & POLICY_INBOUND_ALL_PORTS, 0);
+        assert!(r.in_include_ports.is_empty());
+    }
+
+    #[test]
+    fn bad_values_name_annotation_and_item() {
+        let e = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::EXCLUDE_OUTBOUND_PORTS, "80,http")]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, keys::EXCLUDE_OUTBOUND_PORTS);
+        assert!(e.to_string().contains("\"http\" is not a port"), "{e}");
+        let e = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("10.0.0.0/33"), "{e}");
+        let e = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::INCLUDE_INBOUND_PORTS, "80,0")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("\"0\" is not a port"), "{e}");
+        let e = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::INTERCEPTION_MODE, "TPROXY")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("TPROXY is not supported"), "{e}");
+    }
+
+    #[test]
+    fn interception_none_disables_capture() {
+        let r = pod_rules(Mesh::Istio, &[], &ann(&[(keys::INTERCEPTION_MODE, "NONE")])).unwrap();
+        assert_eq!(
+            r.policy.flags & (POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND),
+            0
+        );
+    }
+
+    #[test]
+    fn include_with_loopback_is_flagged() {
+        let r = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::INCLUDE_OUTBOUND_IP_RANGES, "127.0.0.0/8")]),
+        )
+        .unwrap();
+        assert_ne!(r.policy.flags & POLICY_INCLUDE_HAS_LOOPBACK, 0);
+    }
+
+    #[test]
+    fn entries_and_tables_agree() {
+        let r = pod_rules(
+            Mesh::Istio,
+            &ips(&["198.18.0.1", "2001:2::1"]),
+            &ann(&[(
+                keys::EXCLUDE_OUTBOUND_IP_RANGES,
+                "198.18.5.0/24,2001:2:5::/48",
+            )]),
+        )
+        .unwrap();
+        let e = r.entries(42);
+        assert_eq!(e.exclude.len(), 2);
+        assert!(e.exclude.contains(&(
+            64 + 96 + 24,
+            CidrData {
+                netns_cookie: 42u64.to_ne_bytes(),
+                addr: addr_octets(&addr_of("198.18.5.0".parse().unwrap())),
+            }
+        )));
+        assert_eq!(e.addrs.len(), 2);
+        let t = r.tables();
+        assert!(t.in_cidrs(
+            CidrList::OutboundExclude,
+            &addr_of("198.18.5.9".parse().unwrap())
+        ));
+        assert!(!t.in_cidrs(
+            CidrList::OutboundExclude,
+            &addr_of("198.18.6.9".parse().unwrap())
+        ));
+        let q = OutboundQuery {
+            dst: addr_of("2001:2:5::9".parse().unwrap()),
+            dport: 80,
+            src: [0; 4],
+            uid: 1000,
+            gid: 1000,
+        };
+        assert_eq!(
+            decide_outbound(&r.policy, &q, &t),
+            Verdict::BypassExcludedCidr
+        );
+    }
+
+    #[test]
+    fn linkerd_profile() {
+        let r = pod_rules(Mesh::Linkerd, &[], &BTreeMap::new()).unwrap();
+        assert_eq!(
+            (r.policy.outbound_port, r.policy.inbound_port),
+            (4140, 4143)
+        );
+        assert_eq!(r.uids, vec![2102]);
+        assert_eq!(r.policy.tunnel_port, 0);
+    }
+}

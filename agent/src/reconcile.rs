@@ -1,0 +1,200 @@
+//! Keeps the kernel maps in step with the desired pods.
+//!
+//! The reconciler owns the [`Datapath`]. Each pass takes the full desired
+//! set (from the pods file, later from Kubernetes), enrolls new pods,
+//! rewrites changed ones, removes gone ones, and purges state left in the
+//! pinned maps by an earlier agent for pods that no longer exist. One bad
+//! pod (unreadable netns, full map) is logged and skipped; it never stops
+//! the others.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use log::{info, warn};
+use weir_common::PodMeta;
+
+use crate::datapath::Datapath;
+use crate::podsfile::PodSpec;
+use crate::policy::{PodEntries, PodRules};
+use crate::sys;
+
+/// A pod weir has written into the maps.
+#[derive(Clone, Debug)]
+pub struct Enrolled {
+    /// The desired spec it was enrolled from.
+    pub spec: PodSpec,
+    /// Its netns cookie.
+    pub cookie: u64,
+    /// Its pod number.
+    pub pod_id: u32,
+    /// Its map entries (to diff on update and to remove).
+    pub entries: PodEntries,
+}
+
+/// The reconciler.
+pub struct Reconciler {
+    /// The kernel side.
+    pub dp: Datapath,
+    /// Enrolled pods by `namespace/name`.
+    pub pods: BTreeMap<String, Enrolled>,
+    next_id: u32,
+}
+
+fn meta(spec: &PodSpec) -> PodMeta {
+    let mut m = PodMeta::default();
+    let ns = spec.namespace.as_bytes();
+    let name = spec.name.as_bytes();
+    let n = ns.len().min(m.namespace.len() - 1);
+    m.namespace[..n].copy_from_slice(&ns[..n]);
+    let n = name.len().min(m.name.len() - 1);
+    m.name[..n].copy_from_slice(&name[..n]);
+    m
+}
+
+impl Reconciler {
+    /// A reconciler over a loaded datapath.
+    pub fn new(dp: Datapath) -> Self {
+        Self {
+            dp,
+            pods: BTreeMap::new(),
+            next_id: 1,
+        }
+    }
+
+    /// Applies the desired pods. `keep` names pods whose desired entry was
+    /// invalid this time: they keep their last good policy.
+    pub fn apply(&mut self, desired: &[PodSpec], keep: &BTreeSet<String>) {
+        let mut want: BTreeMap<String, &PodSpec> = BTreeMap::new();
+        for s in desired {
+            want.insert(s.key(), s);
+        }
+        // Removals first: a new pod may reuse a gone pod's address.
+        let gone: Vec<String> = self
+            .pods
+            .keys()
+            .filter(|k| !want.contains_key(*k) && !keep.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.remove(&k);
+        }
+        for (key, spec) in want {
+            if let Err(e) = self.apply_one(&key, spec) {
+                warn!("pod {key}: not enrolled: {e:#}");
+            }
+        }
+        // Anything else in the pinned maps belongs to no desired pod.
+        let live: BTreeSet<u64> = self.pods.values().map(|p| p.cookie).collect();
+        let mut stale: BTreeSet<u64> = self.dp.enrolled_cookies().into_iter().collect();
+        stale.extend(self.dp.pinned_netns_links());
+        for cookie in stale.difference(&live) {
+            info!("removing leftover state of netns cookie {cookie} (no such pod any more)");
+            self.dp.purge_cookie(*cookie);
+        }
+        let ports: BTreeSet<u16> = self
+            .pods
+            .values()
+            .flat_map(|p| p.spec.rules.listen_ports.iter().copied())
+            .collect();
+        self.dp.sync_listen_ports(&ports);
+    }
+
+    fn apply_one(&mut self, key: &str, spec: &PodSpec) -> Result<()> {
+        let cookie = match sys::netns_cookie_of_path(&spec.netns) {
+            Ok(c) => c,
+            Err(e) => {
+                // Its netns is gone (or not there yet): it cannot be
+                // captured, and stale entries must not linger.
+                if self.pods.contains_key(key) {
+                    self.remove(key);
+                }
+                return Err(e).with_context(|| format!("netns {}", spec.netns.display()));
+            }
+        };
+        if let Some(cur) = self.pods.get(key) {
+            if cur.cookie == cookie {
+                if cur.spec == *spec {
+                    return Ok(());
+                }
+                let old = cur.entries.clone();
+                let pod_id = cur.pod_id;
+                let entries =
+                    self.dp
+                        .write_pod(cookie, pod_id, &meta(spec), &spec.rules, Some(&old))?;
+                setup_netns(&spec.netns, &spec.rules);
+                info!("pod {key}: policy updated");
+                self.pods.insert(
+                    key.to_string(),
+                    Enrolled {
+                        spec: spec.clone(),
+                        cookie,
+                        pod_id,
+                        entries,
+                    },
+                );
+                return Ok(());
+            }
+            // Same name, new network namespace: the pod was re-created.
+            self.remove(key);
+        }
+        let pod_id = self.next_id;
+        self.next_id += 1;
+        setup_netns(&spec.netns, &spec.rules);
+        let entries = self
+            .dp
+            .write_pod(cookie, pod_id, &meta(spec), &spec.rules, None)?;
+        if let Err(e) = self.dp.attach_netns(cookie, &spec.netns) {
+            // Outbound capture works; inbound would silently not: undo.
+            self.dp.remove_pod(cookie, &entries);
+            return Err(e);
+        }
+        info!(
+            "pod {key}: enrolled (netns {}, cookie {cookie}, mesh {}, outbound :{}, inbound :{})",
+            spec.netns.display(),
+            spec.mesh,
+            spec.rules.policy.outbound_port,
+            spec.rules.policy.inbound_port
+        );
+        self.pods.insert(
+            key.to_string(),
+            Enrolled {
+                spec: spec.clone(),
+                cookie,
+                pod_id,
+                entries,
+            },
+        );
+        Ok(())
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(p) = self.pods.remove(key) {
+            self.dp.remove_pod(p.cookie, &p.entries);
+            info!("pod {key}: removed (netns cookie {})", p.cookie);
+        }
+    }
+
+    /// Netns paths of the enrolled pods.
+    pub fn netns_paths(&self) -> Vec<PathBuf> {
+        self.pods.values().map(|p| p.spec.netns.clone()).collect()
+    }
+}
+
+/// What istio-init does to the pod's network besides iptables: an IPv6 pod
+/// gets `::6/128` on `lo`, so the proxy can bind it as the source of its
+/// inbound passthrough connections (IPv4 can bind any 127/8 address).
+fn setup_netns(netns: &Path, rules: &PodRules) {
+    if !rules.addrs.iter().any(IpAddr::is_ipv6) {
+        return;
+    }
+    if let Err(e) =
+        crate::netlink::add_lo_addr6(netns, std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6))
+    {
+        warn!(
+            "netns {}: adding ::6/128 to lo failed: {e:#}; the proxy's IPv6 inbound passthrough may be captured again",
+            netns.display()
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! `weir status`: what is attached and enrolled, read from the pinned maps
+//! (works while an agent runs and on a node where it crashed).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap};
+use serde::Serialize;
+use weir_common::*;
+
+use crate::datapath::{Pins, sum_pod};
+use crate::policy::ip_of;
+
+/// Output format of `weir status`.
+#[derive(Copy, Clone, Debug, clap::ValueEnum)]
+pub enum Format {
+    /// Human-readable.
+    Text,
+    /// JSON.
+    Json,
+}
+
+/// One enrolled pod as the maps describe it.
+#[derive(Debug, Serialize)]
+pub struct PodStatus {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Netns cookie.
+    pub netns_cookie: u64,
+    /// Outbound capture port.
+    pub outbound_port: u16,
+    /// Inbound capture port.
+    pub inbound_port: u16,
+    /// Whether capture is on.
+    pub capture: bool,
+    /// Primary IPv4 address.
+    pub ip4: Option<String>,
+    /// Primary IPv6 address.
+    pub ip6: Option<String>,
+    /// Whether its sk_lookup link is pinned.
+    pub inbound_attached: bool,
+    /// Counters summed over CPUs.
+    pub counters: Counters,
+}
+
+/// Counters of one pod.
+#[derive(Debug, Serialize, Default)]
+pub struct Counters {
+    /// Outbound captured.
+    pub outbound_captured: u64,
+    /// Proxy-to-own-pod connections sent to the inbound port.
+    pub outbound_to_inbound: u64,
+    /// Inbound captured.
+    pub inbound_captured: u64,
+    /// Outbound not captured (all reasons).
+    pub outbound_bypassed: u64,
+    /// Inbound not captured.
+    pub inbound_bypassed: u64,
+    /// Refused while the proxy was not listening.
+    pub fail_closed: u64,
+    /// SO_ORIGINAL_DST answered.
+    pub orig_dst_answered: u64,
+}
+
+/// The whole status.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// Where the pins are.
+    pub pin_dir: String,
+    /// Whether the last agent finished a reconcile.
+    pub ready: bool,
+    /// Map layout version.
+    pub layout_version: u32,
+    /// Pinned links.
+    pub links: Vec<String>,
+    /// Enrolled pods.
+    pub pods: Vec<PodStatus>,
+}
+
+fn open(pins: &Pins, name: &str) -> Result<MapData> {
+    let p = pins.maps().join(name);
+    MapData::from_pin(&p).with_context(|| {
+        format!(
+            "cannot open {} (is weir installed on this node, and --bpffs right?)",
+            p.display()
+        )
+    })
+}
+
+fn cstr(b: &[u8]) -> String {
+    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// Reads the status from the pins under `bpffs`.
+pub fn read(bpffs: &Path) -> Result<Status> {
+    let pins = Pins::new(bpffs);
+    let policy: HashMap<MapData, u64, PodPolicy> =
+        HashMap::try_from(Map::HashMap(open(&pins, "POD_POLICY")?))?;
+    let meta: HashMap<MapData, u64, PodMeta> =
+        HashMap::try_from(Map::HashMap(open(&pins, "POD_META")?))?;
+    let counters: PerCpuHashMap<MapData, u64, PodCounters> =
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(&pins, "POD_COUNTERS")?))?;
+    let wm: Array<MapData, WeirMeta> = Array::try_from(Map::Array(open(&pins, "WEIR_META")?))?;
+    let wm = wm.get(&0, 0).unwrap_or_default();
+    let mut links: Vec<String> = std::fs::read_dir(pins.links())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    links.sort();
+    let mut pods = Vec::new();
+    for entry in policy.iter() {
+        let (cookie, p) = entry?;
+        let m = meta.get(&cookie, 0).unwrap_or_default();
+        let c = counters
+            .get(&cookie, 0)
+            .map(|v| sum_pod(v.iter()))
+            .unwrap_or_default();
+        pods.push(PodStatus {
+            namespace: cstr(&m.namespace),
+            name: cstr(&m.name),
+            netns_cookie: cookie,
+            outbound_port: p.outbound_port,
+            inbound_port: p.inbound_port,
+            capture: p.flags & (POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND) != 0,
+            ip4: (p.flags & POLICY_HAS_IP4 != 0).then(|| ip_of(&v4_mapped(p.pod_ip4)).to_string()),
+            ip6: (p.flags & POLICY_HAS_IP6 != 0).then(|| ip_of(&p.pod_ip6).to_string()),
+            inbound_attached: links.contains(&format!("netns-{cookie}")),
+            counters: Counters {
+                outbound_captured: c.outbound_captured,
+                outbound_to_inbound: c.outbound_to_inbound,
+                inbound_captured: c.inbound_captured,
+                outbound_bypassed: c.bypass_excluded_port
+                    + c.bypass_passthrough
+                    + c.bypass_loopback
+                    + c.bypass_proxy
+                    + c.bypass_localhost
+                    + c.bypass_excluded_cidr
+                    + c.bypass_not_included,
+                inbound_bypassed: c.inbound_bypass,
+                fail_closed: c.inbound_fail_closed + c.outbound_fail_closed,
+                orig_dst_answered: c.orig_dst_answered,
+            },
+        });
+    }
+    pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    Ok(Status {
+        pin_dir: pins.root.display().to_string(),
+        ready: wm.ready != 0,
+        layout_version: wm.layout_version,
+        links,
+        pods,
+    })
+}
+
+/// Prints the status.
+pub fn print(bpffs: &Path, format: Format) -> Result<()> {
+    let s = read(bpffs)?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+        Format::Text => {
+            println!(
+                "pins:   {} (layout v{}, ready: {})",
+                s.pin_dir, s.layout_version, s.ready
+            );
+            println!("links:  {}", s.links.join(", "));
+            println!("pods:   {}", s.pods.len());
+            for p in &s.pods {
+                println!(
+                    "  {}/{}  cookie={} out=:{} in=:{} ip4={} ip6={} capture={} inbound_attached={}",
+                    p.namespace,
+                    p.name,
+                    p.netns_cookie,
+                    p.outbound_port,
+                    p.inbound_port,
+                    p.ip4.as_deref().unwrap_or("-"),
+                    p.ip6.as_deref().unwrap_or("-"),
+                    p.capture,
+                    p.inbound_attached
+                );
+                let c = &p.counters;
+                println!(
+                    "      captured out={} in={} out->in={}  bypassed out={} in={}  fail_closed={}  orig_dst_answered={}",
+                    c.outbound_captured,
+                    c.inbound_captured,
+                    c.outbound_to_inbound,
+                    c.outbound_bypassed,
+                    c.inbound_bypassed,
+                    c.fail_closed,
+                    c.orig_dst_answered
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,524 @@
+//! Istio's capture rule order as one pure function per direction.
+//!
+//! The rules mirror what `istio-iptables` writes into a pod's `nat` table
+//! (`tools/istio-iptables/pkg/capture/run.go` in istio/istio), evaluated for
+//! one connection at `connect()` time (outbound) or at socket lookup time
+//! (inbound). The kernel calls these with map lookups behind [`PodTables`];
+//! the agent calls them with in-memory sets. Keep them loop-free and small:
+//! they are inlined into verifier-checked programs.
+
+use crate::*;
+
+/// What weir does with one connection, and which rule decided it.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Sent to the pod's outbound port (Istio rule: `ISTIO_REDIRECT`).
+    RedirectOutbound = 1,
+    /// Sent to the pod's inbound port (Istio: `ISTIO_IN_REDIRECT`): the
+    /// proxy calling its own pod over loopback, or an inbound connection.
+    RedirectInbound = 2,
+    /// Not captured: the destination port is excluded.
+    BypassExcludedPort = 10,
+    /// Not captured: source 127.0.0.6 / ::6 on loopback (the proxy's inbound
+    /// passthrough to the application).
+    BypassPassthrough = 11,
+    /// Not captured: loopback traffic of a process that is not the proxy.
+    BypassLoopback = 12,
+    /// Not captured: the proxy's own connection (UID/GID).
+    BypassProxy = 13,
+    /// Not captured: destination 127.0.0.1 / ::1.
+    BypassLocalhost = 14,
+    /// Not captured: destination in an excluded CIDR.
+    BypassExcludedCidr = 15,
+    /// Not captured: no include rule (port or CIDR) matched.
+    BypassNotIncluded = 16,
+    /// Not captured: the tunnel port (15008) is never captured.
+    BypassTunnel = 17,
+    /// Not captured: capture is off for this pod in this direction.
+    BypassDisabled = 18,
+}
+
+impl Verdict {
+    /// Whether the connection is redirected to the proxy.
+    #[inline(always)]
+    pub const fn captured(self) -> bool {
+        matches!(self, Verdict::RedirectOutbound | Verdict::RedirectInbound)
+    }
+}
+
+/// Lists of CIDRs a pod policy can hold.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum CidrList {
+    /// `excludeOutboundIPRanges`.
+    OutboundExclude,
+    /// `includeOutboundIPRanges` (unless `*`).
+    OutboundInclude,
+}
+
+/// Lookups into one pod's tables. Implemented with BPF maps in the kernel
+/// and with ordinary collections in the agent.
+pub trait PodTables {
+    /// Whether `port` is in the pod's port list of kind `kind` (`PORT_*`).
+    fn has_port(&self, kind: u16, port: u16) -> bool;
+    /// Whether `id` is one of the pod's proxy identities of kind `kind`
+    /// (`IDKEY_UID` / `IDKEY_GID`).
+    fn has_id(&self, kind: u32, id: u32) -> bool;
+    /// Whether `addr` falls in one of the pod's CIDRs of `list`.
+    fn in_cidrs(&self, list: CidrList, addr: &Addr) -> bool;
+    /// Whether `addr` is an address of the pod itself (routed over `lo`).
+    fn is_pod_addr(&self, addr: &Addr) -> bool;
+}
+
+/// One outbound TCP connection as seen at `connect()`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct OutboundQuery {
+    /// Destination the application dialled (IPv4-mapped for IPv4).
+    pub dst: Addr,
+    /// Destination port, host order.
+    pub dport: u16,
+    /// Source address the socket is bound to (all zero when unbound).
+    pub src: Addr,
+    /// UID of the connecting process.
+    pub uid: u32,
+    /// GID of the connecting process.
+    pub gid: u32,
+}
+
+const V4_LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+const V4_PASSTHROUGH: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
+const V6_LAST_1: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+const V6_LAST_6: u32 = u32::from_ne_bytes([0, 0, 0, 6]);
+
+/// `127.0.0.1` or `::1`.
+#[inline(always)]
+pub const fn is_localhost(a: &Addr) -> bool {
+    if is_v4_mapped(a) {
+        a[3] == V4_LOCALHOST
+    } else {
+        a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == V6_LAST_1
+    }
+}
+
+/// `127.0.0.6` or `::6`: the source Istio's proxy binds for its inbound
+/// passthrough connections to the application.
+#[inline(always)]
+pub const fn is_passthrough_source(a: &Addr) -> bool {
+    if is_v4_mapped(a) {
+        a[3] == V4_PASSTHROUGH
+    } else {
+        a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == V6_LAST_6
+    }
+}
+
+/// Whether a connection to `a` leaves through `lo` (`-o lo` in iptables):
+/// 127.0.0.0/8, ::1, ::6, or one of the pod's own addresses.
+#[inline(always)]
+pub fn is_loopback_route<T: PodTables>(a: &Addr, t: &T) -> bool {
+    if is_v4_mapped(a) {
+        if a[3].to_ne_bytes()[0] == 127 {
+            return true;
+        }
+    } else if a[0] == 0 && a[1] == 0 && a[2] == 0 && (a[3] == V6_LAST_1 || a[3] == V6_LAST_6) {
+        return true;
+    }
+    t.is_pod_addr(a)
+}
+
+/// Whether the connecting process carries one of the pod's proxy identities.
+#[inline(always)]
+fn is_proxy<T: PodTables>(q: &OutboundQuery, t: &T) -> bool {
+    t.has_id(IDKEY_UID, q.uid) || t.has_id(IDKEY_GID, q.gid)
+}
+
+/// Istio's outbound rule order (`ISTIO_OUTPUT`), first match wins:
+///
+/// 1. excluded outbound port: not captured;
+/// 2. source 127.0.0.6 / ::6 on loopback: not captured;
+/// 3. for the *first* proxy identity: on loopback, destination not
+///    127.0.0.1 / ::1, port not the tunnel port: to the inbound port;
+/// 4. for the first proxy identity: any *other* process on loopback: not
+///    captured (skipped when an include range contains a loopback address);
+/// 5. any proxy UID/GID: not captured;
+/// 6. destination 127.0.0.1 / ::1: not captured;
+/// 7. excluded CIDR: not captured;
+/// 8. included port, `*`, or included CIDR: to the outbound port.
+///
+/// Rules 3 to 5 are written by istio-iptables once per identity (UIDs
+/// first, then GIDs); the first identity's rule 4 returns every loopback
+/// connection not made by it, so later identities never reach their rule 3
+/// unless rule 4 is skipped. This function reproduces that.
+#[inline(always)]
+pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) -> Verdict {
+    if p.flags & POLICY_CAPTURE_OUTBOUND == 0 {
+        return Verdict::BypassDisabled;
+    }
+    // 1.
+    if t.has_port(PORT_OUT_EXCLUDE, q.dport) {
+        return Verdict::BypassExcludedPort;
+    }
+    let on_lo = is_loopback_route(&q.dst, t);
+    // 2.
+    if on_lo && is_passthrough_source(&q.src) {
+        return Verdict::BypassPassthrough;
+    }
+    let rule3 = on_lo && !is_localhost(&q.dst) && (p.tunnel_port == 0 || q.dport != p.tunnel_port);
+    let proxy = is_proxy(q, t);
+    if p.lo_id_kind != ID_KIND_NONE {
+        let is_first = (p.lo_id_kind == ID_KIND_UID && q.uid == p.lo_id)
+            || (p.lo_id_kind == ID_KIND_GID && q.gid == p.lo_id);
+        if p.flags & POLICY_INCLUDE_HAS_LOOPBACK == 0 {
+            if is_first {
+                // 3., else 5. for the first identity.
+                return if rule3 {
+                    Verdict::RedirectInbound
+                } else {
+                    Verdict::BypassProxy
+                };
+            }
+            // 4.
+            if on_lo {
+                return Verdict::BypassLoopback;
+            }
+        } else if proxy {
+            // Without rule 4 every identity reaches its own rule 3.
+            return if rule3 {
+                Verdict::RedirectInbound
+            } else {
+                Verdict::BypassProxy
+            };
+        }
+    }
+    // 5.
+    if proxy {
+        return Verdict::BypassProxy;
+    }
+    // 6.
+    if is_localhost(&q.dst) {
+        return Verdict::BypassLocalhost;
+    }
+    // 7.
+    if t.in_cidrs(CidrList::OutboundExclude, &q.dst) {
+        return Verdict::BypassExcludedCidr;
+    }
+    // 8.
+    if t.has_port(PORT_OUT_INCLUDE, q.dport)
+        || p.flags & POLICY_OUTBOUND_ALL_CIDRS != 0
+        || t.in_cidrs(CidrList::OutboundInclude, &q.dst)
+    {
+        return Verdict::RedirectOutbound;
+    }
+    Verdict::BypassNotIncluded
+}
+
+/// Istio's inbound rule order (`ISTIO_INBOUND`) for a TCP connection that
+/// arrives at the pod from outside (never for traffic on `lo`, which
+/// iptables' PREROUTING does not see either):
+///
+/// 1. the tunnel port (15008): not captured;
+/// 2. with `includeInboundPorts: "*"`: an excluded port is not captured,
+///    every other port goes to the inbound port;
+/// 3. otherwise only the listed ports go to the inbound port.
+#[inline(always)]
+pub fn decide_inbound<T: PodTables>(p: &PodPolicy, dport: u16, t: &T) -> Verdict {
+    if p.flags & POLICY_CAPTURE_INBOUND == 0 {
+        return Verdict::BypassDisabled;
+    }
+    if p.tunnel_port != 0 && dport == p.tunnel_port {
+        return Verdict::BypassTunnel;
+    }
+    if p.flags & POLICY_INBOUND_ALL_PORTS != 0 {
+        if t.has_port(PORT_IN_EXCLUDE, dport) {
+            return Verdict::BypassExcludedPort;
+        }
+        return Verdict::RedirectInbound;
+    }
+    if t.has_port(PORT_IN_INCLUDE, dport) {
+        return Verdict::RedirectInbound;
+    }
+    Verdict::BypassNotIncluded
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec::Vec;
+
+    #[derive(Default)]
+    struct Tables {
+        ports: Vec<(u16, u16)>,
+        ids: Vec<(u32, u32)>,
+        exclude: Vec<(Addr, u32)>,
+        include: Vec<(Addr, u32)>,
+        pod_addrs: Vec<Addr>,
+    }
+
+    fn in_prefix(a: &Addr, net: &Addr, bits: u32) -> bool {
+        let a = u128::from_be_bytes(addr_octets(a));
+        let n = u128::from_be_bytes(addr_octets(net));
+        bits == 0 || (a >> (128 - bits)) == (n >> (128 - bits))
+    }
+
+    impl PodTables for Tables {
+        fn has_port(&self, kind: u16, port: u16) -> bool {
+            self.ports.contains(&(kind, port))
+        }
+        fn has_id(&self, kind: u32, id: u32) -> bool {
+            self.ids.contains(&(kind, id))
+        }
+        fn in_cidrs(&self, list: CidrList, addr: &Addr) -> bool {
+            let l = match list {
+                CidrList::OutboundExclude => &self.exclude,
+                CidrList::OutboundInclude => &self.include,
+            };
+            l.iter().any(|(n, b)| in_prefix(addr, n, *b))
+        }
+        fn is_pod_addr(&self, addr: &Addr) -> bool {
+            self.pod_addrs.contains(addr)
+        }
+    }
+
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> Addr {
+        v4_mapped(u32::from_ne_bytes([a, b, c, d]))
+    }
+
+    fn istio() -> (PodPolicy, Tables) {
+        let p = PodPolicy {
+            flags: POLICY_CAPTURE_OUTBOUND
+                | POLICY_CAPTURE_INBOUND
+                | POLICY_OUTBOUND_ALL_CIDRS
+                | POLICY_INBOUND_ALL_PORTS,
+            outbound_port: 15001,
+            inbound_port: 15006,
+            tunnel_port: 15008,
+            lo_id: 1337,
+            lo_id_kind: ID_KIND_UID,
+            ..Default::default()
+        };
+        let t = Tables {
+            ids: std::vec![(IDKEY_UID, 1337), (IDKEY_GID, 1337)],
+            ports: std::vec![(PORT_IN_EXCLUDE, 15090), (PORT_IN_EXCLUDE, 15021)],
+            pod_addrs: std::vec![v4(198, 18, 0, 1)],
+            ..Default::default()
+        };
+        (p, t)
+    }
+
+    fn q(dst: Addr, dport: u16, uid: u32) -> OutboundQuery {
+        OutboundQuery {
+            dst,
+            dport,
+            src: [0; 4],
+            uid,
+            gid: uid,
+        }
+    }
+
+    #[test]
+    fn app_to_remote_is_captured() {
+        let (p, t) = istio();
+        let v = decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t);
+        assert_eq!(v, Verdict::RedirectOutbound);
+    }
+
+    #[test]
+    fn proxy_to_remote_is_not_captured() {
+        let (p, t) = istio();
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1337), &t),
+            Verdict::BypassProxy
+        );
+    }
+
+    #[test]
+    fn proxy_gid_alone_is_not_captured() {
+        let (p, t) = istio();
+        let mut query = q(v4(198, 18, 0, 2), 80, 1000);
+        query.gid = 1337;
+        assert_eq!(decide_outbound(&p, &query, &t), Verdict::BypassProxy);
+    }
+
+    #[test]
+    fn localhost_is_not_captured() {
+        let (p, t) = istio();
+        assert_eq!(
+            decide_outbound(&p, &q(v4(127, 0, 0, 1), 80, 1000), &t),
+            Verdict::BypassLoopback
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(127, 0, 0, 1), 80, 1337), &t),
+            Verdict::BypassProxy
+        );
+    }
+
+    #[test]
+    fn app_to_own_pod_ip_is_not_captured() {
+        let (p, t) = istio();
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 1), 8080, 1000), &t),
+            Verdict::BypassLoopback
+        );
+    }
+
+    #[test]
+    fn proxy_to_own_pod_ip_goes_inbound() {
+        let (p, t) = istio();
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 1), 8080, 1337), &t),
+            Verdict::RedirectInbound
+        );
+        // ...but not to the tunnel port.
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 1), 15008, 1337), &t),
+            Verdict::BypassProxy
+        );
+    }
+
+    #[test]
+    fn validation_probe_goes_inbound() {
+        // istio's redirect validation: proxy UID dials 127.0.0.6:15002.
+        let (p, t) = istio();
+        assert_eq!(
+            decide_outbound(&p, &q(v4(127, 0, 0, 6), 15002, 1337), &t),
+            Verdict::RedirectInbound
+        );
+    }
+
+    #[test]
+    fn passthrough_source_is_not_captured() {
+        let (p, t) = istio();
+        let mut query = q(v4(198, 18, 0, 1), 8080, 1337);
+        query.src = v4(127, 0, 0, 6);
+        assert_eq!(decide_outbound(&p, &query, &t), Verdict::BypassPassthrough);
+    }
+
+    #[test]
+    fn excluded_port_wins_over_everything() {
+        let (p, mut t) = istio();
+        t.ports.push((PORT_OUT_EXCLUDE, 3306));
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 3306, 1000), &t),
+            Verdict::BypassExcludedPort
+        );
+    }
+
+    #[test]
+    fn excluded_cidr_wins_over_star_and_over_narrower_include() {
+        let (mut p, mut t) = istio();
+        t.exclude.push((v4(198, 18, 0, 0), 96 + 16));
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
+            Verdict::BypassExcludedCidr
+        );
+        p.flags &= !POLICY_OUTBOUND_ALL_CIDRS;
+        t.include.push((v4(198, 18, 0, 2), 128));
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
+            Verdict::BypassExcludedCidr
+        );
+    }
+
+    #[test]
+    fn included_port_captures_even_outside_included_cidrs() {
+        let (mut p, mut t) = istio();
+        p.flags &= !POLICY_OUTBOUND_ALL_CIDRS;
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
+            Verdict::BypassNotIncluded
+        );
+        t.ports.push((PORT_OUT_INCLUDE, 80));
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
+            Verdict::RedirectOutbound
+        );
+    }
+
+    #[test]
+    fn second_proxy_uid_is_shadowed_on_loopback_as_in_istio() {
+        let (p, mut t) = istio();
+        t.ids.push((IDKEY_UID, 1338));
+        // uid 1338 is a proxy, but the first uid's "! --uid-owner 1337 on lo"
+        // RETURN catches it before its own rule 3.
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 1), 8080, 1338), &t),
+            Verdict::BypassLoopback
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 8080, 1338), &t),
+            Verdict::BypassProxy
+        );
+    }
+
+    #[test]
+    fn include_with_loopback_disables_rule_four() {
+        let (mut p, t) = istio();
+        p.flags |= POLICY_INCLUDE_HAS_LOOPBACK;
+        assert_eq!(
+            decide_outbound(&p, &q(v4(127, 0, 0, 5), 80, 1000), &t),
+            Verdict::RedirectOutbound
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(127, 0, 0, 1), 80, 1000), &t),
+            Verdict::BypassLocalhost
+        );
+    }
+
+    #[test]
+    fn ipv6_loopback_rules() {
+        let (mut p, mut t) = istio();
+        let mut six = [0u32; 4];
+        six[3] = V6_LAST_6;
+        let mut one = [0u32; 4];
+        one[3] = V6_LAST_1;
+        let pod6 = addr_from_octets([0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        t.pod_addrs.push(pod6);
+        p.flags |= POLICY_HAS_IP6;
+        assert_eq!(
+            decide_outbound(&p, &q(one, 80, 1000), &t),
+            Verdict::BypassLoopback
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(one, 80, 1337), &t),
+            Verdict::BypassProxy
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(pod6, 80, 1337), &t),
+            Verdict::RedirectInbound
+        );
+        let mut query = q(pod6, 80, 1337);
+        query.src = six;
+        assert_eq!(decide_outbound(&p, &query, &t), Verdict::BypassPassthrough);
+        let remote6 = addr_from_octets([0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        assert_eq!(
+            decide_outbound(&p, &q(remote6, 80, 1000), &t),
+            Verdict::RedirectOutbound
+        );
+    }
+
+    #[test]
+    fn capture_disabled() {
+        let (mut p, t) = istio();
+        p.flags = 0;
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
+            Verdict::BypassDisabled
+        );
+        assert_eq!(decide_inbound(&p, 80, &t), Verdict::BypassDisabled);
+    }
+
+    #[test]
+    fn inbound_rules() {
+        let (mut p, mut t) = istio();
+        assert_eq!(decide_inbound(&p, 8080, &t), Verdict::RedirectInbound);
+        assert_eq!(decide_inbound(&p, 15008, &t), Verdict::BypassTunnel);
+        assert_eq!(decide_inbound(&p, 15090, &t), Verdict::BypassExcludedPort);
+        p.flags &= !POLICY_INBOUND_ALL_PORTS;
+        assert_eq!(decide_inbound(&p, 8080, &t), Verdict::BypassNotIncluded);
+        t.ports.push((PORT_IN_INCLUDE, 8080));
+        assert_eq!(decide_inbound(&p, 8080, &t), Verdict::RedirectInbound);
+        // Exclusions only matter with "*".
+        t.ports.push((PORT_IN_EXCLUDE, 8080));
+        assert_eq!(decide_inbound(&p, 8080, &t), Verdict::RedirectInbound);
+    }
+}

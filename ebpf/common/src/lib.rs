@@ -1,0 +1,384 @@
+//! Types shared by weir's kernel programs and its agent.
+//!
+//! Everything here is `#[repr(C)]`, `Copy`, and free of implicit padding, so
+//! the same bytes mean the same thing on both sides of a BPF map. The capture
+//! decision itself ([`decide_outbound`], [`decide_inbound`]) is plain Rust in
+//! this crate: the kernel programs call it with map lookups, and the agent
+//! calls it with in-memory tables (for `weir explain` and unit tests), so
+//! there is exactly one implementation of Istio's rule order.
+//!
+//! Byte order: addresses are stored as the kernel hands them to BPF programs
+//! (`[u32; 4]` words whose *bytes* are in network order); IPv4 addresses are
+//! stored IPv4-mapped (`::ffff:a.b.c.d`). Ports are stored in host order.
+#![cfg_attr(not(test), no_std)]
+
+pub mod decide;
+
+pub use decide::*;
+
+/// Layout version of every map below. The agent stores it in the pinned
+/// `WEIR_META` map and refuses to reuse pinned maps written with another
+/// version (bump it whenever a struct in this crate changes).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// `AF_INET` as the kernel reports it in BPF contexts.
+pub const AF_INET: u32 = 2;
+/// `AF_INET6` as the kernel reports it in BPF contexts.
+pub const AF_INET6: u32 = 10;
+
+/// An address as stored in weir's maps: four 32-bit words whose bytes are
+/// in network order, IPv4 addresses IPv4-mapped.
+pub type Addr = [u32; 4];
+
+/// The IPv4-mapped form of an IPv4 address given as a network-order word
+/// (as found in `bpf_sock_addr.user_ip4`).
+#[inline(always)]
+pub const fn v4_mapped(ip4_be: u32) -> Addr {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4_be]
+}
+
+/// Whether `addr` is IPv4-mapped (`::ffff:0:0/96`).
+#[inline(always)]
+pub const fn is_v4_mapped(addr: &Addr) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+}
+
+/// The IPv4 word (network order) of an IPv4-mapped address.
+#[inline(always)]
+pub const fn v4_word(addr: &Addr) -> u32 {
+    addr[3]
+}
+
+/// Builds an [`Addr`] from the 16 bytes of an IPv6 address (network order).
+#[inline(always)]
+pub const fn addr_from_octets(o: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([o[0], o[1], o[2], o[3]]),
+        u32::from_ne_bytes([o[4], o[5], o[6], o[7]]),
+        u32::from_ne_bytes([o[8], o[9], o[10], o[11]]),
+        u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+    ]
+}
+
+/// The 16 network-order bytes of an [`Addr`].
+#[inline(always)]
+pub const fn addr_octets(a: &Addr) -> [u8; 16] {
+    let w0 = a[0].to_ne_bytes();
+    let w1 = a[1].to_ne_bytes();
+    let w2 = a[2].to_ne_bytes();
+    let w3 = a[3].to_ne_bytes();
+    [
+        w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3], w3[0],
+        w3[1], w3[2], w3[3],
+    ]
+}
+
+/// Policy flag: outbound capture is on for this pod.
+pub const POLICY_CAPTURE_OUTBOUND: u32 = 1 << 0;
+/// Policy flag: inbound capture is on for this pod.
+pub const POLICY_CAPTURE_INBOUND: u32 = 1 << 1;
+/// Policy flag: `includeOutboundIPRanges` is `*` (every destination).
+pub const POLICY_OUTBOUND_ALL_CIDRS: u32 = 1 << 2;
+/// Policy flag: `includeInboundPorts` is `*` (every port but the excluded).
+pub const POLICY_INBOUND_ALL_PORTS: u32 = 1 << 3;
+/// Policy flag: the outbound include ranges contain a loopback address, so
+/// Istio skips its "other processes on loopback are not captured" rule.
+pub const POLICY_INCLUDE_HAS_LOOPBACK: u32 = 1 << 4;
+/// Policy flag: `pod_ip4` is set.
+pub const POLICY_HAS_IP4: u32 = 1 << 5;
+/// Policy flag: `pod_ip6` is set.
+pub const POLICY_HAS_IP6: u32 = 1 << 6;
+/// Policy flag: DNS capture (TCP/UDP port 53 to the DNS port).
+pub const POLICY_CAPTURE_DNS: u32 = 1 << 7;
+
+/// Which proxy identity Istio's loopback rules are written for (see
+/// [`PodPolicy::lo_id_kind`]).
+pub const ID_KIND_NONE: u32 = 0;
+/// The identity is a UID.
+pub const ID_KIND_UID: u32 = 1;
+/// The identity is a GID.
+pub const ID_KIND_GID: u32 = 2;
+
+/// Per-pod capture policy, keyed by the pod's network-namespace cookie in
+/// the `POD_POLICY` map.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodPolicy {
+    /// Agent-assigned pod number (stable while the pod is enrolled).
+    pub pod_id: u32,
+    /// `POLICY_*` flags.
+    pub flags: u32,
+    /// Port of the proxy's outbound listener (Istio: 15001).
+    pub outbound_port: u16,
+    /// Port of the proxy's inbound listener (Istio: 15006).
+    pub inbound_port: u16,
+    /// Port that is never captured in either direction (Istio's HBONE
+    /// tunnel port 15008); 0 for none.
+    pub tunnel_port: u16,
+    /// Port of the proxy's DNS listener (Istio: 15053).
+    pub dns_port: u16,
+    /// The first proxy identity: Istio writes its "loopback" rules per
+    /// identity, and the first one's "not this identity on lo: RETURN" rule
+    /// shadows the others (see [`decide_outbound`]).
+    pub lo_id: u32,
+    /// `ID_KIND_*` of [`PodPolicy::lo_id`].
+    pub lo_id_kind: u32,
+    /// The pod's primary IPv4 address (network order), used as the source
+    /// of redirected connections, as the kernel would have chosen it.
+    pub pod_ip4: u32,
+    /// The pod's primary IPv6 address.
+    pub pod_ip6: Addr,
+    /// Reserved, zero.
+    pub _reserved: u32,
+}
+
+/// Kinds of entries in the `PORT_RULES` map.
+pub const PORT_OUT_INCLUDE: u16 = 1;
+/// Outbound ports never captured (`excludeOutboundPorts`).
+pub const PORT_OUT_EXCLUDE: u16 = 2;
+/// Inbound ports captured when the include list is not `*`.
+pub const PORT_IN_INCLUDE: u16 = 3;
+/// Inbound ports not captured when the include list is `*`.
+pub const PORT_IN_EXCLUDE: u16 = 4;
+
+/// Key of the `PORT_RULES` hash map: one entry per (pod, list, port).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    /// The pod's network-namespace cookie.
+    pub netns_cookie: u64,
+    /// Port, host order.
+    pub port: u16,
+    /// `PORT_*` kind.
+    pub kind: u16,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// Kinds of entries in the `PROXY_IDS` map.
+pub const IDKEY_UID: u32 = 1;
+/// A proxy GID.
+pub const IDKEY_GID: u32 = 2;
+
+/// Key of the `PROXY_IDS` hash map: one entry per (pod, uid-or-gid).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdKey {
+    /// The pod's network-namespace cookie.
+    pub netns_cookie: u64,
+    /// The UID or GID.
+    pub id: u32,
+    /// `IDKEY_*` kind.
+    pub kind: u32,
+}
+
+/// Data part of the CIDR LPM-trie keys: the pod's cookie followed by the
+/// address, so one trie serves every pod (prefix length = 64 + address
+/// prefix, IPv4 prefixes counted in their IPv4-mapped form).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct CidrData {
+    /// The pod's network-namespace cookie, as bytes (native order; always
+    /// fully covered by the prefix, so its byte order does not matter).
+    pub netns_cookie: [u8; 8],
+    /// The address, 16 network-order bytes.
+    pub addr: [u8; 16],
+}
+
+/// Prefix length of the cookie part of a [`CidrData`] key.
+pub const CIDR_COOKIE_BITS: u32 = 64;
+
+/// Key of the `LISTENERS` sockhash: a proxy listener of one pod.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListenerKey {
+    /// The pod's network-namespace cookie.
+    pub netns_cookie: u64,
+    /// Listening port, host order.
+    pub port: u16,
+    /// Address family of the listening socket (`AF_INET`/`AF_INET6`).
+    pub family: u16,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// One connection seen from the proxy: the application's address and port
+/// (the proxy's peer) and the proxy's listening port. Key of the
+/// `PENDING_FLOWS` map, which carries a redirected connection's original
+/// destination from the application's socket to the proxy's.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    /// Network-namespace cookie of the pod (both ends live in it).
+    pub netns_cookie: u64,
+    /// The application socket's local address (the proxy's peer).
+    pub peer_addr: Addr,
+    /// The application socket's local port, host order.
+    pub peer_port: u16,
+    /// The proxy's listening port, host order.
+    pub local_port: u16,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// [`OrigDst`] flag: stored on the application's socket.
+pub const ORIG_APP_SIDE: u16 = 1;
+/// [`OrigDst`] flag: stored on the proxy's accepted socket.
+pub const ORIG_PROXY_SIDE: u16 = 2;
+/// [`OrigDst`] flag: the connection went to the inbound port (Istio's rule
+/// "proxy calling its own pod over loopback").
+pub const ORIG_TO_INBOUND: u16 = 4;
+
+/// The destination an application dialled before weir redirected it.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    /// The original destination address (IPv4-mapped for IPv4).
+    pub addr: Addr,
+    /// The original destination port, host order.
+    pub port: u16,
+    /// `ORIG_*` flags.
+    pub flags: u16,
+    /// Pod number of the pod that made the connection.
+    pub pod_id: u32,
+}
+
+/// Per-pod counters (a per-CPU hash keyed by netns cookie); every field is
+/// a count of connections. Read and summed by the agent on scrape.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodCounters {
+    /// Outbound connections sent to the outbound port.
+    pub outbound_captured: u64,
+    /// Proxy connections over loopback sent to the inbound port.
+    pub outbound_to_inbound: u64,
+    /// Not captured: excluded outbound port.
+    pub bypass_excluded_port: u64,
+    /// Not captured: from 127.0.0.6 / ::6 (inbound passthrough).
+    pub bypass_passthrough: u64,
+    /// Not captured: loopback traffic of a process that is not the proxy.
+    pub bypass_loopback: u64,
+    /// Not captured: the proxy's own connection.
+    pub bypass_proxy: u64,
+    /// Not captured: to 127.0.0.1 / ::1.
+    pub bypass_localhost: u64,
+    /// Not captured: excluded outbound CIDR.
+    pub bypass_excluded_cidr: u64,
+    /// Not captured: neither an included port nor an included CIDR.
+    pub bypass_not_included: u64,
+    /// Inbound connections delivered to the inbound port.
+    pub inbound_captured: u64,
+    /// Inbound connections not captured (tunnel, excluded or not included
+    /// port).
+    pub inbound_bypass: u64,
+    /// Inbound connections refused because the proxy was not listening.
+    pub inbound_fail_closed: u64,
+    /// Outbound connections refused because the proxy was not listening.
+    pub outbound_fail_closed: u64,
+    /// `SO_ORIGINAL_DST` answered by weir.
+    pub orig_dst_answered: u64,
+    /// `SO_ORIGINAL_DST` asked on a socket weir knows nothing about.
+    pub orig_dst_missed: u64,
+    /// The pod's IP could not be bound as the redirected connection's
+    /// source (the connection went on from loopback).
+    pub source_bind_failed: u64,
+}
+
+/// Node-wide counters (a one-slot per-CPU array).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounters {
+    /// Connections from network namespaces that are not enrolled.
+    pub not_enrolled: u64,
+    /// Redirected connections whose original destination could not be
+    /// stored (socket storage full or unavailable): refused (fail closed).
+    pub orig_dst_store_failed: u64,
+    /// `PENDING_FLOWS` insertions that failed.
+    pub pending_insert_failed: u64,
+    /// Listening sockets of proxies recorded in `LISTENERS`.
+    pub listeners_recorded: u64,
+    /// Listening sockets that could not be recorded (map full).
+    pub listeners_record_failed: u64,
+}
+
+/// Value of the `POD_META` map: the pod's name, for operators reading maps
+/// with bpftool and for `weir status` on a node where the agent is down.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PodMeta {
+    /// Kubernetes namespace, NUL-padded.
+    pub namespace: [u8; 64],
+    /// Pod name, NUL-padded.
+    pub name: [u8; 64],
+}
+
+impl Default for PodMeta {
+    fn default() -> Self {
+        Self {
+            namespace: [0; 64],
+            name: [0; 64],
+        }
+    }
+}
+
+/// Value of the one-slot `WEIR_META` array: what wrote the pinned maps.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct WeirMeta {
+    /// [`LAYOUT_VERSION`] of the agent that created the maps.
+    pub layout_version: u32,
+    /// Non-zero once the agent finished its first reconcile.
+    pub ready: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (all impls): every type is #[repr(C)], Copy, has only integer
+    // and integer-array fields, and no implicit padding (checked by the
+    // size assertions in the tests), so any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::PodPolicy {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::IdKey {}
+    unsafe impl aya::Pod for super::CidrData {}
+    unsafe impl aya::Pod for super::ListenerKey {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::PodCounters {}
+    unsafe impl aya::Pod for super::NodeCounters {}
+    unsafe impl aya::Pod for super::PodMeta {}
+    unsafe impl aya::Pod for super::WeirMeta {}
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+    use core::mem::size_of;
+
+    /// No implicit padding: each size equals the sum of its fields.
+    #[test]
+    fn structs_have_no_padding() {
+        assert_eq!(size_of::<PodPolicy>(), 4 + 4 + 2 * 4 + 4 + 4 + 4 + 16 + 4);
+        assert_eq!(size_of::<PortKey>(), 16);
+        assert_eq!(size_of::<IdKey>(), 16);
+        assert_eq!(size_of::<CidrData>(), 24);
+        assert_eq!(size_of::<ListenerKey>(), 16);
+        assert_eq!(size_of::<FlowKey>(), 8 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<PodCounters>(), 16 * 8);
+        assert_eq!(size_of::<NodeCounters>(), 5 * 8);
+        assert_eq!(size_of::<PodMeta>(), 128);
+    }
+
+    #[test]
+    fn v4_mapping_round_trips() {
+        let ip = u32::from_ne_bytes([198, 18, 0, 1]);
+        let a = v4_mapped(ip);
+        assert!(is_v4_mapped(&a));
+        assert_eq!(v4_word(&a), ip);
+        assert_eq!(
+            addr_octets(&a),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, 1]
+        );
+        assert_eq!(addr_from_octets(addr_octets(&a)), a);
+    }
+}

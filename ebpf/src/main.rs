@@ -1,0 +1,723 @@
+//! weir's kernel programs.
+//!
+//! | program            | hook                   | job                                                       |
+//! |--------------------|------------------------|-----------------------------------------------------------|
+//! | `weir_connect4/6`  | cgroup connect4/6      | outbound capture: rewrite the destination to the proxy    |
+//! | `weir_getpeer4/6`  | cgroup getpeername4/6  | the application still sees the address it dialled         |
+//! | `weir_sockops`     | cgroup sock_ops        | record proxy listeners; hand original destinations over   |
+//! | `weir_getsockopt`  | cgroup getsockopt      | answer `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`          |
+//! | `weir_sk_lookup`   | sk_lookup (per pod)    | inbound capture: pick the proxy's listener, fail closed   |
+//!
+//! A pod is identified by its network-namespace cookie. Every decision is
+//! taken by `weir_common::decide_*`, shared with the agent; this file only
+//! reads contexts, looks up maps and applies verdicts.
+#![no_std]
+#![no_main]
+
+mod tables;
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{bpf_sock, bpf_sock_addr, sk_action},
+    helpers::generated::{
+        bpf_bind, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_sk_storage_get,
+    },
+    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
+};
+use weir_common::*;
+
+use crate::tables::*;
+
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const SOL_IP: i32 = 0;
+const SOL_IPV6: i32 = 41;
+/// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST`
+/// (linux/netfilter_ipv6/ip6_tables.h) share the number 80.
+const SO_ORIGINAL_DST: i32 = 80;
+const LOOPBACK_IFINDEX: u32 = 1;
+const TCP_SYN_SENT: u32 = 2;
+const TCP_CLOSE: u32 = 7;
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
+const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
+const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
+
+const V4_LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// Reads a 4-word address from a context or socket field one word at a
+/// time: the verifier rejects the pointer arithmetic LLVM emits when it
+/// copies the array as a whole ("dereference of modified ctx ptr").
+#[inline(always)]
+fn read_words(p: *const [u32; 4]) -> Addr {
+    let p = p as *const u32;
+    // SAFETY: `p` points at a readable 16-byte field; volatile keeps each
+    // access a separate, fixed-offset 4-byte load.
+    unsafe {
+        [
+            core::ptr::read_volatile(p),
+            core::ptr::read_volatile(p.add(1)),
+            core::ptr::read_volatile(p.add(2)),
+            core::ptr::read_volatile(p.add(3)),
+        ]
+    }
+}
+
+/// Writes a 4-word address into a context field one word at a time.
+#[inline(always)]
+fn write_words(p: *mut [u32; 4], a: Addr) {
+    let p = p as *mut u32;
+    // SAFETY: `p` points at a writable 16-byte context field.
+    unsafe {
+        core::ptr::write_volatile(p, a[0]);
+        core::ptr::write_volatile(p.add(1), a[1]);
+        core::ptr::write_volatile(p.add(2), a[2]);
+        core::ptr::write_volatile(p.add(3), a[3]);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Outbound: connect4 / connect6
+// ---------------------------------------------------------------------------
+
+/// Outbound capture for IPv4 sockets.
+#[cgroup_sock_addr(connect4)]
+pub fn weir_connect4(ctx: SockAddrContext) -> i32 {
+    connect(&ctx, false)
+}
+
+/// Outbound capture for IPv6 sockets (also IPv4-mapped destinations).
+#[cgroup_sock_addr(connect6)]
+pub fn weir_connect6(ctx: SockAddrContext) -> i32 {
+    connect(&ctx, true)
+}
+
+/// Returns 1 to let `connect()` proceed (possibly to a rewritten address),
+/// 0 to refuse it with `EPERM` (only when a redirect could not be recorded:
+/// the proxy could not know where the connection was going).
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the program's
+    // lifetime; field reads are checked by the verifier.
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return 1;
+    }
+    // SAFETY: plain helper call on our own context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(policy) = pod_policy(cookie) else {
+        bump_node(|c| c.not_enrolled += 1);
+        return 1;
+    };
+    let dst: Addr = if v6 {
+        read_words(&sa.user_ip6)
+    } else {
+        v4_mapped(sa.user_ip4)
+    };
+    let dport = u16::from_be(sa.user_port as u16);
+    // SAFETY: `sk` is always set (non-NULL) for sock_addr programs.
+    let sk: &bpf_sock = unsafe { &*sa.__bindgen_anon_1.sk };
+    let src: Addr = if v6 {
+        read_words(&sk.src_ip6)
+    } else {
+        v4_mapped(sk.src_ip4)
+    };
+    let ids = unsafe { bpf_get_current_uid_gid() };
+    let q = OutboundQuery {
+        dst,
+        dport,
+        src,
+        uid: ids as u32,
+        gid: (ids >> 32) as u32,
+    };
+    let t = KernelTables { cookie };
+    let verdict = decide_outbound(&policy, &q, &t);
+    bump_pod(cookie, |c| count_outbound(c, verdict));
+    let (port, flags) = match verdict {
+        Verdict::RedirectOutbound => (policy.outbound_port, ORIG_APP_SIDE),
+        Verdict::RedirectInbound => (policy.inbound_port, ORIG_APP_SIDE | ORIG_TO_INBOUND),
+        _ => return 1,
+    };
+
+    // Remember where the application was going, on its own socket; the
+    // sockops program hands it to the proxy's socket once it is accepted.
+    let mut od = OrigDst {
+        addr: dst,
+        port: dport,
+        flags,
+        pod_id: policy.pod_id,
+    };
+    // SAFETY: `sk` is a valid socket pointer; the map is an sk_storage map.
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
+            (sk as *const bpf_sock).cast_mut().cast(),
+            (&mut od as *mut OrigDst).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE,
+        )
+    } as *mut OrigDst;
+    if stored.is_null() {
+        bump_node(|c| c.orig_dst_store_failed += 1);
+        return 0;
+    }
+    // SAFETY: non-NULL storage of our value type, owned by this socket.
+    unsafe { *stored = od };
+
+    // With iptables REDIRECT the connection keeps the source address the
+    // kernel picks for the original destination (the pod IP for remote
+    // destinations and for the pod's own IP, 127.0.0.1 for 127.0.0.0/8),
+    // so the proxy sees the application as its peer. Bind that address
+    // before the destination turns into loopback. An explicit bind by the
+    // application is left alone.
+    let unbound = sk.src_port == 0
+        && src[3] == 0
+        && (src[0] | src[1] == 0)
+        && (src[2] == 0 || is_v4_mapped(&src));
+    if unbound {
+        let on_lo_local = t.is_pod_addr(&dst);
+        let remote = !is_loopback_route(&dst, &t);
+        if on_lo_local || remote {
+            if bind_source(sa, &policy, &dst, v6, on_lo_local).is_err() {
+                bump_pod(cookie, |c| c.source_bind_failed += 1);
+            }
+        }
+    }
+
+    // Rewrite the destination: the proxy listens on loopback.
+    if v6 {
+        if is_v4_mapped(&dst) {
+            write_words(&mut sa.user_ip6, v4_mapped(V4_LOCALHOST));
+        } else {
+            write_words(
+                &mut sa.user_ip6,
+                [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
+            );
+        }
+    } else {
+        sa.user_ip4 = V4_LOCALHOST;
+    }
+    sa.user_port = u32::from(port.to_be());
+    1
+}
+
+#[repr(C)]
+struct SockaddrIn {
+    family: u16,
+    port: u16,
+    addr: u32,
+    zero: [u8; 8],
+}
+
+#[repr(C)]
+struct SockaddrIn6 {
+    family: u16,
+    port: u16,
+    flowinfo: u32,
+    addr: Addr,
+    scope_id: u32,
+}
+
+/// Binds the source address the kernel would have chosen for `dst`.
+#[inline(always)]
+fn bind_source(
+    sa: &mut bpf_sock_addr,
+    p: &PodPolicy,
+    dst: &Addr,
+    v6: bool,
+    dst_is_pod_addr: bool,
+) -> Result<(), ()> {
+    let v4 = is_v4_mapped(dst);
+    let src: Addr = if dst_is_pod_addr {
+        *dst
+    } else if v4 {
+        if p.flags & POLICY_HAS_IP4 == 0 {
+            return Ok(());
+        }
+        v4_mapped(p.pod_ip4)
+    } else {
+        if p.flags & POLICY_HAS_IP6 == 0 {
+            return Ok(());
+        }
+        p.pod_ip6
+    };
+    let ret = if v6 {
+        let mut a = SockaddrIn6 {
+            family: AF_INET6 as u16,
+            port: 0,
+            flowinfo: 0,
+            addr: src,
+            scope_id: 0,
+        };
+        // SAFETY: bpf_bind reads `addr_len` bytes of our stack sockaddr.
+        unsafe {
+            bpf_bind(
+                sa,
+                (&mut a as *mut SockaddrIn6).cast(),
+                core::mem::size_of::<SockaddrIn6>() as i32,
+            )
+        }
+    } else {
+        let mut a = SockaddrIn {
+            family: AF_INET as u16,
+            port: 0,
+            addr: v4_word(&src),
+            zero: [0; 8],
+        };
+        // SAFETY: as above.
+        unsafe {
+            bpf_bind(
+                sa,
+                (&mut a as *mut SockaddrIn).cast(),
+                core::mem::size_of::<SockaddrIn>() as i32,
+            )
+        }
+    };
+    if ret == 0 { Ok(()) } else { Err(()) }
+}
+
+#[inline(always)]
+fn count_outbound(c: &mut PodCounters, v: Verdict) {
+    match v {
+        Verdict::RedirectOutbound => c.outbound_captured += 1,
+        Verdict::RedirectInbound => c.outbound_to_inbound += 1,
+        Verdict::BypassExcludedPort => c.bypass_excluded_port += 1,
+        Verdict::BypassPassthrough => c.bypass_passthrough += 1,
+        Verdict::BypassLoopback => c.bypass_loopback += 1,
+        Verdict::BypassProxy => c.bypass_proxy += 1,
+        Verdict::BypassLocalhost => c.bypass_localhost += 1,
+        Verdict::BypassExcludedCidr => c.bypass_excluded_cidr += 1,
+        Verdict::BypassNotIncluded => c.bypass_not_included += 1,
+        Verdict::BypassTunnel | Verdict::BypassDisabled => {}
+    }
+}
+
+// ---------------------------------------------------------------------------
+// getpeername: the application keeps seeing the address it dialled.
+// ---------------------------------------------------------------------------
+
+/// With iptables the application's socket still names the original
+/// destination as its peer (NAT happens below the socket); restore that.
+#[cgroup_sock_addr(getpeername4)]
+pub fn weir_getpeer4(ctx: SockAddrContext) -> i32 {
+    getpeer(&ctx, false)
+}
+
+/// IPv6 twin of [`weir_getpeer4`].
+#[cgroup_sock_addr(getpeername6)]
+pub fn weir_getpeer6(ctx: SockAddrContext) -> i32 {
+    getpeer(&ctx, true)
+}
+
+#[inline(always)]
+fn getpeer(ctx: &SockAddrContext, v6: bool) -> i32 {
+    // SAFETY: valid context, see `connect`.
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sa.type_ != SOCK_STREAM {
+        return 1;
+    }
+    // SAFETY: `sk` is non-NULL for sock_addr programs; no create flag.
+    let od = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
+            sa.__bindgen_anon_1.sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *const OrigDst;
+    if od.is_null() {
+        return 1;
+    }
+    // SAFETY: non-NULL storage of our value type.
+    let od = unsafe { *od };
+    if od.flags & ORIG_APP_SIDE == 0 {
+        return 1;
+    }
+    if v6 {
+        write_words(&mut sa.user_ip6, od.addr);
+    } else if is_v4_mapped(&od.addr) {
+        sa.user_ip4 = v4_word(&od.addr);
+    } else {
+        return 1;
+    }
+    sa.user_port = u32::from(od.port.to_be());
+    1
+}
+
+// ---------------------------------------------------------------------------
+// sockops: proxy listeners and the hand-over of original destinations.
+// ---------------------------------------------------------------------------
+
+/// Records proxy listeners (`listen()` on a capture port) in `LISTENERS`,
+/// and moves a redirected connection's original destination from the
+/// application's socket to the proxy's accepted socket.
+#[sock_ops]
+pub fn weir_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state(&ctx),
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+fn ops_cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: plain helper call on our own context.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+#[inline(always)]
+fn ops_local(ctx: &SockOpsContext) -> Addr {
+    if ctx.family() == AF_INET {
+        v4_mapped(ctx.local_ip4())
+    } else {
+        // SAFETY: field of the valid context.
+        read_words(unsafe { &(*ctx.ops).local_ip6 })
+    }
+}
+
+#[inline(always)]
+fn ops_remote(ctx: &SockOpsContext) -> Addr {
+    if ctx.family() == AF_INET {
+        v4_mapped(ctx.remote_ip4())
+    } else {
+        // SAFETY: field of the valid context.
+        read_words(unsafe { &(*ctx.ops).remote_ip6 })
+    }
+}
+
+/// `bpf_sock_ops.remote_port` holds the network-order port in the upper
+/// 16 bits on little-endian hosts (net/core/filter.c shifts it there), so
+/// `ntohl` of the whole word is the port in host order.
+#[inline(always)]
+fn ops_remote_port(ctx: &SockOpsContext) -> u16 {
+    u32::from_be(ctx.remote_port()) as u16
+}
+
+#[inline(always)]
+fn ops_sk(ctx: &SockOpsContext) -> *mut bpf_sock {
+    // SAFETY: reading the `sk` field of a valid context.
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk }
+}
+
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let port = ctx.local_port() as u16;
+    if LISTEN_PORTS.get_ptr(&port).is_none() {
+        return;
+    }
+    let mut key = ListenerKey {
+        netns_cookie: ops_cookie(ctx),
+        port,
+        family: ctx.family() as u16,
+        _pad: 0,
+    };
+    // SAFETY: `ops` is the valid context pointer of this program.
+    let ops = unsafe { &mut *ctx.ops };
+    if LISTENERS.update(&mut key, ops, 0).is_ok() {
+        bump_node(|c| c.listeners_recorded += 1);
+    } else {
+        bump_node(|c| c.listeners_record_failed += 1);
+    }
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    let sk = ops_sk(ctx);
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: non-NULL full socket; lookup only.
+    let od = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *const OrigDst;
+    if od.is_null() {
+        return;
+    }
+    // SAFETY: non-NULL storage of our value type.
+    let od = unsafe { *od };
+    if od.flags & ORIG_APP_SIDE == 0 {
+        return;
+    }
+    let key = FlowKey {
+        netns_cookie: ops_cookie(ctx),
+        peer_addr: ops_local(ctx),
+        peer_port: ctx.local_port() as u16,
+        local_port: ops_remote_port(ctx),
+        _pad: 0,
+    };
+    if PENDING_FLOWS.insert(&key, &od, 0).is_err() {
+        bump_node(|c| c.pending_insert_failed += 1);
+    }
+    // Watch the state of this socket to count connections refused because
+    // the proxy was not listening (SYN_SENT -> CLOSE).
+    let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+#[inline(always)]
+fn on_passive_established(ctx: &SockOpsContext) {
+    let local_port = ctx.local_port() as u16;
+    if LISTEN_PORTS.get_ptr(&local_port).is_none() {
+        return;
+    }
+    let key = FlowKey {
+        netns_cookie: ops_cookie(ctx),
+        peer_addr: ops_remote(ctx),
+        peer_port: ops_remote_port(ctx),
+        local_port,
+        _pad: 0,
+    };
+    let Some(pending) = PENDING_FLOWS.get_ptr(&key) else {
+        return;
+    };
+    // SAFETY: pointer returned by a successful lookup.
+    let mut od = unsafe { *pending };
+    od.flags = (od.flags & !ORIG_APP_SIDE) | ORIG_PROXY_SIDE;
+    let sk = ops_sk(ctx);
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: non-NULL full socket; create with our initial value.
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
+            sk.cast(),
+            (&mut od as *mut OrigDst).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE,
+        )
+    } as *mut OrigDst;
+    if !stored.is_null() {
+        // SAFETY: non-NULL storage of our value type.
+        unsafe { *stored = od };
+        let _ = PENDING_FLOWS.remove(&key);
+    }
+}
+
+#[inline(always)]
+fn on_state(ctx: &SockOpsContext) {
+    if ctx.arg(0) == TCP_SYN_SENT && ctx.arg(1) == TCP_CLOSE {
+        // A redirected connect was refused: nobody listens on the proxy
+        // port (fail closed, as with iptables). Forget its pending entry.
+        let cookie = ops_cookie(ctx);
+        bump_pod(cookie, |c| c.outbound_fail_closed += 1);
+        let key = FlowKey {
+            netns_cookie: cookie,
+            peer_addr: ops_local(ctx),
+            peer_port: ctx.local_port() as u16,
+            local_port: ops_remote_port(ctx),
+            _pad: 0,
+        };
+        let _ = PENDING_FLOWS.remove(&key);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// getsockopt: SO_ORIGINAL_DST
+// ---------------------------------------------------------------------------
+
+/// Answers `SO_ORIGINAL_DST` (`SOL_IP`) and `IP6T_SO_ORIGINAL_DST`
+/// (`SOL_IPV6`) on sockets of enrolled pods, the way conntrack would:
+/// the original destination of a redirected connection, else the socket's
+/// own local address (an inbound connection steered by `weir_sk_lookup`
+/// keeps its original destination as local address). Every other option
+/// is left exactly as the kernel answered it.
+#[cgroup_sockopt(getsockopt)]
+pub fn weir_getsockopt(ctx: SockoptContext) -> i32 {
+    // SAFETY: valid context for the program's lifetime.
+    let so = unsafe { &mut *ctx.sockopt };
+    let want_v4 = so.level == SOL_IP && so.optname == SO_ORIGINAL_DST;
+    let want_v6 = so.level == SOL_IPV6 && so.optname == SO_ORIGINAL_DST;
+    if !(want_v4 || want_v6) {
+        // optlen 0: keep the kernel's answer untouched, whatever its size
+        // (also options larger than a page, which BPF only sees in part).
+        so.optlen = 0;
+        return 1;
+    }
+    // SAFETY: as above; `sk` is non-NULL in sockopt programs.
+    let sk_ptr = unsafe { so.__bindgen_anon_1.sk };
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(od) = original_dst(sk_ptr, cookie) else {
+        if pod_policy(cookie).is_some() {
+            bump_pod(cookie, |c| c.orig_dst_missed += 1);
+        }
+        so.optlen = 0;
+        return 1;
+    };
+    // SAFETY: optval/optval_end bound the kernel's copy of the user buffer;
+    // every write below is after an explicit bounds check.
+    let optval = unsafe { so.__bindgen_anon_2.optval } as *mut u8;
+    let end = unsafe { so.__bindgen_anon_3.optval_end } as *mut u8;
+    if want_v4 {
+        if !is_v4_mapped(&od.addr) {
+            so.optlen = 0;
+            return 1;
+        }
+        let size = core::mem::size_of::<SockaddrIn>();
+        if unsafe { optval.add(size) } > end {
+            so.optlen = 0;
+            return 1;
+        }
+        let out = optval as *mut SockaddrIn;
+        unsafe {
+            (*out).family = AF_INET as u16;
+            (*out).port = od.port.to_be();
+            (*out).addr = v4_word(&od.addr);
+            (*out).zero = [0; 8];
+        }
+        so.optlen = size as i32;
+    } else {
+        let size = core::mem::size_of::<SockaddrIn6>();
+        if unsafe { optval.add(size) } > end {
+            so.optlen = 0;
+            return 1;
+        }
+        let out = optval as *mut SockaddrIn6;
+        unsafe {
+            (*out).family = AF_INET6 as u16;
+            (*out).port = od.port.to_be();
+            (*out).flowinfo = 0;
+            (*out).addr = od.addr;
+            (*out).scope_id = 0;
+        }
+        so.optlen = size as i32;
+    }
+    so.retval = 0;
+    bump_pod(cookie, |c| c.orig_dst_answered += 1);
+    1
+}
+
+/// The original destination of the connection behind `sk`, if weir knows
+/// it, else (for enrolled pods) the socket's own local address.
+#[inline(always)]
+fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
+    if sk_ptr.is_null() {
+        return None;
+    }
+    // SAFETY: non-NULL socket pointer from the context; lookup only.
+    let od = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
+            sk_ptr.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *const OrigDst;
+    if !od.is_null() {
+        // SAFETY: non-NULL storage of our value type.
+        return Some(unsafe { *od });
+    }
+    // SAFETY: reading fields of a valid socket.
+    let sk = unsafe { &*sk_ptr };
+    if sk.protocol != IPPROTO_TCP {
+        return None;
+    }
+    let policy = pod_policy(cookie)?;
+    let (local, peer) = if sk.family == AF_INET {
+        (v4_mapped(sk.src_ip4), v4_mapped(sk.dst_ip4))
+    } else {
+        (read_words(&sk.src_ip6), read_words(&sk.dst_ip6))
+    };
+    let local_port = sk.src_port as u16;
+    // The proxy asked before its accepted socket got the hand-over (a race
+    // with the sockops callback): read the pending entry directly.
+    let key = FlowKey {
+        netns_cookie: cookie,
+        peer_addr: peer,
+        peer_port: u16::from_be(sk.dst_port),
+        local_port,
+        _pad: 0,
+    };
+    if let Some(p) = PENDING_FLOWS.get_ptr(&key) {
+        // SAFETY: pointer returned by a successful lookup.
+        return Some(unsafe { *p });
+    }
+    // Like conntrack for a connection that was not NATed: the local
+    // address is the original destination.
+    Some(OrigDst {
+        addr: local,
+        port: local_port,
+        flags: 0,
+        pod_id: policy.pod_id,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Inbound: sk_lookup, attached to each enrolled pod's network namespace.
+// ---------------------------------------------------------------------------
+
+/// Steers inbound TCP connections for captured ports to the pod's inbound
+/// listener without rewriting packets: the accepted socket keeps the
+/// original destination as its local address. When the proxy is not
+/// listening the connection is refused (RST), never delivered to the
+/// application behind the proxy's back.
+#[sk_lookup]
+pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
+    // SAFETY: valid context for the program's lifetime.
+    let l = unsafe { &*ctx.lookup };
+    // iptables' PREROUTING never sees a pod's own loopback traffic either.
+    if l.protocol != IPPROTO_TCP || l.ingress_ifindex == LOOPBACK_IFINDEX {
+        return sk_action::SK_PASS;
+    }
+    let family = l.family;
+    let local: Addr = if family == AF_INET {
+        v4_mapped(l.local_ip4)
+    } else {
+        read_words(&l.local_ip6)
+    };
+    // sk_lookup programs cannot read the netns cookie; the destination is
+    // one of the pod's addresses, which the agent maps to its cookie.
+    let Some(cookie) = POD_ADDRS.get_ptr(&local) else {
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: pointer returned by a successful lookup.
+    let cookie = unsafe { *cookie };
+    let Some(policy) = pod_policy(cookie) else {
+        return sk_action::SK_PASS;
+    };
+    let t = KernelTables { cookie };
+    let verdict = decide_inbound(&policy, l.local_port as u16, &t);
+    if !verdict.captured() {
+        bump_pod(cookie, |c| c.inbound_bypass += 1);
+        return sk_action::SK_PASS;
+    }
+    let mut key = ListenerKey {
+        netns_cookie: cookie,
+        port: policy.inbound_port,
+        family: family as u16,
+        _pad: 0,
+    };
+    if LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
+        bump_pod(cookie, |c| c.inbound_captured += 1);
+        return sk_action::SK_PASS;
+    }
+    if family == AF_INET {
+        // A dual-stack [::] listener also takes IPv4 connections.
+        key.family = AF_INET6 as u16;
+        if LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
+            bump_pod(cookie, |c| c.inbound_captured += 1);
+            return sk_action::SK_PASS;
+        }
+    }
+    bump_pod(cookie, |c| c.inbound_fail_closed += 1);
+    sk_action::SK_DROP
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,152 @@
+//! Maps shared with the agent, and small helpers around them.
+//!
+//! All maps are BTF-defined (`#[btf_map]`), so `bpftool map dump name X`
+//! prints field names. Sizes here are defaults: the agent sets the real
+//! capacities at load time (`--max-pods` and friends).
+
+use aya_ebpf::{
+    btf_maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash,
+        lpm_trie::Key,
+    },
+    macros::btf_map,
+};
+use weir_common::*;
+
+/// Per-pod policy, keyed by netns cookie.
+#[btf_map]
+pub static POD_POLICY: HashMap<u64, PodPolicy, 16384> = HashMap::new();
+
+/// Every address of every enrolled pod -> the pod's netns cookie.
+#[btf_map]
+pub static POD_ADDRS: HashMap<Addr, u64, 65536> = HashMap::new();
+
+/// Port lists (outbound/inbound include/exclude) of every pod.
+#[btf_map]
+pub static PORT_RULES: HashMap<PortKey, u32, 262144> = HashMap::new();
+
+/// Proxy UIDs and GIDs of every pod.
+#[btf_map]
+pub static PROXY_IDS: HashMap<IdKey, u32, 65536> = HashMap::new();
+
+/// `excludeOutboundIPRanges` of every pod (cookie-prefixed keys).
+#[btf_map]
+pub static CIDR_EXCLUDE: LpmTrie<CidrData, u32, 262144> = LpmTrie::new();
+
+/// `includeOutboundIPRanges` of every pod, unless `*`.
+#[btf_map]
+pub static CIDR_INCLUDE: LpmTrie<CidrData, u32, 262144> = LpmTrie::new();
+
+/// Listening proxy sockets per (pod, port, family). Entries vanish when the
+/// socket closes, which is what makes capture fail closed.
+#[btf_map]
+pub static LISTENERS: SockHash<ListenerKey, 65536> = SockHash::new();
+
+/// Ports whose listeners are recorded in `LISTENERS` (every capture port
+/// of every enrolled pod).
+#[btf_map]
+pub static LISTEN_PORTS: HashMap<u16, u32, 1024> = HashMap::new();
+
+/// Original destinations of redirected connections between the
+/// application's `connect()` and the proxy's accept.
+#[btf_map]
+pub static PENDING_FLOWS: LruHashMap<FlowKey, OrigDst, 65536> = LruHashMap::new();
+
+/// Original destination stored on the sockets themselves (freed with them).
+#[btf_map]
+pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
+
+/// Per-pod counters.
+#[btf_map]
+pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters, 16384> = PerCpuHashMap::new();
+
+/// Node-wide counters.
+#[btf_map]
+pub static NODE_COUNTERS: PerCpuArray<NodeCounters, 1> = PerCpuArray::new();
+
+/// Pod names for operators (not read by the programs).
+#[btf_map]
+pub static POD_META: HashMap<u64, PodMeta, 16384> = HashMap::new();
+
+/// Layout version and readiness of the pinned state.
+#[btf_map]
+pub static WEIR_META: Array<WeirMeta, 1> = Array::new();
+
+/// The pod's policy, copied out of the map.
+#[inline(always)]
+pub fn pod_policy(cookie: u64) -> Option<PodPolicy> {
+    // SAFETY: pointer from a successful lookup, read once.
+    POD_POLICY.get_ptr(&cookie).map(|p| unsafe { *p })
+}
+
+/// Adds to a pod's counters on this CPU (no-op if the pod has none).
+#[inline(always)]
+pub fn bump_pod(cookie: u64, f: impl FnOnce(&mut PodCounters)) {
+    if let Some(p) = POD_COUNTERS.get_ptr_mut(&cookie) {
+        // SAFETY: per-CPU value of this CPU; BPF programs do not preempt
+        // each other on one CPU for these hooks.
+        f(unsafe { &mut *p });
+    }
+}
+
+/// Adds to the node counters on this CPU.
+#[inline(always)]
+pub fn bump_node(f: impl FnOnce(&mut NodeCounters)) {
+    if let Some(p) = NODE_COUNTERS.get_ptr_mut(0) {
+        // SAFETY: as in `bump_pod`.
+        f(unsafe { &mut *p });
+    }
+}
+
+/// One pod's tables, backed by the maps above.
+pub struct KernelTables {
+    /// The pod's netns cookie.
+    pub cookie: u64,
+}
+
+impl PodTables for KernelTables {
+    #[inline(always)]
+    fn has_port(&self, kind: u16, port: u16) -> bool {
+        let k = PortKey {
+            netns_cookie: self.cookie,
+            port,
+            kind,
+            _pad: 0,
+        };
+        PORT_RULES.get_ptr(&k).is_some()
+    }
+
+    #[inline(always)]
+    fn has_id(&self, kind: u32, id: u32) -> bool {
+        let k = IdKey {
+            netns_cookie: self.cookie,
+            id,
+            kind,
+        };
+        PROXY_IDS.get_ptr(&k).is_some()
+    }
+
+    #[inline(always)]
+    fn in_cidrs(&self, list: CidrList, addr: &Addr) -> bool {
+        let key = Key::new(
+            CIDR_COOKIE_BITS + 128,
+            CidrData {
+                netns_cookie: self.cookie.to_ne_bytes(),
+                addr: addr_octets(addr),
+            },
+        );
+        match list {
+            CidrList::OutboundExclude => CIDR_EXCLUDE.get(&key).is_some(),
+            CidrList::OutboundInclude => CIDR_INCLUDE.get(&key).is_some(),
+        }
+    }
+
+    #[inline(always)]
+    fn is_pod_addr(&self, addr: &Addr) -> bool {
+        match POD_ADDRS.get_ptr(addr) {
+            // SAFETY: pointer from a successful lookup.
+            Some(c) => (unsafe { *c }) == self.cookie,
+            None => false,
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! The application client: one JSON line per connection attempt.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::{Value, json};
+use weir_tests::net::{self, fmt_addr};
+
+#[derive(Args, Debug)]
+pub(crate) struct ClientArgs {
+    /// Address to connect to: `ip:port` or `[ipv6]:port`.
+    #[arg(long)]
+    connect: SocketAddr,
+    /// Text to send (a newline is appended).
+    #[arg(long, default_value = "hello")]
+    send: String,
+    /// Source address to bind before connecting (port chosen by the kernel).
+    #[arg(long)]
+    bind: Option<IpAddr>,
+    /// Timeout for the connect and for each read and write, in ms.
+    #[arg(long, default_value_t = 3000)]
+    timeout_ms: u64,
+    /// Number of connections to make, one after another.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Pause between connections, in ms.
+    #[arg(long, default_value_t = 100)]
+    interval_ms: u64,
+}
+
+pub(crate) fn run(args: ClientArgs) -> Result<()> {
+    let timeout = Duration::from_millis(args.timeout_ms);
+    for i in 0..args.count {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(args.interval_ms));
+        }
+        let record = attempt(&args, timeout);
+        let mut out = io::stdout().lock();
+        writeln!(out, "{record}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// What went wrong, and at which step.
+fn failure(record: &mut Value, step: &str, e: &io::Error) {
+    record["ok"] = json!(false);
+    record["error"] = json!(format!("{step}: {e}"));
+    record["errno"] = json!(e.raw_os_error());
+}
+
+fn attempt(args: &ClientArgs, timeout: Duration) -> Value {
+    let started = Instant::now();
+    let mut record = json!({
+        "ok": false,
+        "error": null,
+        "errno": null,
+        "local": null,
+        "peer": null,
+        "reply": null,
+    });
+    let bind_to = args.bind.map(|ip| SocketAddr::new(ip, 0));
+    let fd = match net::tcp_socket(args.connect, bind_to) {
+        Ok(fd) => fd,
+        Err(e) => {
+            failure(&mut record, "bind", &e);
+            return finish(record, started);
+        }
+    };
+    let mut conn = match net::connect_socket(fd, args.connect, timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            failure(&mut record, "connect", &e);
+            return finish(record, started);
+        }
+    };
+    record["local"] = json!(conn.local_addr().ok().map(fmt_addr));
+    record["peer"] = json!(conn.peer_addr().ok().map(fmt_addr));
+    let mut reply = Vec::new();
+    match exchange(&mut conn, &args.send, timeout, &mut reply) {
+        Ok(()) => record["ok"] = json!(true),
+        Err((step, e)) => failure(&mut record, step, &e),
+    }
+    record["reply"] = json!(String::from_utf8_lossy(&reply));
+    finish(record, started)
+}
+
+fn finish(mut record: Value, started: Instant) -> Value {
+    record["elapsed_ms"] = json!(started.elapsed().as_millis() as u64);
+    record
+}
+
+/// Sends `text` and a newline, then reads until EOF into `reply`.
+fn exchange(
+    conn: &mut TcpStream,
+    text: &str,
+    timeout: Duration,
+    reply: &mut Vec<u8>,
+) -> Result<(), (&'static str, io::Error)> {
+    let timeout = (!timeout.is_zero()).then_some(timeout);
+    conn.set_write_timeout(timeout).map_err(|e| ("write", e))?;
+    conn.set_read_timeout(timeout).map_err(|e| ("read", e))?;
+    conn.write_all(format!("{text}\n").as_bytes())
+        .map_err(|e| ("write", e))?;
+    conn.read_to_end(reply).map_err(|e| ("read", e))?;
+    Ok(())
+}

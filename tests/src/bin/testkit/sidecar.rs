@@ -1,0 +1,208 @@
+//! The sample sidecar: a transparent TCP proxy like Envoy's virtualOutbound
+//! and virtualInbound listeners.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde_json::json;
+use weir_tests::net::{self, fmt_addr};
+
+use crate::JsonLog;
+
+/// How long an upstream connect may take.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Args, Debug)]
+pub(crate) struct SidecarArgs {
+    /// Port of the outbound listener (Envoy's virtualOutbound).
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// Port of the inbound listener (Envoy's virtualInbound).
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// Name reported in each log record.
+    #[arg(long, default_value = "sidecar")]
+    name: String,
+    /// Append one JSON record per connection to this file (default: stdout).
+    #[arg(long)]
+    pub(crate) log: Option<PathBuf>,
+    /// Create this file once every listener is listening.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Outbound,
+    Inbound,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Outbound => "outbound",
+            Kind::Inbound => "inbound",
+        }
+    }
+}
+
+pub(crate) fn run(args: SidecarArgs, log: JsonLog) -> Result<()> {
+    let ipv6 = net::ipv6_available();
+    let mut listeners = Vec::new();
+    for (kind, port) in [
+        (Kind::Outbound, args.outbound_port),
+        (Kind::Inbound, args.inbound_port),
+    ] {
+        let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+        let l = net::listen(v4, None).with_context(|| format!("listening on {v4}"))?;
+        eprintln!("sidecar {}: {} listening on {v4}", args.name, kind.as_str());
+        listeners.push((kind, port, l));
+        if ipv6 {
+            let v6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
+            match net::listen(v6, Some(true)) {
+                Ok(l) => {
+                    eprintln!("sidecar {}: {} listening on {v6}", args.name, kind.as_str());
+                    listeners.push((kind, port, l));
+                }
+                Err(e) => eprintln!("sidecar {}: no IPv6 listener on {v6}: {e}", args.name),
+            }
+        } else {
+            eprintln!("sidecar {}: IPv6 unavailable, IPv4 only", args.name);
+        }
+    }
+    crate::signal_ready(args.ready_file.as_ref())?;
+
+    let name: &'static str = args.name.leak();
+    let mut threads = Vec::new();
+    for (kind, port, listener) in listeners {
+        let log = log.clone();
+        threads.push(std::thread::spawn(move || {
+            accept_loop(listener, kind, port, name, log)
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn accept_loop(listener: TcpListener, kind: Kind, port: u16, name: &'static str, log: JsonLog) {
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                let log = log.clone();
+                std::thread::spawn(move || handle(conn, kind, port, name, &log));
+            }
+            Err(e) => {
+                eprintln!(
+                    "sidecar {name}: accept on {} port {port}: {e}",
+                    kind.as_str()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn handle(conn: TcpStream, kind: Kind, port: u16, name: &str, log: &JsonLog) {
+    let local = conn.local_addr().ok();
+    let peer = conn.peer_addr().ok();
+    let mut record = json!({
+        "sidecar": name,
+        "listener": kind.as_str(),
+        "listener_port": port,
+        "local": local.map(fmt_addr),
+        "peer": peer.map(fmt_addr),
+        "orig_dst": null,
+        "orig_dst_error": null,
+        "upstream_local": null,
+        "upstream_error": null,
+        "note": null,
+    });
+    let dst = match net::original_dst(&conn) {
+        Ok(dst) => dst,
+        Err(e) => {
+            record["orig_dst_error"] = json!(e.to_string());
+            log.write(&record);
+            return;
+        }
+    };
+    record["orig_dst"] = json!(fmt_addr(dst));
+    if local.map(net::normalize) == Some(net::normalize(dst)) {
+        // A connection to the listener itself: relaying it would connect
+        // back to this listener forever.
+        record["upstream_error"] = json!("original destination is this listener (loop)");
+        log.write(&record);
+        return;
+    }
+    let upstream = match connect_upstream(kind, dst, &mut record) {
+        Ok(s) => s,
+        Err(e) => {
+            record["upstream_error"] = json!(e.to_string());
+            log.write(&record);
+            return;
+        }
+    };
+    record["upstream_local"] = json!(upstream.local_addr().ok().map(fmt_addr));
+    log.write(&record);
+    relay(conn, upstream);
+}
+
+/// Connects to the original destination. Inbound connections come from
+/// 127.0.0.6 / ::6 like Envoy's inbound passthrough, so the capture rules
+/// recognise them and do not capture them again; when that address cannot
+/// be bound (IPv6 without `::6` on `lo`) the connection goes out unbound and
+/// the record's `note` says so.
+fn connect_upstream(
+    kind: Kind,
+    dst: SocketAddr,
+    record: &mut serde_json::Value,
+) -> io::Result<TcpStream> {
+    let dst = net::normalize(dst);
+    let fd = match kind {
+        Kind::Outbound => net::tcp_socket(dst, None)?,
+        Kind::Inbound => {
+            let src: IpAddr = match dst {
+                SocketAddr::V4(_) => Ipv4Addr::new(127, 0, 0, 6).into(),
+                SocketAddr::V6(_) => Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6).into(),
+            };
+            match net::tcp_socket(dst, Some(SocketAddr::new(src, 0))) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    record["note"] = json!(format!(
+                        "cannot bind {src} ({e}); inbound passthrough connection not bound"
+                    ));
+                    net::tcp_socket(dst, None)?
+                }
+            }
+        }
+    };
+    net::connect_socket(fd, dst, UPSTREAM_CONNECT_TIMEOUT)
+}
+
+/// Copies bytes both ways until each side's EOF, passing each EOF on with a
+/// half close. An error in either direction tears both connections down.
+fn relay(down: TcpStream, up: TcpStream) {
+    let (Ok(down2), Ok(up2)) = (down.try_clone(), up.try_clone()) else {
+        return;
+    };
+    let t = std::thread::spawn(move || pipe(down2, up2));
+    pipe(up, down);
+    let _ = t.join();
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    match io::copy(&mut from, &mut to) {
+        Ok(_) => {
+            let _ = to.shutdown(Shutdown::Write);
+        }
+        Err(_) => {
+            let _ = from.shutdown(Shutdown::Both);
+            let _ = to.shutdown(Shutdown::Both);
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Child cgroups (cgroup v2) for the processes of one test.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::unique_name;
+
+/// How long `Drop` waits for killed processes to leave a cgroup.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the cgroup v2 hierarchy is mounted, read from `/proc/self/mounts`
+/// (the first `cgroup2` entry; `/sys/fs/cgroup/unified` on hybrid systems,
+/// `/sys/fs/cgroup` on unified ones). Panics when there is none.
+pub fn cgroup2_mount() -> &'static Path {
+    static MOUNT: OnceLock<PathBuf> = OnceLock::new();
+    MOUNT.get_or_init(|| {
+        let mounts = std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_else(|e| panic!("reading /proc/self/mounts: {e}"));
+        mounts
+            .lines()
+            .find_map(|line| {
+                let mut fields = line.split_whitespace();
+                let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+                (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(target)))
+            })
+            .unwrap_or_else(|| panic!("no cgroup2 file system in /proc/self/mounts"))
+    })
+}
+
+/// Undoes the octal escapes (`\040` for a space, …) of `/proc/self/mounts`.
+fn unescape_mount_path(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4);
+        if bytes[i] == b'\\'
+            && let Some(digits) = octal
+            && digits.iter().all(|d| (b'0'..=b'7').contains(d))
+        {
+            let v = digits.iter().fold(0u32, |v, d| v * 8 + u32::from(d - b'0'));
+            out.push(v as u8);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A cgroup v2 directory created for a test, named
+/// `weir-test-<unique name>` under the cgroup2 mount (or under another
+/// `Cgroup`, see [`Cgroup::child`]).
+///
+/// Dropping it kills every process still in it or in a descendant
+/// (`cgroup.kill`, plus `SIGKILL` to each listed process), waits up to 5 s
+/// for them to leave, then removes the directories, deepest first.
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates a new cgroup directly under the cgroup2 mount. Panics when
+    /// it cannot.
+    pub fn new(prefix: &str) -> Cgroup {
+        Cgroup::create(cgroup2_mount(), prefix)
+    }
+
+    /// Creates a new cgroup nested in this one (for example a pod's cgroup
+    /// under a "kubepods" cgroup). Drop the child first; dropping the parent
+    /// removes remaining children anyway.
+    pub fn child(&self, prefix: &str) -> Cgroup {
+        Cgroup::create(&self.path, prefix)
+    }
+
+    fn create(parent: &Path, prefix: &str) -> Cgroup {
+        let path = parent.join(format!("weir-test-{}", unique_name(prefix)));
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        Cgroup { path }
+    }
+
+    /// The cgroup's directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the cgroup's directory, as programs are attached to it
+    /// (`cgroup/connect4`, `sockops`, `cgroup/getsockopt`, …).
+    pub fn open(&self) -> File {
+        File::open(&self.path)
+            .unwrap_or_else(|e| panic!("opening cgroup {}: {e}", self.path.display()))
+    }
+
+    /// The cgroup's id, as `bpf_get_current_cgroup_id()` and
+    /// `bpf_skb_cgroup_id()` return it (the inode number of its directory).
+    pub fn id(&self) -> u64 {
+        std::fs::metadata(&self.path)
+            .unwrap_or_else(|e| panic!("stat {}: {e}", self.path.display()))
+            .ino()
+    }
+
+    /// Process ids listed in this cgroup's `cgroup.procs` (not those of
+    /// descendants).
+    pub fn procs(&self) -> Vec<i32> {
+        read_procs(&self.path)
+            .unwrap_or_else(|e| panic!("reading {}/cgroup.procs: {e}", self.path.display()))
+    }
+
+    /// Moves process `pid` (all its threads) into this cgroup.
+    pub fn add(&self, pid: u32) {
+        let procs = self.path.join("cgroup.procs");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .and_then(|mut f| f.write_all(pid.to_string().as_bytes()))
+            .unwrap_or_else(|e| panic!("moving pid {pid} into {}: {e}", procs.display()));
+    }
+}
+
+fn read_procs(dir: &Path) -> std::io::Result<Vec<i32>> {
+    let text = std::fs::read_to_string(dir.join("cgroup.procs"))?;
+    Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+}
+
+/// Every cgroup directory from `dir` down, deepest first.
+fn subtree_post_order(dir: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                subtree_post_order(&entry.path(), out);
+            }
+        }
+    }
+    out.push(dir.to_path_buf());
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if !self.path.exists() {
+            return;
+        }
+        let mut dirs = Vec::new();
+        subtree_post_order(&self.path, &mut dirs);
+        // cgroup.kill (Linux 5.14+) kills the whole subtree, including
+        // processes forking right now; SIGKILL per pid covers older kernels.
+        let _ = std::fs::write(self.path.join("cgroup.kill"), b"1");
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        loop {
+            let pids: Vec<i32> = dirs
+                .iter()
+                .flat_map(|d| read_procs(d).unwrap_or_default())
+                .collect();
+            if pids.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "weir-tests: processes {pids:?} still in cgroup {} after {KILL_TIMEOUT:?}",
+                    self.path.display()
+                );
+                break;
+            }
+            for pid in pids {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for dir in dirs {
+            if let Err(e) = std::fs::remove_dir(&dir) {
+                eprintln!("weir-tests: removing cgroup {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unescapes_mount_paths() {
+        assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
+        assert_eq!(unescape_mount_path("/sys/fs/cgroup"), "/sys/fs/cgroup");
+        assert_eq!(unescape_mount_path("/x\\"), "/x\\");
+    }
+}

@@ -1,0 +1,202 @@
+//! Named network namespaces (`ip netns`) and veth pairs between them.
+
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use nix::sched::{CloneFlags, setns};
+
+use crate::{cmd, unique_name};
+
+/// Where `ip netns` keeps the bind mounts that name network namespaces.
+const NETNS_DIR: &str = "/var/run/netns";
+
+/// A named network namespace created with `ip netns add`, with `lo` up.
+///
+/// Dropping it runs `ip netns del`; the namespace itself (and the veth ends
+/// in it) goes away once no process and no open file refers to it any more.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+    path: PathBuf,
+}
+
+impl NetNs {
+    /// Creates a network namespace named [`unique_name`]`(prefix)` and brings
+    /// its loopback interface up. Panics when `ip` fails.
+    pub fn new(prefix: &str) -> NetNs {
+        let name = unique_name(prefix);
+        cmd::run("ip", &["netns", "add", &name]);
+        // The guard exists from here on, so a failure below still deletes
+        // the namespace.
+        let ns = NetNs {
+            path: Path::new(NETNS_DIR).join(&name),
+            name,
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace's name (for `ip netns exec` / `ip -n`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace's file, `/var/run/netns/NAME`: open it to `setns` or to
+    /// attach programs that take a network namespace (`sk_lookup`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the namespace file read-only. Panics when it cannot.
+    pub fn open(&self) -> File {
+        File::open(&self.path)
+            .unwrap_or_else(|e| panic!("opening netns file {}: {e}", self.path.display()))
+    }
+
+    /// The namespace's inode number, as `ip netns identify` and
+    /// `/proc/PID/ns/net` show it.
+    pub fn inode(&self) -> u64 {
+        std::fs::metadata(&self.path)
+            .unwrap_or_else(|e| panic!("stat {}: {e}", self.path.display()))
+            .ino()
+    }
+
+    /// The namespace's cookie, as `bpf_get_netns_cookie()` returns it to
+    /// programs running for sockets in this namespace (read with
+    /// `SO_NETNS_COOKIE` on a socket created inside it).
+    pub fn cookie(&self) -> u64 {
+        self.run_in(|| {
+            let sock = std::net::UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+                .unwrap_or_else(|e| panic!("creating a socket to read the netns cookie: {e}"));
+            crate::net::netns_cookie(&sock)
+                .unwrap_or_else(|e| panic!("getsockopt(SO_NETNS_COOKIE): {e}"))
+        })
+    }
+
+    /// Runs `ip netns exec NAME args…` and returns its output, whatever the
+    /// exit status (panics only when `ip` cannot be started).
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        cmd::output("ip", &full)
+    }
+
+    /// Like [`NetNs::exec`], but panics with stderr unless the command
+    /// succeeds; returns its stdout.
+    pub fn exec_ok(&self, args: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        cmd::run("ip", &full)
+    }
+
+    /// Runs `ip -n NAME args…` (for example `ns.ip(&["route", "add",
+    /// "default", "via", "198.18.0.1"])`), panicking unless it succeeds;
+    /// returns its stdout.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        cmd::run("ip", &full)
+    }
+
+    /// Runs `f` on a new thread that has joined this network namespace, and
+    /// returns its result; a panic in `f` is passed on.
+    ///
+    /// Sockets created by `f` stay in this namespace after it returns, so
+    /// this is how a test opens a listener or dials from inside a namespace
+    /// without a child process. The calling thread's namespace is never
+    /// changed (only the short-lived helper thread's).
+    pub fn run_in<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let file = self.open();
+        std::thread::scope(|s| {
+            let handle = s.spawn(move || {
+                setns(&file, CloneFlags::CLONE_NEWNET)
+                    .unwrap_or_else(|e| panic!("setns into netns {}: {e}", self.name));
+                f()
+            });
+            handle
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if !cmd::quiet("ip", &["netns", "del", &self.name]) {
+            eprintln!("weir-tests: `ip netns del {}` failed", self.name);
+        }
+    }
+}
+
+/// A veth pair made by [`veth_pair`]. Dropping it deletes the pair (if its
+/// namespace still exists; deleting a namespace deletes its veth ends too).
+#[derive(Debug)]
+pub struct Veth {
+    a_ns: String,
+    a_name: String,
+    b_name: String,
+}
+
+impl Veth {
+    /// Name of the end in the first namespace.
+    pub fn a_name(&self) -> &str {
+        &self.a_name
+    }
+
+    /// Name of the end in the second namespace.
+    pub fn b_name(&self) -> &str {
+        &self.b_name
+    }
+}
+
+impl Drop for Veth {
+    fn drop(&mut self) {
+        if Path::new(NETNS_DIR).join(&self.a_ns).exists() {
+            // Fails harmlessly when the pair is already gone.
+            cmd::quiet("ip", &["-n", &self.a_ns, "link", "del", &self.a_name]);
+        }
+    }
+}
+
+/// Creates a veth pair with unique names, one end in `a` and the other in
+/// `b`, adds the addresses (CIDR notation such as `"198.18.0.1/24"` or
+/// `"2001:2::1/64"`; IPv6 ones with `nodad` so they are usable at once) and
+/// sets both ends up.
+///
+/// Either namespace can play the pod, the node or another node: to model
+/// the host side of a pod, create a `NetNs` for "the node" and pass it as
+/// `b`. Routes are up to the caller (`NetNs::ip`). The pair is created
+/// inside `a`, never in the namespace the tests run in. Panics when `ip`
+/// fails.
+pub fn veth_pair(a: &NetNs, a_addrs: &[&str], b: &NetNs, b_addrs: &[&str]) -> Veth {
+    let veth = Veth {
+        a_ns: a.name().to_owned(),
+        a_name: unique_name("va"),
+        b_name: unique_name("vb"),
+    };
+    a.ip(&[
+        "link",
+        "add",
+        &veth.a_name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &veth.b_name,
+        "netns",
+        b.name(),
+    ]);
+    for (ns, dev, addrs) in [(a, &veth.a_name, a_addrs), (b, &veth.b_name, b_addrs)] {
+        for &addr in addrs {
+            let mut args = vec!["addr", "add", addr, "dev", dev.as_str()];
+            if addr.contains(':') {
+                args.push("nodad");
+            }
+            ns.ip(&args);
+        }
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    veth
+}

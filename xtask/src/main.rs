@@ -1,0 +1,222 @@
+//! weir's build and CI tasks, run as `cargo xtask <command>` (an alias in
+//! `.cargo/config.toml`).
+//!
+//! The kernel programs need a different compiler setup from the rest of the
+//! workspace (see [`toolchain`]), so plain `cargo build` cannot build weir on
+//! its own; these commands put the two builds together, and `test` is what
+//! CI runs (`.ci/run`).
+
+mod build;
+mod cmd;
+mod host;
+mod test;
+mod toolchain;
+
+use std::ffi::OsString;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, ExitStatus};
+
+use anyhow::{Context, Result, ensure};
+use clap::{Parser, Subcommand};
+
+use crate::build::Profile;
+use crate::cmd::Cmd;
+
+#[derive(Debug, Parser)]
+#[command(
+    bin_name = "cargo xtask",
+    about = "Build, test and run weir (eBPF replacement for Istio's iptables capture)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Find or install the eBPF compiler, bpf-linker and the test tools
+    /// (ip, bpftool, iptables).
+    ///
+    /// The eBPF compiler is the first of: $WEIR_BPF_RUSTC; rustup nightly
+    /// with rust-src; /usr/bin/rustc with a bpfel-unknown-none core library;
+    /// Debian's rustc-web and libstd-rust-web-dev-bpf, installed with apt-get.
+    Setup,
+    /// Build the kernel object into target/ebpf/bpfel-unknown-none/release/weir-ebpf.
+    BuildEbpf,
+    /// Build the kernel object, then the agent (`weir`) and the test tools
+    /// with the object embedded.
+    Build {
+        /// Build the userspace binaries without --release (the kernel object
+        /// is always a release build).
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Run the CI suite: setup, fmt, build-ebpf, clippy, unit tests, kernel
+    /// tests.
+    ///
+    /// The kernel tests run as WEIR_REQUIRE_KERNEL_TESTS=1: they fail rather
+    /// than skip when they cannot load programs (not root, no BPF).
+    Test {
+        /// Only setup, build-ebpf and the kernel tests.
+        #[arg(long, conflicts_with = "unit_only")]
+        kernel_only: bool,
+        /// Everything but the kernel tests.
+        #[arg(long)]
+        unit_only: bool,
+        /// Arguments for the test binaries, e.g. a test name filter.
+        #[arg(last = true, value_name = "TEST_ARGS")]
+        test_args: Vec<String>,
+    },
+    /// Build, then run `weir-testkit demo` with WEIR_BIN set.
+    Run {
+        /// Arguments for `weir-testkit demo`.
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<OsString>,
+    },
+    /// Run clippy on the host crates (builds the kernel object first, which
+    /// the agent embeds).
+    Clippy,
+    /// Format the whole workspace (cargo fmt --all).
+    Fmt,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            // Printed by hand rather than with `{:?}`: anyhow's Debug adds a
+            // backtrace whenever RUST_BACKTRACE is set, which buries the
+            // message in CI logs.
+            eprintln!("\nerror: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    let root = workspace_root();
+    match command {
+        Command::Setup => {
+            toolchain::setup()?;
+        }
+        Command::BuildEbpf => {
+            build_ebpf(&root)?;
+        }
+        Command::Build { debug } => {
+            let profile = if debug {
+                Profile::Debug
+            } else {
+                Profile::Release
+            };
+            build_all(&root, profile)?;
+        }
+        Command::Test {
+            kernel_only,
+            unit_only,
+            test_args,
+        } => {
+            let options = test::Options {
+                kernel_only,
+                unit_only,
+                test_args,
+            };
+            test::run(&root, &options)?;
+        }
+        Command::Run { args } => return run_demo(&root, &args),
+        Command::Clippy => {
+            let object = build_ebpf(&root)?;
+            test::clippy(&root, &object)?;
+        }
+        Command::Fmt => test::fmt(&root)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The workspace root: xtask lives in `<root>/xtask`.
+fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+fn build_ebpf(root: &Path) -> Result<PathBuf> {
+    let toolchain = toolchain::setup()?;
+    build::build_ebpf(root, &toolchain)
+}
+
+fn build_all(root: &Path, profile: Profile) -> Result<PathBuf> {
+    let object = build_ebpf(root)?;
+    build::build_userspace(root, &object, profile)?;
+    Ok(build::host_target_dir(root).join(profile.dir_name()))
+}
+
+/// Runs the demo and hands its exit code back to our caller.
+fn run_demo(root: &Path, args: &[OsString]) -> Result<ExitCode> {
+    let bin_dir = build_all(root, Profile::Release)?;
+    let testkit = bin_dir.join("weir-testkit");
+    ensure!(
+        testkit.is_file(),
+        "{} does not exist: the weir-tests package has no `weir-testkit` binary yet",
+        testkit.display()
+    );
+    let status = Cmd::new(&testkit)
+        .arg("demo")
+        .args(args)
+        .env("WEIR_BIN", bin_dir.join("weir"))
+        .dir(root)
+        .status()
+        .context("running the demo")?;
+    Ok(exit_code(status))
+}
+
+/// The exit code a shell would report for `status`: the child's own code,
+/// or 128 + the signal that killed it.
+fn exit_code(status: ExitStatus) -> ExitCode {
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|signal| 128 + signal))
+        .unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_args_follow_a_double_dash() {
+        let cli =
+            Cli::try_parse_from(["xtask", "test", "--kernel-only", "--", "sk_lookup"]).unwrap();
+        let Command::Test {
+            kernel_only,
+            test_args,
+            ..
+        } = cli.command
+        else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert!(kernel_only);
+        assert_eq!(test_args, ["sk_lookup"]);
+    }
+
+    #[test]
+    fn kernel_only_and_unit_only_conflict() {
+        assert!(Cli::try_parse_from(["xtask", "test", "--kernel-only", "--unit-only"]).is_err());
+    }
+
+    #[test]
+    fn root_holds_the_workspace_manifest() {
+        assert!(workspace_root().join("Cargo.toml").is_file());
+        assert!(workspace_root().join("xtask").is_dir());
+    }
+}
