@@ -685,6 +685,18 @@ pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     };
     let t = KernelTables { cookie };
+    // Connections made inside the pod itself (from 127.0.0.0/8, ::1, ::6 or
+    // the pod's own addresses) never pass iptables' PREROUTING either; they
+    // are the outbound rules' business. `ingress_ifindex` cannot tell: for
+    // local traffic to the pod IP it names the device holding that IP.
+    let remote: Addr = if family == AF_INET {
+        v4_mapped(l.remote_ip4)
+    } else {
+        read_words(&l.remote_ip6)
+    };
+    if is_loopback_route(&remote, &t) {
+        return sk_action::SK_PASS;
+    }
     let verdict = decide_inbound(&policy, l.local_port as u16, &t);
     if !verdict.captured() {
         bump_pod(cookie, |c| c.inbound_bypass += 1);

@@ -132,9 +132,11 @@ fn handle(conn: TcpStream, kind: Kind, port: u16, name: &str, log: &JsonLog) {
         }
     };
     record["orig_dst"] = json!(fmt_addr(dst));
-    if local.map(net::normalize) == Some(net::normalize(dst)) {
-        // A connection to the listener itself: relaying it would connect
-        // back to this listener forever.
+    if net::normalize(dst).port() == port {
+        // A connection to the proxy port itself (like Envoy's BlackHole for
+        // traffic to its own listeners): relaying it would loop. With
+        // sk_lookup steering, the local address *is* the original
+        // destination, so only the port tells a loop apart.
         record["upstream_error"] = json!("original destination is this listener (loop)");
         log.write(&record);
         return;
