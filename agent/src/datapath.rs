@@ -173,7 +173,7 @@ impl Datapath {
             .map(|n| (*n, pins.maps().join(n)))
             .collect();
         for (name, path) in &map_paths {
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         loader
             .map_max_entries("POD_POLICY", caps.pods)

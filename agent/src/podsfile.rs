@@ -88,14 +88,6 @@ pub struct PodsFile {
 /// Errors that make the whole file unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum PodsFileError {
-    /// The file cannot be read.
-    #[error("pods file {path}: cannot read it: {source}; check --pods-file")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
     /// The file is not the expected YAML.
     #[error("pods file {path}: {source}; expected a mapping with a `pods:` list")]
     Yaml {
@@ -104,15 +96,6 @@ pub enum PodsFileError {
         /// The cause.
         source: serde_yaml_ng::Error,
     },
-}
-
-/// Reads and validates a pods file.
-pub fn load(path: &Path) -> Result<PodsFile, PodsFileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PodsFileError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse(path, &text)
 }
 
 /// Parses pods-file text (`path` is only used in messages).

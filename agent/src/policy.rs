@@ -505,18 +505,21 @@ impl PodRules {
         }
     }
 
-    /// In-memory tables for [`decide_outbound`]/[`decide_inbound`] (used by
-    /// `weir explain` and tests).
+    /// In-memory tables for [`decide_outbound`]/[`decide_inbound`].
+    #[cfg(test)]
     pub fn tables(&self) -> UserTables<'_> {
         UserTables { rules: self }
     }
 }
 
-/// [`PodTables`] over a [`PodRules`].
+/// [`PodTables`] over a [`PodRules`] (checks the rules agree with the
+/// shared decision functions without a kernel).
+#[cfg(test)]
 pub struct UserTables<'a> {
     rules: &'a PodRules,
 }
 
+#[cfg(test)]
 impl PodTables for UserTables<'_> {
     fn has_port(&self, kind: u16, port: u16) -> bool {
         let set = match kind {

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use log::{info, warn};
@@ -102,6 +102,7 @@ impl Reconciler {
     }
 
     fn apply_one(&mut self, key: &str, spec: &PodSpec) -> Result<()> {
+        let spec = &with_discovered_addrs(spec);
         let cookie = match sys::netns_cookie_of_path(&spec.netns) {
             Ok(c) => c,
             Err(e) => {
@@ -175,11 +176,17 @@ impl Reconciler {
             info!("pod {key}: removed (netns cookie {})", p.cookie);
         }
     }
+}
 
-    /// Netns paths of the enrolled pods.
-    pub fn netns_paths(&self) -> Vec<PathBuf> {
-        self.pods.values().map(|p| p.spec.netns.clone()).collect()
+/// The spec with every address found in the pod's netns added to its
+/// rules (the pods file or the API may list only the primary IPs).
+fn with_discovered_addrs(spec: &PodSpec) -> PodSpec {
+    let mut spec = spec.clone();
+    match crate::netlink::list_addrs(&spec.netns) {
+        Ok(found) => spec.rules.addrs.extend(found),
+        Err(e) => warn!("netns {}: {e:#}", spec.netns.display()),
     }
+    spec
 }
 
 /// What istio-init does to the pod's network besides iptables: an IPv6 pod

@@ -26,6 +26,7 @@ mod cgroup;
 mod cmd;
 pub mod net;
 mod netns;
+pub mod node;
 mod proc;
 mod tempdir;
 

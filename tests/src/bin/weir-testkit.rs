@@ -31,6 +31,8 @@ mod client;
 mod echo;
 #[path = "testkit/sidecar.rs"]
 mod sidecar;
+#[path = "testkit/sockopt.rs"]
+mod sockopt;
 #[path = "testkit/validate.rs"]
 mod validate;
 
@@ -74,6 +76,9 @@ enum Command {
     /// --server-uid/--client-uid instead of --uid, as it runs its own binary
     /// again for the client.
     Validate(validate::ValidateArgs),
+    /// Checks that getsockopt calls other than SO_ORIGINAL_DST behave as
+    /// without weir (prints one JSON line, exit 0 iff all checks pass).
+    SockoptCheck,
     /// Internal: the client half of `validate`.
     #[command(hide = true)]
     ValidateClient(validate::ValidateClientArgs),
@@ -94,6 +99,7 @@ fn main() -> Result<()> {
         Command::Client(args) => client::run(args),
         Command::Validate(args) => validate::run(args),
         Command::ValidateClient(args) => validate::run_client(args),
+        Command::SockoptCheck => sockopt::run(),
     }
 }
 
