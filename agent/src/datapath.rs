@@ -39,6 +39,7 @@ pub const MAP_NAMES: &[&str] = &[
     "PROXY_IDS",
     "CIDR_EXCLUDE",
     "CIDR_INCLUDE",
+    "CIDR_DNS",
     "LISTENERS",
     "LISTEN_PORTS",
     "PENDING_FLOWS",
@@ -139,6 +140,7 @@ pub struct Datapath {
     proxy_ids: HashMap<MapData, IdKey, u32>,
     cidr_exclude: LpmTrie<MapData, CidrData, u32>,
     cidr_include: LpmTrie<MapData, CidrData, u32>,
+    cidr_dns: LpmTrie<MapData, CidrData, u32>,
     listen_ports: HashMap<MapData, u16, u32>,
     pod_counters: PerCpuHashMap<MapData, u64, PodCounters>,
     node_counters: PerCpuArray<MapData, NodeCounters>,
@@ -221,6 +223,7 @@ impl Datapath {
             proxy_ids: take(&mut ebpf, "PROXY_IDS")?,
             cidr_exclude: take(&mut ebpf, "CIDR_EXCLUDE")?,
             cidr_include: take(&mut ebpf, "CIDR_INCLUDE")?,
+            cidr_dns: take(&mut ebpf, "CIDR_DNS")?,
             listen_ports: take(&mut ebpf, "LISTEN_PORTS")?,
             pod_counters: take(&mut ebpf, "POD_COUNTERS")?,
             node_counters: take(&mut ebpf, "NODE_COUNTERS")?,
@@ -412,6 +415,9 @@ impl Datapath {
         for e in old.include.iter().filter(|e| !new.include.contains(e)) {
             let _ = self.cidr_include.remove(&Key::new(e.0, e.1));
         }
+        for e in old.dns.iter().filter(|e| !new.dns.contains(e)) {
+            let _ = self.cidr_dns.remove(&Key::new(e.0, e.1));
+        }
         for a in old.addrs.iter().filter(|a| !new.addrs.contains(a)) {
             // Only if the address still points at this pod (it may have
             // moved to a new pod already).
@@ -458,6 +464,12 @@ impl Datapath {
             .filter_map(|k| k.ok())
             .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
             .collect();
+        let dns: Vec<Key<CidrData>> = self
+            .cidr_dns
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
+            .collect();
         let addrs: Vec<Addr> = self
             .pod_addrs
             .iter()
@@ -477,6 +489,9 @@ impl Datapath {
         }
         for k in &inc {
             let _ = self.cidr_include.remove(k);
+        }
+        for k in &dns {
+            let _ = self.cidr_dns.remove(k);
         }
         for a in &addrs {
             let _ = self.pod_addrs.remove(a);
@@ -551,6 +566,8 @@ pub fn sum_pod<'a>(it: impl Iterator<Item = &'a PodCounters>) -> PodCounters {
         o.orig_dst_answered += c.orig_dst_answered;
         o.orig_dst_missed += c.orig_dst_missed;
         o.source_bind_failed += c.source_bind_failed;
+        o.dns_captured += c.dns_captured;
+        o.bypass_owner_group += c.bypass_owner_group;
     }
     o
 }

@@ -147,6 +147,7 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
             ("localhost", c.bypass_localhost),
             ("excluded_cidr", c.bypass_excluded_cidr),
             ("not_included", c.bypass_not_included),
+            ("owner_group", c.bypass_owner_group),
         ] {
             bypassed
                 .with_label_values(&[ns, name, "outbound", reason])

@@ -122,6 +122,30 @@ pub mod keys {
     pub const OUTBOUND_PORT: &str = "weir.dev/outbound-port";
     /// weir: inbound capture port, replacing the mesh default.
     pub const INBOUND_PORT: &str = "weir.dev/inbound-port";
+    /// Istio's per-pod ProxyConfig; weir reads
+    /// `proxyMetadata.ISTIO_META_DNS_CAPTURE` from it.
+    pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
+    /// weir: DNS capture on/off (overrides the ProxyConfig).
+    pub const DNS_CAPTURE: &str = "weir.dev/dns-capture";
+    /// weir: the pod's resolvers whose port 53 is captured, or `*` (the
+    /// default, like istio-cni's "capture all DNS").
+    pub const DNS_SERVERS: &str = "weir.dev/dns-servers";
+    /// weir: `ISTIO_OUTBOUND_OWNER_GROUPS` (numeric GIDs, or `*`).
+    pub const OWNER_GROUPS: &str = "weir.dev/outbound-owner-groups";
+    /// weir: `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE` (numeric GIDs).
+    pub const OWNER_GROUPS_EXCLUDE: &str = "weir.dev/outbound-owner-groups-exclude";
+    /// Linkerd: inbound ports (and ranges) not captured.
+    pub const LINKERD_SKIP_INBOUND: &str = "config.linkerd.io/skip-inbound-ports";
+    /// Linkerd: outbound ports (and ranges) not captured.
+    pub const LINKERD_SKIP_OUTBOUND: &str = "config.linkerd.io/skip-outbound-ports";
+    /// Linkerd: outbound CIDRs not captured.
+    pub const LINKERD_SKIP_SUBNETS: &str = "config.linkerd.io/skip-subnets";
+    /// Kuma: inbound ports (and ranges) not captured.
+    pub const KUMA_EXCLUDE_INBOUND: &str = "traffic.kuma.io/exclude-inbound-ports";
+    /// Kuma: outbound ports (and ranges) not captured.
+    pub const KUMA_EXCLUDE_OUTBOUND: &str = "traffic.kuma.io/exclude-outbound-ports";
+    /// Kuma: outbound CIDRs not captured.
+    pub const KUMA_EXCLUDE_OUTBOUND_IPS: &str = "traffic.kuma.io/exclude-outbound-ips";
 }
 
 /// A bad annotation value: names the annotation, the bad item and the fix.
@@ -164,6 +188,10 @@ pub struct PodRules {
     pub addrs: BTreeSet<IpAddr>,
     /// The capture ports of this pod (proxy listeners weir records).
     pub listen_ports: BTreeSet<u16>,
+    /// DNS servers whose port 53 is captured (DNS capture without `*`).
+    pub dns_servers: BTreeSet<IpAddr>,
+    /// GIDs of the owner-group filter (see `POLICY_OWNER_GROUPS_*`).
+    pub owner_groups: BTreeSet<u32>,
 }
 
 fn items(value: &str) -> impl Iterator<Item = &str> {
@@ -214,27 +242,91 @@ fn parse_ports(
         .map(Some)
 }
 
-/// Parses a CIDR list (bare addresses are /32 or /128); `Ok(None)` for `*`.
+/// Parses a CIDR list; `Ok(None)` for `*`. As in Istio (whose injector
+/// validates these annotations with a prefix parser), every item must have
+/// a prefix length: a bare address is refused rather than guessed.
 fn parse_cidrs(key: &str, value: &str) -> Result<Option<BTreeSet<IpNet>>, AnnotationError> {
     if value.trim() == "*" {
         return Ok(None);
     }
     items(value)
         .map(|i| {
-            i.parse::<IpNet>()
-                .map(|n| n.trunc())
-                .or_else(|_| i.parse::<IpAddr>().map(IpNet::from))
-                .map_err(|_| {
-                    err(
-                        key,
-                        value,
-                        format!("{i:?} is not a CIDR or IP address"),
-                        "use a comma-separated list like 10.0.0.0/8,fd00::/8, or \"*\"",
-                    )
-                })
+            i.parse::<IpNet>().map(|n| n.trunc()).map_err(|_| {
+                let hint = if i.parse::<IpAddr>().is_ok() {
+                    "add the prefix length, e.g. 10.1.2.3/32 or fd00::1/128"
+                } else {
+                    "use a comma-separated list like 10.0.0.0/8,fd00::/8, or \"*\""
+                };
+                err(key, value, format!("{i:?} is not a CIDR"), hint)
+            })
         })
         .collect::<Result<BTreeSet<_>, _>>()
         .map(Some)
+}
+
+/// Parses a port list that may hold ranges (`4000-4100`), as Linkerd's and
+/// Kuma's annotations do.
+fn parse_port_ranges(key: &str, value: &str) -> Result<BTreeSet<u16>, AnnotationError> {
+    let mut out = BTreeSet::new();
+    for i in items(value) {
+        match i.split_once('-') {
+            Some((a, b)) => {
+                let lo = parse_port(key, value, a.trim())?;
+                let hi = parse_port(key, value, b.trim())?;
+                if lo > hi {
+                    return Err(err(
+                        key,
+                        value,
+                        format!("range {i:?} ends before it starts"),
+                        "write ranges low-high, e.g. 4000-4100",
+                    ));
+                }
+                out.extend(lo..=hi);
+            }
+            None => {
+                out.insert(parse_port(key, value, i)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `proxyMetadata.ISTIO_META_DNS_CAPTURE` from Istio's per-pod proxy
+/// config (`proxy.istio.io/config`, YAML or JSON).
+fn istio_dns_capture(value: &str) -> Result<Option<bool>, AnnotationError> {
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(value).map_err(|e| {
+        err(
+            keys::PROXY_CONFIG,
+            value,
+            format!("not YAML: {e}"),
+            "write a ProxyConfig in YAML or JSON",
+        )
+    })?;
+    let Some(flag) = v
+        .get("proxyMetadata")
+        .and_then(|m| m.get("ISTIO_META_DNS_CAPTURE"))
+    else {
+        return Ok(None);
+    };
+    let text = match flag {
+        serde_yaml_ng::Value::Bool(b) => return Ok(Some(*b)),
+        serde_yaml_ng::Value::String(s) => s.as_str(),
+        _ => "",
+    };
+    parse_bool(keys::PROXY_CONFIG, value, text).map(Some)
+}
+
+fn parse_bool(key: &str, value: &str, item: &str) -> Result<bool, AnnotationError> {
+    match item.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" | "" => Ok(false),
+        other => Err(err(
+            key,
+            value,
+            format!("{other:?} is not a boolean"),
+            "use \"true\" or \"false\"",
+        )),
+    }
 }
 
 fn parse_ids(key: &str, value: &str) -> Result<Vec<u32>, AnnotationError> {
@@ -325,18 +417,18 @@ pub fn pod_rules(
         Some(set) => r.include_cidrs = set,
     }
     if let Some(v) = get(keys::EXCLUDE_OUTBOUND_IP_RANGES) {
-        r.exclude_cidrs = parse_cidrs(keys::EXCLUDE_OUTBOUND_IP_RANGES, v)?.unwrap_or_else(|| {
-            // "*" excludes everything.
-            ["0.0.0.0/0", "::/0"]
-                .iter()
-                .map(|s| s.parse().expect("static CIDR"))
-                .collect()
-        });
+        r.exclude_cidrs = parse_cidrs(keys::EXCLUDE_OUTBOUND_IP_RANGES, v)?.ok_or_else(|| {
+            err(
+                keys::EXCLUDE_OUTBOUND_IP_RANGES,
+                v,
+                "\"*\" is not allowed here (istio-iptables refuses it too)".into(),
+                "to capture nothing outbound, set includeOutboundIPRanges to \"\"",
+            )
+        })?;
     }
-    if r.include_cidrs.iter().any(|n| match n {
-        IpNet::V4(n) => n.contains(&std::net::Ipv4Addr::LOCALHOST) || n.network().is_loopback(),
-        IpNet::V6(n) => n.contains(&std::net::Ipv6Addr::LOCALHOST),
-    }) {
+    // istio-iptables skips its "other processes on lo: RETURN" rule when an
+    // include range's own address is a loopback address.
+    if r.include_cidrs.iter().any(|n| n.network().is_loopback()) {
         p.flags |= POLICY_INCLUDE_HAS_LOOPBACK;
     }
 
@@ -373,6 +465,90 @@ pub fn pod_rules(
     // A connection to the inbound port itself would be steered to the very
     // same listener: excluding it only saves a lookup.
     r.in_exclude_ports.insert(p.inbound_port);
+
+    // The other meshes' own annotations.
+    match mesh {
+        Mesh::Istio => {}
+        Mesh::Linkerd => {
+            // linkerd proxy-init: the proxy's UID and everything on lo are
+            // never captured; no "proxy to own pod" rule.
+            p.flags |= POLICY_LOOPBACK_SIMPLE;
+            if let Some(v) = get(keys::LINKERD_SKIP_INBOUND) {
+                r.in_exclude_ports
+                    .extend(parse_port_ranges(keys::LINKERD_SKIP_INBOUND, v)?);
+            }
+            if let Some(v) = get(keys::LINKERD_SKIP_OUTBOUND) {
+                r.out_exclude_ports
+                    .extend(parse_port_ranges(keys::LINKERD_SKIP_OUTBOUND, v)?);
+            }
+            if let Some(v) = get(keys::LINKERD_SKIP_SUBNETS) {
+                r.exclude_cidrs
+                    .extend(parse_cidrs(keys::LINKERD_SKIP_SUBNETS, v)?.unwrap_or_default());
+            }
+        }
+        Mesh::Kuma => {
+            if let Some(v) = get(keys::KUMA_EXCLUDE_INBOUND) {
+                r.in_exclude_ports
+                    .extend(parse_port_ranges(keys::KUMA_EXCLUDE_INBOUND, v)?);
+            }
+            if let Some(v) = get(keys::KUMA_EXCLUDE_OUTBOUND) {
+                r.out_exclude_ports
+                    .extend(parse_port_ranges(keys::KUMA_EXCLUDE_OUTBOUND, v)?);
+            }
+            if let Some(v) = get(keys::KUMA_EXCLUDE_OUTBOUND_IPS) {
+                r.exclude_cidrs
+                    .extend(parse_cidrs(keys::KUMA_EXCLUDE_OUTBOUND_IPS, v)?.unwrap_or_default());
+            }
+        }
+    }
+
+    // DNS capture: Istio's ISTIO_META_DNS_CAPTURE, or weir's switch.
+    let mut dns = match get(keys::PROXY_CONFIG) {
+        Some(v) => istio_dns_capture(v)?.unwrap_or(false),
+        None => false,
+    };
+    if let Some(v) = get(keys::DNS_CAPTURE) {
+        dns = parse_bool(keys::DNS_CAPTURE, v, v)?;
+    }
+    if dns && p.dns_port != 0 {
+        p.flags |= POLICY_CAPTURE_DNS;
+        r.listen_ports.insert(p.dns_port);
+        match get(keys::DNS_SERVERS).map(str::trim) {
+            None | Some("*") => p.flags |= POLICY_DNS_ALL_SERVERS,
+            Some(v) => {
+                for i in items(v) {
+                    let ip = i.parse::<IpAddr>().map_err(|_| {
+                        err(
+                            keys::DNS_SERVERS,
+                            v,
+                            format!("{i:?} is not an IP address"),
+                            "list the pod's resolvers (as in its /etc/resolv.conf), or \"*\"",
+                        )
+                    })?;
+                    r.dns_servers.insert(ip);
+                }
+            }
+        }
+    }
+
+    // Owner groups (ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]): "*" with
+    // exclusions, or an include list ("" includes nobody, as in Istio).
+    let include_groups = get(keys::OWNER_GROUPS).unwrap_or("*");
+    if include_groups.trim() == "*" {
+        if let Some(v) = get(keys::OWNER_GROUPS_EXCLUDE) {
+            r.owner_groups = parse_ids(keys::OWNER_GROUPS_EXCLUDE, v)?
+                .into_iter()
+                .collect();
+            if !r.owner_groups.is_empty() {
+                p.flags |= POLICY_OWNER_GROUPS_EXCEPT;
+            }
+        }
+    } else {
+        r.owner_groups = parse_ids(keys::OWNER_GROUPS, include_groups)?
+            .into_iter()
+            .collect();
+        p.flags |= POLICY_OWNER_GROUPS_ONLY;
+    }
 
     if capture {
         p.flags |= POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND;
@@ -446,6 +622,8 @@ pub struct PodEntries {
     pub exclude: Vec<(u32, CidrData)>,
     /// `CIDR_INCLUDE` keys.
     pub include: Vec<(u32, CidrData)>,
+    /// `CIDR_DNS` keys.
+    pub dns: Vec<(u32, CidrData)>,
     /// `POD_ADDRS` keys.
     pub addrs: Vec<Addr>,
 }
@@ -488,6 +666,7 @@ impl PodRules {
         let mut ids = BTreeSet::new();
         ids.extend(self.uids.iter().map(|u| id(IDKEY_UID, *u)));
         ids.extend(self.gids.iter().map(|g| id(IDKEY_GID, *g)));
+        ids.extend(self.owner_groups.iter().map(|g| id(IDKEY_OWNER_GROUP, *g)));
         PodEntries {
             ports,
             ids,
@@ -500,6 +679,11 @@ impl PodRules {
                 .include_cidrs
                 .iter()
                 .map(|n| cidr_key(cookie, n))
+                .collect(),
+            dns: self
+                .dns_servers
+                .iter()
+                .map(|ip| cidr_key(cookie, &IpNet::from(*ip)))
                 .collect(),
             addrs: self.addrs.iter().map(|a| addr_of(*a)).collect(),
         }
@@ -535,6 +719,7 @@ impl PodTables for UserTables<'_> {
         match kind {
             IDKEY_UID => self.rules.uids.contains(&id),
             IDKEY_GID => self.rules.gids.contains(&id),
+            IDKEY_OWNER_GROUP => self.rules.owner_groups.contains(&id),
             _ => false,
         }
     }
@@ -543,6 +728,7 @@ impl PodTables for UserTables<'_> {
         let set = match list {
             CidrList::OutboundExclude => &self.rules.exclude_cidrs,
             CidrList::OutboundInclude => &self.rules.include_cidrs,
+            CidrList::DnsServers => return self.rules.dns_servers.contains(&ip),
         };
         set.iter().any(|n| n.contains(&ip))
     }
@@ -591,7 +777,7 @@ mod tests {
                 (keys::EXCLUDE_OUTBOUND_PORTS, " 3306, ,5432,"),
                 (
                     keys::INCLUDE_OUTBOUND_IP_RANGES,
-                    "10.0.0.0/8, 198.18.0.7 ,fd00::/8",
+                    "10.0.0.0/8, 198.18.0.7/32 ,fd00::/8,",
                 ),
                 (keys::EXCLUDE_OUTBOUND_IP_RANGES, ""),
                 (keys::INCLUDE_INBOUND_PORTS, "8080,9090"),
@@ -712,11 +898,151 @@ mod tests {
             src: [0; 4],
             uid: 1000,
             gid: 1000,
+            udp: false,
         };
         assert_eq!(
             decide_outbound(&r.policy, &q, &t),
             Verdict::BypassExcludedCidr
         );
+    }
+
+    #[test]
+    fn istio_cidr_rules_are_exact() {
+        let e = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::EXCLUDE_OUTBOUND_IP_RANGES, "10.1.2.3")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("add the prefix length"), "{e}");
+        let e = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::EXCLUDE_OUTBOUND_IP_RANGES, "*")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not allowed"), "{e}");
+        // 0.0.0.0/0 contains 127.0.0.1 but is not a loopback range.
+        let r = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::INCLUDE_OUTBOUND_IP_RANGES, "0.0.0.0/0")]),
+        )
+        .unwrap();
+        assert_eq!(r.policy.flags & POLICY_INCLUDE_HAS_LOOPBACK, 0);
+        // Non-canonical prefixes are truncated like iptables does.
+        let r = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::INCLUDE_OUTBOUND_IP_RANGES, "10.1.2.3/8")]),
+        )
+        .unwrap();
+        assert!(r.include_cidrs.contains(&"10.0.0.0/8".parse().unwrap()));
+    }
+
+    #[test]
+    fn dns_capture_from_proxy_config_and_switch() {
+        let r = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(
+                keys::PROXY_CONFIG,
+                "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
+            )]),
+        )
+        .unwrap();
+        assert_ne!(r.policy.flags & POLICY_CAPTURE_DNS, 0);
+        assert_ne!(r.policy.flags & POLICY_DNS_ALL_SERVERS, 0);
+        assert!(r.listen_ports.contains(&15053));
+        let r = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[
+                (keys::DNS_CAPTURE, "true"),
+                (keys::DNS_SERVERS, "10.96.0.10, fd00::a"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(r.policy.flags & POLICY_DNS_ALL_SERVERS, 0);
+        assert_eq!(r.dns_servers.len(), 2);
+        assert_eq!(r.entries(7).dns.len(), 2);
+        let e = pod_rules(Mesh::Istio, &[], &ann(&[(keys::DNS_CAPTURE, "maybe")])).unwrap_err();
+        assert!(e.to_string().contains("not a boolean"), "{e}");
+        let e = pod_rules(Mesh::Istio, &[], &ann(&[(keys::PROXY_CONFIG, "a: [")])).unwrap_err();
+        assert_eq!(e.key, keys::PROXY_CONFIG);
+    }
+
+    #[test]
+    fn owner_groups_follow_istio() {
+        let r = pod_rules(Mesh::Istio, &[], &BTreeMap::new()).unwrap();
+        assert_eq!(
+            r.policy.flags & (POLICY_OWNER_GROUPS_ONLY | POLICY_OWNER_GROUPS_EXCEPT),
+            0
+        );
+        let r = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::OWNER_GROUPS_EXCLUDE, "3000,3001")]),
+        )
+        .unwrap();
+        assert_ne!(r.policy.flags & POLICY_OWNER_GROUPS_EXCEPT, 0);
+        assert_eq!(r.owner_groups.len(), 2);
+        let r = pod_rules(Mesh::Istio, &[], &ann(&[(keys::OWNER_GROUPS, "")])).unwrap();
+        assert_ne!(r.policy.flags & POLICY_OWNER_GROUPS_ONLY, 0);
+        assert!(
+            r.owner_groups.is_empty(),
+            "empty include list captures nobody"
+        );
+        let e = pod_rules(Mesh::Istio, &[], &ann(&[(keys::OWNER_GROUPS, "wheel")])).unwrap_err();
+        assert!(e.to_string().contains("numeric"), "{e}");
+    }
+
+    #[test]
+    fn linkerd_and_kuma_annotations() {
+        let r = pod_rules(
+            Mesh::Linkerd,
+            &[],
+            &ann(&[
+                (keys::LINKERD_SKIP_OUTBOUND, "3306,5000-5002"),
+                (keys::LINKERD_SKIP_INBOUND, "9000"),
+                (keys::LINKERD_SKIP_SUBNETS, "10.0.0.0/8"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            r.out_exclude_ports,
+            [3306, 5000, 5001, 5002].into_iter().collect()
+        );
+        assert!(r.in_exclude_ports.contains(&9000));
+        assert!(r.exclude_cidrs.contains(&"10.0.0.0/8".parse().unwrap()));
+        assert_ne!(r.policy.flags & POLICY_LOOPBACK_SIMPLE, 0);
+        let e = pod_rules(
+            Mesh::Linkerd,
+            &[],
+            &ann(&[(keys::LINKERD_SKIP_OUTBOUND, "9-3")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("ends before it starts"), "{e}");
+        let r = pod_rules(
+            Mesh::Kuma,
+            &[],
+            &ann(&[
+                (keys::KUMA_EXCLUDE_OUTBOUND, "1-3"),
+                (keys::KUMA_EXCLUDE_INBOUND, "8081"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(r.out_exclude_ports.len(), 3);
+        assert!(r.in_exclude_ports.contains(&8081));
+        assert_eq!(r.uids, vec![5678]);
+        // Istio annotations are not read for other meshes' own lists.
+        let r = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::KUMA_EXCLUDE_OUTBOUND, "1-3")]),
+        )
+        .unwrap();
+        assert!(r.out_exclude_ports.is_empty());
     }
 
     #[test]

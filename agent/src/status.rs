@@ -62,6 +62,8 @@ pub struct Counters {
     pub fail_closed: u64,
     /// SO_ORIGINAL_DST answered.
     pub orig_dst_answered: u64,
+    /// DNS queries sent to the DNS port.
+    pub dns_captured: u64,
 }
 
 /// The whole status.
@@ -141,10 +143,12 @@ pub fn read(bpffs: &Path) -> Result<Status> {
                     + c.bypass_proxy
                     + c.bypass_localhost
                     + c.bypass_excluded_cidr
-                    + c.bypass_not_included,
+                    + c.bypass_not_included
+                    + c.bypass_owner_group,
                 inbound_bypassed: c.inbound_bypass,
                 fail_closed: c.inbound_fail_closed + c.outbound_fail_closed,
                 orig_dst_answered: c.orig_dst_answered,
+                dns_captured: c.dns_captured,
             },
         });
     }

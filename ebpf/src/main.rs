@@ -30,6 +30,7 @@ use weir_common::*;
 use crate::tables::*;
 
 const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 const SOL_IP: i32 = 0;
 const SOL_IPV6: i32 = 41;
@@ -103,13 +104,17 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the program's
     // lifetime; field reads are checked by the verifier.
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
-        return 1;
-    }
+    let udp = match sa.type_ {
+        SOCK_STREAM => false,
+        SOCK_DGRAM => true,
+        _ => return 1,
+    };
     // SAFETY: plain helper call on our own context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(policy) = pod_policy(cookie) else {
-        bump_node(|c| c.not_enrolled += 1);
+        if !udp {
+            bump_node(|c| c.not_enrolled += 1);
+        }
         return 1;
     };
     let dst: Addr = if v6 {
@@ -132,6 +137,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         src,
         uid: ids as u32,
         gid: (ids >> 32) as u32,
+        udp,
     };
     let t = KernelTables { cookie };
     let verdict = decide_outbound(&policy, &q, &t);
@@ -139,6 +145,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let (port, flags) = match verdict {
         Verdict::RedirectOutbound => (policy.outbound_port, ORIG_APP_SIDE),
         Verdict::RedirectInbound => (policy.inbound_port, ORIG_APP_SIDE | ORIG_TO_INBOUND),
+        Verdict::RedirectDns => (policy.dns_port, ORIG_APP_SIDE | ORIG_DNS),
         _ => return 1,
     };
 
@@ -290,8 +297,169 @@ fn count_outbound(c: &mut PodCounters, v: Verdict) {
         Verdict::BypassLocalhost => c.bypass_localhost += 1,
         Verdict::BypassExcludedCidr => c.bypass_excluded_cidr += 1,
         Verdict::BypassNotIncluded => c.bypass_not_included += 1,
+        Verdict::BypassOwnerGroup => c.bypass_owner_group += 1,
+        Verdict::RedirectDns => c.dns_captured += 1,
         Verdict::BypassTunnel | Verdict::BypassDisabled => {}
     }
+}
+
+// ---------------------------------------------------------------------------
+// DNS over unconnected UDP: sendmsg4/6 and recvmsg4/6
+// ---------------------------------------------------------------------------
+
+/// DNS capture for unconnected UDP sockets: a datagram to port 53 that
+/// Istio's rules would redirect goes to the pod's DNS port instead.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn weir_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sendmsg(&ctx, false)
+}
+
+/// IPv6 twin of [`weir_sendmsg4`].
+#[cgroup_sock_addr(sendmsg6)]
+pub fn weir_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sendmsg(&ctx, true)
+}
+
+#[inline(always)]
+fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
+    // SAFETY: valid context, see `connect`.
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    let dport = u16::from_be(sa.user_port as u16);
+    if dport != 53 {
+        // Only DNS is ever redirected for UDP: skip every lookup.
+        return 1;
+    }
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(policy) = pod_policy(cookie) else {
+        return 1;
+    };
+    if policy.flags & POLICY_CAPTURE_DNS == 0 {
+        return 1;
+    }
+    let dst: Addr = if v6 {
+        read_words(&sa.user_ip6)
+    } else {
+        v4_mapped(sa.user_ip4)
+    };
+    // SAFETY: `sk` is non-NULL for sock_addr programs.
+    let sk: &bpf_sock = unsafe { &*sa.__bindgen_anon_1.sk };
+    let src: Addr = if v6 {
+        read_words(&sk.src_ip6)
+    } else {
+        v4_mapped(sk.src_ip4)
+    };
+    let ids = unsafe { bpf_get_current_uid_gid() };
+    let q = OutboundQuery {
+        dst,
+        dport,
+        src,
+        uid: ids as u32,
+        gid: (ids >> 32) as u32,
+        udp: true,
+    };
+    let t = KernelTables { cookie };
+    let verdict = decide_outbound(&policy, &q, &t);
+    bump_pod(cookie, |c| count_outbound(c, verdict));
+    if verdict != Verdict::RedirectDns {
+        return 1;
+    }
+    // Remember the server, so that its answer (coming from the DNS port)
+    // can be shown to the application as coming from the server.
+    let mut od = OrigDst {
+        addr: dst,
+        port: dport,
+        flags: ORIG_DNS,
+        pod_id: policy.pod_id,
+    };
+    // SAFETY: `sk` is a valid socket pointer; the map is an sk_storage map.
+    let stored = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
+            (sk as *const bpf_sock).cast_mut().cast(),
+            (&mut od as *mut OrigDst).cast(),
+            BPF_SK_STORAGE_GET_F_CREATE,
+        )
+    } as *mut OrigDst;
+    if stored.is_null() {
+        bump_node(|c| c.orig_dst_store_failed += 1);
+        return 1;
+    }
+    // SAFETY: non-NULL storage of our value type.
+    unsafe { *stored = od };
+    if v6 {
+        if is_v4_mapped(&dst) {
+            write_words(&mut sa.user_ip6, v4_mapped(V4_LOCALHOST));
+        } else {
+            write_words(
+                &mut sa.user_ip6,
+                [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
+            );
+        }
+    } else {
+        sa.user_ip4 = V4_LOCALHOST;
+    }
+    sa.user_port = u32::from(policy.dns_port.to_be());
+    1
+}
+
+/// Shows the DNS port's answers to the application as coming from the
+/// server it asked.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn weir_recvmsg4(ctx: SockAddrContext) -> i32 {
+    recvmsg(&ctx, false)
+}
+
+/// IPv6 twin of [`weir_recvmsg4`].
+#[cgroup_sock_addr(recvmsg6)]
+pub fn weir_recvmsg6(ctx: SockAddrContext) -> i32 {
+    recvmsg(&ctx, true)
+}
+
+#[inline(always)]
+fn recvmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
+    // SAFETY: valid context, see `connect`.
+    let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
+    let from: Addr = if v6 {
+        read_words(&sa.user_ip6)
+    } else {
+        v4_mapped(sa.user_ip4)
+    };
+    if !is_localhost(&from) {
+        return 1;
+    }
+    // SAFETY: `sk` is non-NULL for sock_addr programs; lookup only.
+    let od = unsafe {
+        bpf_sk_storage_get(
+            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
+            sa.__bindgen_anon_1.sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *const OrigDst;
+    if od.is_null() {
+        return 1;
+    }
+    // SAFETY: non-NULL storage of our value type.
+    let od = unsafe { *od };
+    if od.flags & ORIG_DNS == 0 {
+        return 1;
+    }
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(policy) = pod_policy(cookie) else {
+        return 1;
+    };
+    if u16::from_be(sa.user_port as u16) != policy.dns_port {
+        return 1;
+    }
+    if v6 {
+        write_words(&mut sa.user_ip6, od.addr);
+    } else if is_v4_mapped(&od.addr) {
+        sa.user_ip4 = v4_word(&od.addr);
+    } else {
+        return 1;
+    }
+    sa.user_port = u32::from(od.port.to_be());
+    1
 }
 
 // ---------------------------------------------------------------------------
@@ -315,7 +483,7 @@ pub fn weir_getpeer6(ctx: SockAddrContext) -> i32 {
 fn getpeer(ctx: &SockAddrContext, v6: bool) -> i32 {
     // SAFETY: valid context, see `connect`.
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
+    if sa.type_ != SOCK_STREAM && sa.type_ != SOCK_DGRAM {
         return 1;
     }
     // SAFETY: `sk` is non-NULL for sock_addr programs; no create flag.

@@ -37,6 +37,11 @@ pub static CIDR_EXCLUDE: LpmTrie<CidrData, u32, 262144> = LpmTrie::new();
 #[btf_map]
 pub static CIDR_INCLUDE: LpmTrie<CidrData, u32, 262144> = LpmTrie::new();
 
+/// The pod's DNS servers (`/128` keys), when DNS capture is on and not
+/// for every server.
+#[btf_map]
+pub static CIDR_DNS: LpmTrie<CidrData, u32, 65536> = LpmTrie::new();
+
 /// Listening proxy sockets per (pod, port, family). Entries vanish when the
 /// socket closes, which is what makes capture fail closed.
 #[btf_map]
@@ -138,6 +143,7 @@ impl PodTables for KernelTables {
         match list {
             CidrList::OutboundExclude => CIDR_EXCLUDE.get(&key).is_some(),
             CidrList::OutboundInclude => CIDR_INCLUDE.get(&key).is_some(),
+            CidrList::DnsServers => CIDR_DNS.get(&key).is_some(),
         }
     }
 

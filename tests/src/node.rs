@@ -306,6 +306,17 @@ impl Node {
         self.procs.push(p);
     }
 
+    /// Runs a long-lived testkit subcommand in `pod` (inside the node
+    /// cgroup), appending `--ready-file F` to `args`, and waits for it.
+    pub fn daemon(&mut self, pod: &NetNs, args: &[&str]) {
+        let ready = self.next("ready");
+        let mut cmd = testkit_command(args);
+        cmd.arg("--ready-file").arg(&ready);
+        let mut p = spawn_in(Some(pod), Some(&self.cgroup), cmd);
+        p.wait_for_file(&ready, Duration::from_secs(10));
+        self.procs.push(p);
+    }
+
     /// Runs the testkit in `pod` (inside the node cgroup) to completion and
     /// returns its stdout.
     pub fn run_in_pod(&self, pod: &NetNs, args: &[&str]) -> String {

@@ -37,13 +37,20 @@ pub enum Verdict {
     BypassTunnel = 17,
     /// Not captured: capture is off for this pod in this direction.
     BypassDisabled = 18,
+    /// Not captured: the owner-group filter (`ISTIO_OUTBOUND_OWNER_GROUPS`).
+    BypassOwnerGroup = 19,
+    /// Sent to the pod's DNS port (Istio: `ISTIO_OUTPUT_DNS`).
+    RedirectDns = 3,
 }
 
 impl Verdict {
     /// Whether the connection is redirected to the proxy.
     #[inline(always)]
     pub const fn captured(self) -> bool {
-        matches!(self, Verdict::RedirectOutbound | Verdict::RedirectInbound)
+        matches!(
+            self,
+            Verdict::RedirectOutbound | Verdict::RedirectInbound | Verdict::RedirectDns
+        )
     }
 }
 
@@ -54,6 +61,8 @@ pub enum CidrList {
     OutboundExclude,
     /// `includeOutboundIPRanges` (unless `*`).
     OutboundInclude,
+    /// The pod's DNS servers (DNS capture without "all servers").
+    DnsServers,
 }
 
 /// Lookups into one pod's tables. Implemented with BPF maps in the kernel
@@ -83,6 +92,8 @@ pub struct OutboundQuery {
     pub uid: u32,
     /// GID of the connecting process.
     pub gid: u32,
+    /// UDP (`true`) or TCP.
+    pub udp: bool,
 }
 
 const V4_LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -133,60 +144,82 @@ fn is_proxy<T: PodTables>(q: &OutboundQuery, t: &T) -> bool {
 
 /// Istio's outbound rule order (`ISTIO_OUTPUT`), first match wins:
 ///
-/// 1. excluded outbound port: not captured;
+/// 1. excluded outbound port (TCP and UDP): not captured;
 /// 2. source 127.0.0.6 / ::6 on loopback: not captured;
-/// 3. for the *first* proxy identity: on loopback, destination not
-///    127.0.0.1 / ::1, port not the tunnel port: to the inbound port;
+/// 3. for the *first* proxy identity: TCP on loopback, destination not
+///    127.0.0.1 / ::1, port not the tunnel port (nor 53 with DNS capture):
+///    to the inbound port;
 /// 4. for the first proxy identity: any *other* process on loopback: not
-///    captured (skipped when an include range contains a loopback address);
+///    captured (skipped when an include range is a loopback range; with DNS
+///    capture only TCP to ports other than 53);
 /// 5. any proxy UID/GID: not captured;
-/// 6. destination 127.0.0.1 / ::1: not captured;
-/// 7. excluded CIDR: not captured;
-/// 8. included port, `*`, or included CIDR: to the outbound port.
+/// 6. the owner-group filter;
+/// 7. DNS capture: TCP/UDP port 53 to the pod's resolvers (or any server):
+///    to the DNS port;
+/// 8. destination 127.0.0.1 / ::1: not captured;
+/// 9. excluded CIDR: not captured;
+/// 10. TCP: included port, `*`, or included CIDR: to the outbound port.
 ///
 /// Rules 3 to 5 are written by istio-iptables once per identity (UIDs
 /// first, then GIDs); the first identity's rule 4 returns every loopback
 /// connection not made by it, so later identities never reach their rule 3
-/// unless rule 4 is skipped. This function reproduces that.
+/// unless rule 4 is skipped. This function reproduces that. UDP is only
+/// ever redirected by rule 7.
+///
+/// With `POLICY_LOOPBACK_SIMPLE` (Linkerd's proxy-init) rules 2 to 4 are
+/// one rule: anything on loopback is not captured.
 #[inline(always)]
 pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) -> Verdict {
     if p.flags & POLICY_CAPTURE_OUTBOUND == 0 {
         return Verdict::BypassDisabled;
     }
+    let dns = p.flags & POLICY_CAPTURE_DNS != 0;
     // 1.
     if t.has_port(PORT_OUT_EXCLUDE, q.dport) {
         return Verdict::BypassExcludedPort;
     }
     let on_lo = is_loopback_route(&q.dst, t);
-    // 2.
-    if on_lo && is_passthrough_source(&q.src) {
-        return Verdict::BypassPassthrough;
-    }
-    let rule3 = on_lo && !is_localhost(&q.dst) && (p.tunnel_port == 0 || q.dport != p.tunnel_port);
     let proxy = is_proxy(q, t);
-    if p.lo_id_kind != ID_KIND_NONE {
-        let is_first = (p.lo_id_kind == ID_KIND_UID && q.uid == p.lo_id)
-            || (p.lo_id_kind == ID_KIND_GID && q.gid == p.lo_id);
-        if p.flags & POLICY_INCLUDE_HAS_LOOPBACK == 0 {
-            if is_first {
-                // 3., else 5. for the first identity.
+    if p.flags & POLICY_LOOPBACK_SIMPLE != 0 {
+        if on_lo {
+            return Verdict::BypassLoopback;
+        }
+    } else {
+        // 2.
+        if on_lo && is_passthrough_source(&q.src) {
+            return Verdict::BypassPassthrough;
+        }
+        let rule3 = !q.udp
+            && on_lo
+            && !is_localhost(&q.dst)
+            && (p.tunnel_port == 0 || q.dport != p.tunnel_port)
+            && !(dns && q.dport == 53);
+        // With DNS capture, rule 4 only returns TCP to ports other than 53.
+        let rule4 = on_lo && (!dns || (!q.udp && q.dport != 53));
+        if p.lo_id_kind != ID_KIND_NONE {
+            let is_first = (p.lo_id_kind == ID_KIND_UID && q.uid == p.lo_id)
+                || (p.lo_id_kind == ID_KIND_GID && q.gid == p.lo_id);
+            if p.flags & POLICY_INCLUDE_HAS_LOOPBACK == 0 {
+                if is_first {
+                    // 3., else 5. for the first identity.
+                    return if rule3 {
+                        Verdict::RedirectInbound
+                    } else {
+                        Verdict::BypassProxy
+                    };
+                }
+                // 4.
+                if rule4 {
+                    return Verdict::BypassLoopback;
+                }
+            } else if proxy {
+                // Without rule 4 every identity reaches its own rule 3.
                 return if rule3 {
                     Verdict::RedirectInbound
                 } else {
                     Verdict::BypassProxy
                 };
             }
-            // 4.
-            if on_lo {
-                return Verdict::BypassLoopback;
-            }
-        } else if proxy {
-            // Without rule 4 every identity reaches its own rule 3.
-            return if rule3 {
-                Verdict::RedirectInbound
-            } else {
-                Verdict::BypassProxy
-            };
         }
     }
     // 5.
@@ -194,14 +227,31 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
         return Verdict::BypassProxy;
     }
     // 6.
+    if p.flags & POLICY_OWNER_GROUPS_ONLY != 0 && !t.has_id(IDKEY_OWNER_GROUP, q.gid) {
+        return Verdict::BypassOwnerGroup;
+    }
+    if p.flags & POLICY_OWNER_GROUPS_EXCEPT != 0 && t.has_id(IDKEY_OWNER_GROUP, q.gid) {
+        return Verdict::BypassOwnerGroup;
+    }
+    // 7.
+    if dns
+        && q.dport == 53
+        && (p.flags & POLICY_DNS_ALL_SERVERS != 0 || t.in_cidrs(CidrList::DnsServers, &q.dst))
+    {
+        return Verdict::RedirectDns;
+    }
+    // 8.
     if is_localhost(&q.dst) {
         return Verdict::BypassLocalhost;
     }
-    // 7.
+    if q.udp {
+        return Verdict::BypassNotIncluded;
+    }
+    // 9.
     if t.in_cidrs(CidrList::OutboundExclude, &q.dst) {
         return Verdict::BypassExcludedCidr;
     }
-    // 8.
+    // 10.
     if t.has_port(PORT_OUT_INCLUDE, q.dport)
         || p.flags & POLICY_OUTBOUND_ALL_CIDRS != 0
         || t.in_cidrs(CidrList::OutboundInclude, &q.dst)
@@ -251,6 +301,7 @@ mod tests {
         ids: Vec<(u32, u32)>,
         exclude: Vec<(Addr, u32)>,
         include: Vec<(Addr, u32)>,
+        dns: Vec<(Addr, u32)>,
         pod_addrs: Vec<Addr>,
     }
 
@@ -271,6 +322,7 @@ mod tests {
             let l = match list {
                 CidrList::OutboundExclude => &self.exclude,
                 CidrList::OutboundInclude => &self.include,
+                CidrList::DnsServers => &self.dns,
             };
             l.iter().any(|(n, b)| in_prefix(addr, n, *b))
         }
@@ -312,7 +364,125 @@ mod tests {
             src: [0; 4],
             uid,
             gid: uid,
+            udp: false,
         }
+    }
+
+    fn udp(dst: Addr, dport: u16, uid: u32) -> OutboundQuery {
+        OutboundQuery {
+            udp: true,
+            ..q(dst, dport, uid)
+        }
+    }
+
+    #[test]
+    fn udp_is_only_captured_for_dns() {
+        let (mut p, mut t) = istio();
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 0, 2), 53, 1000), &t),
+            Verdict::BypassNotIncluded
+        );
+        p.flags |= POLICY_CAPTURE_DNS;
+        t.dns.push((v4(198, 18, 0, 53), 128));
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 0, 53), 53, 1000), &t),
+            Verdict::RedirectDns
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 53), 53, 1000), &t),
+            Verdict::RedirectDns
+        );
+        // Not a resolver of the pod.
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 0, 2), 53, 1000), &t),
+            Verdict::BypassNotIncluded
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 53, 1000), &t),
+            Verdict::RedirectOutbound
+        );
+        p.flags |= POLICY_DNS_ALL_SERVERS;
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 0, 2), 53, 1000), &t),
+            Verdict::RedirectDns
+        );
+        // The proxy's own queries are not captured.
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 0, 2), 53, 1337), &t),
+            Verdict::BypassProxy
+        );
+        // Other UDP is never captured.
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 0, 2), 5353, 1000), &t),
+            Verdict::BypassNotIncluded
+        );
+        // Excluded ports apply to UDP as well.
+        t.ports.push((PORT_OUT_EXCLUDE, 53));
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 0, 2), 53, 1000), &t),
+            Verdict::BypassExcludedPort
+        );
+    }
+
+    #[test]
+    fn dns_on_localhost_resolver_is_captured() {
+        // A resolver on 127.0.0.53: Istio exempts port 53 from its loopback
+        // RETURN rule so that DNS to a local resolver is still captured.
+        let (mut p, t) = istio();
+        p.flags |= POLICY_CAPTURE_DNS | POLICY_DNS_ALL_SERVERS;
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(127, 0, 0, 53), 53, 1000), &t),
+            Verdict::RedirectDns
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(127, 0, 0, 53), 53, 1000), &t),
+            Verdict::RedirectDns
+        );
+        // The proxy to its own pod on port 53 is not sent inbound.
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 1), 53, 1337), &t),
+            Verdict::BypassProxy
+        );
+        // Other loopback traffic is still left alone.
+        assert_eq!(
+            decide_outbound(&p, &q(v4(127, 0, 0, 1), 80, 1000), &t),
+            Verdict::BypassLoopback
+        );
+    }
+
+    #[test]
+    fn owner_groups() {
+        let (mut p, mut t) = istio();
+        t.ids.push((IDKEY_OWNER_GROUP, 2000));
+        p.flags |= POLICY_OWNER_GROUPS_ONLY;
+        let mut query = q(v4(198, 18, 0, 2), 80, 1000);
+        assert_eq!(decide_outbound(&p, &query, &t), Verdict::BypassOwnerGroup);
+        query.gid = 2000;
+        assert_eq!(decide_outbound(&p, &query, &t), Verdict::RedirectOutbound);
+        p.flags &= !POLICY_OWNER_GROUPS_ONLY;
+        p.flags |= POLICY_OWNER_GROUPS_EXCEPT;
+        assert_eq!(decide_outbound(&p, &query, &t), Verdict::BypassOwnerGroup);
+        query.gid = 1000;
+        assert_eq!(decide_outbound(&p, &query, &t), Verdict::RedirectOutbound);
+    }
+
+    #[test]
+    fn linkerd_loopback_rule() {
+        let (mut p, t) = istio();
+        p.flags |= POLICY_LOOPBACK_SIMPLE;
+        p.lo_id_kind = ID_KIND_NONE;
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 1), 8080, 1337), &t),
+            Verdict::BypassLoopback
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 8080, 1337), &t),
+            Verdict::BypassProxy
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 8080, 1000), &t),
+            Verdict::RedirectOutbound
+        );
     }
 
     #[test]

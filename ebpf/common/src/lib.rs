@@ -19,7 +19,7 @@ pub use decide::*;
 /// Layout version of every map below. The agent stores it in the pinned
 /// `WEIR_META` map and refuses to reuse pinned maps written with another
 /// version (bump it whenever a struct in this crate changes).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// `AF_INET` as the kernel reports it in BPF contexts.
 pub const AF_INET: u32 = 2;
@@ -90,6 +90,18 @@ pub const POLICY_HAS_IP4: u32 = 1 << 5;
 pub const POLICY_HAS_IP6: u32 = 1 << 6;
 /// Policy flag: DNS capture (TCP/UDP port 53 to the DNS port).
 pub const POLICY_CAPTURE_DNS: u32 = 1 << 7;
+/// Policy flag: with DNS capture, port 53 to *any* server is captured (not
+/// only to the pod's resolvers, listed in `CIDR_DNS`).
+pub const POLICY_DNS_ALL_SERVERS: u32 = 1 << 8;
+/// Policy flag: only processes whose GID is one of the `IDKEY_OWNER_GROUP`
+/// entries are captured (`ISTIO_OUTBOUND_OWNER_GROUPS` is a list).
+pub const POLICY_OWNER_GROUPS_ONLY: u32 = 1 << 9;
+/// Policy flag: processes whose GID is one of the `IDKEY_OWNER_GROUP`
+/// entries are not captured (`ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`).
+pub const POLICY_OWNER_GROUPS_EXCEPT: u32 = 1 << 10;
+/// Policy flag: Linkerd-style loopback rule: every connection over `lo`,
+/// the proxy's included, is left alone (no "proxy to own pod" rule).
+pub const POLICY_LOOPBACK_SIMPLE: u32 = 1 << 11;
 
 /// Which proxy identity Istio's loopback rules are written for (see
 /// [`PodPolicy::lo_id_kind`]).
@@ -159,6 +171,8 @@ pub struct PortKey {
 pub const IDKEY_UID: u32 = 1;
 /// A proxy GID.
 pub const IDKEY_GID: u32 = 2;
+/// A GID of the owner-group filter (see `POLICY_OWNER_GROUPS_*`).
+pub const IDKEY_OWNER_GROUP: u32 = 3;
 
 /// Key of the `PROXY_IDS` hash map: one entry per (pod, uid-or-gid).
 #[repr(C)]
@@ -228,6 +242,9 @@ pub const ORIG_PROXY_SIDE: u16 = 2;
 /// [`OrigDst`] flag: the connection went to the inbound port (Istio's rule
 /// "proxy calling its own pod over loopback").
 pub const ORIG_TO_INBOUND: u16 = 4;
+/// [`OrigDst`] flag: a DNS query sent to the DNS port (UDP: replies from
+/// the DNS port are shown as coming from `addr`).
+pub const ORIG_DNS: u16 = 8;
 
 /// The destination an application dialled before weir redirected it.
 #[repr(C)]
@@ -282,6 +299,10 @@ pub struct PodCounters {
     /// The pod's IP could not be bound as the redirected connection's
     /// source (the connection went on from loopback).
     pub source_bind_failed: u64,
+    /// DNS queries (TCP connections, UDP datagrams) sent to the DNS port.
+    pub dns_captured: u64,
+    /// Not captured: the owner-group filter.
+    pub bypass_owner_group: u64,
 }
 
 /// Node-wide counters (a one-slot per-CPU array).
@@ -364,7 +385,7 @@ mod layout_tests {
         assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<FlowKey>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4);
-        assert_eq!(size_of::<PodCounters>(), 16 * 8);
+        assert_eq!(size_of::<PodCounters>(), 18 * 8);
         assert_eq!(size_of::<NodeCounters>(), 5 * 8);
         assert_eq!(size_of::<PodMeta>(), 128);
     }
