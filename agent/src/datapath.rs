@@ -57,6 +57,10 @@ const CGROUP_PROGRAMS: &[(&str, u32)] = &[
     ("weir_connect6", 11),   // BPF_CGROUP_INET6_CONNECT
     ("weir_getpeer4", 29),   // BPF_CGROUP_INET4_GETPEERNAME
     ("weir_getpeer6", 30),   // BPF_CGROUP_INET6_GETPEERNAME
+    ("weir_sendmsg4", 14),   // BPF_CGROUP_UDP4_SENDMSG
+    ("weir_sendmsg6", 15),   // BPF_CGROUP_UDP6_SENDMSG
+    ("weir_recvmsg4", 19),   // BPF_CGROUP_UDP4_RECVMSG
+    ("weir_recvmsg6", 20),   // BPF_CGROUP_UDP6_RECVMSG
     ("weir_sockops", 3),     // BPF_CGROUP_SOCK_OPS
     ("weir_getsockopt", 21), // BPF_CGROUP_GETSOCKOPT
 ];
@@ -387,6 +391,11 @@ impl Datapath {
             self.cidr_include
                 .insert(&Key::new(*bits, *data), 1, 0)
                 .context("CIDR_INCLUDE full (raise --max-cidrs)")?;
+        }
+        for (bits, data) in &new.dns {
+            self.cidr_dns
+                .insert(&Key::new(*bits, *data), 1, 0)
+                .context("CIDR_DNS full")?;
         }
         for a in &new.addrs {
             self.pod_addrs
