@@ -146,6 +146,7 @@ pub struct Datapath {
     cidr_include: LpmTrie<MapData, CidrData, u32>,
     cidr_dns: LpmTrie<MapData, CidrData, u32>,
     listen_ports: HashMap<MapData, u16, u32>,
+    listeners: aya::maps::SockHash<MapData, ListenerKey>,
     pod_counters: PerCpuHashMap<MapData, u64, PodCounters>,
     node_counters: PerCpuArray<MapData, NodeCounters>,
     pod_meta: HashMap<MapData, u64, PodMeta>,
@@ -229,6 +230,7 @@ impl Datapath {
             cidr_include: take(&mut ebpf, "CIDR_INCLUDE")?,
             cidr_dns: take(&mut ebpf, "CIDR_DNS")?,
             listen_ports: take(&mut ebpf, "LISTEN_PORTS")?,
+            listeners: take(&mut ebpf, "LISTENERS")?,
             pod_counters: take(&mut ebpf, "POD_COUNTERS")?,
             node_counters: take(&mut ebpf, "NODE_COUNTERS")?,
             pod_meta: take(&mut ebpf, "POD_META")?,
@@ -509,6 +511,30 @@ impl Datapath {
         let _ = self.pod_counters.remove(&cookie);
         self.detach_netns(cookie);
         debug!("purged leftover state of netns cookie {cookie}");
+    }
+
+    /// Records listening sockets found in a pod (see `adopt`).
+    pub fn record_listeners(&mut self, cookie: u64, found: &[crate::adopt::Found]) -> usize {
+        let mut n = 0;
+        for f in found {
+            let key = ListenerKey {
+                netns_cookie: cookie,
+                port: f.port,
+                family: f.family as u16,
+                _pad: 0,
+            };
+            match self
+                .listeners
+                .insert(key, std::os::fd::AsRawFd::as_raw_fd(&f.fd), 0)
+            {
+                Ok(()) => n += 1,
+                Err(e) => warn!(
+                    "recording listener :{} of netns cookie {cookie}: {e}",
+                    f.port
+                ),
+            }
+        }
+        n
     }
 
     /// Keeps exactly `ports` in `LISTEN_PORTS`.

@@ -40,6 +40,8 @@ pub struct Reconciler {
     /// Enrolled pods by `namespace/name`.
     pub pods: BTreeMap<String, Enrolled>,
     next_id: u32,
+    /// The host's /proc (to find proxies that listened before weir).
+    proc_root: std::path::PathBuf,
 }
 
 fn meta(spec: &PodSpec) -> PodMeta {
@@ -60,7 +62,15 @@ impl Reconciler {
             dp,
             pods: BTreeMap::new(),
             next_id: 1,
+            proc_root: "/proc".into(),
         }
+    }
+
+    /// Uses `proc_root` as the host's /proc (a DaemonSet mounts it
+    /// elsewhere).
+    pub fn with_proc_root(mut self, proc_root: std::path::PathBuf) -> Self {
+        self.proc_root = proc_root;
+        self
     }
 
     /// Applies the desired pods. `keep` names pods whose desired entry was
@@ -151,6 +161,15 @@ impl Reconciler {
             self.dp.remove_pod(cookie, &entries);
             return Err(e);
         }
+        // A proxy that already listens was never seen by sockops.
+        match crate::adopt::find_listeners(&self.proc_root, &spec.netns, &spec.rules.listen_ports) {
+            Ok(found) if !found.is_empty() => {
+                let n = self.dp.record_listeners(cookie, &found);
+                info!("pod {key}: adopted {n} proxy listener(s) that were already listening");
+            }
+            Ok(_) => {}
+            Err(e) => warn!("pod {key}: looking for already-listening proxies: {e}"),
+        }
         info!(
             "pod {key}: enrolled (netns {}, cookie {cookie}, mesh {}, outbound :{}, inbound :{})",
             spec.netns.display(),
@@ -175,6 +194,27 @@ impl Reconciler {
             self.dp.remove_pod(p.cookie, &p.entries);
             info!("pod {key}: removed (netns cookie {})", p.cookie);
         }
+    }
+
+    /// Enrolls (or updates) one pod right now, leaving every other pod as
+    /// it is, and returns its netns cookie. For the CNI plugin, which must
+    /// have capture in place before the pod's containers start. The next
+    /// full [`Reconciler::apply`] must list the pod, or it is removed
+    /// again (the Kubernetes source merges CNI-enrolled pods into its
+    /// desired set).
+    pub fn enroll_now(&mut self, spec: &PodSpec) -> Result<u64> {
+        let key = spec.key();
+        self.apply_one(&key, spec)?;
+        let ports: BTreeSet<u16> = self
+            .pods
+            .values()
+            .flat_map(|p| p.spec.rules.listen_ports.iter().copied())
+            .collect();
+        self.dp.sync_listen_ports(&ports);
+        self.pods
+            .get(&key)
+            .map(|p| p.cookie)
+            .with_context(|| format!("pod {key}: not recorded after enrollment"))
     }
 }
 

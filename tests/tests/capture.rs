@@ -513,3 +513,31 @@ fn other_getsockopt_calls_are_untouched() {
     let v: Value = serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap_or(Value::Null);
     assert_eq!(v["ok"], true, "{out}");
 }
+
+/// A proxy that was already listening when its pod was enrolled (weir
+/// installed on a running node) is adopted at once: inbound capture works
+/// without restarting the proxy.
+#[test]
+fn proxies_listening_before_enrollment_are_adopted() {
+    if !require_root() {
+        return;
+    }
+    let p = two_pods();
+    let mut node = Node::with_agent();
+    let slog = node.sidecar(&p.server, "server-sidecar");
+    node.echo(&p.server, 8080, "server-app", APP_UID);
+    // Enrolled only now, long after the sidecar's listen().
+    node.set_pods(&[server_pod(&p)]);
+    for dst in ["198.18.1.2:8080", "[2001:2:0:1::2]:8080"] {
+        let r = node.client(&p.client, APP_UID, dst);
+        assert!(r.ok(), "{dst}: {:?}\n{}", r.json, node.agent_logs());
+    }
+    let s = wait_records(&slog, 2);
+    assert_eq!(s[0]["orig_dst"], "198.18.1.2:8080");
+    assert_eq!(s[1]["orig_dst"], "[2001:2:0:1::2]:8080");
+    assert!(
+        node.agent_logs().contains("adopted"),
+        "{}",
+        node.agent_logs()
+    );
+}

@@ -1,0 +1,170 @@
+//! Adopting proxy listeners that were listening before weir was attached.
+//!
+//! The sockops program records a proxy's listener when it calls
+//! `listen()`. A proxy that was already listening when weir was installed
+//! (or re-installed after `weir uninstall`) was never seen: its pod would
+//! refuse every inbound connection until the proxy restarts. So when a pod
+//! is enrolled, the agent looks for listening sockets on the pod's capture
+//! ports among the processes of the pod's network namespace, takes a
+//! duplicate of each with `pidfd_getfd(2)`, and records it in `LISTENERS`
+//! itself. (Pinned maps survive agent restarts, so this is only needed on
+//! a first install.)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+
+use weir_common::{AF_INET, AF_INET6};
+
+/// A listening socket found in a pod.
+pub struct Found {
+    /// Listening port.
+    pub port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// A duplicate of the socket, owned by the agent.
+    pub fd: OwnedFd,
+}
+
+/// TCP_LISTEN in /proc/net/tcp's `st` column.
+const TCP_LISTEN: &str = "0A";
+
+/// Inodes of listening sockets on `ports`, from `/proc/<pid>/net/tcp{,6}`
+/// (which describe the network namespace of `pid`).
+fn listening_inodes(
+    proc_root: &Path,
+    pid: u32,
+    ports: &BTreeSet<u16>,
+) -> BTreeMap<u64, (u16, u32)> {
+    let mut out = BTreeMap::new();
+    for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
+        let Ok(text) = std::fs::read_to_string(proc_root.join(format!("{pid}/net/{file}"))) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            if f.len() < 10 || f[3] != TCP_LISTEN {
+                continue;
+            }
+            let Some(port) = f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+            else {
+                continue;
+            };
+            if !ports.contains(&port) {
+                continue;
+            }
+            if let Ok(inode) = f[9].parse::<u64>() {
+                out.insert(inode, (port, family));
+            }
+        }
+    }
+    out
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; returns a new fd.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn pidfd_getfd(pidfd: &OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall with integer arguments; returns a new fd that
+    // refers to the same open file as `target` in the other process.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Finds the listening sockets on `ports` of the processes in the network
+/// namespace `netns` (through `proc_root`, the host's /proc).
+pub fn find_listeners(
+    proc_root: &Path,
+    netns: &Path,
+    ports: &BTreeSet<u16>,
+) -> io::Result<Vec<Found>> {
+    use std::os::unix::fs::MetadataExt;
+    let ns_ino = std::fs::metadata(netns)?.ino();
+    let want = format!("net:[{ns_ino}]");
+    let mut found = Vec::new();
+    let mut seen = BTreeSet::new();
+    for entry in std::fs::read_dir(proc_root)? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ns = std::fs::read_link(entry.path().join("ns/net"));
+        if ns
+            .ok()
+            .and_then(|p| p.to_str().map(str::to_string))
+            .as_deref()
+            != Some(want.as_str())
+        {
+            continue;
+        }
+        let inodes = listening_inodes(proc_root, pid, ports);
+        if inodes.is_empty() {
+            // Same netns for every process: nothing listens on our ports.
+            return Ok(found);
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let mut pidfd = None;
+        for fd in fds.filter_map(|e| e.ok()) {
+            let Ok(link) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let Some(inode) = link
+                .to_str()
+                .and_then(|l| l.strip_prefix("socket:["))
+                .and_then(|l| l.strip_suffix(']'))
+                .and_then(|l| l.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let Some(&(port, family)) = inodes.get(&inode) else {
+                continue;
+            };
+            if !seen.insert(inode) {
+                continue;
+            }
+            let Some(target) = fd
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<RawFd>().ok())
+            else {
+                continue;
+            };
+            if pidfd.is_none() {
+                pidfd = Some(pidfd_open(pid)?);
+            }
+            let dup = pidfd_getfd(pidfd.as_ref().expect("opened above"), target)?;
+            found.push(Found {
+                port,
+                family,
+                fd: dup,
+            });
+        }
+        if seen.len() == inodes.len() {
+            break;
+        }
+    }
+    Ok(found)
+}
