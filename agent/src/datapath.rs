@@ -193,6 +193,10 @@ impl Datapath {
             .map_max_entries("PORT_RULES", caps.port_rules)
             .map_max_entries("CIDR_EXCLUDE", caps.cidrs)
             .map_max_entries("CIDR_INCLUDE", caps.cidrs);
+        // Refuse pinned maps of another layout *before* the loader reuses
+        // them: a program verified against a map of another value size
+        // would be refused with a confusing verifier error, or misread.
+        check_pinned_layout(&pins, bpffs)?;
         let mut ebpf = loader.load(EBPF_OBJECT).context(
             "loading weir's kernel object failed (needs Linux >= 5.15 with BTF, root or CAP_BPF+CAP_NET_ADMIN; \
              if pinned maps from another weir version exist, run `weir uninstall` first)",
@@ -579,6 +583,31 @@ impl Datapath {
         }
         out
     }
+}
+
+/// Fails when `WEIR_META` is pinned with a layout version other than ours.
+fn check_pinned_layout(pins: &Pins, bpffs: &Path) -> Result<()> {
+    let path = pins.maps().join("WEIR_META");
+    if !path.exists() {
+        return Ok(());
+    }
+    let md = aya::maps::MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned {}", path.display()))?;
+    let meta: Array<MapData, WeirMeta> = Array::try_from(aya::maps::Map::Array(md))
+        .with_context(|| format!("{} is not weir's WEIR_META map", path.display()))?;
+    let m = meta.get(&0, 0).context("reading pinned WEIR_META")?;
+    if m.layout_version != 0 && m.layout_version != LAYOUT_VERSION {
+        bail!(
+            "the maps pinned under {} were written by a weir with map layout v{} (this weir: v{}); \
+             they cannot be reused safely: run `weir uninstall --bpffs {}`, then start this agent \
+             (capture stops in between)",
+            pins.maps().display(),
+            m.layout_version,
+            LAYOUT_VERSION,
+            bpffs.display()
+        );
+    }
+    Ok(())
 }
 
 /// Sums per-CPU pod counters.
