@@ -48,6 +48,7 @@ pub const MAP_NAMES: &[&str] = &[
     "NODE_COUNTERS",
     "POD_META",
     "WEIR_META",
+    "LOG_LEVEL",
 ];
 
 /// Programs attached to the cgroup.
@@ -151,6 +152,8 @@ pub struct Datapath {
     node_counters: PerCpuArray<MapData, NodeCounters>,
     pod_meta: HashMap<MapData, u64, PodMeta>,
     weir_meta: Array<MapData, WeirMeta>,
+    log_level: Array<MapData, u32>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -225,7 +228,18 @@ impl Datapath {
             )
             .context("writing WEIR_META")?;
 
+        // Kernel log records (aya-log); a failure here costs logs, not
+        // capture.
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!("kernel logging unavailable: {e}");
+                None
+            }
+        };
         let mut dp = Self {
+            log_level: take(&mut ebpf, "LOG_LEVEL")?,
+            logger,
             pod_policy: take(&mut ebpf, "POD_POLICY")?,
             pod_addrs: take(&mut ebpf, "POD_ADDRS")?,
             port_rules: take(&mut ebpf, "PORT_RULES")?,
@@ -551,6 +565,16 @@ impl Datapath {
         }
     }
 
+    /// Sets the kernel log level (0 off .. 5 trace).
+    pub fn set_kernel_log_level(&mut self, level: u32) -> Result<()> {
+        self.log_level.set(0, level, 0).context("writing LOG_LEVEL")
+    }
+
+    /// Takes the kernel log reader (to poll it from an async task).
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
+    }
+
     /// Marks the pinned state as reconciled (for `weir status`).
     pub fn set_ready(&mut self, ready: bool) {
         let _ = self.weir_meta.set(
@@ -583,6 +607,37 @@ impl Datapath {
         }
         out
     }
+}
+
+/// Kernel log levels, as `LOG_LEVEL` holds them.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelLogLevel {
+    /// No kernel log records.
+    Off = 0,
+    /// Errors only.
+    Error = 1,
+    /// Warnings (e.g. a full map).
+    Warn = 2,
+    /// Rare events (proxy listeners recorded).
+    Info = 3,
+    /// Fail-closed refusals and misses.
+    Debug = 4,
+    /// Every capture decision (hot path; for debugging one pod).
+    Trace = 5,
+}
+
+/// Sets the kernel log level in the pinned `LOG_LEVEL` map (works while
+/// an agent runs).
+pub fn set_pinned_log_level(bpffs: &Path, level: KernelLogLevel) -> Result<()> {
+    let path = Pins::new(bpffs).maps().join("LOG_LEVEL");
+    let md = aya::maps::MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {} (is weir installed, and --bpffs right?)",
+            path.display()
+        )
+    })?;
+    let mut m: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(md))?;
+    m.set(0, level as u32, 0).context("writing LOG_LEVEL")
 }
 
 /// Fails when `WEIR_META` is pinned with a layout version other than ours.

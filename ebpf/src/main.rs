@@ -16,6 +16,23 @@
 
 mod tables;
 
+/// Kernel log records (aya-log), gated by the `LOG_LEVEL` map so that a
+/// disabled level costs one array lookup. Levels: 1 error .. 5 trace.
+macro_rules! klog {
+    (warn, $ctx:expr, $($arg:tt)+) => {
+        if crate::tables::log_enabled(2) { aya_log_ebpf::warn!($ctx, $($arg)+) }
+    };
+    (info, $ctx:expr, $($arg:tt)+) => {
+        if crate::tables::log_enabled(3) { aya_log_ebpf::info!($ctx, $($arg)+) }
+    };
+    (debug, $ctx:expr, $($arg:tt)+) => {
+        if crate::tables::log_enabled(4) { aya_log_ebpf::debug!($ctx, $($arg)+) }
+    };
+    (trace, $ctx:expr, $($arg:tt)+) => {
+        if crate::tables::log_enabled(5) { aya_log_ebpf::trace!($ctx, $($arg)+) }
+    };
+}
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{bpf_sock, bpf_sock_addr, sk_action},
@@ -142,6 +159,17 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let t = KernelTables { cookie };
     let verdict = decide_outbound(&policy, &q, &t);
     bump_pod(cookie, |c| count_outbound(c, verdict));
+    klog!(
+        trace,
+        ctx,
+        "connect pod={} dst={:i}:{} uid={} udp={} verdict={}",
+        policy.pod_id,
+        addr_octets(&dst),
+        dport,
+        q.uid,
+        udp as u8,
+        verdict as u32
+    );
     let (port, flags) = match verdict {
         Verdict::RedirectOutbound => (policy.outbound_port, ORIG_APP_SIDE),
         Verdict::RedirectInbound => (policy.inbound_port, ORIG_APP_SIDE | ORIG_TO_INBOUND),
@@ -168,6 +196,12 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     } as *mut OrigDst;
     if stored.is_null() {
         bump_node(|c| c.orig_dst_store_failed += 1);
+        klog!(
+            warn,
+            ctx,
+            "pod {}: cannot store the original destination; connect refused",
+            policy.pod_id
+        );
         return 0;
     }
     // SAFETY: non-NULL storage of our value type, owned by this socket.
@@ -589,8 +623,22 @@ fn on_listen(ctx: &SockOpsContext) {
     let ops = unsafe { &mut *ctx.ops };
     if LISTENERS.update(&mut key, ops, 0).is_ok() {
         bump_node(|c| c.listeners_recorded += 1);
+        klog!(
+            info,
+            ctx,
+            "proxy listener recorded: netns {} port {}",
+            key.netns_cookie,
+            port
+        );
     } else {
         bump_node(|c| c.listeners_record_failed += 1);
+        klog!(
+            warn,
+            ctx,
+            "proxy listener NOT recorded (LISTENERS full?): netns {} port {}",
+            key.netns_cookie,
+            port
+        );
     }
 }
 
@@ -889,6 +937,14 @@ pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
         }
     }
     bump_pod(cookie, |c| c.inbound_fail_closed += 1);
+    klog!(
+        debug,
+        ctx,
+        "pod {}: inbound to port {} refused: no proxy listening on {}",
+        policy.pod_id,
+        l.local_port,
+        policy.inbound_port
+    );
     sk_action::SK_DROP
 }
 

@@ -73,6 +73,23 @@ pub static NODE_COUNTERS: PerCpuArray<NodeCounters, 1> = PerCpuArray::new();
 #[btf_map]
 pub static POD_META: HashMap<u64, PodMeta, 16384> = HashMap::new();
 
+/// Kernel log level: 0 off (the default), 1 error, 2 warn, 3 info,
+/// 4 debug, 5 trace (aya-log levels). Set by `weir run
+/// --kernel-log-level` and at run time by `weir log-level`.
+#[btf_map]
+pub static LOG_LEVEL: Array<u32, 1> = Array::new();
+
+/// Whether kernel log records of `level` (1 error .. 5 trace) are wanted:
+/// one array lookup, so disabled logging costs next to nothing on the
+/// hot paths.
+#[inline(always)]
+pub fn log_enabled(level: u32) -> bool {
+    match LOG_LEVEL.get(0) {
+        Some(l) => level <= *l,
+        None => false,
+    }
+}
+
 /// Layout version and readiness of the pinned state.
 #[btf_map]
 pub static WEIR_META: Array<WeirMeta, 1> = Array::new();

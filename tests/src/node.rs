@@ -132,6 +132,11 @@ impl Node {
     /// Starts `weir run` on this node and waits until it applied the pods
     /// file once.
     pub fn start_agent(&mut self) {
+        self.start_agent_with(&[]);
+    }
+
+    /// Like [`Node::start_agent`], with extra `weir run` arguments.
+    pub fn start_agent_with(&mut self, extra: &[&str]) {
         let mut cmd = Command::new(weir_bin());
         cmd.env("RUST_LOG", "info")
             .arg("run")
@@ -146,7 +151,8 @@ impl Node {
             .arg("--reload-ms")
             .arg("50")
             .arg("--resync-secs")
-            .arg("1");
+            .arg("1")
+            .args(extra);
         let mut p = spawn_in(None, None, cmd);
         p.wait_for_output("pods file applied", Duration::from_secs(20));
         self.agent = Some(p);
