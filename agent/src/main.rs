@@ -1,7 +1,13 @@
 //! `weir`: the node agent that replaces a service mesh's per-pod iptables
 //! capture rules with eBPF programs.
 
+mod adopt;
+mod cni;
 mod datapath;
+mod explain;
+#[cfg(test)]
+mod fuzz_tests;
+mod k8s;
 mod metrics;
 mod netlink;
 mod podsfile;
@@ -38,8 +44,16 @@ enum Command {
     Run(RunArgs),
     /// Show attached programs and enrolled pods (reads the pinned maps).
     Status(StatusArgs),
+    /// Explain what weir does with one connection of a pod and which rule
+    /// decides it (reads the pinned maps; runs the kernel's decision code).
+    Explain(ExplainArgs),
     /// Remove every program, link and pin weir made.
     Uninstall(BpffsArg),
+    /// Change the kernel log level of a running weir (no restart).
+    LogLevel(LogLevelArgs),
+    /// Put the weir-cni plugin into the node's CNI configuration, or take
+    /// it out.
+    Cni(cni::CniCommand),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -52,8 +66,19 @@ struct BpffsArg {
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// YAML file listing the pods of this node (local mode).
-    #[arg(long, env = "WEIR_PODS_FILE")]
-    pods_file: PathBuf,
+    #[arg(
+        long,
+        env = "WEIR_PODS_FILE",
+        required_unless_present = "kubernetes",
+        conflicts_with = "kubernetes"
+    )]
+    pods_file: Option<PathBuf>,
+    // Kubernetes pod source (`--kubernetes`, `--node-name`, …): k8s/mod.rs.
+    #[command(flatten)]
+    kube: k8s::Args,
+    // The weir-cni plugin's socket and installation: cni/mod.rs.
+    #[command(flatten)]
+    cni: cni::Args,
     /// cgroup v2 directory the socket programs attach to [default: the
     /// cgroup v2 root found in /proc/self/mounts].
     #[arg(long, env = "WEIR_CGROUP")]
@@ -82,6 +107,25 @@ struct RunArgs {
     /// Capacity of the map of connections between connect() and accept().
     #[arg(long, env = "WEIR_MAX_PENDING", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     max_pending: u32,
+    /// Kernel log level (aya-log records from the programs, printed by the
+    /// agent through RUST_LOG's logger). `trace` logs every capture
+    /// decision: for debugging, not for production.
+    #[arg(
+        long,
+        env = "WEIR_KERNEL_LOG_LEVEL",
+        value_enum,
+        default_value = "warn"
+    )]
+    kernel_log_level: datapath::KernelLogLevel,
+}
+
+#[derive(clap::Args, Debug)]
+struct LogLevelArgs {
+    /// The new kernel log level.
+    #[arg(value_enum)]
+    level: datapath::KernelLogLevel,
+    #[command(flatten)]
+    bpffs: BpffsArg,
 }
 
 #[derive(clap::Args, Debug)]
@@ -93,13 +137,85 @@ struct StatusArgs {
     output: status::Format,
 }
 
+#[derive(clap::Args, Debug)]
+struct ExplainArgs {
+    /// The pod, as NAMESPACE/NAME (see `weir status`).
+    #[arg(long, value_name = "NS/NAME")]
+    pod: String,
+    /// Destination of the connection: IP:PORT or [IPv6]:PORT (for
+    /// --inbound, one of the pod's addresses).
+    #[arg(long, value_name = "ADDR:PORT")]
+    dst: std::net::SocketAddr,
+    /// UID of the process making an outbound connection.
+    #[arg(long, default_value_t = explain::DEFAULT_UID)]
+    uid: u32,
+    /// GID of the process making an outbound connection [default: the
+    /// --uid value].
+    #[arg(long)]
+    gid: Option<u32>,
+    /// Outbound: the address the socket is bound to before connect() (e.g.
+    /// 127.0.0.6 for the proxy's inbound passthrough). Inbound: the remote
+    /// peer [default: a peer outside the pod].
+    #[arg(long, value_name = "ADDR")]
+    src: Option<std::net::IpAddr>,
+    /// Explain a connection arriving at the pod instead of one it makes.
+    #[arg(long)]
+    inbound: bool,
+    /// An outbound UDP datagram (weir captures only DNS) instead of TCP.
+    #[arg(long, conflicts_with = "inbound")]
+    udp: bool,
+    #[command(flatten)]
+    bpffs: BpffsArg,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "text")]
+    output: explain::Format,
+}
+
+impl ExplainArgs {
+    fn query(&self) -> explain::Query {
+        explain::Query {
+            pod: self.pod.clone(),
+            dst: self.dst,
+            uid: self.uid,
+            gid: self.gid.unwrap_or(self.uid),
+            src: self.src,
+            inbound: self.inbound,
+            udp: self.udp,
+        }
+    }
+}
+
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    // Kernel records (target `weir_ebpf`) are filtered in the kernel by
+    // --kernel-log-level / `weir log-level`; let all of them through here
+    // unless RUST_LOG says otherwise about them.
+    let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
+    if !filter.contains("weir_ebpf") {
+        filter.push_str(",weir_ebpf=trace");
+    }
+    env_logger::Builder::new().parse_filters(&filter).init();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        // One-shot commands behave like other CLI tools when their output
+        // pipe closes (`weir status | head`): end quietly instead of
+        // panicking in println!.
+        // SAFETY: restoring the default disposition of SIGPIPE before any
+        // other thread exists.
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
+    }
     let res = match cli.command {
         Command::Run(a) => run(a),
         Command::Status(a) => status::print(&a.bpffs.bpffs, a.output),
+        Command::Explain(a) => explain::print(&a.bpffs.bpffs, &a.query(), a.output),
         Command::Uninstall(a) => uninstall(&a),
+        Command::LogLevel(a) => datapath::set_pinned_log_level(&a.bpffs.bpffs, a.level)
+            .map(|()| println!("kernel log level: {:?}", a.level)),
+        Command::Cni(c) => cni::command(&c),
     };
     if let Err(e) = res {
         error!("{e:#}");
@@ -119,6 +235,11 @@ fn uninstall(a: &BpffsArg) -> Result<()> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
+    // Checked before anything is loaded (WEIR_KUBERNETES=false counts as
+    // "given" for clap).
+    if !a.kube.kubernetes && a.pods_file.is_none() {
+        anyhow::bail!("no pod source: pass --pods-file FILE, or --kubernetes");
+    }
     if !nix::unistd::geteuid().is_root() {
         warn!(
             "not running as root: loading BPF programs needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"
@@ -142,13 +263,20 @@ fn run(a: RunArgs) -> Result<()> {
         port_rules: a.max_port_rules,
         cidrs: a.max_cidrs,
     };
-    let dp = Datapath::load(&a.bpffs.bpffs, &cgroup, &caps)?;
+    if a.kube.kubernetes {
+        k8s::preflight(&a.kube, &a.bpffs.bpffs)?;
+    }
+    let mut dp = Datapath::load(&a.bpffs.bpffs, &cgroup, &caps)?;
+    dp.set_kernel_log_level(a.kernel_log_level as u32)?;
+    let kernel_logger = dp.take_logger();
     info!(
         "programs attached to cgroup {} (pins under {})",
         cgroup.display(),
         a.bpffs.bpffs.join("weir").display()
     );
-    let rec = Arc::new(Mutex::new(Reconciler::new(dp)));
+    let rec = Arc::new(Mutex::new(
+        Reconciler::new(dp).with_proc_root(a.kube.host_proc.clone()),
+    ));
     let ready = Arc::new(AtomicBool::new(false));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -156,6 +284,9 @@ fn run(a: RunArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        if let Some(logger) = kernel_logger {
+            tokio::spawn(read_kernel_logs(logger));
+        }
         if let Some(addr) = metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -163,8 +294,51 @@ fn run(a: RunArgs) -> Result<()> {
             info!("serving /metrics, /healthz, /readyz on {addr}");
             tokio::spawn(metrics::serve(listener, rec.clone(), ready.clone()));
         }
+        if a.kube.kubernetes {
+            let resync = Duration::from_secs(a.resync_secs);
+            return k8s::run(&a.kube, &a.cni, resync, rec, ready).await;
+        }
+        if let Some(pods_file) = &a.pods_file {
+            let server = cni::Server::new(
+                rec.clone(),
+                cni::Lookup::PodsFile(pods_file.clone()),
+                a.kube.host_proc.clone(),
+                None,
+                None,
+            );
+            cni::start(&a.cni, a.cni.socket(false), server).await?;
+        }
         watch_pods_file(&a, rec, ready).await
     })
+}
+
+/// Forwards the programs' aya-log records to the agent's logger as they
+/// arrive (the ring buffer's fd becomes readable).
+async fn read_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns its ring buffer's map fd for its whole life
+    // and always returns that same fd; the AsyncFd owns the logger.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("kernel logging unavailable: {e}");
+            return;
+        }
+    };
+    loop {
+        match fd.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => {
+                warn!("kernel log reader stopped: {e}");
+                return;
+            }
+        }
+    }
 }
 
 /// Applies the pods file now, whenever its content changes, and every
@@ -175,6 +349,10 @@ async fn watch_pods_file(
     ready: Arc<AtomicBool>,
 ) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
+    let pods_file = a
+        .pods_file
+        .as_deref()
+        .context("--pods-file is required without --kubernetes")?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(a.reload_ms));
@@ -187,13 +365,13 @@ async fn watch_pods_file(
             _ = int.recv() => { info!("SIGINT: stopping (capture stays in place)"); break; }
             _ = tick.tick() => {}
         }
-        let text = match tokio::fs::read_to_string(&a.pods_file).await {
+        let text = match tokio::fs::read_to_string(pods_file).await {
             Ok(t) => t,
             Err(e) => {
                 if last.is_some() || !ready.load(Ordering::Relaxed) {
                     warn!(
                         "pods file {}: cannot read it ({e}); keeping the current pods",
-                        a.pods_file.display()
+                        pods_file.display()
                     );
                 }
                 last = None;
@@ -204,7 +382,7 @@ async fn watch_pods_file(
         if !changed && last_apply.elapsed() < resync {
             continue;
         }
-        let parsed = match podsfile::parse(&a.pods_file, &text) {
+        let parsed = match podsfile::parse(pods_file, &text) {
             Ok(p) => p,
             Err(e) => {
                 if changed {

@@ -153,14 +153,12 @@ impl Reconciler {
         let pod_id = self.next_id;
         self.next_id += 1;
         setup_netns(&spec.netns, &spec.rules);
-        let entries = self
-            .dp
-            .write_pod(cookie, pod_id, &meta(spec), &spec.rules, None)?;
-        if let Err(e) = self.dp.attach_netns(cookie, &spec.netns) {
-            // Outbound capture works; inbound would silently not: undo.
-            self.dp.remove_pod(cookie, &entries);
-            return Err(e);
-        }
+        // Order matters: the pod's POD_POLICY entry is the switch that
+        // turns capture on (written last by write_pod). Before it, the
+        // sk_lookup program must be attached and the proxy's listeners
+        // known, so that inbound capture starts together with outbound,
+        // never after it.
+        self.dp.attach_netns(cookie, &spec.netns)?;
         // A proxy that already listens was never seen by sockops.
         match crate::adopt::find_listeners(&self.proc_root, &spec.netns, &spec.rules.listen_ports) {
             Ok(found) if !found.is_empty() => {
@@ -170,6 +168,17 @@ impl Reconciler {
             Ok(_) => {}
             Err(e) => warn!("pod {key}: looking for already-listening proxies: {e}"),
         }
+        let entries = match self
+            .dp
+            .write_pod(cookie, pod_id, &meta(spec), &spec.rules, None)
+        {
+            Ok(e) => e,
+            Err(e) => {
+                // Leave nothing half-written behind (e.g. a full map).
+                self.dp.purge_cookie(cookie);
+                return Err(e);
+            }
+        };
         info!(
             "pod {key}: enrolled (netns {}, cookie {cookie}, mesh {}, outbound :{}, inbound :{})",
             spec.netns.display(),

@@ -55,6 +55,8 @@ const SOL_IPV6: i32 = 41;
 /// (linux/netfilter_ipv6/ip6_tables.h) share the number 80.
 const SO_ORIGINAL_DST: i32 = 80;
 const LOOPBACK_IFINDEX: u32 = 1;
+/// Beyond this, cgroup sockopt programs only see the first page of optval.
+const PAGE_SIZE: i32 = 4096;
 const TCP_SYN_SENT: u32 = 2;
 const TCP_CLOSE: u32 = 7;
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
@@ -753,10 +755,16 @@ pub fn weir_getsockopt(ctx: SockoptContext) -> i32 {
     let so = unsafe { &mut *ctx.sockopt };
     let want_v4 = so.level == SOL_IP && so.optname == SO_ORIGINAL_DST;
     let want_v6 = so.level == SOL_IPV6 && so.optname == SO_ORIGINAL_DST;
-    if !(want_v4 || want_v6) {
-        // optlen 0: keep the kernel's answer untouched, whatever its size
-        // (also options larger than a page, which BPF only sees in part).
-        so.optlen = 0;
+    if !(want_v4 || want_v6) || so.retval == 0 {
+        // Not ours, or already answered (by the kernel's conntrack, or by
+        // a program of another cgroup level): leave everything as it is,
+        // so that the chain of programs and the kernel's answer pass
+        // through unchanged. Only options larger than a page need optlen
+        // 0 ("use the kernel's buffer"), since BPF sees just their first
+        // page (Documentation/bpf/prog_cgroupsockopt.rst).
+        if so.optlen > PAGE_SIZE {
+            so.optlen = 0;
+        }
         return 1;
     }
     // SAFETY: as above; `sk` is non-NULL in sockopt programs.
@@ -766,7 +774,9 @@ pub fn weir_getsockopt(ctx: SockoptContext) -> i32 {
         if pod_policy(cookie).is_some() {
             bump_pod(cookie, |c| c.orig_dst_missed += 1);
         }
-        so.optlen = 0;
+        if so.optlen > PAGE_SIZE {
+            so.optlen = 0;
+        }
         return 1;
     };
     // SAFETY: optval/optval_end bound the kernel's copy of the user buffer;
@@ -774,13 +784,13 @@ pub fn weir_getsockopt(ctx: SockoptContext) -> i32 {
     let optval = unsafe { so.__bindgen_anon_2.optval } as *mut u8;
     let end = unsafe { so.__bindgen_anon_3.optval_end } as *mut u8;
     if want_v4 {
-        if !is_v4_mapped(&od.addr) {
-            so.optlen = 0;
-            return 1;
-        }
         let size = core::mem::size_of::<SockaddrIn>();
-        if unsafe { optval.add(size) } > end {
-            so.optlen = 0;
+        if !is_v4_mapped(&od.addr) || unsafe { optval.add(size) } > end {
+            // An IPv6 destination asked with SOL_IP, or a buffer too small
+            // for the answer: the kernel's own error stands.
+            if so.optlen > PAGE_SIZE {
+                so.optlen = 0;
+            }
             return 1;
         }
         let out = optval as *mut SockaddrIn;
@@ -794,7 +804,9 @@ pub fn weir_getsockopt(ctx: SockoptContext) -> i32 {
     } else {
         let size = core::mem::size_of::<SockaddrIn6>();
         if unsafe { optval.add(size) } > end {
-            so.optlen = 0;
+            if so.optlen > PAGE_SIZE {
+                so.optlen = 0;
+            }
             return 1;
         }
         let out = optval as *mut SockaddrIn6;

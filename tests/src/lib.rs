@@ -24,6 +24,7 @@
 mod bpffs;
 mod cgroup;
 mod cmd;
+pub mod istio_iptables;
 pub mod net;
 mod netns;
 pub mod node;

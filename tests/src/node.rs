@@ -122,6 +122,14 @@ impl Node {
         }
     }
 
+    /// A node whose agent attaches to `cgroup` (e.g. a child of another
+    /// node's cgroup), with no agent yet.
+    pub fn in_cgroup(cgroup: Cgroup) -> Node {
+        let mut n = Node::new();
+        n.cgroup = cgroup;
+        n
+    }
+
     /// A node with a running agent.
     pub fn with_agent() -> Node {
         let mut n = Node::new();

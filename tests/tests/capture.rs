@@ -541,3 +541,25 @@ fn proxies_listening_before_enrollment_are_adopted() {
         node.agent_logs()
     );
 }
+
+/// Two weir agents at two levels of the cgroup tree (or weir below another
+/// tool's cgroup programs): the outer one, which knows nothing about the
+/// pod, must not undo the inner one's SO_ORIGINAL_DST answer.
+#[test]
+fn nested_agents_do_not_disturb_each_other() {
+    if !require_root() {
+        return;
+    }
+    let p = two_pods();
+    let outer = Node::with_agent();
+    let mut inner = Node::in_cgroup(outer.cgroup.child("inner"));
+    inner.start_agent();
+    inner.set_pods(&[client_pod(&p)]);
+    let log = inner.sidecar(&p.client, "client-sidecar");
+    inner.echo(&p.server, 8080, "upstream", APP_UID);
+    let r = inner.client(&p.client, APP_UID, "198.18.1.2:8080");
+    assert!(r.ok(), "{:?}", r.json);
+    assert_eq!(wait_records(&log, 1)[0]["orig_dst"], "198.18.1.2:8080");
+    let out = inner.run_in_pod(&p.client, &["sockopt-check"]);
+    assert!(out.contains("\"ok\":true"), "{out}");
+}

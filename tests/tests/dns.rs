@@ -52,10 +52,22 @@ fn setup(annotations: &[(&str, &str)]) -> (World, Node) {
     }
     node.set_pods(&[p]);
     // The real DNS server, and the proxy's DNS listener on loopback:15053.
-    node.daemon(&w.server, &["dns-server", "--port", "53", "--name", "upstream"]);
+    node.daemon(
+        &w.server,
+        &["dns-server", "--port", "53", "--name", "upstream"],
+    );
     node.daemon(
         &w.client,
-        &["--uid", "1337", "dns-server", "--port", "15053", "--name", "dns-proxy", "--loopback"],
+        &[
+            "--uid",
+            "1337",
+            "dns-server",
+            "--port",
+            "15053",
+            "--name",
+            "dns-proxy",
+            "--loopback",
+        ],
     );
     (w, node)
 }
@@ -76,7 +88,10 @@ fn udp_dns_is_captured_and_answers_come_from_the_server_asked() {
     if !require_root() {
         return;
     }
-    let (w, node) = setup(&[("proxy.istio.io/config", "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n")]);
+    let (w, node) = setup(&[(
+        "proxy.istio.io/config",
+        "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
+    )]);
     for (to, connected) in [
         ("198.18.4.2:53", false),
         ("198.18.4.2:53", true),
@@ -85,7 +100,10 @@ fn udp_dns_is_captured_and_answers_come_from_the_server_asked() {
     ] {
         let r = udp(&node, &w, 1000, to, connected);
         assert_eq!(r["ok"], true, "{to} connected={connected}: {r}");
-        assert_eq!(r["reply"]["server"], "dns-proxy", "{to} connected={connected}: {r}");
+        assert_eq!(
+            r["reply"]["server"], "dns-proxy",
+            "{to} connected={connected}: {r}"
+        );
         assert_eq!(r["from"], to, "recvfrom shows the server asked: {r}");
         if connected {
             assert_eq!(r["peer"], to, "getpeername: {r}");
@@ -124,7 +142,10 @@ fn only_the_listed_resolvers_are_captured() {
     if !require_root() {
         return;
     }
-    let (w, node) = setup(&[("weir.dev/dns-capture", "true"), ("weir.dev/dns-servers", "198.18.4.3")]);
+    let (w, node) = setup(&[
+        ("weir.dev/dns-capture", "true"),
+        ("weir.dev/dns-servers", "198.18.4.3"),
+    ]);
     let r = udp(&node, &w, 1000, "198.18.4.3:53", false);
     assert_eq!(r["reply"]["server"], "dns-proxy", "{r}");
     assert_eq!(r["from"], "198.18.4.3:53");

@@ -6,6 +6,7 @@
 //! its own; these commands put the two builds together, and `test` is what
 //! CI runs (`.ci/run`).
 
+mod bench;
 mod build;
 mod cmd;
 mod host;
@@ -74,6 +75,24 @@ enum Command {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<OsString>,
     },
+    /// Build (release), then benchmark direct vs iptables vs weir in
+    /// network namespaces; writes target/bench/results.md, results.json and
+    /// latency.svg and prints the table (needs root; a few minutes).
+    Bench {
+        /// Fewer repetitions and less work per run (about a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Repetitions of each workload [default: 5, --quick 3].
+        #[arg(long)]
+        reps: Option<usize>,
+        /// Only these workloads (comma list): crr, crr-upstream,
+        /// rr-sidecar, rr-full, bulk, scale, enroll.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Further arguments for `weir-bench run` (see `weir-bench run --help`).
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<OsString>,
+    },
     /// Run clippy on the host crates (builds the kernel object first, which
     /// the agent embeds).
     Clippy,
@@ -128,6 +147,20 @@ fn run(command: Command) -> Result<ExitCode> {
             test::run(&root, &options)?;
         }
         Command::Run { args } => return run_demo(&root, &args),
+        Command::Bench {
+            quick,
+            reps,
+            only,
+            args,
+        } => {
+            let options = bench::Options {
+                quick,
+                reps,
+                only,
+                args,
+            };
+            return bench::run(&root, &options);
+        }
         Command::Clippy => {
             let object = build_ebpf(&root)?;
             test::clippy(&root, &object)?;

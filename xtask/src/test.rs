@@ -33,18 +33,20 @@ enum Step {
     BuildEbpf,
     Clippy,
     UnitTests,
+    Manifests,
     BuildAgent,
     KernelTests,
 }
 
 impl Step {
     /// In the order they run: each step relies on the ones before it.
-    const ALL: [Step; 7] = [
+    const ALL: [Step; 8] = [
         Step::Setup,
         Step::Fmt,
         Step::BuildEbpf,
         Step::Clippy,
         Step::UnitTests,
+        Step::Manifests,
         Step::BuildAgent,
         Step::KernelTests,
     ];
@@ -56,6 +58,7 @@ impl Step {
             Step::BuildEbpf => "build-ebpf",
             Step::Clippy => "clippy",
             Step::UnitTests => "unit-tests",
+            Step::Manifests => "manifests",
             Step::BuildAgent => "build-agent",
             Step::KernelTests => "kernel-tests",
         }
@@ -64,7 +67,7 @@ impl Step {
     /// Why `options` leave this step out, if they do.
     fn skipped_by(self, options: &Options) -> Option<&'static str> {
         match self {
-            Step::Fmt | Step::Clippy | Step::UnitTests if options.kernel_only => {
+            Step::Fmt | Step::Clippy | Step::UnitTests | Step::Manifests if options.kernel_only => {
                 Some("--kernel-only")
             }
             Step::BuildAgent | Step::KernelTests if options.unit_only => Some("--unit-only"),
@@ -157,6 +160,7 @@ impl Suite<'_> {
             }
             Step::Clippy => clippy(self.root, self.object()?),
             Step::UnitTests => self.unit_tests(),
+            Step::Manifests => manifests(self.root),
             Step::BuildAgent => self.build_agent(),
             Step::KernelTests => self.kernel_tests(),
         }
@@ -225,6 +229,16 @@ fn harness_args(test_args: &[String]) -> Vec<&str> {
     std::iter::once("--")
         .chain(test_args.iter().map(String::as_str))
         .collect()
+}
+
+/// Validates the Kubernetes manifests (and their kustomize renderings)
+/// against the API schemas, offline: `deploy/validate.sh`.
+fn manifests(root: &Path) -> Result<()> {
+    Cmd::new("bash")
+        .arg(root.join("deploy/validate.sh"))
+        .dir(root)
+        .run()
+        .context("the Kubernetes manifests in deploy/ do not validate")
 }
 
 /// Fails when any file is not formatted as `cargo fmt` would.
@@ -321,7 +335,14 @@ mod tests {
         };
         assert_eq!(
             planned(&options),
-            ["setup", "fmt", "build-ebpf", "clippy", "unit-tests"]
+            [
+                "setup",
+                "fmt",
+                "build-ebpf",
+                "clippy",
+                "unit-tests",
+                "manifests"
+            ]
         );
     }
 }

@@ -9,7 +9,10 @@
 //! - `echo`: the application server, answering one JSON line that says what
 //!   addresses it saw;
 //! - `client`: the application client, printing one JSON line per attempt;
-//! - `validate`: Istio's redirect validation probe (istio-validation).
+//! - `validate`: Istio's redirect validation probe (istio-validation);
+//! - `bookinfo`: the Bookinfo-shaped applications of the demo;
+//! - `demo`: the Bookinfo demo (`cargo xtask run`): a node of network
+//!   namespaces captured by weir, with no iptables rule.
 //!
 //! Every subcommand takes `--uid`/`--gid` (and `--groups`) to drop
 //! privileges right after starting, before any socket exists, so traffic is
@@ -25,8 +28,14 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use nix::unistd::{Gid, Uid, setgid, setgroups, setuid};
 
+#[path = "testkit/bookinfo.rs"]
+mod bookinfo;
 #[path = "testkit/client.rs"]
 mod client;
+#[path = "testkit/demo.rs"]
+mod demo;
+#[path = "testkit/dns.rs"]
+mod dns;
 #[path = "testkit/echo.rs"]
 mod echo;
 #[path = "testkit/sidecar.rs"]
@@ -79,9 +88,21 @@ enum Command {
     /// Checks that getsockopt calls other than SO_ORIGINAL_DST behave as
     /// without weir (prints one JSON line, exit 0 iff all checks pass).
     SockoptCheck,
+    /// UDP and TCP answering server (a DNS server, or the DNS proxy on
+    /// 15053 with --loopback).
+    DnsServer(dns::DnsServerArgs),
+    /// Sends one UDP query and reports the answer's source address.
+    UdpClient(dns::UdpClientArgs),
     /// Internal: the client half of `validate`.
     #[command(hide = true)]
     ValidateClient(validate::ValidateClientArgs),
+    /// A Bookinfo service (productpage, details, reviews, ratings) over
+    /// HTTP/1.1, for the demo.
+    Bookinfo(bookinfo::BookinfoArgs),
+    /// The Bookinfo demo: network namespaces for productpage, details,
+    /// reviews v1-v3 and ratings, each with its app and sidecar, captured by
+    /// `weir run` (WEIR_BIN) with no iptables rule; needs root.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> Result<()> {
@@ -99,7 +120,11 @@ fn main() -> Result<()> {
         Command::Client(args) => client::run(args),
         Command::Validate(args) => validate::run(args),
         Command::ValidateClient(args) => validate::run_client(args),
+        Command::Bookinfo(args) => bookinfo::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::SockoptCheck => sockopt::run(),
+        Command::DnsServer(args) => dns::serve(args),
+        Command::UdpClient(args) => dns::udp_client(args),
     }
 }
 

@@ -89,15 +89,31 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
 
 /// An IPv6 UDP socket with IPV6_V6ONLY, so it never shadows the IPv4 one.
 fn socket2_v6only(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn6, bind, setsockopt, socket, sockopt};
-    let fd = socket(AddressFamily::Inet6, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn6, bind, setsockopt, socket, sockopt,
+    };
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
-    let SocketAddr::V6(a) = addr else { unreachable!("IPv6 only") };
+    let SocketAddr::V6(a) = addr else {
+        unreachable!("IPv6 only")
+    };
     bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn6::from(a))?;
     Ok(UdpSocket::from(fd))
 }
 
-fn answer(name: &str, local: Option<SocketAddr>, peer: SocketAddr, request: &str, proto: &str, orig: Option<SocketAddr>) -> Value {
+fn answer(
+    name: &str,
+    local: Option<SocketAddr>,
+    peer: SocketAddr,
+    request: &str,
+    proto: &str,
+    orig: Option<SocketAddr>,
+) -> Value {
     json!({
         "server": name,
         "proto": proto,
@@ -112,7 +128,9 @@ fn udp_loop(sock: UdpSocket, name: &'static str) {
     let local = sock.local_addr().ok();
     let mut buf = [0u8; 1500];
     loop {
-        let Ok((n, peer)) = sock.recv_from(&mut buf) else { continue };
+        let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
         let req = String::from_utf8_lossy(&buf[..n]).trim().to_string();
         let a = answer(name, local, peer, &req, "udp", None);
         let _ = sock.send_to(a.to_string().as_bytes(), peer);
@@ -127,7 +145,14 @@ fn tcp_loop(l: TcpListener, name: &'static str) {
             let mut line = String::new();
             let _ = BufReader::new(&c).read_line(&mut line);
             let orig = net::original_dst(&c).ok();
-            let a = answer(name, c.local_addr().ok(), c.peer_addr().unwrap_or((Ipv4Addr::UNSPECIFIED, 0).into()), line.trim(), "tcp", orig);
+            let a = answer(
+                name,
+                c.local_addr().ok(),
+                c.peer_addr().unwrap_or((Ipv4Addr::UNSPECIFIED, 0).into()),
+                line.trim(),
+                "tcp",
+                orig,
+            );
             let _ = writeln!(c, "{a}");
         });
     }

@@ -1,0 +1,485 @@
+//! Is a pod meshed, by which mesh, and with which addresses and policy?
+//!
+//! Pure functions over the Kubernetes `Pod` object, shared by the watcher
+//! and the CNI server so both decide the same way. The rules follow what
+//! each mesh's own CNI plugin checks before it writes iptables rules:
+//!
+//! | mesh | meshed when | not meshed when |
+//! |---|---|---|
+//! | Istio | an `istio-proxy` container (regular or native sidecar) or the `sidecar.istio.io/status` annotation | `istio-init` is present (Istio's own iptables capture the pod), `sidecar.istio.io/inject` is false (label first, then annotation), the proxy is not a sidecar (`proxy router`: a gateway), `DISABLE_ENVOY=true`, `sidecar.istio.io/interceptionMode: NONE` |
+//! | Linkerd | a `linkerd-proxy` container | `linkerd-init` is present, `linkerd.io/inject: disabled` |
+//! | Kuma | a `kuma-sidecar` container | `kuma-init` is present, `kuma.io/sidecar-injection: disabled` |
+//!
+//! and, for every mesh: host-network pods (they share the node's network
+//! namespace) and finished pods (phase `Succeeded` or `Failed`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+use crate::policy::{Mesh, keys};
+
+/// Istio's sidecar container.
+pub const ISTIO_PROXY: &str = "istio-proxy";
+/// Istio's iptables init container.
+pub const ISTIO_INIT: &str = "istio-init";
+/// Written by Istio's injector on every injected pod.
+pub const ISTIO_STATUS: &str = "sidecar.istio.io/status";
+/// Istio's opt-out (label or annotation), a boolean.
+pub const ISTIO_INJECT: &str = "sidecar.istio.io/inject";
+/// Linkerd's sidecar container.
+pub const LINKERD_PROXY: &str = "linkerd-proxy";
+/// Linkerd's iptables init container.
+pub const LINKERD_INIT: &str = "linkerd-init";
+/// Linkerd's opt-out annotation (`disabled`).
+pub const LINKERD_INJECT: &str = "linkerd.io/inject";
+/// Kuma's sidecar container.
+pub const KUMA_SIDECAR: &str = "kuma-sidecar";
+/// Kuma's iptables init container.
+pub const KUMA_INIT: &str = "kuma-init";
+/// Kuma's opt-out annotation (`disabled` or `false`).
+pub const KUMA_INJECTION: &str = "kuma.io/sidecar-injection";
+/// On a static pod's mirror: the UID the kubelet uses for the pod (and so
+/// in its cgroup path), which differs from the mirror's `metadata.uid`.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// Whether weir captures a pod, and why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Captured with this mesh's profile.
+    Meshed(Mesh),
+    /// Left alone; the reason is for logs and the CNI plugin's answer.
+    NotMeshed(String),
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verdict::Meshed(m) => write!(f, "meshed ({m})"),
+            Verdict::NotMeshed(why) => write!(f, "not meshed: {why}"),
+        }
+    }
+}
+
+/// What weir keeps of a pod object: small, and everything it needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodView {
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// The UID in the pod's cgroup path: the mirror annotation of a static
+    /// pod, else `uid`.
+    pub cgroup_uid: String,
+    /// `status.podIPs` (or `status.podIP`), the ones that parse.
+    pub ips: Vec<IpAddr>,
+    /// `metadata.annotations`.
+    pub annotations: BTreeMap<String, String>,
+    /// The decision.
+    pub verdict: Verdict,
+    /// Addresses in `status.podIPs` that are not IP addresses (reported,
+    /// never fatal).
+    pub bad_ips: Vec<String>,
+}
+
+impl PodView {
+    /// `namespace/name`, the reconciler's key.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The mesh, when meshed.
+    pub fn mesh(&self) -> Option<Mesh> {
+        match self.verdict {
+            Verdict::Meshed(m) => Some(m),
+            Verdict::NotMeshed(_) => None,
+        }
+    }
+}
+
+/// A pod object weir cannot use at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PodError {
+    /// A required metadata field is missing or empty.
+    #[error(
+        "pod object without metadata.{field} (namespace {namespace:?}, name {name:?}); the API server always sets it, so this object is ignored"
+    )]
+    Missing {
+        /// `name`, `namespace` or `uid`.
+        field: &'static str,
+        /// What namespace it had.
+        namespace: String,
+        /// What name it had.
+        name: String,
+    },
+}
+
+/// Go's `strconv.ParseBool`, which Istio uses for `sidecar.istio.io/inject`.
+fn parse_go_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+fn all_containers(pod: &Pod) -> impl Iterator<Item = &Container> {
+    let spec = pod.spec.as_ref();
+    spec.into_iter().flat_map(|s| {
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+    })
+}
+
+/// The `pilot-agent proxy <type>` argument of Istio's container ("sidecar"
+/// or "router"), when it has one.
+fn istio_proxy_type(c: &Container) -> Option<&str> {
+    let args = c.args.as_deref().unwrap_or_default();
+    let at = args.iter().position(|a| a == "proxy")?;
+    args.get(at + 1)
+        .map(String::as_str)
+        .filter(|t| !t.starts_with('-'))
+}
+
+fn env_true(c: &Container, name: &str) -> bool {
+    c.env
+        .iter()
+        .flatten()
+        .any(|e| e.name == name && e.value.as_deref().and_then(parse_go_bool) == Some(true))
+}
+
+/// Decides whether (and how) weir captures `pod`.
+pub fn verdict(pod: &Pod) -> Verdict {
+    let not = |why: &str| Verdict::NotMeshed(why.to_string());
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.host_network) == Some(true) {
+        return not("host network (the pod shares the node's network namespace)");
+    }
+    if let Some(phase) = pod.status.as_ref().and_then(|s| s.phase.as_deref())
+        && matches!(phase, "Succeeded" | "Failed")
+    {
+        return Verdict::NotMeshed(format!("finished (phase {phase})"));
+    }
+    let empty = BTreeMap::new();
+    let ann = pod.metadata.annotations.as_ref().unwrap_or(&empty);
+    let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+    let has = |name: &str| all_containers(pod).any(|c| c.name == name);
+
+    let istio_proxy = all_containers(pod).find(|c| c.name == ISTIO_PROXY);
+    if istio_proxy.is_some() || ann.contains_key(ISTIO_STATUS) {
+        if has(ISTIO_INIT) {
+            return not("istio-init is present: Istio's own iptables rules capture this pod");
+        }
+        // The label is the newer API; Istio prefers it when both are set.
+        let inject = labels.get(ISTIO_INJECT).or_else(|| ann.get(ISTIO_INJECT));
+        if inject.and_then(|v| parse_go_bool(v.trim())) == Some(false) {
+            return not("sidecar.istio.io/inject is false");
+        }
+        if let Some(c) = istio_proxy {
+            if let Some(t) = istio_proxy_type(c)
+                && t != "sidecar"
+            {
+                return Verdict::NotMeshed(format!(
+                    "istio-proxy runs as {t:?}, not as a sidecar (a gateway)"
+                ));
+            }
+            if env_true(c, "DISABLE_ENVOY") {
+                return not("DISABLE_ENVOY is set on istio-proxy");
+            }
+        }
+        if ann
+            .get(keys::INTERCEPTION_MODE)
+            .is_some_and(|m| m.trim() == "NONE")
+        {
+            return not("sidecar.istio.io/interceptionMode is NONE");
+        }
+        return Verdict::Meshed(Mesh::Istio);
+    }
+    if has(LINKERD_PROXY) {
+        if has(LINKERD_INIT) {
+            return not("linkerd-init is present: Linkerd's own iptables rules capture this pod");
+        }
+        if ann
+            .get(LINKERD_INJECT)
+            .is_some_and(|v| v.trim() == "disabled")
+        {
+            return not("linkerd.io/inject is disabled");
+        }
+        return Verdict::Meshed(Mesh::Linkerd);
+    }
+    if has(KUMA_SIDECAR) {
+        if has(KUMA_INIT) {
+            return not("kuma-init is present: Kuma's own iptables rules capture this pod");
+        }
+        if ann
+            .get(KUMA_INJECTION)
+            .is_some_and(|v| matches!(v.trim(), "disabled" | "false"))
+        {
+            return not("kuma.io/sidecar-injection is disabled");
+        }
+        return Verdict::Meshed(Mesh::Kuma);
+    }
+    not("no istio-proxy, linkerd-proxy or kuma-sidecar container")
+}
+
+/// Reduces a pod object to what weir needs.
+pub fn view(pod: &Pod) -> Result<PodView, PodError> {
+    let md = &pod.metadata;
+    let namespace = md.namespace.clone().unwrap_or_default();
+    let name = md.name.clone().unwrap_or_default();
+    let uid = md.uid.clone().unwrap_or_default();
+    for (field, value) in [("name", &name), ("namespace", &namespace), ("uid", &uid)] {
+        if value.is_empty() {
+            return Err(PodError::Missing {
+                field,
+                namespace: namespace.clone(),
+                name: name.clone(),
+            });
+        }
+    }
+    let annotations: BTreeMap<String, String> = md.annotations.clone().unwrap_or_default();
+    let cgroup_uid = annotations
+        .get(MIRROR_ANNOTATION)
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| uid.clone());
+    let status = pod.status.as_ref();
+    let mut raw_ips: Vec<&str> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .map(|v| v.iter().map(|p| p.ip.as_str()).collect())
+        .unwrap_or_default();
+    if raw_ips.is_empty()
+        && let Some(ip) = status.and_then(|s| s.pod_ip.as_deref())
+    {
+        raw_ips.push(ip);
+    }
+    let mut ips = Vec::new();
+    let mut bad_ips = Vec::new();
+    for s in raw_ips {
+        match s.trim().parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) => bad_ips.push(s.to_string()),
+        }
+    }
+    Ok(PodView {
+        verdict: verdict(pod),
+        namespace,
+        name,
+        uid,
+        cgroup_uid,
+        ips,
+        annotations,
+        bad_ips,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A pod as the API server returns it for an Istio-injected Deployment
+    /// (trimmed to the fields weir and the injector care about).
+    pub(crate) const ISTIO_POD: &str = r#"{
+      "apiVersion": "v1", "kind": "Pod",
+      "metadata": {
+        "name": "productpage-v1-6b746f74dc-9stvs", "namespace": "bookinfo",
+        "uid": "3f1c8f0e-5d2a-4b1e-9a53-0c6b1b0f7c11", "resourceVersion": "81231",
+        "labels": {"app": "productpage", "security.istio.io/tlsMode": "istio",
+                   "service.istio.io/canonical-name": "productpage"},
+        "annotations": {
+          "kubectl.kubernetes.io/default-container": "productpage",
+          "prometheus.io/path": "/stats/prometheus", "prometheus.io/port": "15020",
+          "sidecar.istio.io/status": "{\"initContainers\":[\"istio-validation\"],\"containers\":[\"istio-proxy\"],\"volumes\":[\"istio-envoy\"],\"revision\":\"default\"}",
+          "traffic.sidecar.istio.io/excludeOutboundPorts": "5432"
+        }
+      },
+      "spec": {
+        "nodeName": "node-a", "serviceAccountName": "bookinfo-productpage",
+        "initContainers": [{"name": "istio-validation", "image": "docker.io/istio/proxyv2:1.24.0",
+          "args": ["istio-iptables", "--run-validation", "--skip-rule-apply"]}],
+        "containers": [
+          {"name": "productpage", "image": "docker.io/istio/examples-bookinfo-productpage-v1:1.20.2",
+           "ports": [{"containerPort": 9080, "protocol": "TCP"}]},
+          {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.24.0",
+           "args": ["proxy", "sidecar", "--domain", "$(POD_NAMESPACE).svc.cluster.local",
+                    "--proxyLogLevel=warning"],
+           "env": [{"name": "ISTIO_META_POD_PORTS", "value": "[{\"containerPort\":9080}]"}],
+           "securityContext": {"runAsUser": 1337, "runAsGroup": 1337}}
+        ]
+      },
+      "status": {"phase": "Running", "podIP": "10.244.1.17",
+                 "podIPs": [{"ip": "10.244.1.17"}, {"ip": "fd00:10:244:1::11"}],
+                 "hostIP": "172.18.0.3"}
+    }"#;
+
+    pub(crate) fn pod(json: &str) -> Pod {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn istio() -> serde_json::Value {
+        serde_json::from_str(ISTIO_POD).unwrap()
+    }
+
+    fn verdict_of(v: serde_json::Value) -> Verdict {
+        verdict(&serde_json::from_value(v).unwrap())
+    }
+
+    fn not_meshed(v: serde_json::Value) -> String {
+        match verdict_of(v) {
+            Verdict::NotMeshed(why) => why,
+            other => panic!("expected not meshed, got {other}"),
+        }
+    }
+
+    #[test]
+    fn istio_sidecar_pod() {
+        let v = view(&pod(ISTIO_POD)).unwrap();
+        assert_eq!(v.verdict, Verdict::Meshed(Mesh::Istio));
+        assert_eq!(v.key(), "bookinfo/productpage-v1-6b746f74dc-9stvs");
+        assert_eq!(v.cgroup_uid, "3f1c8f0e-5d2a-4b1e-9a53-0c6b1b0f7c11");
+        assert_eq!(
+            v.ips,
+            vec![
+                "10.244.1.17".parse::<IpAddr>().unwrap(),
+                "fd00:10:244:1::11".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            v.annotations["traffic.sidecar.istio.io/excludeOutboundPorts"],
+            "5432"
+        );
+    }
+
+    #[test]
+    fn istio_native_sidecar_and_status_annotation_alone() {
+        // Istio 1.19+ with native sidecars: istio-proxy is an init
+        // container with restartPolicy Always.
+        let mut p = istio();
+        let proxy = p["spec"]["containers"][1].take();
+        p["spec"]["containers"] = serde_json::json!([{"name": "app"}]);
+        let mut proxy = proxy;
+        proxy["restartPolicy"] = "Always".into();
+        p["spec"]["initContainers"]
+            .as_array_mut()
+            .unwrap()
+            .push(proxy);
+        assert_eq!(verdict_of(p.clone()), Verdict::Meshed(Mesh::Istio));
+        // The injector's annotation alone counts too.
+        p["spec"]["initContainers"] = serde_json::json!([]);
+        assert_eq!(verdict_of(p), Verdict::Meshed(Mesh::Istio));
+    }
+
+    #[test]
+    fn istio_opt_outs() {
+        let mut p = istio();
+        p["spec"]["hostNetwork"] = true.into();
+        assert!(not_meshed(p).contains("host network"));
+
+        let mut p = istio();
+        p["spec"]["initContainers"] = serde_json::json!([{"name": "istio-init"}]);
+        assert!(not_meshed(p).contains("istio-init"));
+
+        let mut p = istio();
+        p["metadata"]["annotations"]["sidecar.istio.io/inject"] = "false".into();
+        assert!(not_meshed(p).contains("inject is false"));
+
+        // The label wins over the annotation.
+        let mut p = istio();
+        p["metadata"]["annotations"]["sidecar.istio.io/inject"] = "true".into();
+        p["metadata"]["labels"]["sidecar.istio.io/inject"] = "F".into();
+        assert!(not_meshed(p).contains("inject is false"));
+        let mut p = istio();
+        p["metadata"]["annotations"]["sidecar.istio.io/inject"] = "false".into();
+        p["metadata"]["labels"]["sidecar.istio.io/inject"] = "true".into();
+        assert_eq!(verdict_of(p), Verdict::Meshed(Mesh::Istio));
+
+        let mut p = istio();
+        p["spec"]["containers"][1]["args"] = serde_json::json!(["proxy", "router"]);
+        assert!(not_meshed(p).contains("gateway"));
+
+        let mut p = istio();
+        p["spec"]["containers"][1]["env"] =
+            serde_json::json!([{"name": "DISABLE_ENVOY", "value": "true"}]);
+        assert!(not_meshed(p).contains("DISABLE_ENVOY"));
+
+        let mut p = istio();
+        p["metadata"]["annotations"]["sidecar.istio.io/interceptionMode"] = "NONE".into();
+        assert!(not_meshed(p).contains("NONE"));
+
+        let mut p = istio();
+        p["status"]["phase"] = "Succeeded".into();
+        assert!(not_meshed(p).contains("finished"));
+    }
+
+    #[test]
+    fn linkerd_and_kuma() {
+        let linkerd = serde_json::json!({
+            "metadata": {"name": "web", "namespace": "emojivoto", "uid": "u1",
+                         "annotations": {"linkerd.io/proxy-version": "stable-2.14.10"}},
+            "spec": {"containers": [{"name": "linkerd-proxy"}, {"name": "web-svc"}]}
+        });
+        assert_eq!(verdict_of(linkerd.clone()), Verdict::Meshed(Mesh::Linkerd));
+        let mut l = linkerd.clone();
+        l["spec"]["initContainers"] = serde_json::json!([{"name": "linkerd-init"}]);
+        assert!(not_meshed(l).contains("linkerd-init"));
+        let mut l = linkerd;
+        l["metadata"]["annotations"]["linkerd.io/inject"] = "disabled".into();
+        assert!(not_meshed(l).contains("disabled"));
+
+        let kuma = serde_json::json!({
+            "metadata": {"name": "demo", "namespace": "kuma-demo", "uid": "u2"},
+            "spec": {"containers": [{"name": "demo-app"}, {"name": "kuma-sidecar"}]}
+        });
+        assert_eq!(verdict_of(kuma.clone()), Verdict::Meshed(Mesh::Kuma));
+        let mut k = kuma;
+        k["metadata"]["annotations"] = serde_json::json!({"kuma.io/sidecar-injection": "disabled"});
+        assert!(not_meshed(k).contains("disabled"));
+    }
+
+    #[test]
+    fn plain_pods_and_odd_objects() {
+        let plain = serde_json::json!({
+            "metadata": {"name": "coredns-1", "namespace": "kube-system", "uid": "u3"},
+            "spec": {"containers": [{"name": "coredns"}]}
+        });
+        assert!(not_meshed(plain).contains("no istio-proxy"));
+        // No spec, no status at all: not meshed, no panic.
+        let bare: Pod =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
+        assert!(matches!(verdict(&bare), Verdict::NotMeshed(_)));
+        // Missing uid: refused with the field named.
+        let e = view(&bare).unwrap_err().to_string();
+        assert!(e.contains("metadata.namespace"), "{e}");
+    }
+
+    #[test]
+    fn ips_and_mirror_pods() {
+        let mut p = istio();
+        p["status"]["podIPs"] = serde_json::json!([{"ip": "nonsense"}, {"ip": "10.0.0.9"}]);
+        p["metadata"]["annotations"]["kubernetes.io/config.mirror"] =
+            "9b7e0c3c6b0d4e3fa3a1f4b2c7d8e9f0".into();
+        let v = view(&serde_json::from_value(p).unwrap()).unwrap();
+        assert_eq!(v.ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
+        assert_eq!(v.bad_ips, vec!["nonsense".to_string()]);
+        assert_eq!(v.cgroup_uid, "9b7e0c3c6b0d4e3fa3a1f4b2c7d8e9f0");
+
+        // Only podIP (older API servers, single stack).
+        let mut p = istio();
+        p["status"] = serde_json::json!({"podIP": "10.0.0.7"});
+        let v = view(&serde_json::from_value(p).unwrap()).unwrap();
+        assert_eq!(v.ips, vec!["10.0.0.7".parse::<IpAddr>().unwrap()]);
+
+        // Pending pod: no addresses yet.
+        let mut p = istio();
+        p["status"] = serde_json::json!({"phase": "Pending"});
+        let v = view(&serde_json::from_value(p).unwrap()).unwrap();
+        assert!(v.ips.is_empty());
+        assert_eq!(v.verdict, Verdict::Meshed(Mesh::Istio));
+    }
+}

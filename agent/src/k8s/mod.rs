@@ -1,0 +1,439 @@
+//! The Kubernetes pod source: the meshed pods of this node, from the API.
+//!
+//! - A kube-rs watcher on pods with `spec.nodeName=<node>` (served from the
+//!   API server's watch cache, `resourceVersion=0`, which is what a
+//!   DaemonSet on every node should ask for), restarted with backoff on
+//!   errors; `410 Gone`, bookmarks and re-lists are the watcher's business.
+//! - [`state::PodStore`] keeps what the last complete list and the events
+//!   since say; nothing is applied before the first complete list, so an
+//!   agent that starts while the API is down leaves the pinned state of
+//!   the previous agent (and so capture) exactly as it is.
+//! - Each pass (on a change, and every `--resync-secs`) finds every meshed
+//!   pod's network namespace ([`netns`]) and applies the full desired set
+//!   with [`Reconciler::apply`]. A pod whose namespace is gone is removed;
+//!   an invalid annotation keeps the pod's last good policy. Kubernetes I/O
+//!   and `/proc` scans happen outside the reconciler's lock.
+//! - The CNI server ([`crate::cni`]) enrolls new pods synchronously; its
+//!   pods are merged into every pass ([`crate::cni::registry`]).
+
+pub mod classify;
+pub mod netns;
+pub mod state;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+use log::{debug, error, info, warn};
+use tokio::sync::Notify;
+
+use self::classify::{PodView, view};
+use self::netns::Discovery;
+use self::state::PodStore;
+use crate::cni::protocol::PodRef;
+use crate::cni::registry::{Known, Registry};
+use crate::reconcile::Reconciler;
+
+/// `weir run` options for the Kubernetes pod source.
+#[derive(clap::Args, Debug, Clone)]
+#[group(id = "kubernetes_source")]
+pub struct Args {
+    /// Watch this node's pods in the Kubernetes API (in-cluster config, or
+    /// --kubeconfig / $KUBECONFIG) instead of reading a pods file.
+    #[arg(long, env = "WEIR_KUBERNETES")]
+    pub kubernetes: bool,
+    /// This node's name, as in its pods' spec.nodeName (in a DaemonSet,
+    /// from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The host's /proc, where pods' processes (their cgroups and network
+    /// namespaces) are found: /proc with hostPID, or a host mount.
+    #[arg(long, env = "WEIR_HOST_PROC", default_value = "/proc")]
+    pub host_proc: PathBuf,
+    /// A kubeconfig file [default: the in-cluster service account, else
+    /// $KUBECONFIG or ~/.kube/config].
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// How long the CNI server waits for the API when the watcher does not
+/// know a pod yet.
+const GET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Checks done before the datapath is loaded in Kubernetes mode.
+///
+/// The pins must live in the host's bpffs: an agent that mounted its own
+/// inside its container would lose them (and capture) on restart.
+pub fn preflight(args: &Args, bpffs: &std::path::Path) -> Result<()> {
+    if args
+        .node_name
+        .as_deref()
+        .is_none_or(|n| n.trim().is_empty())
+    {
+        anyhow::bail!(
+            "--kubernetes needs the node's name: pass --node-name or set NODE_NAME (in a DaemonSet: env NODE_NAME from fieldRef spec.nodeName)"
+        );
+    }
+    if !crate::sys::is_bpffs(bpffs) {
+        anyhow::bail!(
+            "--bpffs {}: not a bpffs mount; in Kubernetes mode the host's bpffs must be mounted there (hostPath /sys/fs/bpf with mountPropagation HostToContainer), or pins would not survive an agent restart",
+            bpffs.display()
+        );
+    }
+    if !args.host_proc.join("1/cgroup").exists() {
+        anyhow::bail!(
+            "--host-proc {}: no 1/cgroup there; point it at the host's /proc (hostPID: true and /proc, or a hostPath mount)",
+            args.host_proc.display()
+        );
+    }
+    Ok(())
+}
+
+/// A client from --kubeconfig, else the usual inference.
+pub async fn client(args: &Args) -> Result<Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration: not in a pod with a service account, and no usable $KUBECONFIG or ~/.kube/config; pass --kubeconfig",
+        )?,
+    };
+    info!("Kubernetes API at {}", config.cluster_url);
+    // No retries inside the client: the watcher's backoff (0.8 s doubling
+    // to 30 s, like client-go's reflector) decides when to try again and
+    // reports each failure, and a CNI request should fail fast so the
+    // kubelet retries the pod. The client's own retry of 429/503 grows to
+    // minutes, which would delay recovery after an outage.
+    let mut config = config;
+    config.default_retry = false;
+    Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// Finds pods for the CNI server: the watcher's store, else the API.
+#[derive(Clone)]
+pub struct Lookup {
+    store: Arc<Mutex<PodStore>>,
+    client: Client,
+}
+
+impl Lookup {
+    /// The pod `pod` (its UID checked when given).
+    pub async fn find(&self, pod: &PodRef) -> Result<PodView, String> {
+        let key = format!("{}/{}", pod.namespace, pod.name);
+        if let Some(v) = lock(&self.store).get(&key)
+            && (pod.uid.is_empty() || v.uid == pod.uid)
+        {
+            return Ok(v.clone());
+        }
+        // Not seen by the watcher yet (it lags, or the API was away):
+        // read it directly.
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
+        let got = tokio::time::timeout(GET_TIMEOUT, api.get_opt(&pod.name))
+            .await
+            .map_err(|_| {
+                format!(
+                    "reading pod {key} from the Kubernetes API: no answer within {} s",
+                    GET_TIMEOUT.as_secs()
+                )
+            })?
+            .map_err(|e| format!("reading pod {key} from the Kubernetes API: {e}"))?;
+        let Some(p) = got else {
+            return Err(format!("pod {key} is not in the Kubernetes API"));
+        };
+        let v = view(&p).map_err(|e| e.to_string())?;
+        if !pod.uid.is_empty() && v.uid != pod.uid {
+            return Err(format!(
+                "pod {key} in the API has UID {}, the runtime says {} (an older pod of the same name is still there); retry",
+                v.uid, pod.uid
+            ));
+        }
+        Ok(v)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Watches the node's pods and keeps them enrolled until SIGTERM/SIGINT.
+pub async fn run(
+    args: &Args,
+    cni: &crate::cni::Args,
+    resync: Duration,
+    rec: Arc<Mutex<Reconciler>>,
+    ready: Arc<AtomicBool>,
+) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let node = args
+        .node_name
+        .clone()
+        .context("--kubernetes needs --node-name or NODE_NAME")?;
+    let client = client(args).await?;
+    let store = Arc::new(Mutex::new(PodStore::new()));
+    let registry = Arc::new(Mutex::new(Registry::default()));
+    let wake = Arc::new(Notify::new());
+
+    let server = crate::cni::Server::new(
+        rec.clone(),
+        crate::cni::Lookup::Kubernetes(Lookup {
+            store: store.clone(),
+            client: client.clone(),
+        }),
+        args.host_proc.clone(),
+        Some(registry.clone()),
+        Some(wake.clone()),
+    );
+    crate::cni::start(cni, cni.socket(true), server).await?;
+
+    let api: Api<Pod> = Api::all(client);
+    info!("watching the pods of node {node}");
+    tokio::spawn(watch(
+        api,
+        watcher_config(&node),
+        store.clone(),
+        registry.clone(),
+        wake.clone(),
+    ));
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(resync);
+    let mut pass = Pass {
+        discovery: Some(Discovery::new(&args.host_proc)),
+        reported: BTreeMap::new(),
+        waiting: BTreeSet::new(),
+        last_keys: None,
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: stopping (capture stays in place)"); break; }
+            _ = int.recv() => { info!("SIGINT: stopping (capture stays in place)"); break; }
+            _ = wake.notified() => {
+                // Let a burst of events settle into one pass.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = pass.run(&store, &registry, &rec).await {
+            error!("reconcile pass failed: {e:#}");
+            continue;
+        }
+        if lock(&store).synced() {
+            ready.store(true, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// The watch on this node's pods: a field selector on `spec.nodeName`,
+/// lists served from the API server's watch cache (`resourceVersion=0`:
+/// thousands of agents re-listing must not all hit etcd), bookmarks on.
+/// Lists are not paginated: the API server ignores `limit` for cached
+/// lists (so kube-rs would drop `resourceVersion=0`), and one node's pods
+/// are a small list.
+fn watcher_config(node: &str) -> watcher::Config {
+    let mut cfg = watcher::Config::default()
+        .fields(&format!("spec.nodeName={node}"))
+        .any_semantic();
+    cfg.page_size = None;
+    cfg
+}
+
+/// Follows the watcher, feeding the store; never ends (errors are retried
+/// with the watcher's default backoff).
+async fn watch(
+    api: Api<Pod>,
+    cfg: watcher::Config,
+    store: Arc<Mutex<PodStore>>,
+    registry: Arc<Mutex<Registry>>,
+    wake: Arc<Notify>,
+) {
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    let mut failing: Option<String> = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(ev) => {
+                if let Some(e) = failing.take() {
+                    info!("Kubernetes API: watching again (after: {e})");
+                }
+                let done = matches!(ev, Event::InitDone);
+                let h = lock(&store).handle(ev);
+                if !h.deleted.is_empty() {
+                    let mut reg = lock(&registry);
+                    for (key, uid) in &h.deleted {
+                        reg.remove_pod(key, uid);
+                    }
+                }
+                if done {
+                    let s = lock(&store);
+                    let all = s.pods().count();
+                    let meshed = s.pods().filter(|v| v.mesh().is_some()).count();
+                    info!("Kubernetes API: listed {all} pods on this node, {meshed} meshed");
+                }
+                if h.changed || !h.deleted.is_empty() {
+                    wake.notify_one();
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if failing.as_deref() != Some(msg.as_str()) {
+                    warn!(
+                        "Kubernetes API: {msg}; retrying with backoff (enrolled pods stay captured)"
+                    );
+                } else {
+                    debug!("Kubernetes API: {msg}");
+                }
+                failing = Some(msg);
+            }
+        }
+    }
+}
+
+/// One reconcile pass, with what it remembers between passes (to log each
+/// problem once).
+struct Pass {
+    discovery: Option<Discovery>,
+    reported: BTreeMap<String, String>,
+    waiting: BTreeSet<String>,
+    last_keys: Option<BTreeSet<String>>,
+}
+
+impl Pass {
+    async fn run(
+        &mut self,
+        store: &Arc<Mutex<PodStore>>,
+        registry: &Arc<Mutex<Registry>>,
+        rec: &Arc<Mutex<Reconciler>>,
+    ) -> Result<()> {
+        let (meshed, known) = {
+            let s = lock(store);
+            if !s.synced() {
+                // Never act on a partial picture: the pinned state stays.
+                return Ok(());
+            }
+            let known: BTreeMap<String, Known> = s
+                .pods()
+                .map(|v| {
+                    (
+                        v.key(),
+                        Known {
+                            uid: v.uid.clone(),
+                            meshed: v.mesh().is_some(),
+                        },
+                    )
+                })
+                .collect();
+            (s.meshed(), known)
+        };
+        let hints: BTreeMap<String, PathBuf> = {
+            let reg = lock(registry);
+            meshed
+                .iter()
+                .filter_map(|v| reg.hint(&v.key(), &v.uid).map(|p| (v.key(), p)))
+                .collect()
+        };
+        let mut discovery = self.discovery.take().expect("one pass at a time");
+        let (rec, registry) = (rec.clone(), registry.clone());
+        let (discovery, res) = tokio::task::spawn_blocking(move || {
+            let uids: BTreeSet<String> = meshed
+                .iter()
+                .filter(|v| !hints.contains_key(&v.key()))
+                .map(|v| v.cgroup_uid.clone())
+                .collect();
+            let found = match discovery.resolve(&uids) {
+                Ok(f) => f,
+                Err(e) => return (discovery, Err(e)),
+            };
+            let mut desired = state::desired(&meshed, |v| {
+                hints
+                    .get(&v.key())
+                    .cloned()
+                    .or_else(|| found.get(&netns::normalize(&v.cgroup_uid)).cloned())
+            });
+            let mut r = lock(&rec);
+            lock(&registry).merge(&mut desired, &known);
+            r.apply(&desired.pods, &desired.invalid);
+            r.dp.set_ready(true);
+            let applied: BTreeSet<String> = r.pods.keys().cloned().collect();
+            drop(r);
+            (discovery, Ok((desired, applied)))
+        })
+        .await
+        .context("reconcile task")?;
+        self.discovery = Some(discovery);
+        let (desired, applied) = res.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the host's /proc to find pod network namespaces ({e}); nothing changed; check --host-proc and hostPID"
+            )
+        })?;
+
+        for (key, msg) in &desired.problems {
+            if self.reported.get(key) != Some(msg) {
+                error!("pod {key}: {msg}");
+            }
+        }
+        self.reported = desired.problems;
+        for key in desired.no_netns.difference(&self.waiting) {
+            info!(
+                "pod {key}: meshed, but no network namespace on this node yet (no process in its cgroup); enrolled once it has one"
+            );
+        }
+        self.waiting = desired.no_netns;
+        if self.last_keys.as_ref() != Some(&applied) {
+            info!("Kubernetes: {} pods enrolled", applied.len());
+            self.last_keys = Some(applied);
+        }
+        Ok(())
+    }
+}
+
+/// Helpers for this module's and the CNI module's unit tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A temporary directory removed on drop.
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        /// Creates `$TMPDIR/weir-<prefix>-<pid>-<n>`.
+        pub fn new(prefix: &str) -> Self {
+            static N: AtomicU32 = AtomicU32::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "weir-{prefix}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+
+        /// Its path.
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! The watcher and the CNI lookup against a fake API server: recorded pod
+//! lists and watch streams (JSON lines as the API server sends them),
+//! including a failing list, BOOKMARK events, an `ERROR` 410 Gone, a watch
+//! connection closed by the server, and direct pod reads.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+
+use super::classify::tests::ISTIO_POD;
+use super::state::PodStore;
+use super::*;
+use crate::cni::registry::Registry;
+
+/// What the fake API server answers, in order, and what it was asked.
+#[derive(Default)]
+struct Script {
+    /// Answers to list requests: (status, body).
+    lists: VecDeque<(StatusCode, String)>,
+    /// Watch streams: each line sent is one event; dropping the sender
+    /// ends the response (the server closed the connection).
+    watches: VecDeque<mpsc::UnboundedReceiver<String>>,
+    /// Pods served by GET /api/v1/namespaces/{ns}/pods/{name}.
+    pods: BTreeMap<String, Value>,
+    /// Query strings of the list and watch requests, in order.
+    requests: Vec<String>,
+}
+
+type Shared = Arc<Mutex<Script>>;
+
+async fn pods(State(s): State<Shared>, uri: Uri) -> Response {
+    let q = uri.query().unwrap_or_default().to_string();
+    let watch = q.split('&').any(|kv| kv == "watch=true");
+    let mut s = s.lock().unwrap();
+    s.requests.push(q);
+    if watch {
+        let Some(rx) = s.watches.pop_front() else {
+            // Nothing scripted: hang like a quiet watch.
+            let body =
+                Body::from_stream(futures_util::stream::pending::<Result<String, Infallible>>());
+            return (StatusCode::OK, body).into_response();
+        };
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|line| (Ok::<_, Infallible>(format!("{line}\n")), rx))
+        });
+        return (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            Body::from_stream(stream),
+        )
+            .into_response();
+    }
+    match s.lists.pop_front() {
+        Some((code, body)) => (code, [("content-type", "application/json")], body).into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no list scripted").into_response(),
+    }
+}
+
+async fn one_pod(State(s): State<Shared>, Path((ns, name)): Path<(String, String)>) -> Response {
+    match s.lock().unwrap().pods.get(&format!("{ns}/{name}")) {
+        Some(p) => (
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            p.to_string(),
+        )
+            .into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            [("content-type", "application/json")],
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": format!("pods \"{name}\" not found"), "reason": "NotFound",
+                   "details": {"name": name, "kind": "pods"}, "code": 404})
+            .to_string(),
+        )
+            .into_response(),
+    }
+}
+
+async fn fake_api(script: Shared) -> Client {
+    let app = Router::new()
+        .route("/api/v1/pods", get(pods))
+        .route("/api/v1/namespaces/{ns}/pods/{name}", get(one_pod))
+        .with_state(script);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    Client::try_from(config).unwrap()
+}
+
+/// An Istio pod on node-a.
+fn istio_pod(name: &str, uid: &str, rv: &str) -> Value {
+    let mut p: Value = serde_json::from_str(ISTIO_POD).unwrap();
+    p["metadata"]["name"] = name.into();
+    p["metadata"]["namespace"] = "default".into();
+    p["metadata"]["uid"] = uid.into();
+    p["metadata"]["resourceVersion"] = rv.into();
+    p["spec"]["nodeName"] = "node-a".into();
+    p
+}
+
+fn plain_pod(name: &str, uid: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "kube-system", "uid": uid, "resourceVersion": "90"},
+           "spec": {"nodeName": "node-a", "containers": [{"name": "coredns", "image": "coredns:1.11"}]},
+           "status": {"phase": "Running", "podIP": "10.244.1.2", "podIPs": [{"ip": "10.244.1.2"}]}})
+}
+
+fn list(rv: &str, items: Vec<Value>) -> (StatusCode, String) {
+    (
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "PodList",
+               "metadata": {"resourceVersion": rv}, "items": items})
+        .to_string(),
+    )
+}
+
+fn event(kind: &str, object: Value) -> String {
+    json!({"type": kind, "object": object}).to_string()
+}
+
+fn bookmark(rv: &str) -> String {
+    event(
+        "BOOKMARK",
+        json!({"kind": "Pod", "apiVersion": "v1",
+               "metadata": {"resourceVersion": rv,
+                            "annotations": {"k8s.io/initial-events-end": "true"}}}),
+    )
+}
+
+fn gone() -> String {
+    event(
+        "ERROR",
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": "too old resource version: 100 (250)", "reason": "Expired", "code": 410}),
+    )
+}
+
+/// Polls `f` on the store until it holds (5 s at most).
+async fn until(store: &Mutex<PodStore>, what: &str, f: impl Fn(&PodStore) -> bool) {
+    for _ in 0..500 {
+        if f(&store.lock().unwrap()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let s = store.lock().unwrap();
+    let pods: Vec<String> = s.pods().map(|v| format!("{} {}", v.key(), v.uid)).collect();
+    panic!(
+        "timed out waiting for {what}; store (synced {}): {pods:?}",
+        s.synced()
+    );
+}
+
+fn keys(s: &PodStore) -> Vec<String> {
+    s.pods().map(|v| v.key()).collect()
+}
+
+#[tokio::test]
+async fn watcher_follows_lists_events_bookmarks_410_and_reconnects() {
+    let script: Shared = Arc::default();
+    let (w1, r1) = mpsc::unbounded_channel();
+    let (w2, r2) = mpsc::unbounded_channel();
+    let (w3, r3) = mpsc::unbounded_channel();
+    {
+        let mut s = script.lock().unwrap();
+        // The API server is not ready at first.
+        s.lists.push_back((
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                   "message": "the server is currently unable to handle the request",
+                   "reason": "ServiceUnavailable", "code": 503})
+            .to_string(),
+        ));
+        s.lists.push_back(list(
+            "100",
+            vec![istio_pod("a", "uid-a", "95"), plain_pod("dns", "uid-dns")],
+        ));
+        s.lists.push_back(list(
+            "250",
+            vec![
+                istio_pod("a", "uid-a", "240"),
+                istio_pod("d", "uid-d", "245"),
+            ],
+        ));
+        s.watches.extend([r1, r2, r3]);
+    }
+    let client = fake_api(script.clone()).await;
+    let store = Arc::new(Mutex::new(PodStore::new()));
+    let registry = Arc::new(Mutex::new(Registry::default()));
+    let wake = Arc::new(Notify::new());
+    let task = tokio::spawn(watch(
+        Api::all(client),
+        watcher_config("node-a"),
+        store.clone(),
+        registry.clone(),
+        wake.clone(),
+    ));
+
+    // Nothing counts before a complete list.
+    assert!(!store.lock().unwrap().synced());
+    until(&store, "the first list", |s| s.synced()).await;
+    assert_eq!(
+        keys(&store.lock().unwrap()),
+        ["default/a", "kube-system/dns"]
+    );
+    {
+        let s = store.lock().unwrap();
+        assert_eq!(s.meshed().len(), 1, "coredns is not meshed");
+    }
+
+    // Events: a new meshed pod, an annotation change, a bookmark.
+    w1.send(event("ADDED", istio_pod("c", "uid-c", "101")))
+        .unwrap();
+    let mut a2 = istio_pod("a", "uid-a", "102");
+    a2["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] =
+        "5432,6379".into();
+    w1.send(event("MODIFIED", a2)).unwrap();
+    w1.send(bookmark("103")).unwrap();
+    until(&store, "c added and a updated", |s| {
+        s.get("default/c").is_some()
+            && s.get("default/a").unwrap().annotations
+                ["traffic.sidecar.istio.io/excludeOutboundPorts"]
+                == "5432,6379"
+    })
+    .await;
+    w1.send(event("DELETED", istio_pod("c", "uid-c", "104")))
+        .unwrap();
+    until(&store, "c deleted", |s| s.get("default/c").is_none()).await;
+
+    // 410 Gone: the watcher lists again; until that list is complete the
+    // store keeps its picture (a and dns), then it is replaced at once.
+    w1.send(gone()).unwrap();
+    until(&store, "the re-list", |s| s.get("default/d").is_some()).await;
+    assert_eq!(keys(&store.lock().unwrap()), ["default/a", "default/d"]);
+    // The re-listed a is as the list says.
+    assert_eq!(
+        store.lock().unwrap().get("default/a").unwrap().annotations["traffic.sidecar.istio.io/excludeOutboundPorts"],
+        "5432"
+    );
+
+    // The server closes the watch: the watcher watches again from where
+    // it was, without a new list.
+    drop(w2);
+    w3.send(event("DELETED", istio_pod("d", "uid-d", "260")))
+        .unwrap();
+    until(&store, "d deleted on the new watch", |s| {
+        s.get("default/d").is_none()
+    })
+    .await;
+
+    let requests = script.lock().unwrap().requests.clone();
+    task.abort();
+    let lists: Vec<&String> = requests
+        .iter()
+        .filter(|q| !q.contains("watch=true"))
+        .collect();
+    let watches: Vec<&String> = requests
+        .iter()
+        .filter(|q| q.contains("watch=true"))
+        .collect();
+    assert_eq!(
+        lists.len(),
+        3,
+        "503, first list, re-list after 410: {requests:#?}"
+    );
+    for q in &requests {
+        assert!(q.contains("fieldSelector=spec.nodeName%3Dnode-a"), "{q}");
+    }
+    // Lists are served from the API server's cache.
+    assert!(
+        lists.iter().all(|q| q.contains("resourceVersion=0")),
+        "{lists:#?}"
+    );
+    assert!(watches[0].contains("resourceVersion=100"), "{watches:#?}");
+    assert!(
+        watches[0].contains("allowWatchBookmarks=true"),
+        "{watches:#?}"
+    );
+    assert!(watches[1].contains("resourceVersion=250"), "{watches:#?}");
+    assert!(watches[2].contains("resourceVersion=250"), "{watches:#?}");
+}
+
+#[tokio::test]
+async fn deletions_drop_cni_registrations_and_wake_the_loop() {
+    let script: Shared = Arc::default();
+    let (w1, r1) = mpsc::unbounded_channel();
+    {
+        let mut s = script.lock().unwrap();
+        s.lists
+            .push_back(list("10", vec![istio_pod("a", "uid-a", "9")]));
+        s.watches.push_back(r1);
+    }
+    let client = fake_api(script.clone()).await;
+    let store = Arc::new(Mutex::new(PodStore::new()));
+    let registry = Arc::new(Mutex::new(Registry::default()));
+    let wake = Arc::new(Notify::new());
+    let dir = testutil::TempDir::new("k8s");
+    let netns = dir.path().join("ns-a");
+    std::fs::write(&netns, "").unwrap();
+    {
+        let v = view(&serde_json::from_value(istio_pod("a", "uid-a", "9")).unwrap()).unwrap();
+        registry
+            .lock()
+            .unwrap()
+            .insert(crate::cni::registry::CniPod {
+                uid: "uid-a".into(),
+                container_id: "sb".into(),
+                netns: netns.clone(),
+                spec: state::spec_of(&v, netns.clone()).unwrap(),
+            });
+    }
+    let task = tokio::spawn(watch(
+        Api::all(client),
+        watcher_config("node-a"),
+        store.clone(),
+        registry.clone(),
+        wake.clone(),
+    ));
+    tokio::time::timeout(Duration::from_secs(5), wake.notified())
+        .await
+        .expect("the first list wakes the loop");
+    assert!(
+        registry
+            .lock()
+            .unwrap()
+            .hint("default/a", "uid-a")
+            .is_some()
+    );
+    w1.send(event("DELETED", istio_pod("a", "uid-a", "11")))
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), wake.notified())
+        .await
+        .expect("a deletion wakes the loop");
+    assert!(
+        registry
+            .lock()
+            .unwrap()
+            .hint("default/a", "uid-a")
+            .is_none()
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn cni_lookup_uses_the_store_then_the_api() {
+    let script: Shared = Arc::default();
+    script
+        .lock()
+        .unwrap()
+        .pods
+        .insert("default/fresh".into(), istio_pod("fresh", "uid-fresh", "5"));
+    let client = fake_api(script.clone()).await;
+    let store = Arc::new(Mutex::new(PodStore::new()));
+    store.lock().unwrap().upsert(
+        view(&serde_json::from_value::<Pod>(istio_pod("known", "uid-known", "3")).unwrap())
+            .unwrap(),
+    );
+    let lookup = Lookup {
+        store: store.clone(),
+        client,
+    };
+    let pod = |name: &str, uid: &str| PodRef {
+        namespace: "default".into(),
+        name: name.into(),
+        uid: uid.into(),
+    };
+    let v = lookup.find(&pod("known", "uid-known")).await.unwrap();
+    assert_eq!(v.uid, "uid-known");
+    // Not in the store: read from the API.
+    let v = lookup.find(&pod("fresh", "uid-fresh")).await.unwrap();
+    assert_eq!(v.mesh(), Some(crate::policy::Mesh::Istio));
+    // The store has an older pod of that name: the API is asked.
+    store.lock().unwrap().upsert(
+        view(&serde_json::from_value::<Pod>(istio_pod("fresh", "uid-old", "1")).unwrap()).unwrap(),
+    );
+    assert_eq!(
+        lookup.find(&pod("fresh", "uid-fresh")).await.unwrap().uid,
+        "uid-fresh"
+    );
+    let e = lookup.find(&pod("fresh", "uid-newer")).await.unwrap_err();
+    assert!(
+        e.contains("UID uid-fresh") && e.contains("uid-newer"),
+        "{e}"
+    );
+    let e = lookup.find(&pod("missing", "")).await.unwrap_err();
+    assert!(
+        e.contains("default/missing is not in the Kubernetes API"),
+        "{e}"
+    );
+}

@@ -1,0 +1,389 @@
+//! Enrollment: how long a `weir run` agent takes from a pods-file change
+//! listing 1,000 pods to all of them captured, and its memory with them.
+//!
+//! The 1,000 network namespaces are created first and timed on their own
+//! (creating namespaces is the container runtime's work, not weir's): a
+//! helper thread `unshare(CLONE_NEWNET)`s into each new one in turn and
+//! bind-mounts it on a file under a private directory, the way `ip netns
+//! add` names one, without starting 1,000 processes. They have only `lo`;
+//! enrollment does not need more.
+//!
+//! Each repetition then atomically replaces the pods file (empty -> 1,000
+//! pods), waits for the agent's `pods file applied in N ms` line, checks
+//! with `weir status -o json` that every pod is captured with its inbound
+//! link attached, reads the agent's RSS, and empties the file again (timing
+//! the removal too). The wall-clock figure includes the agent's pods-file
+//! poll interval (`--reload-ms`, 500 ms by default): detection latency of the
+//! local pod source, on top of the apply time the agent logs. Each change is
+//! made after a random pause of up to one poll interval, so it lands at a
+//! random point of the agent's polling cycle (as a real change would)
+//! rather than always just after a poll.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, unshare};
+use serde::Serialize;
+use weir_tests::{Bpffs, Cgroup, TempDir};
+
+use crate::node::weir_status;
+use crate::stats::Summary;
+
+/// How long one apply may take before the bench gives up.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What the enrollment benchmark measured.
+#[derive(Debug, Serialize)]
+pub struct EnrollResult {
+    /// Pods enrolled.
+    pub pods: usize,
+    /// Seconds to create the pods' network namespaces (not weir's work).
+    pub netns_create_s: f64,
+    /// The agent's `--reload-ms` (pods-file poll interval).
+    pub reload_ms: u64,
+    /// Pods-file change to all pods captured (wall clock), ms.
+    pub enroll_wall_ms: Summary,
+    /// The apply time the agent logged, ms.
+    pub enroll_apply_ms: Summary,
+    /// Pods-file emptied to all pods removed (wall clock), ms.
+    pub remove_wall_ms: Summary,
+    /// The removal apply time the agent logged, ms.
+    pub remove_apply_ms: Summary,
+    /// Agent VmRSS with all pods enrolled, KiB (largest over repetitions).
+    pub rss_kib: u64,
+    /// Agent VmHWM (peak RSS) at the end, KiB.
+    pub hwm_kib: u64,
+    /// Memory of the BPF maps the agent holds open (sum of `memlock` in
+    /// fdinfo, per map), KiB: kernel memory, not part of the RSS.
+    pub bpf_map_kib: u64,
+}
+
+/// Network namespaces bind-mounted on files of one directory; unmounted
+/// (and so freed, once nothing else holds them) on drop.
+struct NetnsSet {
+    files: Vec<PathBuf>,
+}
+
+impl NetnsSet {
+    fn create(dir: &Path, n: usize, interrupted: &AtomicBool) -> Result<NetnsSet> {
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.to_path_buf();
+        // A scoped thread: unshare() moves only this thread into each new
+        // namespace; the process (and every other thread) stays where it is.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut set = NetnsSet { files: Vec::new() };
+                for i in 0..n {
+                    if i % 50 == 0 && interrupted.load(Ordering::Relaxed) {
+                        bail!("interrupted");
+                    }
+                    let file = dir.join(format!("pod-{i:04}"));
+                    File::create(&file)?;
+                    set.files.push(file.clone());
+                    unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+                    mount(
+                        Some("/proc/thread-self/ns/net"),
+                        &file,
+                        None::<&str>,
+                        MsFlags::MS_BIND,
+                        None::<&str>,
+                    )
+                    .with_context(|| format!("bind-mounting a netns on {}", file.display()))?;
+                }
+                Ok(set)
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+}
+
+impl Drop for NetnsSet {
+    fn drop(&mut self) {
+        for f in &self.files {
+            let _ = umount2(f, MntFlags::MNT_DETACH);
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// The agent, killed on drop.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The pods file listing every namespace of `set`.
+fn pods_yaml(set: &NetnsSet) -> String {
+    let mut y = String::with_capacity(set.files.len() * 120);
+    y.push_str("pods:\n");
+    for (i, f) in set.files.iter().enumerate() {
+        let ip = pod_ip(i);
+        y.push_str(&format!(
+            "  - name: pod-{i:04}\n    namespace: enroll\n    netns: {}\n    ips: [{ip}]\n",
+            f.display()
+        ));
+    }
+    y
+}
+
+/// Pod `i`'s address, in 198.18.128.0/17 (apart from the traffic nodes).
+fn pod_ip(i: usize) -> Ipv4Addr {
+    let n = i + 1;
+    Ipv4Addr::new(198, 18, 128 + (n / 256) as u8, (n % 256) as u8)
+}
+
+/// Replaces `path` with `text` in one rename, so the agent never reads a
+/// half-written file.
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Follows the agent's log from a byte offset.
+struct LogTail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl LogTail {
+    /// Skips everything logged so far.
+    fn mark(&mut self) -> Result<()> {
+        self.offset = std::fs::metadata(&self.path)?.len();
+        Ok(())
+    }
+
+    /// Waits for the next `pods file applied in N ms` line after the mark;
+    /// returns N and the time it was seen, and moves the mark past it.
+    fn wait_applied(&mut self, agent: &mut Agent, timeout: Duration) -> Result<(u64, Instant)> {
+        let deadline = Instant::now() + timeout;
+        let needle = "pods file applied in ";
+        let mut text = String::new();
+        loop {
+            let mut f = File::open(&self.path)?;
+            f.seek(SeekFrom::Start(self.offset))?;
+            text.clear();
+            f.read_to_string(&mut text)?;
+            if let Some(at) = text.find(needle) {
+                let seen = Instant::now();
+                let rest = &text[at + needle.len()..];
+                let ms: u64 = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .with_context(|| format!("cannot read the time in {rest:?}"))?;
+                let line_end = rest
+                    .find('\n')
+                    .map_or(text.len(), |e| at + needle.len() + e);
+                self.offset += line_end as u64;
+                return Ok((ms, seen));
+            }
+            // Nothing yet: skip the complete lines read so far next time.
+            if let Some(end) = text.rfind('\n') {
+                self.offset += end as u64 + 1;
+            }
+            if let Some(status) = agent.0.try_wait()? {
+                bail!(
+                    "the weir agent exited ({status}); its log is {}",
+                    self.path.display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no `{needle}` within {timeout:?} in {}",
+                    self.path.display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// A small xorshift generator for the random pauses (no cryptography).
+struct Rng(u64);
+
+impl Rng {
+    fn seeded() -> Rng {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Rng(t | 1)
+    }
+
+    /// A number in `0..n`.
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// `VmRSS` and `VmHWM` of `pid`, KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Sum of `memlock` over the distinct BPF maps `pid` has open, KiB.
+fn bpf_map_kib(pid: u32) -> u64 {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut bytes = 0u64;
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    for entry in dir.flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        let get = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (get("map_id:"), get("memlock:"))
+            && seen.insert(id)
+        {
+            bytes += memlock;
+        }
+    }
+    bytes / 1024
+}
+
+/// Runs the enrollment benchmark.
+pub fn run(
+    weir: &Path,
+    pods: usize,
+    reps: usize,
+    reload_ms: u64,
+    interrupted: &AtomicBool,
+) -> Result<EnrollResult> {
+    let dir = TempDir::new("enroll");
+    eprintln!("weir-bench: enrollment: creating {pods} network namespaces");
+    let started = Instant::now();
+    let set = NetnsSet::create(&dir.join("netns"), pods, interrupted)?;
+    let netns_create_s = started.elapsed().as_secs_f64();
+    eprintln!("weir-bench: enrollment: {pods} namespaces in {netns_create_s:.2} s");
+
+    let cgroup = Cgroup::new("wbenroll");
+    let bpffs = Bpffs::new();
+    let pods_file = dir.join("pods.yaml");
+    std::fs::write(&pods_file, "pods: []\n")?;
+    let log_path = dir.join("agent.log");
+    let log = File::create(&log_path)?;
+    let child = Command::new(weir)
+        .arg("run")
+        .arg("--pods-file")
+        .arg(&pods_file)
+        .arg("--cgroup")
+        .arg(cgroup.path())
+        .arg("--bpffs")
+        .arg(bpffs.path())
+        .args(["--metrics-addr", "off"])
+        .arg(format!("--reload-ms={reload_ms}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", weir.display()))?;
+    let mut agent = Agent(child);
+    let pid = agent.0.id();
+    let mut tail = LogTail {
+        path: log_path,
+        offset: 0,
+    };
+    tail.wait_applied(&mut agent, Duration::from_secs(60))
+        .context("the agent's first (empty) apply")?;
+
+    let yaml = pods_yaml(&set);
+    let mut rng = Rng::seeded();
+    let pause = |rng: &mut Rng| Duration::from_millis(rng.below(reload_ms.max(1)));
+    let (mut wall, mut apply, mut rwall, mut rapply) = (vec![], vec![], vec![], vec![]);
+    let mut rss = 0;
+    for rep in 0..reps {
+        if interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        std::thread::sleep(pause(&mut rng));
+        tail.mark()?;
+        write_atomically(&pods_file, &yaml)?;
+        let t0 = Instant::now();
+        let (ms, seen) = tail.wait_applied(&mut agent, APPLY_TIMEOUT)?;
+        wall.push(seen.duration_since(t0).as_secs_f64() * 1e3);
+        apply.push(ms as f64);
+        rss = rss.max(rss_kib(pid).0);
+        let status = weir_status(weir, bpffs.path())?;
+        let captured = status["pods"].as_array().map_or(0, |p| {
+            p.iter()
+                .filter(|p| p["capture"] == true && p["inbound_attached"] == true)
+                .count()
+        });
+        ensure!(
+            captured == pods,
+            "after the apply, weir status shows {captured} of {pods} pods captured"
+        );
+        eprintln!(
+            "weir-bench: enrollment {}/{reps}: {pods} pods captured {:.0} ms after the change \
+             (agent apply {ms} ms)",
+            rep + 1,
+            wall[rep]
+        );
+
+        std::thread::sleep(pause(&mut rng));
+        tail.mark()?;
+        write_atomically(&pods_file, "pods: []\n")?;
+        let t0 = Instant::now();
+        let (ms, seen) = tail.wait_applied(&mut agent, APPLY_TIMEOUT)?;
+        rwall.push(seen.duration_since(t0).as_secs_f64() * 1e3);
+        rapply.push(ms as f64);
+    }
+    let (_, hwm) = rss_kib(pid);
+    let bpf = bpf_map_kib(pid);
+    drop(agent);
+    let empty = Summary::default();
+    Ok(EnrollResult {
+        pods,
+        netns_create_s,
+        reload_ms,
+        enroll_wall_ms: Summary::of(&wall).unwrap_or_else(|| empty.clone()),
+        enroll_apply_ms: Summary::of(&apply).unwrap_or_else(|| empty.clone()),
+        remove_wall_ms: Summary::of(&rwall).unwrap_or_else(|| empty.clone()),
+        remove_apply_ms: Summary::of(&rapply).unwrap_or(empty),
+        rss_kib: rss,
+        hwm_kib: hwm,
+        bpf_map_kib: bpf,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_addresses_are_distinct_benchmark_addresses() {
+        let ips: std::collections::BTreeSet<_> = (0..1000).map(pod_ip).collect();
+        assert_eq!(ips.len(), 1000);
+        assert_eq!(pod_ip(0), Ipv4Addr::new(198, 18, 128, 1));
+        assert_eq!(pod_ip(999), Ipv4Addr::new(198, 18, 131, 232));
+    }
+}

@@ -1,0 +1,690 @@
+//! `weir-bench run`: builds the three nodes, runs the workloads alternating
+//! between them, then the enrollment benchmark, and writes the report.
+//!
+//! Every workload is a fixed amount of work, repeated. Within a repetition
+//! the modes run back to back, in an order rotated from one repetition to
+//! the next, so slow drifts of the machine hit every mode alike; ratios are
+//! taken per repetition (paired) and then summarized. One untimed warm-up
+//! run per mode precedes each workload.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use weir_tests::Cgroup;
+
+use crate::bpfstats::{self, ProgCost};
+use crate::cpu::CpuMeter;
+use crate::enroll::{self, EnrollResult};
+use crate::machine::{self, Machine};
+use crate::node::{Mode, Node, NodeSettings, Route};
+use crate::report;
+
+/// Set by SIGINT / SIGTERM: stop at the next run boundary and clean up.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// How long one load-generator run may take.
+const RUN_TIMEOUT: Duration = Duration::from_secs(180);
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Directory for results.md, results.json and latency.svg.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+    /// Fewer repetitions and less work per run (about a minute).
+    #[arg(long)]
+    pub quick: bool,
+    /// Repetitions of each workload [default: 5, --quick 3].
+    #[arg(long)]
+    pub reps: Option<usize>,
+    /// Workloads to run (comma list) [default: all]: crr, crr-upstream,
+    /// rr-sidecar, rr-full, bulk, scale, enroll.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Concurrent connections of the connection-rate loops.
+    #[arg(long, default_value_t = 2)]
+    pub crr_threads: u64,
+    /// Excluded CIDRs (and as many excluded ports) of the large rule set.
+    #[arg(long, default_value_t = 5000)]
+    pub scale_rules: usize,
+    /// Pods of the enrollment benchmark.
+    #[arg(long, default_value_t = 1000)]
+    pub enroll_pods: usize,
+    /// The enrollment agent's --reload-ms (pods-file poll interval; the
+    /// agent's default is 500).
+    #[arg(long, default_value_t = 500)]
+    pub reload_ms: u64,
+    /// Before each measured run, wait up to this many seconds for other
+    /// processes to leave the CPUs alone (below 5% of them).
+    #[arg(long, default_value_t = 30)]
+    pub quiet_wait: u64,
+    /// Let the workloads' processes run on any CPU (by default the latency
+    /// and bulk workloads, and the connection-rate loops, run with every
+    /// process of the path pinned to one CPU; see docs/benchmarks.md).
+    #[arg(long)]
+    pub unpinned: bool,
+    /// Repeat a run (up to 3 times, keeping the least disturbed) when other
+    /// processes used more than this share of the CPUs during it.
+    #[arg(long, default_value_t = 0.08)]
+    pub max_foreign: f64,
+}
+
+/// Settings derived from the arguments.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Settings {
+    /// Repetitions per workload.
+    pub reps: usize,
+    /// `--quick`.
+    pub quick: bool,
+    /// Connections per connection-rate run.
+    pub crr_conns: u64,
+    /// Concurrent connections of the connection-rate loops.
+    pub crr_threads: u64,
+    /// Round trips per latency run.
+    pub rr_requests: usize,
+    /// Bytes per bulk run.
+    pub bulk_bytes: u64,
+    /// Large rule count.
+    pub scale_rules: usize,
+    /// Enrollment pods.
+    pub enroll_pods: usize,
+    /// Enrollment repetitions.
+    pub enroll_reps: usize,
+    /// Threads per sidecar listener.
+    pub sidecar_threads: usize,
+    /// `--quiet-wait`, seconds.
+    pub quiet_wait_s: u64,
+    /// `--max-foreign`.
+    pub max_foreign: f64,
+    /// The CPU the pinned workloads run on (`None`: not pinned).
+    pub pin_cpu: Option<usize>,
+}
+
+impl Settings {
+    fn from_args(a: &RunArgs) -> Settings {
+        let q = a.quick;
+        Settings {
+            reps: a.reps.unwrap_or(if q { 3 } else { 5 }).max(1),
+            quick: q,
+            crr_conns: if q { 6_000 } else { 20_000 },
+            crr_threads: a.crr_threads.max(1),
+            rr_requests: if q { 5_000 } else { 20_000 },
+            bulk_bytes: if q { 256 << 20 } else { 1 << 30 },
+            scale_rules: a.scale_rules,
+            enroll_pods: a.enroll_pods,
+            enroll_reps: if q { 2 } else { 5 },
+            sidecar_threads: 8,
+            quiet_wait_s: a.quiet_wait,
+            max_foreign: a.max_foreign,
+            pin_cpu: (!a.unpinned)
+                .then(|| std::thread::available_parallelism().map_or(1, |n| n.get()) - 1),
+        }
+    }
+}
+
+/// What a workload's load generator does.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Crr,
+    Rr,
+    Bulk,
+}
+
+/// One workload: a load, a path, the modes it runs in.
+#[derive(Clone, Debug)]
+struct Workload {
+    key: &'static str,
+    pod: &'static str,
+    route: Route,
+    kind: Kind,
+    modes: &'static [Mode],
+}
+
+const ALL_MODES: &[Mode] = &[Mode::Direct, Mode::Iptables, Mode::Weir];
+const CAPTURE_MODES: &[Mode] = &[Mode::Iptables, Mode::Weir];
+
+fn workloads() -> Vec<(&'static str, Workload)> {
+    let w = |key, pod, route, kind, modes| Workload {
+        key,
+        pod,
+        route,
+        kind,
+        modes,
+    };
+    vec![
+        (
+            "crr",
+            w("crr", "a", Route::OwnSidecar, Kind::Crr, ALL_MODES),
+        ),
+        (
+            "crr-upstream",
+            w("crr_upstream", "a", Route::Upstream, Kind::Crr, ALL_MODES),
+        ),
+        (
+            "rr-sidecar",
+            w("rr_sidecar", "a", Route::OwnSidecar, Kind::Rr, ALL_MODES),
+        ),
+        (
+            "rr-full",
+            w("rr_full", "a", Route::FullPath, Kind::Rr, ALL_MODES),
+        ),
+        (
+            "bulk",
+            w("bulk", "a", Route::Upstream, Kind::Bulk, ALL_MODES),
+        ),
+        (
+            "scale",
+            w(
+                "scale_10",
+                "r10",
+                Route::OwnSidecar,
+                Kind::Crr,
+                CAPTURE_MODES,
+            ),
+        ),
+        (
+            "scale",
+            w(
+                "scale_big",
+                "rbig",
+                Route::OwnSidecar,
+                Kind::Crr,
+                CAPTURE_MODES,
+            ),
+        ),
+    ]
+}
+
+/// Everything measured, for the report.
+pub struct Measured {
+    /// The machine.
+    pub machine: Machine,
+    /// The settings.
+    pub settings: Settings,
+    /// Raw load-generator results: workload key -> mode -> one per rep.
+    pub raw: BTreeMap<&'static str, BTreeMap<Mode, Vec<Value>>>,
+    /// Pooled latency samples (ns, sorted): workload key -> mode.
+    pub samples: BTreeMap<&'static str, BTreeMap<Mode, Vec<u32>>>,
+    /// The enrollment benchmark, when it ran.
+    pub enroll: Option<EnrollResult>,
+    /// Sidecar and server counters at the end: mode -> pod/process -> JSON.
+    pub counters: BTreeMap<Mode, BTreeMap<String, Value>>,
+    /// Problems found by the checks (empty when every check passed).
+    pub problems: Vec<String>,
+    /// Share of the CPUs other processes used during each recorded run.
+    pub foreign: Vec<f64>,
+    /// Runs repeated because other processes disturbed them.
+    pub repeated: usize,
+    /// weir's programs' cost per connection (one extra run with BPF
+    /// statistics on), with that run's result.
+    pub bpf_cost: Option<(Vec<ProgCost>, Value)>,
+    /// Wall-clock duration of the whole run.
+    pub duration_s: f64,
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn install_signal_handlers() -> Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe { sigaction(sig, &action) }.with_context(|| format!("installing {sig} handler"))?;
+    }
+    Ok(())
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted; cleaning up");
+    }
+    Ok(())
+}
+
+/// `weir-bench run`.
+pub fn run(args: RunArgs) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("weir-bench run needs root (network namespaces, cgroups, eBPF, iptables)");
+    }
+    install_signal_handlers()?;
+    let started = Instant::now();
+    let settings = Settings::from_args(&args);
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    for o in &args.only {
+        let known = workloads().iter().any(|(n, _)| n == o) || o == "enroll";
+        if !known {
+            bail!("--only {o}: unknown workload");
+        }
+    }
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let weir = weir_tests::weir_bin();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let machine = machine::describe(&workspace);
+    eprintln!(
+        "weir-bench: {} ({} cores), kernel {}, weir {}",
+        machine.cpu,
+        machine.cores,
+        machine.kernel,
+        weir.display()
+    );
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+
+    let mut m = Measured {
+        machine,
+        settings: settings.clone(),
+        raw: BTreeMap::new(),
+        samples: BTreeMap::new(),
+        enroll: None,
+        counters: BTreeMap::new(),
+        problems: Vec::new(),
+        foreign: Vec::new(),
+        repeated: 0,
+        bpf_cost: None,
+        duration_s: 0.0,
+    };
+
+    let selected: Vec<Workload> = workloads()
+        .into_iter()
+        .filter(|(n, _)| wanted(n))
+        .map(|(_, w)| w)
+        .collect();
+    if !selected.is_empty() {
+        run_traffic(&exe, &weir, &settings, &selected, &mut m)?;
+    }
+    if wanted("enroll") {
+        check_interrupted()?;
+        m.enroll = Some(enroll::run(
+            &weir,
+            settings.enroll_pods,
+            settings.enroll_reps,
+            args.reload_ms,
+            &INTERRUPTED,
+        )?);
+    }
+    m.duration_s = started.elapsed().as_secs_f64();
+    let table = report::write(&args.out, &m)?;
+    println!("\n{table}");
+    eprintln!(
+        "weir-bench: done in {:.0} s; wrote {}/results.md, results.json, latency.svg",
+        m.duration_s,
+        args.out.display()
+    );
+    Ok(())
+}
+
+fn run_traffic(
+    exe: &Path,
+    weir: &Path,
+    s: &Settings,
+    selected: &[Workload],
+    m: &mut Measured,
+) -> Result<()> {
+    let top = Cgroup::new("wbench");
+    let ns = NodeSettings {
+        exe,
+        weir,
+        parent_cgroup: &top,
+        scale: s.scale_rules,
+        sidecar_threads: s.sidecar_threads,
+    };
+    let mut nodes: BTreeMap<Mode, Node> = BTreeMap::new();
+    for mode in Mode::ALL {
+        check_interrupted()?;
+        let t = Instant::now();
+        nodes.insert(mode, Node::build(mode, &ns)?);
+        eprintln!(
+            "weir-bench: {} node up in {:.1} s",
+            mode.name(),
+            t.elapsed().as_secs_f64()
+        );
+    }
+    let meter = CpuMeter::new(top.path());
+    let mut result = run_workloads(&nodes, s, selected, &meter, m);
+    if result.is_ok()
+        && let Some(w) = selected.iter().find(|w| w.key == "crr")
+    {
+        match bpf_cost(&nodes[&Mode::Weir], w, s) {
+            Ok(c) => m.bpf_cost = Some(c),
+            Err(e) => {
+                eprintln!("weir-bench: measuring the programs' cost failed: {e:#}");
+                result = Err(e);
+            }
+        }
+    }
+    for (mode, node) in &mut nodes {
+        let counters = node.stop_processes();
+        check_counters(*mode, &counters, &mut m.problems);
+        m.counters.insert(*mode, counters);
+    }
+    // Nodes (and their processes, pins, namespaces) go before the cgroup.
+    drop(nodes);
+    drop(top);
+    result
+}
+
+fn load_args(w: &Workload, node: &Node, s: &Settings, scale: u64) -> Vec<String> {
+    let addr = node.target(w.route).to_string();
+    let a = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let mut args = match s.pin_cpu {
+        Some(cpu) => vec!["--cpu".to_owned(), cpu.to_string()],
+        None => Vec::new(),
+    };
+    args.extend(match w.kind {
+        Kind::Crr => a(&[
+            "crr",
+            "--connect",
+            &addr,
+            "--conns",
+            &(s.crr_conns / scale).max(s.crr_threads).to_string(),
+            "--threads",
+            &s.crr_threads.to_string(),
+        ]),
+        Kind::Rr => a(&[
+            "rr",
+            "--connect",
+            &addr,
+            "--requests",
+            &(s.rr_requests / scale as usize).max(1).to_string(),
+            "--samples",
+        ]),
+        Kind::Bulk => a(&[
+            "bulk",
+            "--connect",
+            &addr,
+            "--bytes",
+            &(s.bulk_bytes / scale).to_string(),
+        ]),
+    });
+    args
+}
+
+/// The status byte every reply of `w` should carry in `mode`.
+fn expected_status(w: &Workload, mode: Mode) -> &'static str {
+    match (w.route, mode) {
+        (Route::OwnSidecar, Mode::Direct) => "D",
+        (Route::OwnSidecar, _) => "C",
+        _ => "S",
+    }
+}
+
+/// Checks one load result; returns the problem, if any.
+fn check_result(w: &Workload, mode: Mode, v: &Value) -> Option<String> {
+    let want = expected_status(w, mode);
+    let name = format!("{} ({})", w.key, mode.name());
+    match w.kind {
+        Kind::Crr => {
+            let ok = v["ok"].as_u64().unwrap_or(0);
+            let errors = v["errors"].as_u64().unwrap_or(0);
+            let key = match want {
+                "C" => "captured",
+                "D" => "direct",
+                _ => "server",
+            };
+            let matching = v["status"][key].as_u64().unwrap_or(0);
+            if errors > 0 {
+                return Some(format!(
+                    "{name}: {errors} failed connections (first: {})",
+                    v["first_error"]
+                ));
+            }
+            if matching != ok {
+                return Some(format!(
+                    "{name}: {matching} of {ok} replies had status {want} ({})",
+                    v["status"]
+                ));
+            }
+        }
+        Kind::Rr | Kind::Bulk => {
+            if v["status"] != want {
+                return Some(format!(
+                    "{name}: reply status {} instead of {want}",
+                    v["status"]
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// Share of the CPUs other work may use while the runner waits before a run.
+const QUIET: f64 = 0.05;
+/// Attempts at a run disturbed by other work.
+const ATTEMPTS: usize = 3;
+
+/// One recorded run: waits for a quiet machine, runs, and repeats the run
+/// when other work took more than `max_foreign` of the CPUs meanwhile
+/// (keeping the least disturbed attempt). Adds `foreign_cpu` to the result.
+fn measured_run(
+    node: &Node,
+    w: &Workload,
+    s: &Settings,
+    meter: &CpuMeter,
+    m: &mut Measured,
+) -> Result<Value> {
+    let mut best: Option<(f64, Value)> = None;
+    for attempt in 0..ATTEMPTS {
+        check_interrupted()?;
+        meter.wait_quiet(QUIET, Duration::from_secs(s.quiet_wait_s));
+        let a = meter.snap();
+        let v = node.run_load(w.pod, &load_args(w, node, s, 1), RUN_TIMEOUT)?;
+        let b = meter.snap();
+        let foreign = meter.foreign(&a, &b);
+        let mut v = v;
+        if let Some(ok) = v["ok"].as_u64().filter(|ok| *ok > 0) {
+            // Connection-rate runs: CPU time per connection, all of it.
+            v["cpu_us_per_conn"] = json!(meter.ours_us(&a, &b) / ok as f64);
+        }
+        if best.as_ref().is_none_or(|(f, _)| foreign < *f) {
+            best = Some((foreign, v));
+        }
+        if foreign <= s.max_foreign {
+            break;
+        }
+        if attempt + 1 < ATTEMPTS {
+            m.repeated += 1;
+            eprintln!(
+                "weir-bench: other processes used {:.0}% of the CPUs during a {} run of {}; \
+                 repeating it",
+                foreign * 100.0,
+                node.mode.name(),
+                w.key
+            );
+        }
+    }
+    let (foreign, mut v) = best.expect("at least one attempt");
+    m.foreign.push(foreign);
+    v["foreign_cpu"] = json!(foreign);
+    Ok(v)
+}
+
+fn run_workloads(
+    nodes: &BTreeMap<Mode, Node>,
+    s: &Settings,
+    selected: &[Workload],
+    meter: &CpuMeter,
+    m: &mut Measured,
+) -> Result<()> {
+    for node in nodes.values() {
+        node.pin(s.pin_cpu)?;
+    }
+    for w in selected {
+        let modes: Vec<Mode> = w.modes.to_vec();
+        // Warm-up: a fifth of the work, not recorded.
+        for &mode in &modes {
+            check_interrupted()?;
+            let node = &nodes[&mode];
+            node.run_load(w.pod, &load_args(w, node, s, 5), RUN_TIMEOUT)?;
+        }
+        for rep in 0..s.reps {
+            let mut line = format!("weir-bench: {:<12} {}/{}:", w.key, rep + 1, s.reps);
+            for i in 0..modes.len() {
+                check_interrupted()?;
+                let mode = modes[(i + rep) % modes.len()];
+                let node = &nodes[&mode];
+                let mut v = measured_run(node, w, s, meter, m)?;
+                if let Some(p) = check_result(w, mode, &v) {
+                    eprintln!("weir-bench: CHECK FAILED: {p}");
+                    m.problems.push(p);
+                }
+                if let Some(samples) = v.get_mut("samples_ns").map(Value::take) {
+                    let pooled = m.samples.entry(w.key).or_default().entry(mode).or_default();
+                    pooled.extend(
+                        samples
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|x| x.as_u64())
+                            .map(|x| x as u32),
+                    );
+                    if let Some(o) = v.as_object_mut() {
+                        o.remove("samples_ns");
+                    }
+                }
+                line.push_str(&format!("  {} {}", mode.name(), headline(w.kind, &v)));
+                m.raw
+                    .entry(w.key)
+                    .or_default()
+                    .entry(mode)
+                    .or_default()
+                    .push(v);
+            }
+            eprintln!("{line}");
+        }
+    }
+    for pooled in m.samples.values_mut().flat_map(|by| by.values_mut()) {
+        pooled.sort_unstable();
+    }
+    Ok(())
+}
+
+fn headline(kind: Kind, v: &Value) -> String {
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    match kind {
+        Kind::Crr => format!("{:.0}/s", f("rate")),
+        Kind::Rr => format!(
+            "p50 {:.1}µs p99 {:.1}µs",
+            f("p50_ns") / 1e3,
+            f("p99_ns") / 1e3
+        ),
+        Kind::Bulk => format!("{:.2} Gbit/s", f("gbit_s")),
+    }
+}
+
+/// One extra connection-rate run in weir mode with BPF run-time statistics
+/// on: what each of weir's programs costs per connection.
+fn bpf_cost(node: &Node, w: &Workload, s: &Settings) -> Result<(Vec<ProgCost>, Value)> {
+    let bpffs = node.bpffs_path().context("the weir node has no bpffs")?;
+    let progs = bpfstats::weir_programs(bpffs)?;
+    let stats = bpfstats::enable()?;
+    let before = bpfstats::snapshot(&progs)?;
+    let v = node.run_load(w.pod, &load_args(w, node, s, 1), RUN_TIMEOUT)?;
+    let after = bpfstats::snapshot(&progs)?;
+    drop(stats);
+    let conns = v["ok"].as_u64().unwrap_or(0);
+    let costs = bpfstats::costs(&progs, &before, &after, conns);
+    let total: f64 = costs.iter().map(|c| c.ns_per_conn).sum();
+    eprintln!(
+        "weir-bench: weir's programs: {:.0} ns per connection in total ({})",
+        total,
+        costs
+            .iter()
+            .map(|c| format!("{} {:.0}", c.name, c.ns_per_conn))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((costs, v))
+}
+
+/// Checks the sidecars' own counters: in the capture modes every accepted
+/// connection must have had an original destination; in direct mode none.
+fn check_counters(mode: Mode, counters: &BTreeMap<String, Value>, problems: &mut Vec<String>) {
+    let mut sum = BTreeMap::<&str, u64>::new();
+    for (name, c) in counters {
+        if c.is_null() {
+            problems.push(format!(
+                "{}: {name} did not report its counters",
+                mode.name()
+            ));
+            continue;
+        }
+        if !name.ends_with("/sidecar") {
+            continue;
+        }
+        for key in [
+            "accepted",
+            "orig_dst",
+            "fallback",
+            "upstream_errors",
+            "loops",
+        ] {
+            *sum.entry(key).or_default() += c[key].as_u64().unwrap_or(0);
+        }
+    }
+    let g = |k: &str| sum.get(k).copied().unwrap_or(0);
+    if mode.captures() && g("fallback") > 0 {
+        problems.push(format!(
+            "{}: {} sidecar connections had no original destination (not captured)",
+            mode.name(),
+            g("fallback")
+        ));
+    }
+    if !mode.captures() && g("orig_dst") > 0 {
+        problems.push(format!(
+            "direct: {} sidecar connections had an original destination",
+            g("orig_dst")
+        ));
+    }
+    for k in ["upstream_errors", "loops"] {
+        if g(k) > 0 {
+            problems.push(format!("{}: sidecar {k} = {}", mode.name(), g(k)));
+        }
+    }
+}
+
+/// The JSON form of the settings and raw results (the report adds the
+/// summaries).
+pub fn raw_json(m: &Measured) -> Value {
+    let raw: BTreeMap<&str, BTreeMap<&str, &Vec<Value>>> = m
+        .raw
+        .iter()
+        .map(|(k, by)| (*k, by.iter().map(|(mode, v)| (mode.name(), v)).collect()))
+        .collect();
+    let counters: BTreeMap<&str, &BTreeMap<String, Value>> =
+        m.counters.iter().map(|(k, v)| (k.name(), v)).collect();
+    json!({ "runs": raw, "counters": counters })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_names_are_unique_per_key() {
+        let keys: std::collections::BTreeSet<_> = workloads().iter().map(|(_, w)| w.key).collect();
+        assert_eq!(keys.len(), workloads().len());
+    }
+
+    #[test]
+    fn crr_results_are_checked_for_capture() {
+        let w = &workloads()[0].1;
+        let good =
+            json!({"ok": 10, "errors": 0, "status": {"captured": 10, "direct": 0, "server": 0}});
+        assert!(check_result(w, Mode::Weir, &good).is_none());
+        assert!(check_result(w, Mode::Direct, &good).is_some());
+        let failed =
+            json!({"ok": 9, "errors": 1, "first_error": "refused", "status": {"captured": 9}});
+        assert!(check_result(w, Mode::Iptables, &failed).is_some());
+    }
+}

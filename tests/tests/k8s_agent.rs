@@ -1,0 +1,397 @@
+//! Kernel tests of `weir run --kubernetes` against a fake API server: the
+//! watcher enrolls, updates and removes pods from the served list and
+//! watch events; pods' network namespaces are found from their cgroups
+//! through /proc (real processes in real namespaces); an API outage or an
+//! expired watch never disturbs enrolled pods; the CNI plugin enrolls pods
+//! the watcher has not seen yet.
+
+mod k8s_support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_support::{CniCall, FakeApi, pod_json};
+use serde_json::Value;
+use weir_tests::node::{Node, sidecar_log};
+use weir_tests::{NetNs, Proc, Veth, require_root, spawn_in, veth_pair, wait_until, weir_bin};
+
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A node whose agent watches the fake API server.
+struct K8sNode {
+    agent: Option<Proc>,
+    procs: Vec<Proc>,
+    socket: PathBuf,
+    api: FakeApi,
+    node: Node,
+}
+
+impl K8sNode {
+    fn start() -> K8sNode {
+        let api = FakeApi::start();
+        let node = Node::new();
+        api.kubeconfig(&node.dir.join("kubeconfig"));
+        let socket = node.dir.join("run/cni.sock");
+        let agent = spawn_agent(&node, &socket);
+        K8sNode {
+            agent: Some(agent),
+            procs: Vec::new(),
+            socket,
+            api,
+            node,
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.agent.as_ref().map(Proc::logs).unwrap_or_default()
+    }
+
+    /// Enrolled pods from `weir status`: name -> (cookie, outbound port).
+    fn enrolled(&self) -> Vec<(String, u64, u64)> {
+        self.node.status()["pods"]
+            .as_array()
+            .map(|a| {
+                let mut v: Vec<(String, u64, u64)> = a
+                    .iter()
+                    .map(|p| {
+                        (
+                            p["name"].as_str().unwrap().to_string(),
+                            p["netns_cookie"].as_u64().unwrap(),
+                            p["outbound_port"].as_u64().unwrap(),
+                        )
+                    })
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default()
+    }
+
+    fn wait_enrolled(&self, what: &str, want: &[(&str, u64, u64)]) {
+        let want: Vec<(String, u64, u64)> = want
+            .iter()
+            .map(|(n, c, p)| (n.to_string(), *c, *p))
+            .collect();
+        let mut last = Vec::new();
+        let ok = (0..(TIMEOUT.as_millis() / 50)).any(|_| {
+            last = self.enrolled();
+            let done = last == want;
+            if !done {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            done
+        });
+        assert!(
+            ok,
+            "{what}: enrolled {last:?}, want {want:?}\n--- agent ---\n{}",
+            self.logs()
+        );
+    }
+
+    /// Starts a process of the pod (its "pause" container) in `ns` and
+    /// puts it in the pod's cgroup (systemd driver layout, containerd)
+    /// under the node's cgroup, as the kubelet would.
+    fn pod_process(&mut self, ns: &NetNs, uid: &str) {
+        let mut sleep = Command::new("sleep");
+        sleep.arg("3600");
+        let p = spawn_in(Some(ns), Some(&self.node.cgroup), sleep);
+        let uid_ = uid.replace('-', "_");
+        let dir = self.node.cgroup.path().join(format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{}.scope",
+            &uid[..8]
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), p.pid().to_string()).unwrap();
+        self.procs.push(p);
+    }
+}
+
+impl Drop for K8sNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- agent logs ---\n{}", self.logs());
+        }
+        self.procs.clear();
+        if let Some(mut p) = self.agent.take() {
+            p.signal(nix::sys::signal::Signal::SIGTERM);
+            let _ = p.wait_timeout(Duration::from_secs(10));
+        }
+    }
+}
+
+const UID_APP: &str = "6f1e2d3c-0000-4000-8000-00000000a001";
+const UID_B: &str = "6f1e2d3c-0000-4000-8000-00000000b002";
+const UID_FRESH: &str = "6f1e2d3c-0000-4000-8000-00000000c003";
+const UID_BAD: &str = "6f1e2d3c-0000-4000-8000-00000000d004";
+const UID_PLAIN: &str = "6f1e2d3c-0000-4000-8000-00000000e005";
+
+fn istio(name: &str, uid: &str, ip: &str, ann: &[(&str, &str)]) -> Value {
+    let mut a = vec![(
+        "sidecar.istio.io/status",
+        r#"{"containers":["istio-proxy"]}"#,
+    )];
+    a.extend_from_slice(ann);
+    let ips: Vec<&str> = [ip].into_iter().filter(|i| !i.is_empty()).collect();
+    pod_json(name, uid, &ips, &["app", "istio-proxy"], &a)
+}
+
+fn pods_with_upstream(prefix: &str, ip: &str) -> (NetNs, NetNs, Veth) {
+    let pod = NetNs::new(prefix);
+    let up = NetNs::new("k8sup");
+    let veth = veth_pair(&pod, &[&format!("{ip}/24")], &up, &["198.18.7.254/24"]);
+    (pod, up, veth)
+}
+
+#[test]
+fn k8s_watcher_enrolls_updates_and_removes_pods() {
+    if !require_root() {
+        return;
+    }
+    let mut k = K8sNode::start();
+    let (app_ns, up_ns, _veth) = pods_with_upstream("k8sapp", "198.18.7.1");
+    let b_ns = NetNs::new("k8sb");
+    let plain_ns = NetNs::new("k8spl");
+    k.pod_process(&app_ns, UID_APP);
+    k.pod_process(&b_ns, UID_B);
+    k.pod_process(&plain_ns, UID_PLAIN);
+    k.node.echo(&up_ns, 8080, "upstream", 1000);
+    k.api.apply(istio("app", UID_APP, "198.18.7.1", &[]));
+    k.api.apply(istio("b", UID_B, "198.18.7.50", &[]));
+    // Not meshed: never enrolled although it has a process and a netns.
+    k.api.apply(pod_json(
+        "plain",
+        UID_PLAIN,
+        &["198.18.7.60"],
+        &["nginx"],
+        &[],
+    ));
+
+    k.wait_enrolled(
+        "both meshed pods, found through their cgroups",
+        &[("app", app_ns.cookie(), 15001), ("b", b_ns.cookie(), 15001)],
+    );
+    // The sidecar container starts; the app's connection is captured.
+    let app_log = k.node.sidecar(&app_ns, "app-sidecar");
+    let r = k.node.client(&app_ns, 1000, "198.18.7.254:8080");
+    assert!(r.ok(), "{:?} sidecar: {:?}", r.json, sidecar_log(&app_log));
+    assert_eq!(sidecar_log(&app_log)[0]["orig_dst"], "198.18.7.254:8080");
+
+    // An annotation changes the policy.
+    k.api.apply(istio(
+        "app",
+        UID_APP,
+        "198.18.7.1",
+        &[("weir.dev/outbound-port", "15009")],
+    ));
+    k.wait_enrolled(
+        "the new outbound port",
+        &[("app", app_ns.cookie(), 15009), ("b", b_ns.cookie(), 15001)],
+    );
+    // An invalid annotation keeps the last good policy and is logged.
+    k.api.apply(istio(
+        "app",
+        UID_APP,
+        "198.18.7.1",
+        &[("weir.dev/outbound-port", "http")],
+    ));
+    wait_until(TIMEOUT, "the annotation error in the log", || {
+        k.logs().contains("annotation weir.dev/outbound-port")
+    });
+    assert_eq!(k.enrolled()[0], ("app".into(), app_ns.cookie(), 15009));
+
+    // Deleted in the API: removed.
+    k.api.delete("app");
+    k.wait_enrolled("app deleted", &[("b", b_ns.cookie(), 15001)]);
+    // Its network namespace disappears (the pod's processes are gone)
+    // while the API still lists it: removed too.
+    for p in k.procs.iter_mut() {
+        let pid = p.pid();
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if cg.contains(&UID_B.replace('-', "_")) {
+            p.kill();
+        }
+    }
+    k.wait_enrolled("b's netns gone", &[]);
+    let reqs = k.api.requests();
+    assert!(
+        reqs.iter().all(|r| !r.starts_with("/api/v1/pods")
+            || r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+        "{reqs:?}"
+    );
+}
+
+#[test]
+fn k8s_api_outage_and_expired_watches_do_not_disturb_enrolled_pods() {
+    if !require_root() {
+        return;
+    }
+    let mut k = K8sNode::start();
+    let app_ns = NetNs::new("k8sapp");
+    k.pod_process(&app_ns, UID_APP);
+    k.api.apply(istio("app", UID_APP, "198.18.7.1", &[]));
+    k.wait_enrolled("app", &[("app", app_ns.cookie(), 15001)]);
+    let cookie = app_ns.cookie();
+
+    // The API server goes away for a while: several resync passes run,
+    // nothing changes.
+    k.api.set_down(true);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(k.enrolled(), vec![("app".into(), cookie, 15001)]);
+    assert!(k.logs().contains("Kubernetes API:"), "{}", k.logs());
+
+    // It comes back with a change made meanwhile.
+    k.api.apply(istio(
+        "app",
+        UID_APP,
+        "198.18.7.1",
+        &[("weir.dev/outbound-port", "15011")],
+    ));
+    k.api.set_down(false);
+    k.wait_enrolled("after the outage", &[("app", cookie, 15011)]);
+
+    // A bookmark, then the watch expires (410 Gone): re-list, no change.
+    k.api.bookmark();
+    k.api.expire_watches();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(k.enrolled(), vec![("app".into(), cookie, 15011)]);
+    assert!(
+        !k.logs().contains("pod default/app: removed"),
+        "enrolled pod flapped:\n{}",
+        k.logs()
+    );
+    let lists = k
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("/api/v1/pods?") && !r.contains("watch=true"))
+        .count();
+    assert!(lists >= 2, "no re-list after 410: {:?}", k.api.requests());
+
+    // A restarted agent with the API down keeps the pinned state as is.
+    k.api.set_down(true);
+    if let Some(mut p) = k.agent.take() {
+        p.signal(nix::sys::signal::Signal::SIGTERM);
+        p.wait_timeout(Duration::from_secs(10)).unwrap();
+    }
+    k.agent = Some(spawn_agent(&k.node, &k.socket));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(k.enrolled(), vec![("app".into(), cookie, 15011)]);
+    k.api.set_down(false);
+    k.wait_enrolled("after the restart", &[("app", cookie, 15011)]);
+}
+
+/// `weir run --kubernetes` against the node's kubeconfig.
+fn spawn_agent(node: &Node, socket: &std::path::Path) -> Proc {
+    let mut cmd = Command::new(weir_bin());
+    cmd.env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .args([
+            "run",
+            "--kubernetes",
+            "--node-name",
+            "node-a",
+            "--kubeconfig",
+        ])
+        .arg(node.dir.join("kubeconfig"))
+        .arg("--cgroup")
+        .arg(node.cgroup.path())
+        .arg("--bpffs")
+        .arg(node.bpffs.path())
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", node.metrics_port))
+        .args(["--resync-secs", "1"])
+        .arg("--cni-socket")
+        .arg(socket);
+    let mut p = spawn_in(None, None, cmd);
+    p.wait_for_output("watching the pods of node node-a", TIMEOUT);
+    p
+}
+
+#[test]
+fn k8s_cni_add_enrolls_pods_the_watcher_has_not_seen() {
+    if !require_root() {
+        return;
+    }
+    let k = K8sNode::start();
+    let fresh_ns = NetNs::new("k8sfr");
+    let bad_ns = NetNs::new("k8sbad");
+    k.api
+        .apply(pod_json("other", UID_PLAIN, &[], &["nginx"], &[]));
+    k.wait_enrolled("nothing", &[]);
+
+    // The pod exists in the API, but the watcher has not seen it (the
+    // event is late), and it has no process yet: only the plugin knows
+    // its netns.
+    k.api.insert_quietly(istio("fresh", UID_FRESH, "", &[]));
+    let out = CniCall::add(
+        "fresh",
+        UID_FRESH,
+        fresh_ns.path(),
+        &k.socket,
+        &["198.18.8.1"],
+    )
+    .run();
+    assert_eq!(out.code, 0, "{:?} {}\n{}", out.json, out.stderr, k.logs());
+    assert_eq!(
+        k.enrolled(),
+        vec![("fresh".into(), fresh_ns.cookie(), 15001)],
+        "enrolled before ADD returned"
+    );
+    // Watcher passes (every second) keep it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        k.enrolled(),
+        vec![("fresh".into(), fresh_ns.cookie(), 15001)]
+    );
+    // The watcher catches up (with the pod's address): still the same
+    // netns, from the plugin.
+    k.api.apply(istio("fresh", UID_FRESH, "198.18.8.1", &[]));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        k.enrolled(),
+        vec![("fresh".into(), fresh_ns.cookie(), 15001)]
+    );
+
+    // A meshed pod whose annotation is invalid does not start.
+    k.api.apply(istio(
+        "bad",
+        UID_BAD,
+        "",
+        &[("traffic.sidecar.istio.io/includeInboundPorts", "8080,web")],
+    ));
+    let out = CniCall::add("bad", UID_BAD, bad_ns.path(), &k.socket, &["198.18.8.2"]).run();
+    assert_eq!(out.json["code"], 100, "{:?}", out.json);
+    let msg = out.json["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("traffic.sidecar.istio.io/includeInboundPorts") && msg.contains("\"web\""),
+        "{msg}"
+    );
+    // A pod the API does not have: the runtime retries later.
+    let out = CniCall::add("ghost", UID_BAD, bad_ns.path(), &k.socket, &["198.18.8.3"]).run();
+    assert_eq!(out.json["code"], 100, "{:?}", out.json);
+    assert!(
+        out.json["msg"]
+            .as_str()
+            .unwrap()
+            .contains("not in the Kubernetes API")
+    );
+    // A pod that is not meshed: passed through.
+    let out = CniCall::add(
+        "other",
+        UID_PLAIN,
+        bad_ns.path(),
+        &k.socket,
+        &["198.18.8.4"],
+    )
+    .run();
+    assert_eq!(out.code, 0, "{:?}", out.json);
+
+    // The sandbox goes (DEL) and the pod is deleted: removed.
+    let del = CniCall::add("fresh", UID_FRESH, fresh_ns.path(), &k.socket, &[])
+        .with_command("DEL")
+        .run();
+    assert_eq!(del.code, 0);
+    k.api.delete("fresh");
+    k.wait_enrolled("fresh removed", &[]);
+}

@@ -1,0 +1,108 @@
+//! `cargo xtask bench`: the benchmark of direct vs iptables vs weir.
+//!
+//! Builds everything in release mode (setup, the kernel object, then the
+//! agent and the test tools, exactly as `cargo xtask build` does: only
+//! release builds are measured), then runs `weir-bench run`, which builds
+//! the node of network namespaces three ways, runs the workloads, and
+//! writes `results.md`, `results.json` and `latency.svg` under
+//! `target/bench/`. A missed target is reported, not an error: the exit
+//! code is the benchmark's own (non-zero only when it could not run).
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+
+use crate::build::{self, Profile};
+use crate::cmd::Cmd;
+use crate::host;
+
+/// What `cargo xtask bench` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Fewer repetitions and less work per run.
+    pub quick: bool,
+    /// Repetitions of each workload.
+    pub reps: Option<usize>,
+    /// Only these workloads.
+    pub only: Vec<String>,
+    /// Further `weir-bench run` arguments.
+    pub args: Vec<OsString>,
+}
+
+/// The `weir-bench run` arguments for `options`, writing into `out`.
+fn bench_args(options: &Options, out: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["run".into(), "--out".into(), out.into()];
+    if options.quick {
+        args.push("--quick".into());
+    }
+    if let Some(reps) = options.reps {
+        args.push(format!("--reps={reps}").into());
+    }
+    if !options.only.is_empty() {
+        args.push(format!("--only={}", options.only.join(",")).into());
+    }
+    args.extend(options.args.iter().cloned());
+    args
+}
+
+/// Builds (release) and runs the benchmark; returns its exit code.
+pub fn run(root: &Path, options: &Options) -> Result<ExitCode> {
+    if !host::is_root() {
+        bail!(
+            "cargo xtask bench needs root: it creates network namespaces, cgroups and \
+             iptables rules (inside its own namespaces only) and loads eBPF programs"
+        );
+    }
+    let bin_dir = crate::build_all(root, Profile::Release)?;
+    let bench = bin_dir.join("weir-bench");
+    let weir = bin_dir.join("weir");
+    for bin in [&bench, &weir] {
+        if !bin.is_file() {
+            bail!("{} was not built", bin.display());
+        }
+    }
+    let out = build::host_target_dir(root).join("bench");
+    println!("\n==> weir bench: results go to {}", out.display());
+    let status = Cmd::new(&bench)
+        .args(bench_args(options, &out))
+        .env("WEIR_BIN", &weir)
+        .dir(root)
+        .status()
+        .context("running weir-bench")?;
+    Ok(crate::exit_code(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_options_on() {
+        let options = Options {
+            quick: true,
+            reps: Some(7),
+            only: vec!["crr".into(), "enroll".into()],
+            args: vec!["--crr-threads=1".into()],
+        };
+        let args = bench_args(&options, Path::new("/w/target/bench"));
+        assert_eq!(
+            args,
+            [
+                "run",
+                "--out",
+                "/w/target/bench",
+                "--quick",
+                "--reps=7",
+                "--only=crr,enroll",
+                "--crr-threads=1"
+            ]
+            .map(OsString::from)
+        );
+        assert_eq!(
+            bench_args(&Options::default(), Path::new("o")),
+            ["run", "--out", "o"].map(OsString::from)
+        );
+    }
+}
