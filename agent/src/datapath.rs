@@ -40,6 +40,8 @@ pub const MAP_NAMES: &[&str] = &[
     "CIDR_EXCLUDE",
     "CIDR_INCLUDE",
     "CIDR_DNS",
+    "CIDR_IFACE",
+    "SRC_ROUTES",
     "LISTENERS",
     "LISTEN_PORTS",
     "PENDING_FLOWS",
@@ -146,6 +148,8 @@ pub struct Datapath {
     cidr_exclude: LpmTrie<MapData, CidrData, u32>,
     cidr_include: LpmTrie<MapData, CidrData, u32>,
     cidr_dns: LpmTrie<MapData, CidrData, u32>,
+    cidr_iface: LpmTrie<MapData, CidrData, u32>,
+    src_routes: LpmTrie<MapData, CidrData, Addr>,
     listen_ports: HashMap<MapData, u16, u32>,
     listeners: aya::maps::SockHash<MapData, ListenerKey>,
     pod_counters: PerCpuHashMap<MapData, u64, PodCounters>,
@@ -247,6 +251,8 @@ impl Datapath {
             cidr_exclude: take(&mut ebpf, "CIDR_EXCLUDE")?,
             cidr_include: take(&mut ebpf, "CIDR_INCLUDE")?,
             cidr_dns: take(&mut ebpf, "CIDR_DNS")?,
+            cidr_iface: take(&mut ebpf, "CIDR_IFACE")?,
+            src_routes: take(&mut ebpf, "SRC_ROUTES")?,
             listen_ports: take(&mut ebpf, "LISTEN_PORTS")?,
             listeners: take(&mut ebpf, "LISTENERS")?,
             pod_counters: take(&mut ebpf, "POD_COUNTERS")?,
@@ -417,6 +423,16 @@ impl Datapath {
                 .insert(&Key::new(*bits, *data), 1, 0)
                 .context("CIDR_DNS full")?;
         }
+        for (bits, data) in &new.iface {
+            self.cidr_iface
+                .insert(&Key::new(*bits, *data), 1, 0)
+                .context("CIDR_IFACE full")?;
+        }
+        for (bits, data, src) in &new.src {
+            self.src_routes
+                .insert(&Key::new(*bits, *data), src, 0)
+                .context("SRC_ROUTES full")?;
+        }
         for a in &new.addrs {
             self.pod_addrs
                 .insert(a, cookie, 0)
@@ -446,6 +462,16 @@ impl Datapath {
         }
         for e in old.dns.iter().filter(|e| !new.dns.contains(e)) {
             let _ = self.cidr_dns.remove(&Key::new(e.0, e.1));
+        }
+        for e in old.iface.iter().filter(|e| !new.iface.contains(e)) {
+            let _ = self.cidr_iface.remove(&Key::new(e.0, e.1));
+        }
+        for e in old
+            .src
+            .iter()
+            .filter(|e| !new.src.iter().any(|n| n.0 == e.0 && n.1 == e.1))
+        {
+            let _ = self.src_routes.remove(&Key::new(e.0, e.1));
         }
         for a in old.addrs.iter().filter(|a| !new.addrs.contains(a)) {
             // Only if the address still points at this pod (it may have
@@ -499,6 +525,18 @@ impl Datapath {
             .filter_map(|k| k.ok())
             .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
             .collect();
+        let iface: Vec<Key<CidrData>> = self
+            .cidr_iface
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
+            .collect();
+        let src: Vec<Key<CidrData>> = self
+            .src_routes
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
+            .collect();
         let addrs: Vec<Addr> = self
             .pod_addrs
             .iter()
@@ -521,6 +559,12 @@ impl Datapath {
         }
         for k in &dns {
             let _ = self.cidr_dns.remove(k);
+        }
+        for k in &iface {
+            let _ = self.cidr_iface.remove(k);
+        }
+        for k in &src {
+            let _ = self.src_routes.remove(k);
         }
         for a in &addrs {
             let _ = self.pod_addrs.remove(a);
@@ -687,6 +731,7 @@ pub fn sum_pod<'a>(it: impl Iterator<Item = &'a PodCounters>) -> PodCounters {
         o.source_bind_failed += c.source_bind_failed;
         o.dns_captured += c.dns_captured;
         o.bypass_owner_group += c.bypass_owner_group;
+        o.bypass_excluded_iface += c.bypass_excluded_iface;
     }
     o
 }

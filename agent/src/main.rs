@@ -2,6 +2,7 @@
 //! capture rules with eBPF programs.
 
 mod adopt;
+mod caps;
 mod cni;
 mod datapath;
 mod explain;
@@ -122,7 +123,7 @@ struct RunArgs {
 #[derive(clap::Args, Debug)]
 struct LogLevelArgs {
     /// The new kernel log level.
-    #[arg(value_enum)]
+    #[arg(value_enum, env = "WEIR_KERNEL_LOG_LEVEL")]
     level: datapath::KernelLogLevel,
     #[command(flatten)]
     bpffs: BpffsArg,
@@ -133,41 +134,41 @@ struct StatusArgs {
     #[command(flatten)]
     bpffs: BpffsArg,
     /// Output format.
-    #[arg(short, long, value_enum, default_value = "text")]
+    #[arg(short, long, env = "WEIR_OUTPUT", value_enum, default_value = "text")]
     output: status::Format,
 }
 
 #[derive(clap::Args, Debug)]
 struct ExplainArgs {
     /// The pod, as NAMESPACE/NAME (see `weir status`).
-    #[arg(long, value_name = "NS/NAME")]
+    #[arg(long, env = "WEIR_EXPLAIN_POD", value_name = "NS/NAME")]
     pod: String,
     /// Destination of the connection: IP:PORT or [IPv6]:PORT (for
     /// --inbound, one of the pod's addresses).
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, env = "WEIR_EXPLAIN_DST", value_name = "ADDR:PORT")]
     dst: std::net::SocketAddr,
     /// UID of the process making an outbound connection.
-    #[arg(long, default_value_t = explain::DEFAULT_UID)]
+    #[arg(long, env = "WEIR_EXPLAIN_UID", default_value_t = explain::DEFAULT_UID)]
     uid: u32,
     /// GID of the process making an outbound connection [default: the
     /// --uid value].
-    #[arg(long)]
+    #[arg(long, env = "WEIR_EXPLAIN_GID")]
     gid: Option<u32>,
     /// Outbound: the address the socket is bound to before connect() (e.g.
     /// 127.0.0.6 for the proxy's inbound passthrough). Inbound: the remote
     /// peer [default: a peer outside the pod].
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, env = "WEIR_EXPLAIN_SRC", value_name = "ADDR")]
     src: Option<std::net::IpAddr>,
     /// Explain a connection arriving at the pod instead of one it makes.
-    #[arg(long)]
+    #[arg(long, env = "WEIR_EXPLAIN_INBOUND")]
     inbound: bool,
     /// An outbound UDP datagram (weir captures only DNS) instead of TCP.
-    #[arg(long, conflicts_with = "inbound")]
+    #[arg(long, env = "WEIR_EXPLAIN_UDP", conflicts_with = "inbound")]
     udp: bool,
     #[command(flatten)]
     bpffs: BpffsArg,
     /// Output format.
-    #[arg(short, long, value_enum, default_value = "text")]
+    #[arg(short, long, env = "WEIR_OUTPUT", value_enum, default_value = "text")]
     output: explain::Format,
 }
 
@@ -253,6 +254,7 @@ fn run(a: RunArgs) -> Result<()> {
             )
         })?),
     };
+    caps::preflight(a.cgroup.as_deref())?;
     let cgroup = match &a.cgroup {
         Some(c) => c.clone(),
         None => sys::cgroup2_mount()?,

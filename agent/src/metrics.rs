@@ -139,6 +139,9 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
         captured
             .with_label_values(&[ns, name, "outbound_to_inbound"])
             .inc_by(c.outbound_to_inbound);
+        captured
+            .with_label_values(&[ns, name, "dns"])
+            .inc_by(c.dns_captured);
         for (reason, v) in [
             ("excluded_port", c.bypass_excluded_port),
             ("inbound_passthrough", c.bypass_passthrough),
@@ -148,6 +151,7 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
             ("excluded_cidr", c.bypass_excluded_cidr),
             ("not_included", c.bypass_not_included),
             ("owner_group", c.bypass_owner_group),
+            ("excluded_interface", c.bypass_excluded_iface),
         ] {
             bypassed
                 .with_label_values(&[ns, name, "outbound", reason])

@@ -155,7 +155,7 @@ pub fn parse(path: &Path, text: &str) -> Result<PodsFile, PodsFileError> {
         let mut bad_ip = None;
         for s in &raw.ips {
             match s.trim().parse::<IpAddr>() {
-                Ok(ip) => ips.push(ip),
+                Ok(ip) => ips.push(ip.to_canonical()),
                 Err(_) => {
                     bad_ip = Some(s.clone());
                     break;

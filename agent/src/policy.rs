@@ -122,6 +122,11 @@ pub mod keys {
     pub const OUTBOUND_PORT: &str = "weir.dev/outbound-port";
     /// weir: inbound capture port, replacing the mesh default.
     pub const INBOUND_PORT: &str = "weir.dev/inbound-port";
+    /// Interfaces whose traffic is never captured (istio-iptables `-c`).
+    pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
+    /// KubeVirt virtual interfaces rerouted to the outbound port
+    /// (istio-iptables `-k`): refused, see the README.
+    pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
     /// Istio's per-pod ProxyConfig; weir reads
     /// `proxyMetadata.ISTIO_META_DNS_CAPTURE` from it.
     pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
@@ -192,6 +197,17 @@ pub struct PodRules {
     pub dns_servers: BTreeSet<IpAddr>,
     /// GIDs of the owner-group filter (see `POLICY_OWNER_GROUPS_*`).
     pub owner_groups: BTreeSet<u32>,
+    /// `excludeInterfaces`: interface names inside the pod.
+    pub exclude_ifaces: BTreeSet<String>,
+    /// Resolved from `exclude_ifaces` in the pod's netns by the agent:
+    /// their interface indexes...
+    pub excluded_ifindexes: BTreeSet<u32>,
+    /// ...and the subnets they connect to (outbound connections there
+    /// leave through them).
+    pub iface_routes: BTreeSet<IpNet>,
+    /// The pod's connected subnets and its address on each (discovered):
+    /// the source the kernel picks for destinations there.
+    pub src_routes: BTreeMap<IpNet, IpAddr>,
 }
 
 fn items(value: &str) -> impl Iterator<Item = &str> {
@@ -427,8 +443,12 @@ pub fn pod_rules(
         })?;
     }
     // istio-iptables skips its "other processes on lo: RETURN" rule when an
-    // include range's own address is a loopback address.
-    if r.include_cidrs.iter().any(|n| n.network().is_loopback()) {
+    // include range's address *as written* is a loopback address
+    // (127.0.0.1/1 counts, although it covers 0.0.0.0/1).
+    if items(include)
+        .filter_map(|i| i.parse::<IpNet>().ok())
+        .any(|n| n.addr().is_loopback())
+    {
         p.flags |= POLICY_INCLUDE_HAS_LOOPBACK;
     }
 
@@ -531,6 +551,33 @@ pub fn pod_rules(
         }
     }
 
+    if let Some(v) = get(keys::EXCLUDE_INTERFACES) {
+        for i in items(v) {
+            if i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
+                return Err(err(
+                    keys::EXCLUDE_INTERFACES,
+                    v,
+                    format!("{i:?} is not an interface name"),
+                    "list interface names as seen inside the pod, e.g. net1,net2",
+                ));
+            }
+            r.exclude_ifaces.insert(i.to_string());
+        }
+        if !r.exclude_ifaces.is_empty() {
+            p.flags |= POLICY_EXCLUDE_IFACES;
+        }
+    }
+    if let Some(v) = get(keys::REROUTE_VIRTUAL_INTERFACES)
+        && items(v).next().is_some()
+    {
+        return Err(err(
+            keys::REROUTE_VIRTUAL_INTERFACES,
+            v,
+            "rerouting virtual interfaces (KubeVirt) is not supported by weir".into(),
+            "leave this pod to istio-cni/istio-init, or remove the annotation",
+        ));
+    }
+
     // Owner groups (ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]): "*" with
     // exclusions, or an include list ("" includes nobody, as in Istio).
     let include_groups = get(keys::OWNER_GROUPS).unwrap_or("*");
@@ -624,6 +671,10 @@ pub struct PodEntries {
     pub include: Vec<(u32, CidrData)>,
     /// `CIDR_DNS` keys.
     pub dns: Vec<(u32, CidrData)>,
+    /// `CIDR_IFACE` keys.
+    pub iface: Vec<(u32, CidrData)>,
+    /// `SRC_ROUTES` entries.
+    pub src: Vec<(u32, CidrData, Addr)>,
     /// `POD_ADDRS` keys.
     pub addrs: Vec<Addr>,
 }
@@ -667,6 +718,11 @@ impl PodRules {
         ids.extend(self.uids.iter().map(|u| id(IDKEY_UID, *u)));
         ids.extend(self.gids.iter().map(|g| id(IDKEY_GID, *g)));
         ids.extend(self.owner_groups.iter().map(|g| id(IDKEY_OWNER_GROUP, *g)));
+        ids.extend(
+            self.excluded_ifindexes
+                .iter()
+                .map(|i| id(IDKEY_EXCLUDED_IFINDEX, *i)),
+        );
         PodEntries {
             ports,
             ids,
@@ -684,6 +740,19 @@ impl PodRules {
                 .dns_servers
                 .iter()
                 .map(|ip| cidr_key(cookie, &IpNet::from(*ip)))
+                .collect(),
+            iface: self
+                .iface_routes
+                .iter()
+                .map(|n| cidr_key(cookie, n))
+                .collect(),
+            src: self
+                .src_routes
+                .iter()
+                .map(|(n, ip)| {
+                    let (bits, data) = cidr_key(cookie, n);
+                    (bits, data, addr_of(*ip))
+                })
                 .collect(),
             addrs: self.addrs.iter().map(|a| addr_of(*a)).collect(),
         }
@@ -720,6 +789,7 @@ impl PodTables for UserTables<'_> {
             IDKEY_UID => self.rules.uids.contains(&id),
             IDKEY_GID => self.rules.gids.contains(&id),
             IDKEY_OWNER_GROUP => self.rules.owner_groups.contains(&id),
+            IDKEY_EXCLUDED_IFINDEX => self.rules.excluded_ifindexes.contains(&id),
             _ => false,
         }
     }
@@ -729,6 +799,7 @@ impl PodTables for UserTables<'_> {
             CidrList::OutboundExclude => &self.rules.exclude_cidrs,
             CidrList::OutboundInclude => &self.rules.include_cidrs,
             CidrList::DnsServers => return self.rules.dns_servers.contains(&ip),
+            CidrList::ExcludedInterfaceRoutes => &self.rules.iface_routes,
         };
         set.iter().any(|n| n.contains(&ip))
     }
@@ -904,6 +975,18 @@ mod tests {
             decide_outbound(&r.policy, &q, &t),
             Verdict::BypassExcludedCidr
         );
+    }
+
+    #[test]
+    fn loopback_include_is_judged_as_written() {
+        let r = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::INCLUDE_OUTBOUND_IP_RANGES, "127.0.0.1/1")]),
+        )
+        .unwrap();
+        assert_ne!(r.policy.flags & POLICY_INCLUDE_HAS_LOOPBACK, 0);
+        assert!(r.include_cidrs.contains(&"0.0.0.0/1".parse().unwrap()));
     }
 
     #[test]

@@ -235,6 +235,24 @@ fn with_discovered_addrs(spec: &PodSpec) -> PodSpec {
         Ok(found) => spec.rules.addrs.extend(found),
         Err(e) => warn!("netns {}: {e:#}", spec.netns.display()),
     }
+    match crate::netlink::connected_subnets(&spec.netns) {
+        Ok(found) => {
+            // The first address on a subnet is the kernel's source there.
+            for (net, ip) in found {
+                spec.rules.src_routes.entry(net).or_insert(ip);
+            }
+        }
+        Err(e) => warn!("netns {}: {e:#}", spec.netns.display()),
+    }
+    if !spec.rules.exclude_ifaces.is_empty() {
+        match crate::netlink::resolve_interfaces(&spec.netns, &spec.rules.exclude_ifaces) {
+            Ok(x) => {
+                spec.rules.excluded_ifindexes = x.ifindexes;
+                spec.rules.iface_routes = x.subnets;
+            }
+            Err(e) => warn!("netns {}: {e:#}", spec.netns.display()),
+        }
+    }
     spec
 }
 
@@ -242,7 +260,11 @@ fn with_discovered_addrs(spec: &PodSpec) -> PodSpec {
 /// gets `::6/128` on `lo`, so the proxy can bind it as the source of its
 /// inbound passthrough connections (IPv4 can bind any 127/8 address).
 fn setup_netns(netns: &Path, rules: &PodRules) {
-    if !rules.addrs.iter().any(IpAddr::is_ipv6) {
+    use weir_common::{POLICY_CAPTURE_INBOUND, POLICY_CAPTURE_OUTBOUND, POLICY_HAS_IP6};
+    let f = rules.policy.flags;
+    // Only pods that are IPv6 pods (by their listed addresses) and
+    // captured, as istio-init does it only with IPv6 enabled and rules.
+    if f & POLICY_HAS_IP6 == 0 || f & (POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND) == 0 {
         return;
     }
     if let Err(e) =

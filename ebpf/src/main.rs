@@ -223,7 +223,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         let on_lo_local = t.is_pod_addr(&dst);
         let remote = !is_loopback_route(&dst, &t);
         if on_lo_local || remote {
-            if bind_source(sa, &policy, &dst, v6, on_lo_local).is_err() {
+            if bind_source(sa, &policy, &dst, v6, on_lo_local, cookie).is_err() {
                 bump_pod(cookie, |c| c.source_bind_failed += 1);
             }
         }
@@ -263,6 +263,21 @@ struct SockaddrIn6 {
     scope_id: u32,
 }
 
+/// The source address the kernel would choose for a remote `dst`: the
+/// pod's address on the subnet of `dst` when it has one (a second
+/// interface), else its primary address of that family.
+#[inline(always)]
+fn source_for(p: &PodPolicy, dst: &Addr, cookie: u64) -> Option<Addr> {
+    if let Some(a) = source_route(cookie, dst) {
+        return Some(a);
+    }
+    if is_v4_mapped(dst) {
+        (p.flags & POLICY_HAS_IP4 != 0).then(|| v4_mapped(p.pod_ip4))
+    } else {
+        (p.flags & POLICY_HAS_IP6 != 0).then_some(p.pod_ip6)
+    }
+}
+
 /// Binds the source address the kernel would have chosen for `dst`.
 #[inline(always)]
 fn bind_source(
@@ -271,20 +286,15 @@ fn bind_source(
     dst: &Addr,
     v6: bool,
     dst_is_pod_addr: bool,
+    cookie: u64,
 ) -> Result<(), ()> {
-    let v4 = is_v4_mapped(dst);
     let src: Addr = if dst_is_pod_addr {
         *dst
-    } else if v4 {
-        if p.flags & POLICY_HAS_IP4 == 0 {
-            return Ok(());
-        }
-        v4_mapped(p.pod_ip4)
     } else {
-        if p.flags & POLICY_HAS_IP6 == 0 {
-            return Ok(());
+        match source_for(p, dst, cookie) {
+            Some(a) => a,
+            None => return Ok(()),
         }
-        p.pod_ip6
     };
     let ret = if v6 {
         let mut a = SockaddrIn6 {
@@ -334,6 +344,8 @@ fn count_outbound(c: &mut PodCounters, v: Verdict) {
         Verdict::BypassExcludedCidr => c.bypass_excluded_cidr += 1,
         Verdict::BypassNotIncluded => c.bypass_not_included += 1,
         Verdict::BypassOwnerGroup => c.bypass_owner_group += 1,
+        Verdict::BypassExcludedInterface => c.bypass_excluded_iface += 1,
+        Verdict::BypassNoRoute => c.bypass_not_included += 1,
         Verdict::RedirectDns => c.dns_captured += 1,
         Verdict::BypassTunnel | Verdict::BypassDisabled => {}
     }
@@ -422,6 +434,19 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     // SAFETY: non-NULL storage of our value type.
     unsafe { *stored = od };
+    // As with REDIRECT, the query leaves from the address the kernel
+    // would pick for the server (the pod's), not from loopback.
+    let unbound = sk.src_port == 0 && src[3] == 0 && (src[0] | src[1] == 0);
+    if unbound && !is_loopback_route(&dst, &t) {
+        let from = source_for(&policy, &dst, cookie);
+        if let Some(from) = from {
+            if v6 {
+                write_words(&mut sa.msg_src_ip6, from);
+            } else {
+                sa.msg_src_ip4 = v4_word(&from);
+            }
+        }
+    }
     if v6 {
         if is_v4_mapped(&dst) {
             write_words(&mut sa.user_ip6, v4_mapped(V4_LOCALHOST));
@@ -850,6 +875,10 @@ fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
         return None;
     }
     let policy = pod_policy(cookie)?;
+    if policy.flags & (POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND) == 0 {
+        // interceptionMode NONE: no rules, so no conntrack answer either.
+        return None;
+    }
     let (local, peer) = if sk.family == AF_INET {
         (v4_mapped(sk.src_ip4), v4_mapped(sk.dst_ip4))
     } else {
@@ -925,7 +954,7 @@ pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
     if is_loopback_route(&remote, &t) {
         return sk_action::SK_PASS;
     }
-    let verdict = decide_inbound(&policy, l.local_port as u16, &t);
+    let verdict = decide_inbound(&policy, l.local_port as u16, l.ingress_ifindex, &t);
     if !verdict.captured() {
         bump_pod(cookie, |c| c.inbound_bypass += 1);
         return sk_action::SK_PASS;

@@ -42,6 +42,29 @@ pub static CIDR_INCLUDE: LpmTrie<CidrData, u32, 262144> = LpmTrie::new();
 #[btf_map]
 pub static CIDR_DNS: LpmTrie<CidrData, u32, 65536> = LpmTrie::new();
 
+/// Subnets reached through the pod's `excludeInterfaces` (value unused).
+#[btf_map]
+pub static CIDR_IFACE: LpmTrie<CidrData, u32, 65536> = LpmTrie::new();
+
+/// The pod's connected subnets -> its address on each (the source the
+/// kernel picks for a destination there).
+#[btf_map]
+pub static SRC_ROUTES: LpmTrie<CidrData, Addr, 65536> = LpmTrie::new();
+
+/// The pod's own source address for `dst`, if `dst` is on one of its
+/// connected subnets.
+#[inline(always)]
+pub fn source_route(cookie: u64, dst: &Addr) -> Option<Addr> {
+    let key = Key::new(
+        CIDR_COOKIE_BITS + 128,
+        CidrData {
+            netns_cookie: cookie.to_ne_bytes(),
+            addr: addr_octets(dst),
+        },
+    );
+    SRC_ROUTES.get(&key).copied()
+}
+
 /// Listening proxy sockets per (pod, port, family). Entries vanish when the
 /// socket closes, which is what makes capture fail closed.
 #[btf_map]
@@ -161,6 +184,7 @@ impl PodTables for KernelTables {
             CidrList::OutboundExclude => CIDR_EXCLUDE.get(&key).is_some(),
             CidrList::OutboundInclude => CIDR_INCLUDE.get(&key).is_some(),
             CidrList::DnsServers => CIDR_DNS.get(&key).is_some(),
+            CidrList::ExcludedInterfaceRoutes => CIDR_IFACE.get(&key).is_some(),
         }
     }
 

@@ -563,3 +563,41 @@ fn nested_agents_do_not_disturb_each_other() {
     let out = inner.run_in_pod(&p.client, &["sockopt-check"]);
     assert!(out.contains("\"ok\":true"), "{out}");
 }
+
+/// `traffic.sidecar.istio.io/excludeInterfaces`: traffic through the named
+/// interface is never captured, in either direction (istio-iptables `-c`).
+#[test]
+fn excluded_interface_is_not_captured() {
+    if !require_root() {
+        return;
+    }
+    let p = two_pods();
+    let side = NetNs::new("sid");
+    let v = veth_pair(&p.server, &["198.18.9.1/24"], &side, &["198.18.9.2/24"]);
+    let mut node = Node::with_agent();
+    node.set_pods(&[
+        server_pod(&p).annotate("traffic.sidecar.istio.io/excludeInterfaces", v.a_name())
+    ]);
+    let slog = node.sidecar(&p.server, "server-sidecar");
+    node.echo(&p.server, 8080, "server-app", APP_UID);
+    node.echo(&side, 8080, "side-app", APP_UID);
+    node.echo(&p.client, 8080, "client-app", APP_UID);
+    // Outbound through the excluded interface: direct.
+    let r = node.client(&p.server, APP_UID, "198.18.9.2:8080");
+    assert!(r.ok(), "{:?}", r.json);
+    assert_eq!(r.reply()["peer"], Value::String(r.local()));
+    // Inbound through it: direct to the app.
+    let r = node.client(&side, APP_UID, "198.18.9.1:8080");
+    assert!(r.ok(), "{:?}", r.json);
+    assert_eq!(r.reply()["server"], "server-app");
+    assert_eq!(r.reply()["peer"], Value::String(r.local()));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(records(&slog).is_empty(), "{:?}", records(&slog));
+    // The other interface is captured as usual, both ways.
+    let r = node.client(&p.server, APP_UID, "198.18.1.1:8080");
+    assert!(r.ok(), "{:?}", r.json);
+    let r = node.client(&p.client, APP_UID, "198.18.1.2:8080");
+    assert!(r.ok(), "{:?}", r.json);
+    let s = wait_records(&slog, 2);
+    assert_eq!(s.len(), 2, "{s:?}");
+}

@@ -41,6 +41,14 @@ pub enum Verdict {
     BypassOwnerGroup = 19,
     /// Sent to the pod's DNS port (Istio: `ISTIO_OUTPUT_DNS`).
     RedirectDns = 3,
+    /// Not captured: through an interface of `excludeInterfaces`
+    /// (istio-iptables `-c`: `-o IFACE -j RETURN`, `-i IFACE -j RETURN`).
+    BypassExcludedInterface = 20,
+    /// Not captured: the pod has no address of the destination's family,
+    /// so the kernel refuses the connection (`ENETUNREACH`) before any
+    /// iptables rule would have seen it; weir must not turn it into a
+    /// working loopback connection.
+    BypassNoRoute = 21,
 }
 
 impl Verdict {
@@ -63,6 +71,8 @@ pub enum CidrList {
     OutboundInclude,
     /// The pod's DNS servers (DNS capture without "all servers").
     DnsServers,
+    /// Subnets reached through an interface of `excludeInterfaces`.
+    ExcludedInterfaceRoutes,
 }
 
 /// Lookups into one pod's tables. Implemented with BPF maps in the kernel
@@ -173,6 +183,20 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
     if p.flags & POLICY_CAPTURE_OUTBOUND == 0 {
         return Verdict::BypassDisabled;
     }
+    // No address of that family in the pod: no route, no NAT either.
+    let has4 = p.flags & POLICY_HAS_IP4 != 0;
+    let has6 = p.flags & POLICY_HAS_IP6 != 0;
+    if (has4 || has6) && !is_loopback_route(&q.dst, t) {
+        let v4 = is_v4_mapped(&q.dst);
+        if (v4 && !has4) || (!v4 && !has6) {
+            return Verdict::BypassNoRoute;
+        }
+    }
+    // 0. `excludeInterfaces`: istio-iptables' very first OUTPUT rule.
+    if p.flags & POLICY_EXCLUDE_IFACES != 0 && t.in_cidrs(CidrList::ExcludedInterfaceRoutes, &q.dst)
+    {
+        return Verdict::BypassExcludedInterface;
+    }
     let dns = p.flags & POLICY_CAPTURE_DNS != 0;
     // 1.
     if t.has_port(PORT_OUT_EXCLUDE, q.dport) {
@@ -265,14 +289,18 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
 /// arrives at the pod from outside (never for traffic on `lo`, which
 /// iptables' PREROUTING does not see either):
 ///
+/// 0. arriving through an interface of `excludeInterfaces`: not captured;
 /// 1. the tunnel port (15008): not captured;
 /// 2. with `includeInboundPorts: "*"`: an excluded port is not captured,
 ///    every other port goes to the inbound port;
 /// 3. otherwise only the listed ports go to the inbound port.
 #[inline(always)]
-pub fn decide_inbound<T: PodTables>(p: &PodPolicy, dport: u16, t: &T) -> Verdict {
+pub fn decide_inbound<T: PodTables>(p: &PodPolicy, dport: u16, ifindex: u32, t: &T) -> Verdict {
     if p.flags & POLICY_CAPTURE_INBOUND == 0 {
         return Verdict::BypassDisabled;
+    }
+    if p.flags & POLICY_EXCLUDE_IFACES != 0 && t.has_id(IDKEY_EXCLUDED_IFINDEX, ifindex) {
+        return Verdict::BypassExcludedInterface;
     }
     if p.tunnel_port != 0 && dport == p.tunnel_port {
         return Verdict::BypassTunnel;
@@ -302,6 +330,7 @@ mod tests {
         exclude: Vec<(Addr, u32)>,
         include: Vec<(Addr, u32)>,
         dns: Vec<(Addr, u32)>,
+        iface_routes: Vec<(Addr, u32)>,
         pod_addrs: Vec<Addr>,
     }
 
@@ -323,6 +352,7 @@ mod tests {
                 CidrList::OutboundExclude => &self.exclude,
                 CidrList::OutboundInclude => &self.include,
                 CidrList::DnsServers => &self.dns,
+                CidrList::ExcludedInterfaceRoutes => &self.iface_routes,
             };
             l.iter().any(|(n, b)| in_prefix(addr, n, *b))
         }
@@ -464,6 +494,56 @@ mod tests {
         assert_eq!(decide_outbound(&p, &query, &t), Verdict::BypassOwnerGroup);
         query.gid = 1000;
         assert_eq!(decide_outbound(&p, &query, &t), Verdict::RedirectOutbound);
+    }
+
+    #[test]
+    fn no_capture_for_a_family_the_pod_lacks() {
+        let (mut p, t) = istio();
+        p.flags |= POLICY_HAS_IP4;
+        let remote6 = addr_from_octets([0x20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        assert_eq!(
+            decide_outbound(&p, &q(remote6, 80, 1000), &t),
+            Verdict::BypassNoRoute
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
+            Verdict::RedirectOutbound
+        );
+        // ::1 is always there.
+        let mut one = [0u32; 4];
+        one[3] = V6_LAST_1;
+        assert_eq!(
+            decide_outbound(&p, &q(one, 80, 1000), &t),
+            Verdict::BypassLoopback
+        );
+        // A pod with no listed address at all is not restricted.
+        p.flags &= !POLICY_HAS_IP4;
+        assert_eq!(
+            decide_outbound(&p, &q(remote6, 80, 1000), &t),
+            Verdict::RedirectOutbound
+        );
+    }
+
+    #[test]
+    fn excluded_interfaces_come_first() {
+        let (mut p, mut t) = istio();
+        p.flags |= POLICY_EXCLUDE_IFACES;
+        t.iface_routes.push((v4(198, 19, 0, 0), 96 + 16));
+        t.ids.push((IDKEY_EXCLUDED_IFINDEX, 7));
+        // Even the proxy-to-own-pod rule comes after it.
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 19, 0, 9), 80, 1000), &t),
+            Verdict::BypassExcludedInterface
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 9), 80, 1000), &t),
+            Verdict::RedirectOutbound
+        );
+        assert_eq!(
+            decide_inbound(&p, 8080, 7, &t),
+            Verdict::BypassExcludedInterface
+        );
+        assert_eq!(decide_inbound(&p, 8080, 2, &t), Verdict::RedirectInbound);
     }
 
     #[test]
@@ -674,21 +754,24 @@ mod tests {
             decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
             Verdict::BypassDisabled
         );
-        assert_eq!(decide_inbound(&p, 80, &t), Verdict::BypassDisabled);
+        assert_eq!(decide_inbound(&p, 80, 2, &t), Verdict::BypassDisabled);
     }
 
     #[test]
     fn inbound_rules() {
         let (mut p, mut t) = istio();
-        assert_eq!(decide_inbound(&p, 8080, &t), Verdict::RedirectInbound);
-        assert_eq!(decide_inbound(&p, 15008, &t), Verdict::BypassTunnel);
-        assert_eq!(decide_inbound(&p, 15090, &t), Verdict::BypassExcludedPort);
+        assert_eq!(decide_inbound(&p, 8080, 2, &t), Verdict::RedirectInbound);
+        assert_eq!(decide_inbound(&p, 15008, 2, &t), Verdict::BypassTunnel);
+        assert_eq!(
+            decide_inbound(&p, 15090, 2, &t),
+            Verdict::BypassExcludedPort
+        );
         p.flags &= !POLICY_INBOUND_ALL_PORTS;
-        assert_eq!(decide_inbound(&p, 8080, &t), Verdict::BypassNotIncluded);
+        assert_eq!(decide_inbound(&p, 8080, 2, &t), Verdict::BypassNotIncluded);
         t.ports.push((PORT_IN_INCLUDE, 8080));
-        assert_eq!(decide_inbound(&p, 8080, &t), Verdict::RedirectInbound);
+        assert_eq!(decide_inbound(&p, 8080, 2, &t), Verdict::RedirectInbound);
         // Exclusions only matter with "*".
         t.ports.push((PORT_IN_EXCLUDE, 8080));
-        assert_eq!(decide_inbound(&p, 8080, &t), Verdict::RedirectInbound);
+        assert_eq!(decide_inbound(&p, 8080, 2, &t), Verdict::RedirectInbound);
     }
 }

@@ -19,7 +19,7 @@ pub use decide::*;
 /// Layout version of every map below. The agent stores it in the pinned
 /// `WEIR_META` map and refuses to reuse pinned maps written with another
 /// version (bump it whenever a struct in this crate changes).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// `AF_INET` as the kernel reports it in BPF contexts.
 pub const AF_INET: u32 = 2;
@@ -102,6 +102,9 @@ pub const POLICY_OWNER_GROUPS_EXCEPT: u32 = 1 << 10;
 /// Policy flag: Linkerd-style loopback rule: every connection over `lo`,
 /// the proxy's included, is left alone (no "proxy to own pod" rule).
 pub const POLICY_LOOPBACK_SIMPLE: u32 = 1 << 11;
+/// Policy flag: the pod has `excludeInterfaces` (see
+/// `IDKEY_EXCLUDED_IFINDEX` and `CidrList::ExcludedInterfaceRoutes`).
+pub const POLICY_EXCLUDE_IFACES: u32 = 1 << 12;
 
 /// Which proxy identity Istio's loopback rules are written for (see
 /// [`PodPolicy::lo_id_kind`]).
@@ -173,6 +176,8 @@ pub const IDKEY_UID: u32 = 1;
 pub const IDKEY_GID: u32 = 2;
 /// A GID of the owner-group filter (see `POLICY_OWNER_GROUPS_*`).
 pub const IDKEY_OWNER_GROUP: u32 = 3;
+/// The index of an interface in `excludeInterfaces` (inside the pod).
+pub const IDKEY_EXCLUDED_IFINDEX: u32 = 4;
 
 /// Key of the `PROXY_IDS` hash map: one entry per (pod, uid-or-gid).
 #[repr(C)]
@@ -303,6 +308,10 @@ pub struct PodCounters {
     pub dns_captured: u64,
     /// Not captured: the owner-group filter.
     pub bypass_owner_group: u64,
+    /// Not captured: through an interface of `excludeInterfaces`.
+    pub bypass_excluded_iface: u64,
+    /// Reserved, zero.
+    pub _reserved: u64,
 }
 
 /// Node-wide counters (a one-slot per-CPU array).
@@ -385,7 +394,7 @@ mod layout_tests {
         assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<FlowKey>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4);
-        assert_eq!(size_of::<PodCounters>(), 18 * 8);
+        assert_eq!(size_of::<PodCounters>(), 20 * 8);
         assert_eq!(size_of::<NodeCounters>(), 5 * 8);
         assert_eq!(size_of::<PodMeta>(), 128);
     }

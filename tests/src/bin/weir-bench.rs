@@ -83,12 +83,26 @@ struct LoadCommand {
     /// Run on this CPU only (and so do the threads).
     #[arg(long)]
     cpu: Option<usize>,
+    /// Run at this nice value (-20..19; set before dropping privileges).
+    #[arg(long, allow_hyphen_values = true)]
+    nice: Option<i32>,
     #[command(subcommand)]
     kind: load::LoadKind,
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // CPU and priority first: raising the priority needs the privileges
+    // the --uid switch gives up. Threads spawned later inherit both.
+    if let Command::Load(args) = &cli.command {
+        let me = nix::unistd::Pid::from_raw(0);
+        if let Some(cpu) = args.cpu {
+            pin_to(me, Some(cpu))?;
+        }
+        if let Some(nice) = args.nice {
+            set_nice(me, nice)?;
+        }
+    }
     if let Some(uid) = cli.uid {
         drop_privileges(uid)?;
     }
@@ -96,13 +110,20 @@ fn main() -> Result<()> {
         Command::Run(args) => run::run(args),
         Command::Sidecar(args) => sidecar::run_sidecar(args),
         Command::Server(args) => sidecar::run_server(args),
-        Command::Load(args) => {
-            if let Some(cpu) = args.cpu {
-                pin_to(nix::unistd::Pid::from_raw(0), Some(cpu))?;
-            }
-            load::run(args.kind)
-        }
+        Command::Load(args) => load::run(args.kind),
     }
+}
+
+/// Sets the nice value of thread `tid` (0: the calling thread; on Linux
+/// `PRIO_PROCESS` with a thread id applies to that thread only).
+pub fn set_nice(tid: nix::unistd::Pid, nice: i32) -> Result<()> {
+    // SAFETY: setpriority only reads its integer arguments.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid.as_raw() as libc::id_t, nice) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("setpriority({tid}, {nice})"));
+    }
+    Ok(())
 }
 
 /// Restricts thread `tid` (0: the calling thread) to `cpu`, or lets it run

@@ -38,6 +38,8 @@ mod demo;
 mod dns;
 #[path = "testkit/echo.rs"]
 mod echo;
+#[path = "testkit/isolation.rs"]
+mod isolation;
 #[path = "testkit/sidecar.rs"]
 mod sidecar;
 #[path = "testkit/sockopt.rs"]
@@ -93,6 +95,9 @@ enum Command {
     DnsServer(dns::DnsServerArgs),
     /// Sends one UDP query and reports the answer's source address.
     UdpClient(dns::UdpClientArgs),
+    /// Application connections from chosen source ports (isolation
+    /// tests).
+    FixedPortClient(isolation::FixedPortClientArgs),
     /// Internal: the client half of `validate`.
     #[command(hide = true)]
     ValidateClient(validate::ValidateClientArgs),
@@ -118,6 +123,7 @@ fn main() -> Result<()> {
         Command::Sidecar(args) => sidecar::run(args, log.expect("opened above")),
         Command::Echo(args) => echo::run(args),
         Command::Client(args) => client::run(args),
+        Command::FixedPortClient(args) => isolation::run(args),
         Command::Validate(args) => validate::run(args),
         Command::ValidateClient(args) => validate::run_client(args),
         Command::Bookinfo(args) => bookinfo::run(args),

@@ -5,8 +5,10 @@
 //! the rest of the machine used over an interval is the `user + nice +
 //! system` time of `/proc/stat` minus the cgroup's `usage_usec` (interrupt
 //! and softirq time are left out of both: the benchmark's own packets are
-//! processed there). The runner waits for a quiet machine before each run
-//! and repeats runs that other work disturbed.
+//! processed there). When the benchmark's processes are pinned to one CPU,
+//! only that CPU's line of `/proc/stat` counts: other work elsewhere does
+//! not disturb them. The runner waits for a quiet CPU before each run and
+//! repeats runs that other work disturbed.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,22 +25,36 @@ pub struct Snap {
     ours_us: u64,
 }
 
+impl Snap {
+    /// Wall-clock time from `earlier` to this reading.
+    pub fn elapsed_since(&self, earlier: &Snap) -> Duration {
+        self.at.duration_since(earlier.at)
+    }
+}
+
 /// Reads the counters for the benchmark cgroup `cgroup`.
 pub struct CpuMeter {
     cgroup: PathBuf,
     tick_us: u64,
     cpus: f64,
+    /// The `/proc/stat` line read: `cpu` (all) or `cpuN`.
+    line: String,
 }
 
 impl CpuMeter {
-    /// A meter for the processes under `cgroup`.
-    pub fn new(cgroup: &Path) -> CpuMeter {
+    /// A meter for the processes under `cgroup`, pinned to `cpu` or
+    /// running anywhere (`None`).
+    pub fn new(cgroup: &Path, cpu: Option<usize>) -> CpuMeter {
         // SAFETY: sysconf only reads a configuration value.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         CpuMeter {
             cgroup: cgroup.to_path_buf(),
             tick_us: 1_000_000 / u64::try_from(hz).unwrap_or(100).max(1),
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+            cpus: match cpu {
+                Some(_) => 1.0,
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()) as f64,
+            },
+            line: cpu.map_or_else(|| "cpu".to_owned(), |c| format!("cpu{c}")),
         }
     }
 
@@ -47,7 +63,7 @@ impl CpuMeter {
         let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
         let fields: Vec<u64> = stat
             .lines()
-            .next()
+            .find(|l| l.split_whitespace().next() == Some(self.line.as_str()))
             .map(|l| {
                 l.split_whitespace()
                     .skip(1)
@@ -75,8 +91,8 @@ impl CpuMeter {
         }
     }
 
-    /// The share of all CPUs (0-1) used by processes outside the
-    /// benchmark between `a` and `b`.
+    /// The share of the benchmark's CPU(s) (0-1) used by processes outside
+    /// it between `a` and `b`.
     pub fn foreign(&self, a: &Snap, b: &Snap) -> f64 {
         let wall = b.at.duration_since(a.at).as_secs_f64() * 1e6 * self.cpus;
         if wall <= 0.0 {
@@ -88,8 +104,9 @@ impl CpuMeter {
     }
 
     /// CPU time, µs, the benchmark used between `a` and `b`: its cgroup's
-    /// processes plus every interrupt and softirq (where its packets are
-    /// processed; other work's packets are assumed negligible).
+    /// processes plus the interrupts and softirqs of its CPU(s), where its
+    /// packets are processed (other work's packets are assumed
+    /// negligible).
     pub fn ours_us(&self, a: &Snap, b: &Snap) -> f64 {
         (b.ours_us.saturating_sub(a.ours_us) + b.irq_us.saturating_sub(a.irq_us)) as f64
     }

@@ -443,9 +443,10 @@ impl Node {
             .with_context(|| format!("load generator printed {line:?}\n{}", p.logs()))
     }
 
-    /// Pins every thread of the pod processes (sidecars, server) to `cpu`,
-    /// or lets them run anywhere again (`None`).
-    pub fn pin(&self, cpu: Option<usize>) -> Result<()> {
+    /// Pins every thread of the pod processes (sidecars, server) to `cpu`
+    /// (or lets them run anywhere, `None`) and gives them the nice value
+    /// `nice`.
+    pub fn pin(&self, cpu: Option<usize>, nice: i32) -> Result<()> {
         for pod in &self.pods {
             for (name, p) in &pod.procs {
                 let tasks = format!("/proc/{}/task", p.pid());
@@ -453,13 +454,16 @@ impl Node {
                     std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))?
                 {
                     let tid: i32 = entry?.file_name().to_string_lossy().parse()?;
-                    crate::pin_to(nix::unistd::Pid::from_raw(tid), cpu).with_context(|| {
-                        format!(
-                            "pinning {} {name} of the {} node",
-                            pod.def.name,
-                            self.mode.name()
-                        )
-                    })?;
+                    let tid = nix::unistd::Pid::from_raw(tid);
+                    crate::pin_to(tid, cpu)
+                        .and_then(|()| crate::set_nice(tid, nice))
+                        .with_context(|| {
+                            format!(
+                                "pinning {} {name} of the {} node",
+                                pod.def.name,
+                                self.mode.name()
+                            )
+                        })?;
                 }
             }
         }

@@ -45,21 +45,37 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// A "nice" axis step for a range of `span`, about 5 ticks.
-fn nice_step(span: f64) -> f64 {
-    let raw = (span / 5.0).max(1e-9);
-    let mag = 10f64.powf(raw.log10().floor());
-    let norm = raw / mag;
-    let nice = if norm <= 1.0 {
-        1.0
-    } else if norm <= 2.0 {
-        2.0
-    } else if norm <= 5.0 {
-        5.0
-    } else {
-        10.0
-    };
-    nice * mag
+/// The y range in µs: whole decades around every curve's samples from
+/// the fastest to the 99.99th percentile.
+fn y_range(panel: &Panel<'_>) -> (f64, f64) {
+    let mut lo = f64::INFINITY;
+    let mut hi: f64 = 0.0;
+    for c in panel.curves.iter().filter(|c| !c.sorted_ns.is_empty()) {
+        lo = lo.min(c.sorted_ns[0] as f64 / 1e3);
+        hi = hi.max(percentile(c.sorted_ns, pct_at(MAX_NINES)) as f64 / 1e3);
+    }
+    if !lo.is_finite() || hi <= 0.0 {
+        return (1.0, 10.0);
+    }
+    let lo = 10f64.powf(lo.max(1e-3).log10().floor());
+    let hi = 10f64.powf(hi.max(lo * 1.001).log10().ceil());
+    (lo, hi)
+}
+
+/// Ticks at 1, 2 and 5 times each power of ten within `lo..=hi`.
+fn y_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    let mut ticks = Vec::new();
+    let mut decade = lo;
+    while decade <= hi * 1.0001 {
+        for m in [1.0, 2.0, 5.0] {
+            let v = decade * m;
+            if v <= hi * 1.0001 {
+                ticks.push(v);
+            }
+        }
+        decade *= 10.0;
+    }
+    ticks
 }
 
 /// Renders `panels` side by side as an SVG document.
@@ -87,19 +103,15 @@ pub fn latency_svg(title: &str, panels: &[Panel<'_>]) -> String {
 fn draw_panel(s: &mut String, panel: &Panel<'_>, ox: f64, oy: f64) {
     let (x0, x1) = (ox + LEFT, ox + PANEL_W - RIGHT);
     let (y0, y1) = (oy + PANEL_H - BOTTOM, oy + TOP);
-    // y range: up to the highest 99.9th percentile, with head room; the
-    // rarer tail is clipped at the top edge.
-    let top_us = panel
-        .curves
-        .iter()
-        .map(|c| percentile(c.sorted_ns, 99.9) as f64 / 1e3)
-        .fold(0.0, f64::max)
-        * 1.25;
-    let top_us = if top_us > 0.0 { top_us } else { 1.0 };
-    let step = nice_step(top_us);
-    let ymax = (top_us / step).ceil() * step;
+    // y axis: logarithmic, whole decades from below the fastest sample
+    // to above the slowest shown (the 99.99th percentile), so the body of
+    // the distribution and its tail are both readable.
+    let (lo, hi) = y_range(panel);
     let xp = |nines: f64| x0 + (x1 - x0) * nines / MAX_NINES;
-    let yp = |us: f64| y0 - (y0 - y1) * (us.min(ymax) / ymax);
+    let yp = |us: f64| {
+        let f = (us.clamp(lo, hi).log10() - lo.log10()) / (hi.log10() - lo.log10());
+        y0 - (y0 - y1) * f
+    };
 
     let _ = writeln!(
         s,
@@ -109,8 +121,7 @@ fn draw_panel(s: &mut String, panel: &Panel<'_>, ox: f64, oy: f64) {
         esc(panel.title)
     );
     // Grid and axes.
-    let mut v = 0.0;
-    while v <= ymax + step / 2.0 {
+    for v in y_ticks(lo, hi) {
         let y = yp(v);
         let _ = writeln!(
             s,
@@ -119,11 +130,10 @@ fn draw_panel(s: &mut String, panel: &Panel<'_>, ox: f64, oy: f64) {
             y + 4.0,
             trim_float(v)
         );
-        v += step;
     }
     for (nines, label) in [
         (0.0, "0"),
-        (0.30103, "50"),
+        (std::f64::consts::LOG10_2, "50"),
         (1.0, "90"),
         (2.0, "99"),
         (3.0, "99.9"),
@@ -150,7 +160,7 @@ fn draw_panel(s: &mut String, panel: &Panel<'_>, ox: f64, oy: f64) {
     );
     let _ = writeln!(
         s,
-        r#"<text transform="translate({},{}) rotate(-90)" text-anchor="middle">latency (µs)</text>"#,
+        r#"<text transform="translate({},{}) rotate(-90)" text-anchor="middle">latency (µs, log scale)</text>"#,
         ox + 16.0,
         (y0 + y1) / 2.0
     );
@@ -198,10 +208,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nice_steps() {
-        assert_eq!(nice_step(100.0), 20.0);
-        assert_eq!(nice_step(42.0), 10.0);
-        assert_eq!(nice_step(7.0), 2.0);
+    fn log_axis() {
+        assert_eq!(
+            y_ticks(1.0, 100.0),
+            [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]
+        );
+        let a: Vec<u32> = vec![12_000, 15_000, 900_000];
+        let p = Panel {
+            title: "",
+            curves: vec![Curve {
+                label: "x",
+                color: "#000",
+                sorted_ns: &a,
+            }],
+        };
+        assert_eq!(y_range(&p), (10.0, 1000.0));
         assert!((pct_at(2.0) - 99.0).abs() < 1e-9);
     }
 

@@ -346,25 +346,54 @@ fn markdown(m: &Measured, rows: &[Row], targets: &[Target]) -> String {
         m.settings.reps,
         if m.settings.quick { ", --quick" } else { "" }
     );
+    match m.settings.pin_cpu {
+        Some(cpu) => {
+            let _ = writeln!(
+                s,
+                "Every process on the measured path (application, sidecars, server) runs pinned \
+                 to CPU {cpu} at nice {}, so the figures are one core's costs, free of the \
+                 cross-CPU wake-ups whose latency varies from run to run on a virtual machine; \
+                 connection-rate loops use {} connection{} at a time.\n",
+                m.settings.nice,
+                m.settings.crr_threads,
+                if m.settings.crr_threads == 1 { "" } else { "s" }
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "Processes run unpinned (--unpinned); connection-rate loops use {} connections \
+                 at a time.\n",
+                m.settings.crr_threads
+            );
+        }
+    }
     if let Some(f) = Summary::of(&m.foreign) {
         let _ = writeln!(
             s,
-            "Other processes on the machine used a median {:.1}% (max {:.1}%) of the CPUs during \
-             the measured runs; {} run{} disturbed by more than {:.0}% {} repeated.\n",
+            "Other processes on the machine used a median {:.1}% (max {:.1}%) of the measured \
+             CPU{} during the runs; {} run{} disturbed by more than {:.0}% {} repeated ({:.0} s spent \
+             waiting for quiet and repeating).\n",
             f.median * 100.0,
             f.max * 100.0,
+            if m.settings.pin_cpu.is_some() {
+                ""
+            } else {
+                "s"
+            },
             m.repeated,
             if m.repeated == 1 { "" } else { "s" },
             m.settings.max_foreign * 100.0,
             if m.repeated == 1 { "was" } else { "were" },
+            m.quiet_spent_s,
         );
     }
     if !rows.is_empty() {
         let _ = writeln!(
             s,
-            "| figure | direct | iptables | weir | weir + fast path | weir ÷ direct | weir ÷ iptables |"
+            "| figure | direct | iptables | weir | weir + fast path | iptables ÷ direct | weir ÷ direct | weir ÷ iptables |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
         for r in rows {
             let suffix = if r.unit == "×" { "×" } else { "" };
             let unit = if r.unit == "×" {
@@ -388,11 +417,12 @@ fn markdown(m: &Measured, rows: &[Row], targets: &[Target]) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {}{unit} | {} | {} | {} | — | {} | {} |",
+                "| {}{unit} | {} | {} | {} | — | {} | {} | {} |",
                 r.title,
                 cell(r.summary(Mode::Direct).as_ref(), r.decimals, suffix),
                 cell(r.summary(Mode::Iptables).as_ref(), r.decimals, suffix),
                 cell(r.summary(Mode::Weir).as_ref(), r.decimals, suffix),
+                ratio(Mode::Iptables, Mode::Direct),
                 ratio(Mode::Weir, Mode::Direct),
                 ratio(Mode::Weir, Mode::Iptables),
             );

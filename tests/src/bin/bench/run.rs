@@ -46,7 +46,7 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Concurrent connections of the connection-rate loops.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub crr_threads: u64,
     /// Excluded CIDRs (and as many excluded ports) of the large rule set.
     #[arg(long, default_value_t = 5000)]
@@ -59,14 +59,25 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 500)]
     pub reload_ms: u64,
     /// Before each measured run, wait up to this many seconds for other
-    /// processes to leave the CPUs alone (below 5% of them).
-    #[arg(long, default_value_t = 30)]
+    /// processes to leave the CPUs alone (below 5% of them); only with
+    /// `--nice 0` or higher.
+    #[arg(long, default_value_t = 10)]
     pub quiet_wait: u64,
+    /// Longest total time spent waiting for quiet and repeating disturbed
+    /// runs, in seconds; past it, runs are measured as they come (and the
+    /// report says how disturbed they were).
+    #[arg(long, default_value_t = 180)]
+    pub quiet_budget: u64,
     /// Let the workloads' processes run on any CPU (by default the latency
     /// and bulk workloads, and the connection-rate loops, run with every
     /// process of the path pinned to one CPU; see docs/benchmarks.md).
     #[arg(long)]
     pub unpinned: bool,
+    /// Nice value of every process on the measured path (-20, the highest
+    /// priority, by default: on a machine other work shares, they then get
+    /// their CPU almost to themselves; 0 to leave them as they are).
+    #[arg(long, default_value_t = -20, allow_hyphen_values = true)]
+    pub nice: i32,
     /// Repeat a run (up to 3 times, keeping the least disturbed) when other
     /// processes used more than this share of the CPUs during it.
     #[arg(long, default_value_t = 0.08)]
@@ -98,10 +109,14 @@ pub struct Settings {
     pub sidecar_threads: usize,
     /// `--quiet-wait`, seconds.
     pub quiet_wait_s: u64,
+    /// `--quiet-budget`, seconds.
+    pub quiet_budget_s: u64,
     /// `--max-foreign`.
     pub max_foreign: f64,
     /// The CPU the pinned workloads run on (`None`: not pinned).
     pub pin_cpu: Option<usize>,
+    /// Nice value of the measured processes.
+    pub nice: i32,
 }
 
 impl Settings {
@@ -119,7 +134,9 @@ impl Settings {
             enroll_reps: if q { 2 } else { 5 },
             sidecar_threads: 8,
             quiet_wait_s: a.quiet_wait,
+            quiet_budget_s: a.quiet_budget,
             max_foreign: a.max_foreign,
+            nice: a.nice.clamp(-20, 19),
             pin_cpu: (!a.unpinned)
                 .then(|| std::thread::available_parallelism().map_or(1, |n| n.get()) - 1),
         }
@@ -219,6 +236,8 @@ pub struct Measured {
     pub foreign: Vec<f64>,
     /// Runs repeated because other processes disturbed them.
     pub repeated: usize,
+    /// Time spent waiting for quiet and repeating disturbed runs, seconds.
+    pub quiet_spent_s: f64,
     /// weir's programs' cost per connection (one extra run with BPF
     /// statistics on), with that run's result.
     pub bpf_cost: Option<(Vec<ProgCost>, Value)>,
@@ -291,6 +310,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         problems: Vec::new(),
         foreign: Vec::new(),
         repeated: 0,
+        quiet_spent_s: 0.0,
         bpf_cost: None,
         duration_s: 0.0,
     };
@@ -350,7 +370,7 @@ fn run_traffic(
             t.elapsed().as_secs_f64()
         );
     }
-    let meter = CpuMeter::new(top.path());
+    let meter = CpuMeter::new(top.path(), s.pin_cpu);
     let mut result = run_workloads(&nodes, s, selected, &meter, m);
     if result.is_ok()
         && let Some(w) = selected.iter().find(|w| w.key == "crr")
@@ -377,10 +397,10 @@ fn run_traffic(
 fn load_args(w: &Workload, node: &Node, s: &Settings, scale: u64) -> Vec<String> {
     let addr = node.target(w.route).to_string();
     let a = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    let mut args = match s.pin_cpu {
-        Some(cpu) => vec!["--cpu".to_owned(), cpu.to_string()],
-        None => Vec::new(),
-    };
+    let mut args = vec![format!("--nice={}", s.nice)];
+    if let Some(cpu) = s.pin_cpu {
+        args.push(format!("--cpu={cpu}"));
+    }
     args.extend(match w.kind {
         Kind::Crr => a(&[
             "crr",
@@ -476,7 +496,15 @@ fn measured_run(
     let mut best: Option<(f64, Value)> = None;
     for attempt in 0..ATTEMPTS {
         check_interrupted()?;
-        meter.wait_quiet(QUIET, Duration::from_secs(s.quiet_wait_s));
+        // With raised priority other work yields the CPU as soon as a run
+        // starts, so only its share *during* the run matters; waiting for
+        // it to go away first would wait for nothing (it takes the idle
+        // CPU between runs).
+        if s.nice >= 0 {
+            let budget = (s.quiet_budget_s as f64 - m.quiet_spent_s).max(0.0);
+            let wait = Duration::from_secs_f64(budget.min(s.quiet_wait_s as f64));
+            m.quiet_spent_s += meter.wait_quiet(QUIET, wait).as_secs_f64();
+        }
         let a = meter.snap();
         let v = node.run_load(w.pod, &load_args(w, node, s, 1), RUN_TIMEOUT)?;
         let b = meter.snap();
@@ -486,22 +514,25 @@ fn measured_run(
             // Connection-rate runs: CPU time per connection, all of it.
             v["cpu_us_per_conn"] = json!(meter.ours_us(&a, &b) / ok as f64);
         }
+        let took = b.elapsed_since(&a).as_secs_f64();
         if best.as_ref().is_none_or(|(f, _)| foreign < *f) {
             best = Some((foreign, v));
         }
-        if foreign <= s.max_foreign {
+        if foreign <= s.max_foreign
+            || attempt + 1 == ATTEMPTS
+            || m.quiet_spent_s >= s.quiet_budget_s as f64
+        {
             break;
         }
-        if attempt + 1 < ATTEMPTS {
-            m.repeated += 1;
-            eprintln!(
-                "weir-bench: other processes used {:.0}% of the CPUs during a {} run of {}; \
-                 repeating it",
-                foreign * 100.0,
-                node.mode.name(),
-                w.key
-            );
-        }
+        m.repeated += 1;
+        m.quiet_spent_s += took;
+        eprintln!(
+            "weir-bench: other processes used {:.0}% of the CPUs during a {} run of {}; \
+             repeating it",
+            foreign * 100.0,
+            node.mode.name(),
+            w.key
+        );
     }
     let (foreign, mut v) = best.expect("at least one attempt");
     m.foreign.push(foreign);
@@ -517,7 +548,7 @@ fn run_workloads(
     m: &mut Measured,
 ) -> Result<()> {
     for node in nodes.values() {
-        node.pin(s.pin_cpu)?;
+        node.pin(s.pin_cpu, s.nice)?;
     }
     for w in selected {
         let modes: Vec<Mode> = w.modes.to_vec();
