@@ -1014,11 +1014,14 @@ fn check_pods_file(path: &Path, text: &str) -> Result<(), TestCaseError> {
     let mut ips = BTreeSet::new();
     for p in &f.pods {
         prop_assert!(!p.name.trim().is_empty());
+        // One pod may list an address twice (harmless); two pods may not
+        // share one.
+        let own: BTreeSet<IpAddr> = p.ips.iter().copied().collect();
         prop_assert!(p.netns.is_absolute());
         prop_assert!(names.insert(p.key()), "pod {} twice", p.key());
         prop_assert!(netns.insert(p.netns.clone()), "netns {:?} twice", p.netns);
-        for ip in &p.ips {
-            prop_assert!(ips.insert(*ip), "address {} twice", ip);
+        for ip in &own {
+            prop_assert!(ips.insert(*ip), "address {} in two pods", ip);
         }
         let rules = pod_rules(p.mesh, &p.ips, &p.annotations);
         prop_assert!(rules.is_ok());
@@ -1046,12 +1049,13 @@ struct GoodPod {
 fn good_pods() -> impl Strategy<Value = Vec<GoodPod>> {
     proptest::collection::vec(
         (
-            proptest::collection::vec(
-                any::<char>().prop_filter("printable", |c| !c.is_control()),
-                1..12,
-            )
-            .prop_map(String::from_iter)
-            .prop_filter("non-blank", |s| !s.trim().is_empty()),
+            // Printable names that are not blank (a control character
+            // becomes 'x'; a leading 'p' keeps the name non-blank).
+            proptest::collection::vec(any::<char>(), 0..12).prop_map(|cs| {
+                let mut n = String::from("p");
+                n.extend(cs.into_iter().map(|c| if c.is_control() { 'x' } else { c }));
+                n
+            }),
             proptest::collection::btree_set(
                 prop_oneof![
                     any::<[u8; 4]>().prop_map(|o| IpAddr::V4(o.into())),
@@ -1138,9 +1142,9 @@ fn proxy_config_alias_bomb_is_refused() {
         "{:?}",
         t.elapsed()
     );
-    if let Err(e) = r {
-        assert_eq!(e.key, keys::PROXY_CONFIG);
-    }
+    let e = r.unwrap_err();
+    assert_eq!(e.key, keys::PROXY_CONFIG);
+    assert!(e.to_string().contains("not YAML: "), "{e}");
 }
 
 /// Deeply nested YAML is refused (recursion limit), not a stack overflow.
@@ -1286,4 +1290,310 @@ fn large_pods_file_parses() {
     let f = podsfile::parse(Path::new("pods.yaml"), &text).unwrap();
     assert!(f.errors.is_empty(), "{:?}", &f.errors[..1]);
     assert_eq!(f.pods.len(), 5000);
+}
+
+// ---------------------------------------------------------------------------
+// docs/bad-input.md: every parsing row, checked against the parsers and the
+// document (each fragment must appear in both)
+// ---------------------------------------------------------------------------
+
+const BAD_INPUT_DOC: &str = include_str!("../../docs/bad-input.md");
+
+/// (annotation, value, mesh, fragment of the message).
+const BAD_ANNOTATIONS: &[(&str, &str, Mesh, &str)] = &[
+    (
+        keys::INTERCEPTION_MODE,
+        "TPROXY",
+        Mesh::Istio,
+        "TPROXY is not supported by weir",
+    ),
+    (
+        keys::INTERCEPTION_MODE,
+        "bogus",
+        Mesh::Istio,
+        "unknown mode \"bogus\"",
+    ),
+    (
+        keys::INCLUDE_OUTBOUND_IP_RANGES,
+        "10.0.0.0/33",
+        Mesh::Istio,
+        "\"10.0.0.0/33\" is not a CIDR",
+    ),
+    (
+        keys::INCLUDE_OUTBOUND_IP_RANGES,
+        "10.1.2.3",
+        Mesh::Istio,
+        "add the prefix length, e.g. 10.1.2.3/32",
+    ),
+    (
+        keys::EXCLUDE_OUTBOUND_IP_RANGES,
+        "*",
+        Mesh::Istio,
+        "\"*\" is not allowed here",
+    ),
+    (
+        keys::EXCLUDE_OUTBOUND_IP_RANGES,
+        "fd00::/129",
+        Mesh::Istio,
+        "\"fd00::/129\" is not a CIDR",
+    ),
+    (
+        keys::INCLUDE_OUTBOUND_PORTS,
+        "80,http",
+        Mesh::Istio,
+        "\"http\" is not a port",
+    ),
+    (
+        keys::INCLUDE_OUTBOUND_PORTS,
+        "*",
+        Mesh::Istio,
+        "\"*\" must be the whole value",
+    ),
+    (
+        keys::EXCLUDE_OUTBOUND_PORTS,
+        "0",
+        Mesh::Istio,
+        "\"0\" is not a port",
+    ),
+    (
+        keys::EXCLUDE_OUTBOUND_PORTS,
+        "65536",
+        Mesh::Istio,
+        "\"65536\" is not a port",
+    ),
+    (
+        keys::EXCLUDE_OUTBOUND_PORTS,
+        "-1",
+        Mesh::Istio,
+        "\"-1\" is not a port",
+    ),
+    (
+        keys::INCLUDE_INBOUND_PORTS,
+        "8080,*",
+        Mesh::Istio,
+        "\"*\" must be the whole value",
+    ),
+    (
+        keys::EXCLUDE_INBOUND_PORTS,
+        "1-5",
+        Mesh::Istio,
+        "\"1-5\" is not a port",
+    ),
+    (
+        keys::STATUS_PORT,
+        "abc",
+        Mesh::Istio,
+        "\"abc\" is not a port",
+    ),
+    (
+        keys::PROXY_UIDS,
+        "envoy",
+        Mesh::Istio,
+        "\"envoy\" is not a numeric id",
+    ),
+    (
+        keys::PROXY_UIDS,
+        "4294967296",
+        Mesh::Istio,
+        "\"4294967296\" is not a numeric id",
+    ),
+    (
+        keys::PROXY_GIDS,
+        "-1",
+        Mesh::Istio,
+        "\"-1\" is not a numeric id",
+    ),
+    (
+        keys::OUTBOUND_PORT,
+        "15001,15002",
+        Mesh::Istio,
+        "\"15001,15002\" is not a port",
+    ),
+    (keys::INBOUND_PORT, "0", Mesh::Istio, "\"0\" is not a port"),
+    (keys::PROXY_CONFIG, "a: [", Mesh::Istio, "not YAML: "),
+    (
+        keys::PROXY_CONFIG,
+        "proxyMetadata: {ISTIO_META_DNS_CAPTURE: maybe}",
+        Mesh::Istio,
+        "\"maybe\" is not a boolean",
+    ),
+    (
+        keys::DNS_CAPTURE,
+        "on",
+        Mesh::Istio,
+        "\"on\" is not a boolean",
+    ),
+    (
+        keys::OWNER_GROUPS,
+        "wheel",
+        Mesh::Istio,
+        "\"wheel\" is not a numeric id",
+    ),
+    (
+        keys::OWNER_GROUPS_EXCLUDE,
+        "3000,x",
+        Mesh::Istio,
+        "\"x\" is not a numeric id",
+    ),
+    (
+        keys::LINKERD_SKIP_INBOUND,
+        "9-3",
+        Mesh::Linkerd,
+        "range \"9-3\" ends before it starts",
+    ),
+    (
+        keys::LINKERD_SKIP_OUTBOUND,
+        "0-10",
+        Mesh::Linkerd,
+        "\"0\" is not a port",
+    ),
+    (
+        keys::LINKERD_SKIP_SUBNETS,
+        "10.0.0.0/40",
+        Mesh::Linkerd,
+        "\"10.0.0.0/40\" is not a CIDR",
+    ),
+    (
+        keys::KUMA_EXCLUDE_INBOUND,
+        "a-b",
+        Mesh::Kuma,
+        "\"a\" is not a port",
+    ),
+    (
+        keys::KUMA_EXCLUDE_OUTBOUND,
+        "70000",
+        Mesh::Kuma,
+        "\"70000\" is not a port",
+    ),
+    (
+        keys::KUMA_EXCLUDE_OUTBOUND_IPS,
+        "10.0.0.1",
+        Mesh::Kuma,
+        "\"10.0.0.1\" is not a CIDR",
+    ),
+];
+
+#[test]
+fn bad_annotation_table() {
+    for (key, value, mesh, fragment) in BAD_ANNOTATIONS {
+        let e = pod_rules(*mesh, &[], &ann(&[(key, value)])).unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(e.key, *key, "{msg}");
+        assert!(msg.starts_with(&format!("annotation {key}: ")), "{msg}");
+        assert!(msg.contains(fragment), "{key}={value:?}: {msg}");
+        assert!(
+            BAD_INPUT_DOC.contains(fragment),
+            "docs/bad-input.md lacks {fragment:?} ({key})"
+        );
+    }
+    // DNS servers are only read with DNS capture on.
+    let e = pod_rules(
+        Mesh::Istio,
+        &[],
+        &ann(&[
+            (keys::DNS_CAPTURE, "true"),
+            (keys::DNS_SERVERS, "10.96.0.10/32"),
+        ]),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("\"10.96.0.10/32\" is not an IP address"),
+        "{e}"
+    );
+    assert!(BAD_INPUT_DOC.contains("\"10.96.0.10/32\" is not an IP address"));
+    // Every annotation weir reads has a row.
+    for key in KNOWN_KEYS {
+        assert!(BAD_INPUT_DOC.contains(key), "docs/bad-input.md lacks {key}");
+    }
+}
+
+/// (pods-file text, fragment of the message).
+const BAD_PODS_FILES: &[(&str, &str)] = &[
+    ("pods: [", "expected a mapping with a `pods:` list"),
+    ("pod: []", "unknown field `pod`, expected `pods`"),
+    ("pods: 5", "invalid type: integer `5`, expected a sequence"),
+    ("pods:\n  - netns: /n/a\n", "pod #1: missing field `name`"),
+    (
+        "pods:\n  - {name: [1], netns: /n/a}\n",
+        "pod #1: invalid type: sequence, expected a string",
+    ),
+    (
+        "pods:\n  - {name: ' ', netns: /n/a}\n",
+        "field `name` is empty; give the pod a name",
+    ),
+    ("pods:\n  - {name: a}\n", "pod \"a\": missing field `netns`"),
+    (
+        "pods:\n  - {name: a, netns: n/a}\n",
+        "field `netns`: \"n/a\" is not an absolute path",
+    ),
+    (
+        "pods:\n  - {name: a, netns: /n/a, ips: [10.0.0.300]}\n",
+        "field `ips`: \"10.0.0.300\" is not an IP address",
+    ),
+    (
+        "pods:\n  - {name: a, netns: /n/a, ips: 10.0.0.1}\n",
+        "invalid type: string \"10.0.0.1\", expected a sequence",
+    ),
+    (
+        "pods:\n  - {name: a, netns: /n/a, meshh: istio}\n",
+        "pod \"a\": unknown field `meshh`",
+    ),
+    (
+        "pods:\n  - {name: a, netns: /n/a, mesh: consul}\n",
+        "unknown variant `consul`, expected one of `istio`, `linkerd`, `kuma`",
+    ),
+    (
+        "pods:\n  - {name: a, netns: /n/a, annotations: {a: [1]}}\n",
+        "pod \"a\": invalid type: sequence, expected a string",
+    ),
+    (
+        "pods:\n  - {name: a, netns: /n/a, annotations: {traffic.sidecar.istio.io/excludeOutboundPorts: x}}\n",
+        "pod \"a\": field `annotations`: annotation traffic.sidecar.istio.io/excludeOutboundPorts: \"x\" is not a port",
+    ),
+    (
+        "pods:\n  - {name: a, netns: /n/a}\n  - {name: a, netns: /n/b}\n",
+        "pod default/a is listed twice; keep one entry",
+    ),
+    (
+        "pods:\n  - {name: a, netns: /n/a}\n  - {name: b, netns: /n/a}\n",
+        "field `netns`: /n/a is already the netns of pod default/a; each pod has its own",
+    ),
+    (
+        "pods:\n  - {name: a, netns: /n/a, ips: [198.18.0.1]}\n  - {name: b, netns: /n/b, ips: ['::ffff:198.18.0.1']}\n",
+        "field `ips`: an address is already used by pod default/a",
+    ),
+    (
+        "pods:\n  - {name: a, netns: /n/a}\n  - {name: a, netns: /n/a}\n",
+        "pod default/a is listed twice",
+    ),
+];
+
+#[test]
+fn bad_pods_file_table() {
+    for (text, fragment) in BAD_PODS_FILES {
+        let msgs = match podsfile::parse(Path::new("/etc/weir/pods.yaml"), text) {
+            Err(e) => vec![e.to_string()],
+            Ok(f) => f.errors,
+        };
+        assert!(!msgs.is_empty(), "{text:?} was accepted");
+        assert!(
+            msgs.iter()
+                .all(|m| m.starts_with("pods file /etc/weir/pods.yaml: ")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter().any(|m| m.contains(fragment)),
+            "{text:?}: {msgs:?}"
+        );
+        assert!(
+            BAD_INPUT_DOC.contains(fragment),
+            "docs/bad-input.md lacks {fragment:?}"
+        );
+    }
+    // Blank and empty files are "no pods", not an error.
+    for text in ["", "  \n", "pods: []"] {
+        let f = podsfile::parse(Path::new("p"), text).unwrap();
+        assert!(f.pods.is_empty() && f.errors.is_empty());
+    }
 }

@@ -436,8 +436,10 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     unsafe { *stored = od };
     // As with REDIRECT, the query leaves from the address the kernel
     // would pick for the server (the pod's), not from loopback.
-    let unbound = sk.src_port == 0 && src[3] == 0 && (src[0] | src[1] == 0);
-    if unbound && !is_loopback_route(&dst, &t) {
+    // Only the address matters: a per-message source is fine on a socket
+    // bound to the wildcard address with a port (most resolvers).
+    let wildcard = src[3] == 0 && (src[0] | src[1] == 0);
+    if wildcard && !is_loopback_route(&dst, &t) {
         let from = source_for(&policy, &dst, cookie);
         if let Some(from) = from {
             if v6 {

@@ -471,7 +471,7 @@ fn missing_bpffs_is_mounted_root_only() {
             line.contains(" bpf ") && line.contains("mode=700"),
             "{line}"
         );
-        let mode = std::fs::metadata(&mnt).unwrap().permissions().mode() & 0o7777;
+        let mode = std::fs::metadata(&mnt).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700, "bpffs root mode {mode:o}");
         assert!(mnt.join("weir/maps/POD_POLICY").exists());
     }));
@@ -553,10 +553,12 @@ fn cgroup_v1_only_host_is_refused() {
         return;
     }
     let bpffs = Bpffs::new();
-    let script = "mount -t tmpfs none /sys/fs/cgroup && mkdir /sys/fs/cgroup/memory && \
-         (mount -t cgroup -o memory cgroup /sys/fs/cgroup/memory 2>/dev/null || \
-          mount -t cgroup -o none,name=weir-test cgroup /sys/fs/cgroup/memory) && \
-         if grep -q ' cgroup2 ' /proc/self/mounts; then echo 'cgroup2 still visible'; exit 99; fi && \
+    // Unmount every cgroup2 mount (deepest first); keep or add a v1 one.
+    let script = "for d in $(awk '$3 == \"cgroup2\" {print $2}' /proc/self/mounts | sort -r); do \
+           umount -l \"$d\" || exit 98; done; \
+         grep -q ' cgroup ' /proc/self/mounts || \
+           mount -t cgroup -o none,name=weir-test cgroup /sys/fs/cgroup || exit 97; \
+         if grep -q ' cgroup2 ' /proc/self/mounts; then echo 'cgroup2 still visible'; exit 99; fi; \
          exec \"$@\"";
     let a = run_with(in_private_mounts(
         script,
@@ -576,9 +578,10 @@ fn cgroup_v1_only_host_is_refused() {
         1,
         "this host mounts cgroup v1 only: weir's programs attach to cgroup v2; boot with systemd.unified_cgroup_hierarchy=1",
     );
-    // Nothing at all: the same with no cgroup mount.
-    let script = "mount -t tmpfs none /sys/fs/cgroup && \
-         if grep -q ' cgroup' /proc/self/mounts; then exit 99; fi && exec \"$@\"";
+    // Nothing at all: every cgroup mount unmounted.
+    let script = "for d in $(awk '$3 ~ /^cgroup/ {print $2}' /proc/self/mounts | sort -r); do \
+           umount -l \"$d\" || exit 98; done; \
+         if grep -q ' cgroup' /proc/self/mounts; then exit 99; fi; exec \"$@\"";
     let a = run_with(in_private_mounts(
         script,
         &[
@@ -717,7 +720,10 @@ fn pods_file_problems_keep_the_good_pods_captured() {
     assert_eq!(enrolled(&node), vec!["good"]);
     captured(&node, 3);
 
-    // Missing, then unreadable (a directory): the current pods stay.
+    // Missing, then unreadable (a directory swapped in atomically): the
+    // current pods stay. (A readable file turning unreadable is logged.)
+    node.write_pods_raw(&format!("pods:\n{good_yaml}"));
+    std::thread::sleep(Duration::from_millis(300));
     std::fs::remove_file(&node.pods_file).unwrap();
     wait_log(
         &node,
@@ -725,13 +731,28 @@ fn pods_file_problems_keep_the_good_pods_captured() {
             "pods file {file}: cannot read it (No such file or directory (os error 2)); keeping the current pods"
         ),
     );
-    std::fs::create_dir(&node.pods_file).unwrap();
-    wait_log(
-        &node,
-        "Is a directory (os error 21)); keeping the current pods",
-    );
     assert_eq!(enrolled(&node), vec!["good"]);
     captured(&node, 4);
+    node.write_pods_raw(&format!("pods:\n{good_yaml}"));
+    std::thread::sleep(Duration::from_millis(300));
+    let dir = node.dir.join("pods-dir");
+    std::fs::create_dir(&dir).unwrap();
+    nix::fcntl::renameat2(
+        nix::fcntl::AT_FDCWD,
+        &dir,
+        nix::fcntl::AT_FDCWD,
+        &node.pods_file,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    )
+    .unwrap();
+    wait_log(
+        &node,
+        &format!(
+            "pods file {file}: cannot read it (Is a directory (os error 21)); keeping the current pods"
+        ),
+    );
+    assert_eq!(enrolled(&node), vec!["good"]);
+    captured(&node, 5);
     std::fs::remove_dir(&node.pods_file).unwrap();
     node.write_pods_raw(&format!("pods:\n{good_yaml}"));
 }

@@ -2,10 +2,10 @@
 //!
 //! The benchmark shares its machine with whatever else runs there (builds,
 //! other tests). Its own processes all live in one cgroup, so the CPU time
-//! the rest of the machine used over an interval is the `user + nice +
-//! system` time of `/proc/stat` minus the cgroup's `usage_usec` (interrupt
-//! and softirq time are left out of both: the benchmark's own packets are
-//! processed there). When the benchmark's processes are pinned to one CPU,
+//! the rest of the machine used over an interval is the busy time of
+//! `/proc/stat` (user, nice, system, irq, softirq) minus the cgroup's
+//! `usage_usec` (kernel threads working for the benchmark, such as
+//! `ksoftirqd`, count as others). When the benchmark's processes are pinned to one CPU,
 //! only that CPU's line of `/proc/stat` counts: other work elsewhere does
 //! not disturb them. The runner waits for a quiet CPU before each run and
 //! repeats runs that other work disturbed.
@@ -98,17 +98,28 @@ impl CpuMeter {
         if wall <= 0.0 {
             return 0.0;
         }
-        let busy = b.busy_us.saturating_sub(a.busy_us) as f64;
+        // Interrupt and softirq time included: the cgroup's time includes
+        // the softirqs its tasks ran (see `ours_us`), so leaving them out
+        // here would hide other work behind them.
+        let busy = (b.busy_us + b.irq_us).saturating_sub(a.busy_us + a.irq_us) as f64;
         let ours = b.ours_us.saturating_sub(a.ours_us) as f64;
         ((busy - ours) / wall).max(0.0)
     }
 
-    /// CPU time, µs, the benchmark used between `a` and `b`: its cgroup's
-    /// processes plus the interrupts and softirqs of its CPU(s), where its
-    /// packets are processed (other work's packets are assumed
-    /// negligible).
+    /// CPU time, µs, the benchmark used between `a` and `b`.
+    ///
+    /// Pinned to one CPU: everything that CPU did (user, system, interrupt
+    /// and softirq time, so also softirqs the kernel ran for it in
+    /// `ksoftirqd`); [`CpuMeter::foreign`] tells how much of it others took.
+    /// Unpinned: the cgroup's own time (which, on kernels without
+    /// `CONFIG_IRQ_TIME_ACCOUNTING`, includes the softirqs run in its
+    /// tasks' context).
     pub fn ours_us(&self, a: &Snap, b: &Snap) -> f64 {
-        (b.ours_us.saturating_sub(a.ours_us) + b.irq_us.saturating_sub(a.irq_us)) as f64
+        if self.line == "cpu" {
+            b.ours_us.saturating_sub(a.ours_us) as f64
+        } else {
+            (b.busy_us + b.irq_us).saturating_sub(a.busy_us + a.irq_us) as f64
+        }
     }
 
     /// Waits until a 250 ms window has other work below `threshold`, or

@@ -276,6 +276,7 @@ pub fn run(
     pods: usize,
     reps: usize,
     reload_ms: u64,
+    nice: i32,
     interrupted: &AtomicBool,
 ) -> Result<EnrollResult> {
     let dir = TempDir::new("enroll");
@@ -314,6 +315,13 @@ pub fn run(
     };
     tail.wait_applied(&mut agent, Duration::from_secs(60))
         .context("the agent's first (empty) apply")?;
+    // The same priority as the traffic workloads' processes, so other work
+    // on the machine slows the apply as little as it slows them. Threads
+    // the agent starts later inherit it from the thread starting them.
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let tid: i32 = entry?.file_name().to_string_lossy().parse()?;
+        crate::set_nice(nix::unistd::Pid::from_raw(tid), nice)?;
+    }
 
     let yaml = pods_yaml(&set);
     let mut rng = Rng::seeded();

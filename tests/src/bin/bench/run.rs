@@ -330,6 +330,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             settings.enroll_pods,
             settings.enroll_reps,
             args.reload_ms,
+            settings.nice,
             &INTERRUPTED,
         )?);
     }
