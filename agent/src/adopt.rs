@@ -88,18 +88,11 @@ fn pidfd_getfd(pidfd: &OwnedFd, target: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Finds the listening sockets on `ports` of the processes in the network
-/// namespace `netns` (through `proc_root`, the host's /proc).
-pub fn find_listeners(
-    proc_root: &Path,
-    netns: &Path,
-    ports: &BTreeSet<u16>,
-) -> io::Result<Vec<Found>> {
-    use std::os::unix::fs::MetadataExt;
-    let ns_ino = std::fs::metadata(netns)?.ino();
-    let want = format!("net:[{ns_ino}]");
-    let mut found = Vec::new();
-    let mut seen = BTreeSet::new();
+/// Every process of the host, grouped by the inode of its network
+/// namespace (one pass over `proc_root`, shared by all the pods of a
+/// reconcile pass).
+pub fn netns_pids(proc_root: &Path) -> io::Result<BTreeMap<u64, Vec<u32>>> {
+    let mut out: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
     for entry in std::fs::read_dir(proc_root)? {
         let Ok(entry) = entry else { continue };
         let Some(pid) = entry
@@ -109,21 +102,41 @@ pub fn find_listeners(
         else {
             continue;
         };
-        let ns = std::fs::read_link(entry.path().join("ns/net"));
-        if ns
-            .ok()
-            .and_then(|p| p.to_str().map(str::to_string))
-            .as_deref()
-            != Some(want.as_str())
-        {
+        let Ok(link) = std::fs::read_link(entry.path().join("ns/net")) else {
             continue;
-        }
-        let inodes = listening_inodes(proc_root, pid, ports);
-        if inodes.is_empty() {
-            // Same netns for every process: nothing listens on our ports.
-            return Ok(found);
-        }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+        };
+        let Some(ino) = link
+            .to_str()
+            .and_then(|l| l.strip_prefix("net:["))
+            .and_then(|l| l.strip_suffix(']'))
+            .and_then(|l| l.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        out.entry(ino).or_default().push(pid);
+    }
+    Ok(out)
+}
+
+/// Finds the listening sockets on `ports` of `pids` (the processes of one
+/// pod's network namespace, see [`netns_pids`]).
+pub fn find_listeners(
+    proc_root: &Path,
+    pids: &[u32],
+    ports: &BTreeSet<u16>,
+) -> io::Result<Vec<Found>> {
+    let mut found = Vec::new();
+    let mut seen = BTreeSet::new();
+    let Some(first) = pids.first() else {
+        return Ok(found);
+    };
+    // Every process of the netns sees the same /proc/PID/net/tcp.
+    let inodes = listening_inodes(proc_root, *first, ports);
+    if inodes.is_empty() {
+        return Ok(found);
+    }
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(proc_root.join(format!("{pid}/fd"))) else {
             continue;
         };
         let mut pidfd = None;
@@ -153,7 +166,7 @@ pub fn find_listeners(
                 continue;
             };
             if pidfd.is_none() {
-                pidfd = Some(pidfd_open(pid)?);
+                pidfd = Some(pidfd_open(*pid)?);
             }
             let dup = pidfd_getfd(pidfd.as_ref().expect("opened above"), target)?;
             found.push(Found {

@@ -43,13 +43,21 @@ pub struct ExcludedInterfaces {
     pub subnets: std::collections::BTreeSet<ipnet::IpNet>,
 }
 
-/// Resolves interface names inside the network namespace at `netns`: their
-/// indexes and the subnets of their addresses. Names that do not exist
-/// (yet) are skipped; the agent resolves again on every resync.
-pub fn resolve_interfaces(
-    netns: &Path,
-    names: &std::collections::BTreeSet<String>,
-) -> Result<ExcludedInterfaces> {
+/// Everything the agent learns from a pod's network namespace, in one
+/// visit (one thread, one netlink socket): its addresses, its connected
+/// subnets with the address on each, and what `exclude` names resolve to.
+#[derive(Debug, Default, Clone)]
+pub struct NetnsFacts {
+    /// Every non-loopback address.
+    pub addrs: Vec<IpAddr>,
+    /// Connected subnets (global scope) and the address on each.
+    pub subnets: Vec<(ipnet::IpNet, IpAddr)>,
+    /// `excludeInterfaces` resolved.
+    pub excluded: ExcludedInterfaces,
+}
+
+/// Reads [`NetnsFacts`] of the network namespace at `netns`.
+pub fn inspect(netns: &Path, exclude: &std::collections::BTreeSet<String>) -> Result<NetnsFacts> {
     use futures_util::TryStreamExt;
     use rtnetlink::packet_route::address::AddressAttribute;
     use rtnetlink::packet_route::link::LinkAttribute;
@@ -61,101 +69,46 @@ pub fn resolve_interfaces(
         rt.block_on(async {
             let (conn, handle, _) = rtnetlink::new_connection()?;
             tokio::spawn(conn);
-            let mut out = ExcludedInterfaces::default();
-            let mut links = handle.link().get().execute();
-            while let Some(msg) = links.try_next().await.map_err(std::io::Error::other)? {
-                let named = msg
-                    .attributes
-                    .iter()
-                    .any(|a| matches!(a, LinkAttribute::IfName(n) if names.contains(n)));
-                if named {
-                    out.ifindexes.insert(msg.header.index);
+            let mut facts = NetnsFacts::default();
+            if !exclude.is_empty() {
+                let mut links = handle.link().get().execute();
+                while let Some(msg) = links.try_next().await.map_err(std::io::Error::other)? {
+                    let named = msg
+                        .attributes
+                        .iter()
+                        .any(|a| matches!(a, LinkAttribute::IfName(n) if exclude.contains(n)));
+                    if named {
+                        facts.excluded.ifindexes.insert(msg.header.index);
+                    }
                 }
             }
             let mut addrs = handle.address().get().execute();
             while let Some(msg) = addrs.try_next().await.map_err(std::io::Error::other)? {
-                if !out.ifindexes.contains(&msg.header.index) {
-                    continue;
-                }
                 for attr in &msg.attributes {
-                    if let AddressAttribute::Address(ip) = attr
-                        && let Ok(net) = ipnet::IpNet::new(*ip, msg.header.prefix_len)
-                    {
-                        out.subnets.insert(net.trunc());
+                    let AddressAttribute::Address(ip) = attr else {
+                        continue;
+                    };
+                    if ip.is_loopback() {
+                        continue;
+                    }
+                    if !facts.addrs.contains(ip) {
+                        facts.addrs.push(*ip);
+                    }
+                    let Ok(net) = ipnet::IpNet::new(*ip, msg.header.prefix_len) else {
+                        continue;
+                    };
+                    if facts.excluded.ifindexes.contains(&msg.header.index) {
+                        facts.excluded.subnets.insert(net.trunc());
+                    }
+                    let link_local =
+                        matches!(ip, IpAddr::V6(v) if (v.segments()[0] & 0xffc0) == 0xfe80);
+                    if !link_local {
+                        facts.subnets.push((net.trunc(), *ip));
                     }
                 }
             }
-            Ok(out)
+            Ok(facts)
         })
     })
-    .context("resolving excludeInterfaces")
-}
-
-/// The connected subnets of the network namespace at `netns` and the
-/// address on each (global and site scope; not loopback or link-local).
-pub fn connected_subnets(netns: &Path) -> Result<Vec<(ipnet::IpNet, IpAddr)>> {
-    use futures_util::TryStreamExt;
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let ns = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    crate::sys::in_netns(ns.as_fd(), || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let (conn, handle, _) = rtnetlink::new_connection()?;
-            tokio::spawn(conn);
-            let mut out = Vec::new();
-            let mut addrs = handle.address().get().execute();
-            while let Some(msg) = addrs.try_next().await.map_err(std::io::Error::other)? {
-                for attr in &msg.attributes {
-                    if let AddressAttribute::Address(ip) = attr {
-                        let link_local =
-                            matches!(ip, IpAddr::V6(v) if (v.segments()[0] & 0xffc0) == 0xfe80);
-                        if ip.is_loopback() || link_local {
-                            continue;
-                        }
-                        if let Ok(net) = ipnet::IpNet::new(*ip, msg.header.prefix_len) {
-                            out.push((net.trunc(), *ip));
-                        }
-                    }
-                }
-            }
-            Ok(out)
-        })
-    })
-    .context("listing connected subnets")
-}
-
-/// Every address configured in the network namespace at `netns`, except
-/// loopback ones (127.0.0.0/8, ::1): weir treats them all as the pod's own
-/// (a pod can have more than the IPs its orchestrator reports, e.g. a
-/// second interface), both for inbound capture and for Istio's "on lo"
-/// rules.
-pub fn list_addrs(netns: &Path) -> Result<Vec<IpAddr>> {
-    use futures_util::TryStreamExt;
-    use rtnetlink::packet_route::address::AddressAttribute;
-    let ns = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    crate::sys::in_netns(ns.as_fd(), || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let (conn, handle, _) = rtnetlink::new_connection()?;
-            tokio::spawn(conn);
-            let mut out = Vec::new();
-            let mut stream = handle.address().get().execute();
-            while let Some(msg) = stream.try_next().await.map_err(std::io::Error::other)? {
-                for attr in msg.attributes {
-                    if let AddressAttribute::Address(ip) = attr
-                        && !ip.is_loopback()
-                        && !out.contains(&ip)
-                    {
-                        out.push(ip);
-                    }
-                }
-            }
-            Ok(out)
-        })
-    })
-    .context("listing addresses")
+    .context("reading the pod's addresses")
 }

@@ -8,7 +8,6 @@
 //! the others.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -42,6 +41,8 @@ pub struct Reconciler {
     next_id: u32,
     /// The host's /proc (to find proxies that listened before weir).
     proc_root: std::path::PathBuf,
+    /// Processes by netns inode, read once per pass when needed.
+    proc_index: Option<BTreeMap<u64, Vec<u32>>>,
 }
 
 fn meta(spec: &PodSpec) -> PodMeta {
@@ -63,6 +64,7 @@ impl Reconciler {
             pods: BTreeMap::new(),
             next_id: 1,
             proc_root: "/proc".into(),
+            proc_index: None,
         }
     }
 
@@ -76,6 +78,7 @@ impl Reconciler {
     /// Applies the desired pods. `keep` names pods whose desired entry was
     /// invalid this time: they keep their last good policy.
     pub fn apply(&mut self, desired: &[PodSpec], keep: &BTreeSet<String>) {
+        self.proc_index = None;
         let mut want: BTreeMap<String, &PodSpec> = BTreeMap::new();
         for s in desired {
             want.insert(s.key(), s);
@@ -160,7 +163,9 @@ impl Reconciler {
         // never after it.
         self.dp.attach_netns(cookie, &spec.netns)?;
         // A proxy that already listens was never seen by sockops.
-        match crate::adopt::find_listeners(&self.proc_root, &spec.netns, &spec.rules.listen_ports) {
+        match self.adopt_candidates(&spec.netns).and_then(|pids| {
+            crate::adopt::find_listeners(&self.proc_root, &pids, &spec.rules.listen_ports)
+        }) {
             Ok(found) if !found.is_empty() => {
                 let n = self.dp.record_listeners(cookie, &found);
                 info!("pod {key}: adopted {n} proxy listener(s) that were already listening");
@@ -198,6 +203,20 @@ impl Reconciler {
         Ok(())
     }
 
+    /// The processes of the netns at `netns` (for listener adoption).
+    fn adopt_candidates(&mut self, netns: &Path) -> std::io::Result<Vec<u32>> {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(netns)?.ino();
+        if self.proc_index.is_none() {
+            self.proc_index = Some(crate::adopt::netns_pids(&self.proc_root)?);
+        }
+        Ok(self
+            .proc_index
+            .as_ref()
+            .and_then(|m| m.get(&ino).cloned())
+            .unwrap_or_default())
+    }
+
     fn remove(&mut self, key: &str) {
         if let Some(p) = self.pods.remove(key) {
             self.dp.remove_pod(p.cookie, &p.entries);
@@ -212,6 +231,7 @@ impl Reconciler {
     /// again (the Kubernetes source merges CNI-enrolled pods into its
     /// desired set).
     pub fn enroll_now(&mut self, spec: &PodSpec) -> Result<u64> {
+        self.proc_index = None;
         let key = spec.key();
         self.apply_one(&key, spec)?;
         let ports: BTreeSet<u16> = self
@@ -231,27 +251,19 @@ impl Reconciler {
 /// rules (the pods file or the API may list only the primary IPs).
 fn with_discovered_addrs(spec: &PodSpec) -> PodSpec {
     let mut spec = spec.clone();
-    match crate::netlink::list_addrs(&spec.netns) {
-        Ok(found) => spec.rules.addrs.extend(found),
-        Err(e) => warn!("netns {}: {e:#}", spec.netns.display()),
-    }
-    match crate::netlink::connected_subnets(&spec.netns) {
-        Ok(found) => {
+    match crate::netlink::inspect(&spec.netns, &spec.rules.exclude_ifaces) {
+        Ok(facts) => {
+            spec.rules.addrs.extend(facts.addrs);
             // The first address on a subnet is the kernel's source there.
-            for (net, ip) in found {
+            for (net, ip) in facts.subnets {
                 spec.rules.src_routes.entry(net).or_insert(ip);
             }
+            if !spec.rules.exclude_ifaces.is_empty() {
+                spec.rules.excluded_ifindexes = facts.excluded.ifindexes;
+                spec.rules.iface_routes = facts.excluded.subnets;
+            }
         }
         Err(e) => warn!("netns {}: {e:#}", spec.netns.display()),
-    }
-    if !spec.rules.exclude_ifaces.is_empty() {
-        match crate::netlink::resolve_interfaces(&spec.netns, &spec.rules.exclude_ifaces) {
-            Ok(x) => {
-                spec.rules.excluded_ifindexes = x.ifindexes;
-                spec.rules.iface_routes = x.subnets;
-            }
-            Err(e) => warn!("netns {}: {e:#}", spec.netns.display()),
-        }
     }
     spec
 }

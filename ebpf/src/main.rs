@@ -60,6 +60,7 @@ const PAGE_SIZE: i32 = 4096;
 const TCP_SYN_SENT: u32 = 2;
 const TCP_CLOSE: u32 = 7;
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
@@ -590,6 +591,15 @@ pub fn weir_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // Connected: it was not refused, so stop the per-state
+            // callbacks that watch for a refusal (they would run for every
+            // later state change of the connection).
+            let flags = ctx.cb_flags() as i32;
+            if flags & BPF_SOCK_OPS_STATE_CB_FLAG != 0 {
+                let _ = ctx.set_cb_flags(flags & !BPF_SOCK_OPS_STATE_CB_FLAG);
+            }
+        }
         BPF_SOCK_OPS_STATE_CB => on_state(&ctx),
         _ => {}
     }

@@ -474,6 +474,15 @@ fn missing_bpffs_is_mounted_root_only() {
         let mode = std::fs::metadata(&mnt).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700, "bpffs root mode {mode:o}");
         assert!(mnt.join("weir/maps/POD_POLICY").exists());
+        // Every pin is root's alone.
+        for dir in ["weir/maps", "weir/links"] {
+            for e in std::fs::read_dir(mnt.join(dir)).unwrap() {
+                let md = e.unwrap().metadata().unwrap();
+                let mode = md.permissions().mode() & 0o777;
+                assert_eq!(mode & 0o077, 0, "{dir}: pin mode {mode:o}");
+                assert_eq!(std::os::unix::fs::MetadataExt::uid(&md), 0);
+            }
+        }
     }));
     cleanup(&mut agent);
     if let Err(p) = res {
