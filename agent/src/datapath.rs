@@ -609,6 +609,58 @@ impl Datapath {
         }
     }
 
+    /// Entries and capacity of the per-pod maps, for `weir_map_entries`
+    /// and `weir_map_capacity` (counting keys costs one syscall per entry;
+    /// it runs on scrape only).
+    pub fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
+        let cap = |name: &str| -> u32 {
+            aya::maps::MapData::from_pin(self.pins.maps().join(name))
+                .and_then(|m| m.info())
+                .map(|i| i.max_entries())
+                .unwrap_or(0)
+        };
+        vec![
+            (
+                "POD_POLICY",
+                self.pod_policy.keys().count(),
+                cap("POD_POLICY"),
+            ),
+            ("POD_ADDRS", self.pod_addrs.keys().count(), cap("POD_ADDRS")),
+            (
+                "PORT_RULES",
+                self.port_rules.keys().count(),
+                cap("PORT_RULES"),
+            ),
+            ("PROXY_IDS", self.proxy_ids.keys().count(), cap("PROXY_IDS")),
+            (
+                "CIDR_EXCLUDE",
+                self.cidr_exclude.keys().count(),
+                cap("CIDR_EXCLUDE"),
+            ),
+            (
+                "CIDR_INCLUDE",
+                self.cidr_include.keys().count(),
+                cap("CIDR_INCLUDE"),
+            ),
+            ("CIDR_DNS", self.cidr_dns.keys().count(), cap("CIDR_DNS")),
+            (
+                "CIDR_IFACE",
+                self.cidr_iface.keys().count(),
+                cap("CIDR_IFACE"),
+            ),
+            (
+                "SRC_ROUTES",
+                self.src_routes.keys().count(),
+                cap("SRC_ROUTES"),
+            ),
+            (
+                "POD_COUNTERS",
+                self.pod_counters.keys().count(),
+                cap("POD_COUNTERS"),
+            ),
+        ]
+    }
+
     /// Sets the kernel log level (0 off .. 5 trace).
     pub fn set_kernel_log_level(&mut self, level: u32) -> Result<()> {
         self.log_level.set(0, level, 0).context("writing LOG_LEVEL")

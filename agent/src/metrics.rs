@@ -103,6 +103,17 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
         labels,
     )?;
     let enrolled = IntGauge::new("weir_pods_enrolled", "Pods enrolled on this node.")?;
+    let map_entries = IntGaugeVec::new(
+        Opts::new("weir_map_entries", "Entries in a per-pod BPF map."),
+        &["map"],
+    )?;
+    let map_capacity = IntGaugeVec::new(
+        Opts::new(
+            "weir_map_capacity",
+            "Capacity (max_entries) of a per-pod BPF map.",
+        ),
+        &["map"],
+    )?;
     let node = IntCounterVec::new(
         Opts::new("weir_node_events_total", "Node-wide datapath events."),
         &["event"],
@@ -115,6 +126,8 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
         reg.register(Box::new(c.clone()))?;
     }
     reg.register(Box::new(enrolled.clone()))?;
+    reg.register(Box::new(map_entries.clone()))?;
+    reg.register(Box::new(map_capacity.clone()))?;
     reg.register(Box::new(build.clone()))?;
     build
         .with_label_values(&[
@@ -173,6 +186,12 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
         bind_failed
             .with_label_values(&[ns, name])
             .inc_by(c.source_bind_failed);
+    }
+    for (map, entries, capacity) in r.dp.map_usage() {
+        map_entries.with_label_values(&[map]).set(entries as i64);
+        map_capacity
+            .with_label_values(&[map])
+            .set(i64::from(capacity));
     }
     let n = r.dp.node_counters();
     drop(r);

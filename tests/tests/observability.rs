@@ -182,3 +182,33 @@ fn bpftool_shows_named_programs_and_readable_maps() {
         assert!(dump.contains(field), "{field} not in:\n{dump}");
     }
 }
+
+#[test]
+fn map_usage_is_exported_against_capacity() {
+    if !require_root() {
+        return;
+    }
+    let ns = NetNs::new("obm");
+    ns.ip(&["addr", "add", "198.18.8.9/32", "dev", "lo"]);
+    let node = Node::with_agent();
+    node.set_pods(&[PodEntry::new("m", &ns, &["198.18.8.9"]).annotate(
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        "10.0.0.0/8,10.1.0.0/16",
+    )]);
+    let m = node.metrics();
+    assert_eq!(
+        metric(&m, "weir_map_entries", &[("map", "POD_POLICY")]),
+        Some(1),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "weir_map_entries", &[("map", "CIDR_EXCLUDE")]),
+        Some(2),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "weir_map_capacity", &[("map", "POD_POLICY")]),
+        Some(16384),
+        "{m}"
+    );
+}
