@@ -82,7 +82,7 @@ enum Command {
         /// Fewer repetitions and less work per run (about a minute).
         #[arg(long)]
         quick: bool,
-        /// Repetitions of each workload [default: 5, --quick 3].
+        /// Repetitions of each workload [default: 9, --quick 3].
         #[arg(long)]
         reps: Option<usize>,
         /// Only these workloads (comma list): crr, crr-upstream,

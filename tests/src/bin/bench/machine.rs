@@ -20,14 +20,20 @@ pub struct Machine {
     pub virtualized: bool,
     /// `iptables --version`.
     pub iptables: String,
-    /// `git describe` of the workspace, when it can be read.
+    /// `git describe` of the workspace at run time, when it can be read
+    /// (the agent's source when the bench runs through `cargo xtask
+    /// bench`, which builds right before).
     pub commit: String,
+    /// The agent binary measured.
+    pub weir_bin: String,
+    /// When that binary was last modified (UTC).
+    pub weir_built: String,
     /// When the run started (UTC, RFC 3339).
     pub started: String,
 }
 
-/// Reads the machine description.
-pub fn describe(workspace: &std::path::Path) -> Machine {
+/// Reads the machine description; `weir` is the agent binary measured.
+pub fn describe(workspace: &std::path::Path, weir: &std::path::Path) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
@@ -62,6 +68,10 @@ pub fn describe(workspace: &std::path::Path) -> Machine {
             Some(workspace),
         ),
         started: rfc3339(SystemTime::now()),
+        weir_bin: weir.display().to_string(),
+        weir_built: std::fs::metadata(weir)
+            .and_then(|m| m.modified())
+            .map_or_else(|_| "unknown".into(), rfc3339),
     }
 }
 

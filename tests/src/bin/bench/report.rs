@@ -324,7 +324,8 @@ fn markdown(m: &Measured, rows: &[Row], targets: &[Target]) -> String {
     let _ = writeln!(s, "### Benchmark results\n");
     let _ = writeln!(
         s,
-        "Machine: {} × {} cores{}, {:.1} GiB RAM; Linux {}; {}; weir {} (release build); run {}, {:.0} s.",
+        "Machine: {} × {} cores{}, {:.1} GiB RAM; Linux {}; {}; workspace {}, agent {} built {} \
+         (release); run {}, {:.0} s.",
         mc.cpu,
         mc.cores,
         if mc.virtualized {
@@ -336,6 +337,8 @@ fn markdown(m: &Measured, rows: &[Row], targets: &[Target]) -> String {
         mc.kernel,
         mc.iptables,
         mc.commit,
+        mc.weir_bin,
+        mc.weir_built,
         mc.started,
         m.duration_s
     );

@@ -38,7 +38,7 @@ pub struct RunArgs {
     /// Fewer repetitions and less work per run (about a minute).
     #[arg(long)]
     pub quick: bool,
-    /// Repetitions of each workload [default: 5, --quick 3].
+    /// Repetitions of each workload [default: 9, --quick 3].
     #[arg(long)]
     pub reps: Option<usize>,
     /// Workloads to run (comma list) [default: all]: crr, crr-upstream,
@@ -123,12 +123,12 @@ impl Settings {
     fn from_args(a: &RunArgs) -> Settings {
         let q = a.quick;
         Settings {
-            reps: a.reps.unwrap_or(if q { 3 } else { 5 }).max(1),
+            reps: a.reps.unwrap_or(if q { 3 } else { 9 }).max(1),
             quick: q,
-            crr_conns: if q { 6_000 } else { 20_000 },
+            crr_conns: if q { 4_000 } else { 10_000 },
             crr_threads: a.crr_threads.max(1),
             rr_requests: if q { 5_000 } else { 20_000 },
-            bulk_bytes: if q { 256 << 20 } else { 1 << 30 },
+            bulk_bytes: if q { 128 << 20 } else { 512 << 20 },
             scale_rules: a.scale_rules,
             enroll_pods: a.enroll_pods,
             enroll_reps: if q { 2 } else { 5 },
@@ -289,7 +289,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let weir = weir_tests::weir_bin();
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let machine = machine::describe(&workspace);
+    let machine = machine::describe(&workspace, &weir);
     eprintln!(
         "weir-bench: {} ({} cores), kernel {}, weir {}",
         machine.cpu,
