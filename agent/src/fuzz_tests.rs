@@ -1049,11 +1049,18 @@ struct GoodPod {
 fn good_pods() -> impl Strategy<Value = Vec<GoodPod>> {
     proptest::collection::vec(
         (
-            // Printable names that are not blank (a control character
-            // becomes 'x'; a leading 'p' keeps the name non-blank).
+            // Names YAML can hold, not blank: a control character or a
+            // character YAML refuses (U+FFFE, U+FFFF) becomes 'x'; a
+            // leading 'p' keeps the name non-blank.
             proptest::collection::vec(any::<char>(), 0..12).prop_map(|cs| {
                 let mut n = String::from("p");
-                n.extend(cs.into_iter().map(|c| if c.is_control() { 'x' } else { c }));
+                n.extend(cs.into_iter().map(|c| {
+                    if c.is_control() || c == '\u{fffe}' || c == '\u{ffff}' {
+                        'x'
+                    } else {
+                        c
+                    }
+                }));
                 n
             }),
             proptest::collection::btree_set(

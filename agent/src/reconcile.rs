@@ -115,7 +115,26 @@ impl Reconciler {
     }
 
     fn apply_one(&mut self, key: &str, spec: &PodSpec) -> Result<()> {
-        let spec = &with_discovered_addrs(spec);
+        let mut discovered = with_discovered_addrs(spec);
+        // An address found in this netns that another enrolled pod owns
+        // (lists, or had discovered first) is never claimed: a pod with
+        // CAP_NET_ADMIN could otherwise add a neighbour's IP to its own
+        // `lo` and have the neighbour's inbound connections steered to it.
+        let taken: BTreeSet<std::net::IpAddr> = self
+            .pods
+            .iter()
+            .filter(|(k, _)| k.as_str() != key)
+            .flat_map(|(_, p)| p.spec.rules.addrs.iter().copied())
+            .collect();
+        let listed: BTreeSet<std::net::IpAddr> = spec.ips.iter().copied().collect();
+        discovered.rules.addrs.retain(|a| {
+            let keep = listed.contains(a) || !taken.contains(a);
+            if !keep {
+                warn!("pod {key}: address {a} in its netns belongs to another pod; not claimed");
+            }
+            keep
+        });
+        let spec = &discovered;
         let cookie = match sys::netns_cookie_of_path(&spec.netns) {
             Ok(c) => c,
             Err(e) => {

@@ -259,7 +259,6 @@ fn only_the_proxy_identity_escapes_capture() {
 /// socket of another netns): counted as A's `inbound_captured`, and B's
 /// clients time out.
 #[test]
-#[ignore = "bug: discovered addresses let one pod take another pod's POD_ADDRS entry"]
 fn a_pod_cannot_claim_another_pods_address() {
     if !require_root() {
         return;
