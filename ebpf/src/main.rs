@@ -36,9 +36,7 @@ macro_rules! klog {
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{bpf_sock, bpf_sock_addr, sk_action},
-    helpers::generated::{
-        bpf_bind, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_sk_storage_get,
-    },
+    helpers::generated::{bpf_bind, bpf_get_current_uid_gid, bpf_get_netns_cookie},
     macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
@@ -65,7 +63,6 @@ const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
 const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
-const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
 
 const V4_LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 
@@ -182,22 +179,13 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
 
     // Remember where the application was going, on its own socket; the
     // sockops program hands it to the proxy's socket once it is accepted.
-    let mut od = OrigDst {
+    let od = OrigDst {
         addr: dst,
         port: dport,
         flags,
         pod_id: policy.pod_id,
     };
-    // SAFETY: `sk` is a valid socket pointer; the map is an sk_storage map.
-    let stored = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
-            (sk as *const bpf_sock).cast_mut().cast(),
-            (&mut od as *mut OrigDst).cast(),
-            BPF_SK_STORAGE_GET_F_CREATE,
-        )
-    } as *mut OrigDst;
-    if stored.is_null() {
+    if !store_orig_dst((sk as *const bpf_sock).cast_mut(), od) {
         bump_node(|c| c.orig_dst_store_failed += 1);
         klog!(
             warn,
@@ -207,8 +195,6 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         );
         return 0;
     }
-    // SAFETY: non-NULL storage of our value type, owned by this socket.
-    unsafe { *stored = od };
 
     // With iptables REDIRECT the connection keeps the source address the
     // kernel picks for the original destination (the pod IP for remote
@@ -414,27 +400,16 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     // Remember the server, so that its answer (coming from the DNS port)
     // can be shown to the application as coming from the server.
-    let mut od = OrigDst {
+    let od = OrigDst {
         addr: dst,
         port: dport,
         flags: ORIG_DNS,
         pod_id: policy.pod_id,
     };
-    // SAFETY: `sk` is a valid socket pointer; the map is an sk_storage map.
-    let stored = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
-            (sk as *const bpf_sock).cast_mut().cast(),
-            (&mut od as *mut OrigDst).cast(),
-            BPF_SK_STORAGE_GET_F_CREATE,
-        )
-    } as *mut OrigDst;
-    if stored.is_null() {
+    if !store_orig_dst((sk as *const bpf_sock).cast_mut(), od) {
         bump_node(|c| c.orig_dst_store_failed += 1);
         return 1;
     }
-    // SAFETY: non-NULL storage of our value type.
-    unsafe { *stored = od };
     // As with REDIRECT, the query leaves from the address the kernel
     // would pick for the server (the pod's), not from loopback.
     // Only the address matters: a per-message source is fine on a socket
@@ -491,20 +466,10 @@ fn recvmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     if !is_localhost(&from) {
         return 1;
     }
-    // SAFETY: `sk` is non-NULL for sock_addr programs; lookup only.
-    let od = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
-            sa.__bindgen_anon_1.sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    } as *const OrigDst;
-    if od.is_null() {
+    // SAFETY: reading the `sk` field of a valid context (non-NULL).
+    let Some(od) = orig_dst_of(unsafe { sa.__bindgen_anon_1.sk }) else {
         return 1;
-    }
-    // SAFETY: non-NULL storage of our value type.
-    let od = unsafe { *od };
+    };
     if od.flags & ORIG_DNS == 0 {
         return 1;
     }
@@ -550,20 +515,10 @@ fn getpeer(ctx: &SockAddrContext, v6: bool) -> i32 {
     if sa.type_ != SOCK_STREAM && sa.type_ != SOCK_DGRAM {
         return 1;
     }
-    // SAFETY: `sk` is non-NULL for sock_addr programs; no create flag.
-    let od = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
-            sa.__bindgen_anon_1.sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    } as *const OrigDst;
-    if od.is_null() {
+    // SAFETY: reading the `sk` field of a valid context (non-NULL).
+    let Some(od) = orig_dst_of(unsafe { sa.__bindgen_anon_1.sk }) else {
         return 1;
-    }
-    // SAFETY: non-NULL storage of our value type.
-    let od = unsafe { *od };
+    };
     if od.flags & ORIG_APP_SIDE == 0 {
         return 1;
     }
@@ -687,20 +642,9 @@ fn on_connect(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
-    // SAFETY: non-NULL full socket; lookup only.
-    let od = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    } as *const OrigDst;
-    if od.is_null() {
+    let Some(od) = orig_dst_of(sk) else {
         return;
-    }
-    // SAFETY: non-NULL storage of our value type.
-    let od = unsafe { *od };
+    };
     if od.flags & ORIG_APP_SIDE == 0 {
         return;
     }
@@ -742,18 +686,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
-    // SAFETY: non-NULL full socket; create with our initial value.
-    let stored = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
-            sk.cast(),
-            (&mut od as *mut OrigDst).cast(),
-            BPF_SK_STORAGE_GET_F_CREATE,
-        )
-    } as *mut OrigDst;
-    if !stored.is_null() {
-        // SAFETY: non-NULL storage of our value type.
-        unsafe { *stored = od };
+    if store_orig_dst(sk, od) {
         let _ = PENDING_FLOWS.remove(&key);
     }
 }
@@ -868,18 +801,8 @@ fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
     if sk_ptr.is_null() {
         return None;
     }
-    // SAFETY: non-NULL socket pointer from the context; lookup only.
-    let od = unsafe {
-        bpf_sk_storage_get(
-            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
-            sk_ptr.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    } as *const OrigDst;
-    if !od.is_null() {
-        // SAFETY: non-NULL storage of our value type.
-        return Some(unsafe { *od });
+    if let Some(od) = orig_dst_of(sk_ptr) {
+        return Some(od);
     }
     // SAFETY: reading fields of a valid socket.
     let sk = unsafe { &*sk_ptr };

@@ -84,6 +84,45 @@ pub static PENDING_FLOWS: LruHashMap<FlowKey, OrigDst, 65536> = LruHashMap::new(
 #[btf_map]
 pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
 
+/// The original destination stored on socket `sk`, if any (lookup only).
+#[inline(always)]
+pub fn orig_dst_of(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<OrigDst> {
+    // SAFETY: `sk` is a socket pointer from the program's context (the
+    // helper accepts NULL); the map is our sk_storage map; no create flag.
+    let p = unsafe {
+        aya_ebpf::helpers::generated::bpf_sk_storage_get(
+            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *const OrigDst;
+    // SAFETY: non-NULL storage holds our value type.
+    (!p.is_null()).then(|| unsafe { *p })
+}
+
+/// Stores `od` on socket `sk` (creating its storage); false when the
+/// kernel could not allocate it.
+#[inline(always)]
+pub fn store_orig_dst(sk: *mut aya_ebpf::bindings::bpf_sock, mut od: OrigDst) -> bool {
+    // SAFETY: as in `orig_dst_of`; F_CREATE initialises new storage with
+    // `od`, which lives on our stack for the call.
+    let p = unsafe {
+        aya_ebpf::helpers::generated::bpf_sk_storage_get(
+            core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
+            sk.cast(),
+            (&mut od as *mut OrigDst).cast(),
+            1, // BPF_SK_STORAGE_GET_F_CREATE
+        )
+    } as *mut OrigDst;
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: non-NULL storage of our value type (it may have existed).
+    unsafe { *p = od };
+    true
+}
+
 /// Per-pod counters.
 #[btf_map]
 pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters, 16384> = PerCpuHashMap::new();
