@@ -265,25 +265,50 @@ fn parse_cidrs(key: &str, value: &str) -> Result<Option<BTreeSet<IpNet>>, Annota
     if value.trim() == "*" {
         return Ok(None);
     }
+    parse_cidr_list(
+        key,
+        value,
+        "use a comma-separated list like 10.0.0.0/8,fd00::/8, or \"*\" alone",
+    )
+    .map(Some)
+}
+
+/// Parses a CIDR list where `*` has no meaning (Linkerd's `skip-subnets`,
+/// Kuma's `exclude-outbound-ips`: their init containers want subnets).
+fn parse_subnets(key: &str, value: &str) -> Result<BTreeSet<IpNet>, AnnotationError> {
+    parse_cidr_list(
+        key,
+        value,
+        "use a comma-separated list like 10.0.0.0/8,fd00::/8",
+    )
+}
+
+fn parse_cidr_list(
+    key: &str,
+    value: &str,
+    list_hint: &'static str,
+) -> Result<BTreeSet<IpNet>, AnnotationError> {
     items(value)
         .map(|i| {
             i.parse::<IpNet>().map(|n| n.trunc()).map_err(|_| {
                 let hint = if i.parse::<IpAddr>().is_ok() {
                     "add the prefix length, e.g. 10.1.2.3/32 or fd00::1/128"
                 } else {
-                    "use a comma-separated list like 10.0.0.0/8,fd00::/8, or \"*\""
+                    list_hint
                 };
                 err(key, value, format!("{i:?} is not a CIDR"), hint)
             })
         })
-        .collect::<Result<BTreeSet<_>, _>>()
-        .map(Some)
+        .collect()
 }
 
 /// Parses a port list that may hold ranges (`4000-4100`), as Linkerd's and
 /// Kuma's annotations do.
 fn parse_port_ranges(key: &str, value: &str) -> Result<BTreeSet<u16>, AnnotationError> {
-    let mut out = BTreeSet::new();
+    // Ranges are merged before they are expanded: a value may hold many
+    // overlapping wide ranges (256 KiB of `1-65535,`), and expanding each
+    // would cost the sum of their widths on the agent's reconcile path.
+    let mut ranges: Vec<(u16, u16)> = Vec::new();
     for i in items(value) {
         match i.split_once('-') {
             Some((a, b)) => {
@@ -297,11 +322,22 @@ fn parse_port_ranges(key: &str, value: &str) -> Result<BTreeSet<u16>, Annotation
                         "write ranges low-high, e.g. 4000-4100",
                     ));
                 }
-                out.extend(lo..=hi);
+                ranges.push((lo, hi));
             }
             None => {
-                out.insert(parse_port(key, value, i)?);
+                let p = parse_port(key, value, i)?;
+                ranges.push((p, p));
             }
+        }
+    }
+    ranges.sort_unstable();
+    let mut out = BTreeSet::new();
+    let mut next = 0u32; // first port not yet in `out`
+    for (lo, hi) in ranges {
+        let from = u32::from(lo).max(next);
+        if from <= u32::from(hi) {
+            out.extend(from as u16..=hi);
+            next = u32::from(hi) + 1;
         }
     }
     Ok(out)
@@ -503,7 +539,7 @@ pub fn pod_rules(
             }
             if let Some(v) = get(keys::LINKERD_SKIP_SUBNETS) {
                 r.exclude_cidrs
-                    .extend(parse_cidrs(keys::LINKERD_SKIP_SUBNETS, v)?.unwrap_or_default());
+                    .extend(parse_subnets(keys::LINKERD_SKIP_SUBNETS, v)?);
             }
         }
         Mesh::Kuma => {
@@ -517,7 +553,7 @@ pub fn pod_rules(
             }
             if let Some(v) = get(keys::KUMA_EXCLUDE_OUTBOUND_IPS) {
                 r.exclude_cidrs
-                    .extend(parse_cidrs(keys::KUMA_EXCLUDE_OUTBOUND_IPS, v)?.unwrap_or_default());
+                    .extend(parse_subnets(keys::KUMA_EXCLUDE_OUTBOUND_IPS, v)?);
             }
         }
     }
@@ -658,6 +694,48 @@ pub fn cidr_key(cookie: u64, net: &IpNet) -> (u32, CidrData) {
     )
 }
 
+/// The IPv4-mapped IPv6 block `::ffff:0:0/96`, where weir keys IPv4.
+const V4_MAPPED_BLOCK: u128 = 0xffff_u128 << 32;
+
+/// The LPM keys for `net` in pod `cookie`, keeping address families apart.
+///
+/// weir keys IPv4 destinations as `::ffff:a.b.c.d` in the same tries as
+/// IPv6, but in Istio an IPv6 range goes to ip6tables only and never
+/// matches IPv4 traffic. So an IPv6 range that covers `::ffff:0:0/96`
+/// (`::/0`, `::/64`, ...) is written as the prefixes that make up the range
+/// without that block (at most 96 keys), and an IPv6 range inside it
+/// (`::ffff:10.0.0.0/104`) matches nothing and gives no key.
+pub fn cidr_keys(cookie: u64, net: &IpNet) -> Vec<(u32, CidrData)> {
+    let IpNet::V6(n) = net else {
+        return vec![cidr_key(cookie, net)];
+    };
+    let len = u32::from(n.prefix_len());
+    let base = u128::from(n.network());
+    let in_block = |l: u32| l == 0 || (base ^ V4_MAPPED_BLOCK) >> (128 - l) == 0;
+    if len > 96 {
+        // Inside the block or disjoint from it.
+        if (base ^ V4_MAPPED_BLOCK) >> 32 == 0 {
+            return Vec::new();
+        }
+        return vec![cidr_key(cookie, net)];
+    }
+    if !in_block(len) {
+        return vec![cidr_key(cookie, net)];
+    }
+    // `net` covers the block: one key per level below `len`, the sibling of
+    // the block's path at that level.
+    (len..96)
+        .map(|depth| {
+            let flipped = V4_MAPPED_BLOCK ^ (1u128 << (127 - depth));
+            let prefix = (depth + 1) as u8;
+            let sibling = ipnet::Ipv6Net::new(std::net::Ipv6Addr::from(flipped), prefix)
+                .expect("prefix <= 96")
+                .trunc();
+            cidr_key(cookie, &IpNet::V6(sibling))
+        })
+        .collect()
+}
+
 /// Every map entry of one enrolled pod (besides `POD_POLICY`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodEntries {
@@ -729,12 +807,12 @@ impl PodRules {
             exclude: self
                 .exclude_cidrs
                 .iter()
-                .map(|n| cidr_key(cookie, n))
+                .flat_map(|n| cidr_keys(cookie, n))
                 .collect(),
             include: self
                 .include_cidrs
                 .iter()
-                .map(|n| cidr_key(cookie, n))
+                .flat_map(|n| cidr_keys(cookie, n))
                 .collect(),
             dns: self
                 .dns_servers
@@ -744,14 +822,15 @@ impl PodRules {
             iface: self
                 .iface_routes
                 .iter()
-                .map(|n| cidr_key(cookie, n))
+                .flat_map(|n| cidr_keys(cookie, n))
                 .collect(),
             src: self
                 .src_routes
                 .iter()
-                .map(|(n, ip)| {
-                    let (bits, data) = cidr_key(cookie, n);
-                    (bits, data, addr_of(*ip))
+                .flat_map(|(n, ip)| {
+                    cidr_keys(cookie, n)
+                        .into_iter()
+                        .map(|(bits, data)| (bits, data, addr_of(*ip)))
                 })
                 .collect(),
             addrs: self.addrs.iter().map(|a| addr_of(*a)).collect(),
@@ -1137,5 +1216,68 @@ mod tests {
         );
         assert_eq!(r.uids, vec![2102]);
         assert_eq!(r.policy.tunnel_port, 0);
+    }
+
+    /// The LPM keys of a range match exactly the addresses Istio's rules
+    /// would: an IPv6 range only IPv6 addresses, an IPv4 range only IPv4.
+    #[test]
+    fn cidr_keys_keep_families_apart() {
+        let nets = [
+            "::/0",
+            "::/1",
+            "::/64",
+            "::/95",
+            "::/96",
+            "::ffff:0:0/96",
+            "::ffff:0:0/95",
+            "::ffff:10.0.0.0/104",
+            "::fffe:0:0/96",
+            "::ffff:0:0/94",
+            "2001:db8::/32",
+            "0.0.0.0/0",
+            "10.0.0.0/8",
+            "198.18.0.1/32",
+        ];
+        let addrs: Vec<IpAddr> = [
+            "0.0.0.0",
+            "10.1.2.3",
+            "198.18.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "::fffe:1.2.3.4",
+            "::1:ffff:1.2.3.4",
+            "2001:db8::1",
+            "8000::",
+            "ffff::1",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        for net in nets {
+            let net: IpNet = net.parse().unwrap();
+            let keys = cidr_keys(7, &net);
+            assert!(keys.len() <= 96, "{net}: {} keys", keys.len());
+            for a in &addrs {
+                let want = match (net, a) {
+                    (IpNet::V4(n), IpAddr::V4(v)) => n.contains(v),
+                    (IpNet::V6(n), IpAddr::V6(v)) => n.contains(v),
+                    _ => false,
+                };
+                let key = u128::from_be_bytes(addr_octets(&addr_of(*a)));
+                let got = keys.iter().any(|(bits, data)| {
+                    let len = bits - CIDR_COOKIE_BITS;
+                    len == 0 || (u128::from_be_bytes(data.addr) ^ key) >> (128 - len) == 0
+                });
+                assert_eq!(got, want, "{net} vs {a}");
+            }
+        }
+    }
+
+    #[test]
+    fn overlapping_port_ranges_merge() {
+        let r = parse_port_ranges("k", "5-10, 1-3, 8-20, 20, 2, 65535, 65530-65535").unwrap();
+        let want: BTreeSet<u16> = (1..=3).chain(5..=20).chain(65530..=65535).collect();
+        assert_eq!(r, want);
     }
 }
