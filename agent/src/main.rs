@@ -358,23 +358,51 @@ async fn watch_pods_file(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_millis(a.reload_ms));
+    // Changes are seen at once through inotify; the poll stays as the
+    // fallback (and for filesystems without inotify).
+    let watch = match podsfile::Watch::new(pods_file) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(
+                "pods file {}: cannot watch it with inotify ({e}); polling every {} ms",
+                pods_file.display(),
+                a.reload_ms
+            );
+            None
+        }
+    };
     let resync = Duration::from_secs(a.resync_secs);
     let mut last: Option<String> = None;
     let mut last_apply = tokio::time::Instant::now();
+    let mut unreadable: Option<String> = None;
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: stopping (capture stays in place)"); break; }
             _ = int.recv() => { info!("SIGINT: stopping (capture stays in place)"); break; }
             _ = tick.tick() => {}
+            _ = async {
+                match &watch {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
         }
-        let text = match tokio::fs::read_to_string(pods_file).await {
-            Ok(t) => t,
+        let text = match podsfile::read(pods_file).await {
+            Ok(t) => {
+                if unreadable.take().is_some() {
+                    info!("pods file {}: readable again", pods_file.display());
+                }
+                t
+            }
             Err(e) => {
-                if last.is_some() || !ready.load(Ordering::Relaxed) {
+                // Said once per distinct problem, not on every poll.
+                let msg = e.to_string();
+                if unreadable.as_deref() != Some(msg.as_str()) {
                     warn!(
-                        "pods file {}: cannot read it ({e}); keeping the current pods",
+                        "pods file {}: cannot read it ({msg}); keeping the current pods",
                         pods_file.display()
                     );
+                    unreadable = Some(msg);
                 }
                 last = None;
                 continue;

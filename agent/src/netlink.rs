@@ -56,59 +56,158 @@ pub struct NetnsFacts {
     pub excluded: ExcludedInterfaces,
 }
 
-/// Reads [`NetnsFacts`] of the network namespace at `netns`.
-pub fn inspect(netns: &Path, exclude: &std::collections::BTreeSet<String>) -> Result<NetnsFacts> {
+/// What one visit to a pod's network namespace found.
+#[derive(Debug)]
+pub struct Probe {
+    /// The namespace's cookie (`SO_NETNS_COOKIE`), or why it could not be
+    /// entered (gone, not a namespace).
+    pub cookie: std::io::Result<u64>,
+    /// Its addresses and interfaces (only meaningful with a cookie).
+    pub facts: Result<NetnsFacts>,
+}
+
+/// Threads that visit namespaces for one [`probe_all`] call.
+const PROBE_THREADS: usize = 4;
+
+/// Visits every namespace in `targets` (path, `excludeInterfaces` names)
+/// and returns a [`Probe`] for each, in order.
+///
+/// A handful of worker threads share the list; each builds one
+/// single-threaded runtime and moves itself from namespace to namespace
+/// with `setns`, opening its sockets after each move so they belong to the
+/// pod. The workers end with the call, so no thread of the agent stays in
+/// a pod's namespace. One netns visit costs tens of microseconds this way,
+/// against a thread and a runtime per pod.
+pub fn probe_all(targets: &[(&Path, &std::collections::BTreeSet<String>)]) -> Vec<Probe> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<Probe>>> = targets
+        .iter()
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    let workers = PROBE_THREADS.min(targets.len());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => Some(rt),
+                    Err(e) => {
+                        log::warn!("netns probe: cannot build a runtime: {e}");
+                        None
+                    }
+                };
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((netns, exclude)) = targets.get(i) else {
+                        break;
+                    };
+                    let probe = probe_one(rt.as_ref(), netns, exclude);
+                    *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(probe);
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(|| Probe {
+                    cookie: Err(std::io::Error::other("netns probe did not run")),
+                    facts: Err(anyhow::anyhow!("netns probe did not run")),
+                })
+        })
+        .collect()
+}
+
+/// One visit, on the calling (worker) thread, which stays in `netns`.
+fn probe_one(
+    rt: Option<&tokio::runtime::Runtime>,
+    netns: &Path,
+    exclude: &std::collections::BTreeSet<String>,
+) -> Probe {
+    let entered = std::fs::File::open(netns).and_then(|f| {
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(())
+    });
+    if let Err(e) = entered {
+        return Probe {
+            facts: Err(anyhow::anyhow!("cannot enter {}: {e}", netns.display())),
+            cookie: Err(e),
+        };
+    }
+    let cookie = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(std::io::Error::from)
+    .and_then(|sock| crate::sys::socket_netns_cookie(sock.as_fd()));
+    let facts = match rt {
+        Some(rt) => rt
+            .block_on(read_facts(exclude))
+            .context("reading the pod's addresses"),
+        None => Err(anyhow::anyhow!("no runtime to read the pod's addresses")),
+    };
+    Probe { cookie, facts }
+}
+
+/// Dumps links and addresses of the calling thread's network namespace.
+async fn read_facts(exclude: &std::collections::BTreeSet<String>) -> std::io::Result<NetnsFacts> {
     use futures_util::TryStreamExt;
     use rtnetlink::packet_route::address::AddressAttribute;
     use rtnetlink::packet_route::link::LinkAttribute;
-    let ns = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    crate::sys::in_netns(ns.as_fd(), || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        rt.block_on(async {
-            let (conn, handle, _) = rtnetlink::new_connection()?;
-            tokio::spawn(conn);
-            let mut facts = NetnsFacts::default();
-            if !exclude.is_empty() {
-                let mut links = handle.link().get().execute();
-                while let Some(msg) = links.try_next().await.map_err(std::io::Error::other)? {
-                    let named = msg
-                        .attributes
-                        .iter()
-                        .any(|a| matches!(a, LinkAttribute::IfName(n) if exclude.contains(n)));
-                    if named {
-                        facts.excluded.ifindexes.insert(msg.header.index);
-                    }
+    // The socket is opened here, on the thread that entered the namespace.
+    let (conn, handle, _) = rtnetlink::new_connection()?;
+    let dump = async move {
+        let mut facts = NetnsFacts::default();
+        if !exclude.is_empty() {
+            let mut links = handle.link().get().execute();
+            while let Some(msg) = links.try_next().await.map_err(std::io::Error::other)? {
+                let named = msg
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::IfName(n) if exclude.contains(n)));
+                if named {
+                    facts.excluded.ifindexes.insert(msg.header.index);
                 }
             }
-            let mut addrs = handle.address().get().execute();
-            while let Some(msg) = addrs.try_next().await.map_err(std::io::Error::other)? {
-                for attr in &msg.attributes {
-                    let AddressAttribute::Address(ip) = attr else {
-                        continue;
-                    };
-                    if ip.is_loopback() {
-                        continue;
-                    }
-                    if !facts.addrs.contains(ip) {
-                        facts.addrs.push(*ip);
-                    }
-                    let Ok(net) = ipnet::IpNet::new(*ip, msg.header.prefix_len) else {
-                        continue;
-                    };
-                    if facts.excluded.ifindexes.contains(&msg.header.index) {
-                        facts.excluded.subnets.insert(net.trunc());
-                    }
-                    let link_local =
-                        matches!(ip, IpAddr::V6(v) if (v.segments()[0] & 0xffc0) == 0xfe80);
-                    if !link_local {
-                        facts.subnets.push((net.trunc(), *ip));
-                    }
+        }
+        let mut addrs = handle.address().get().execute();
+        while let Some(msg) = addrs.try_next().await.map_err(std::io::Error::other)? {
+            for attr in &msg.attributes {
+                let AddressAttribute::Address(ip) = attr else {
+                    continue;
+                };
+                if ip.is_loopback() {
+                    continue;
+                }
+                if !facts.addrs.contains(ip) {
+                    facts.addrs.push(*ip);
+                }
+                let Ok(net) = ipnet::IpNet::new(*ip, msg.header.prefix_len) else {
+                    continue;
+                };
+                if facts.excluded.ifindexes.contains(&msg.header.index) {
+                    facts.excluded.subnets.insert(net.trunc());
+                }
+                let link_local =
+                    matches!(ip, IpAddr::V6(v) if (v.segments()[0] & 0xffc0) == 0xfe80);
+                if !link_local {
+                    facts.subnets.push((net.trunc(), *ip));
                 }
             }
-            Ok(facts)
-        })
-    })
-    .context("reading the pod's addresses")
+        }
+        Ok(facts)
+    };
+    // The connection task runs only while the dump does, so nothing of
+    // this namespace is left on the runtime for the next one.
+    tokio::select! {
+        r = dump => r,
+        _ = conn => Err(std::io::Error::other("netlink connection closed")),
+    }
 }

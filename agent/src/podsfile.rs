@@ -96,18 +96,115 @@ pub enum PodsFileError {
         /// The cause.
         source: serde_yaml_ng::Error,
     },
+    /// The file is empty: most likely caught between truncate and write by
+    /// a writer that does not replace it atomically.
+    #[error(
+        "pods file {path}: the file is empty (still being written?); write `pods: []` to remove every pod, and replace the file atomically (write a temporary file, then rename it)"
+    )]
+    Empty {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// The largest pods file the agent reads (a node's pods take a few MB).
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// Reads the pods file, refusing what is not a regular file of sane size:
+/// a FIFO or a device would block or never end, and a reader must never
+/// stall the agent's loop.
+pub async fn read(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind};
+    let meta = tokio::fs::metadata(path).await?;
+    if !meta.is_file() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "not a regular file; point --pods-file at a YAML file",
+        ));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{} bytes, more than the {MAX_FILE_BYTES} bytes weir reads; list only this node's pods",
+                meta.len()
+            ),
+        ));
+    }
+    tokio::fs::read_to_string(path).await
+}
+
+/// Wakes the agent when the pods file is replaced or rewritten.
+///
+/// Watches the file's directory (an atomic replace is a rename into it,
+/// and a Kubernetes ConfigMap volume swaps a symlink there) for entries
+/// closed after writing, moved in or out, created, deleted or changed
+/// owner/mode. Half-written files are not announced (no `IN_MODIFY`). A
+/// thread blocks on the inotify descriptor and wakes the agent's loop.
+pub struct Watch {
+    wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Watch {
+    /// Starts watching the directory of `path`.
+    pub fn new(path: &Path) -> std::io::Result<Self> {
+        use nix::sys::inotify::{AddWatchFlags as W, InitFlags, Inotify};
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
+        ino.add_watch(
+            dir,
+            W::IN_CLOSE_WRITE
+                | W::IN_MOVED_TO
+                | W::IN_MOVED_FROM
+                | W::IN_DELETE
+                | W::IN_CREATE
+                | W::IN_ATTRIB,
+        )?;
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        let waker = wake.clone();
+        std::thread::Builder::new()
+            .name("pods-file-watch".into())
+            .spawn(move || {
+                loop {
+                    match ino.read_events() {
+                        Ok(_) => waker.notify_one(),
+                        Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => {
+                            log::warn!("pods file watch stopped ({e}); polling only");
+                            break;
+                        }
+                    }
+                }
+            })?;
+        Ok(Self { wake })
+    }
+
+    /// Waits for the next change in the directory. Any entry counts: the
+    /// file may be a symlink through other entries of the directory
+    /// (ConfigMap volumes), and a spurious wake-up only costs a read of an
+    /// unchanged file.
+    pub async fn changed(&self) {
+        self.wake.notified().await;
+    }
 }
 
 /// Parses pods-file text (`path` is only used in messages).
 pub fn parse(path: &Path, text: &str) -> Result<PodsFile, PodsFileError> {
-    let raw: RawFile = if text.trim().is_empty() {
-        RawFile { pods: Vec::new() }
-    } else {
-        serde_yaml_ng::from_str(text).map_err(|source| PodsFileError::Yaml {
+    // An empty file never means "no pods": it unenrolls every pod of the
+    // node, and it is what a reader sees between a writer's truncate and
+    // its write. Removing all pods takes an explicit `pods: []`.
+    if text.trim().is_empty() {
+        return Err(PodsFileError::Empty {
             path: path.to_path_buf(),
-            source,
-        })?
-    };
+        });
+    }
+    let raw: RawFile = serde_yaml_ng::from_str(text).map_err(|source| PodsFileError::Yaml {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut out = PodsFile::default();
     let mut seen_names = BTreeSet::new();
     let mut seen_netns = BTreeMap::new();
@@ -229,8 +326,11 @@ mod tests {
     }
 
     #[test]
-    fn empty_file_is_no_pods() {
-        assert!(p("").pods.is_empty());
+    fn empty_file_is_refused_not_no_pods() {
+        for empty in ["", " \n\t\n"] {
+            let e = parse(Path::new("p.yaml"), empty).unwrap_err();
+            assert!(e.to_string().contains("write `pods: []`"), "{e}");
+        }
         assert!(p("pods: []").pods.is_empty());
     }
 
@@ -295,5 +395,32 @@ pods:
         assert!(e.to_string().starts_with("pods file f:"), "{e}");
         let e = parse(Path::new("f"), "pod: []").unwrap_err();
         assert!(e.to_string().contains("unknown field `pod`"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn read_refuses_what_is_not_a_sane_regular_file() {
+        let dir = std::env::temp_dir().join(format!("weir-podsfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let big = dir.join("big.yaml");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_FILE_BYTES + 1)
+            .unwrap();
+        let e = read(&big).await.unwrap_err();
+        assert!(
+            e.to_string().contains("more than the 67108864 bytes"),
+            "{e}"
+        );
+        let fifo = dir.join("fifo.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Would block forever if it were opened.
+        let e = read(&fifo).await.unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let e = read(&dir).await.unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let ok = dir.join("ok.yaml");
+        std::fs::write(&ok, "pods: []\n").unwrap();
+        assert_eq!(read(&ok).await.unwrap(), "pods: []\n");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

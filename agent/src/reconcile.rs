@@ -7,7 +7,8 @@
 //! pod (unreadable netns, full map) is logged and skipped; it never stops
 //! the others.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -17,7 +18,6 @@ use weir_common::PodMeta;
 use crate::datapath::Datapath;
 use crate::podsfile::PodSpec;
 use crate::policy::{PodEntries, PodRules};
-use crate::sys;
 
 /// A pod weir has written into the maps.
 #[derive(Clone, Debug)]
@@ -30,6 +30,13 @@ pub struct Enrolled {
     pub pod_id: u32,
     /// Its map entries (to diff on update and to remove).
     pub entries: PodEntries,
+}
+
+/// What one pod's pass did.
+enum Applied {
+    Enrolled,
+    Updated,
+    Unchanged,
 }
 
 /// The reconciler.
@@ -93,10 +100,31 @@ impl Reconciler {
         for k in gone {
             self.remove(&k);
         }
-        for (key, spec) in want {
-            if let Err(e) = self.apply_one(&key, spec) {
-                warn!("pod {key}: not enrolled: {e:#}");
+        // Every pod's namespace is visited on every pass (its addresses may
+        // have changed), by a few threads for the whole pass.
+        let targets: Vec<(&Path, &BTreeSet<String>)> = want
+            .values()
+            .map(|s| (s.netns.as_path(), &s.rules.exclude_ifaces))
+            .collect();
+        let probes = crate::netlink::probe_all(&targets);
+        let mut owners = self.address_owners();
+        let (mut enrolled, mut updated, mut failed) = (0usize, 0usize, 0usize);
+        for ((key, spec), probe) in want.into_iter().zip(probes) {
+            match self.apply_one(&key, spec, probe, &mut owners) {
+                Ok(Applied::Enrolled) => enrolled += 1,
+                Ok(Applied::Updated) => updated += 1,
+                Ok(Applied::Unchanged) => {}
+                Err(e) => {
+                    failed += 1;
+                    warn!("pod {key}: not enrolled: {e:#}");
+                }
             }
+        }
+        if enrolled + updated + failed > 0 {
+            info!(
+                "pass: {enrolled} pod(s) enrolled, {updated} updated, {failed} failed, {} enrolled in all",
+                self.pods.len()
+            );
         }
         // Anything else in the pinned maps belongs to no desired pod.
         let live: BTreeSet<u64> = self.pods.values().map(|p| p.cookie).collect();
@@ -114,28 +142,25 @@ impl Reconciler {
         self.dp.sync_listen_ports(&ports);
     }
 
-    fn apply_one(&mut self, key: &str, spec: &PodSpec) -> Result<()> {
-        let mut discovered = with_discovered_addrs(spec);
-        // An address found in this netns that another enrolled pod owns
-        // (lists, or had discovered first) is never claimed: a pod with
-        // CAP_NET_ADMIN could otherwise add a neighbour's IP to its own
-        // `lo` and have the neighbour's inbound connections steered to it.
-        let taken: BTreeSet<std::net::IpAddr> = self
-            .pods
-            .iter()
-            .filter(|(k, _)| k.as_str() != key)
-            .flat_map(|(_, p)| p.spec.rules.addrs.iter().copied())
-            .collect();
-        let listed: BTreeSet<std::net::IpAddr> = spec.ips.iter().copied().collect();
-        discovered.rules.addrs.retain(|a| {
-            let keep = listed.contains(a) || !taken.contains(a);
-            if !keep {
-                warn!("pod {key}: address {a} in its netns belongs to another pod; not claimed");
+    /// Which pod owns each address of the enrolled pods.
+    fn address_owners(&self) -> HashMap<IpAddr, String> {
+        let mut owners = HashMap::new();
+        for (k, p) in &self.pods {
+            for a in &p.spec.rules.addrs {
+                owners.entry(*a).or_insert_with(|| k.clone());
             }
-            keep
-        });
-        let spec = &discovered;
-        let cookie = match sys::netns_cookie_of_path(&spec.netns) {
+        }
+        owners
+    }
+
+    fn apply_one(
+        &mut self,
+        key: &str,
+        spec: &PodSpec,
+        probe: crate::netlink::Probe,
+        owners: &mut HashMap<IpAddr, String>,
+    ) -> Result<Applied> {
+        let cookie = match probe.cookie {
             Ok(c) => c,
             Err(e) => {
                 // Its netns is gone (or not there yet): it cannot be
@@ -146,10 +171,34 @@ impl Reconciler {
                 return Err(e).with_context(|| format!("netns {}", spec.netns.display()));
             }
         };
+        let mut discovered = with_discovered_addrs(spec, probe.facts);
+        // An address found in this netns that another enrolled pod owns
+        // (lists, or had discovered first) is never claimed: a pod with
+        // CAP_NET_ADMIN could otherwise add a neighbour's IP to its own
+        // `lo` and have the neighbour's inbound connections steered to it.
+        let listed: BTreeSet<IpAddr> = spec.ips.iter().copied().collect();
+        discovered.rules.addrs.retain(|a| {
+            let keep = listed.contains(a) || owners.get(a).is_none_or(|o| o == key);
+            if !keep {
+                warn!("pod {key}: address {a} in its netns belongs to another pod; not claimed");
+            }
+            keep
+        });
+        let spec = &discovered;
+        let applied = self.write_one(key, spec, cookie)?;
+        if let Some(p) = self.pods.get(key) {
+            for a in &p.spec.rules.addrs {
+                owners.entry(*a).or_insert_with(|| key.to_string());
+            }
+        }
+        Ok(applied)
+    }
+
+    fn write_one(&mut self, key: &str, spec: &PodSpec, cookie: u64) -> Result<Applied> {
         if let Some(cur) = self.pods.get(key) {
             if cur.cookie == cookie {
                 if cur.spec == *spec {
-                    return Ok(());
+                    return Ok(Applied::Unchanged);
                 }
                 let old = cur.entries.clone();
                 let pod_id = cur.pod_id;
@@ -167,7 +216,7 @@ impl Reconciler {
                         entries,
                     },
                 );
-                return Ok(());
+                return Ok(Applied::Updated);
             }
             // Same name, new network namespace: the pod was re-created.
             self.remove(key);
@@ -203,7 +252,7 @@ impl Reconciler {
                 return Err(e);
             }
         };
-        info!(
+        log::debug!(
             "pod {key}: enrolled (netns {}, cookie {cookie}, mesh {}, outbound :{}, inbound :{})",
             spec.netns.display(),
             spec.mesh,
@@ -219,7 +268,7 @@ impl Reconciler {
                 entries,
             },
         );
-        Ok(())
+        Ok(Applied::Enrolled)
     }
 
     /// The processes of the netns at `netns` (for listener adoption).
@@ -252,7 +301,12 @@ impl Reconciler {
     pub fn enroll_now(&mut self, spec: &PodSpec) -> Result<u64> {
         self.proc_index = None;
         let key = spec.key();
-        self.apply_one(&key, spec)?;
+        let probe =
+            crate::netlink::probe_all(&[(spec.netns.as_path(), &spec.rules.exclude_ifaces)])
+                .pop()
+                .context("netns probe did not run")?;
+        let mut owners = self.address_owners();
+        self.apply_one(&key, spec, probe, &mut owners)?;
         let ports: BTreeSet<u16> = self
             .pods
             .values()
@@ -268,9 +322,9 @@ impl Reconciler {
 
 /// The spec with every address found in the pod's netns added to its
 /// rules (the pods file or the API may list only the primary IPs).
-fn with_discovered_addrs(spec: &PodSpec) -> PodSpec {
+fn with_discovered_addrs(spec: &PodSpec, facts: Result<crate::netlink::NetnsFacts>) -> PodSpec {
     let mut spec = spec.clone();
-    match crate::netlink::inspect(&spec.netns, &spec.rules.exclude_ifaces) {
+    match facts {
         Ok(facts) => {
             spec.rules.addrs.extend(facts.addrs);
             // The first address on a subnet is the kernel's source there.

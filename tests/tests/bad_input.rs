@@ -757,12 +757,34 @@ fn pods_file_problems_keep_the_good_pods_captured() {
     wait_log(
         &node,
         &format!(
-            "pods file {file}: cannot read it (Is a directory (os error 21)); keeping the current pods"
+            "pods file {file}: cannot read it (not a regular file; point --pods-file at a YAML file); keeping the current pods"
         ),
     );
     assert_eq!(enrolled(&node), vec!["good"]);
     captured(&node, 5);
     std::fs::remove_dir(&node.pods_file).unwrap();
+
+    // A FIFO (reading it would block the agent's loop forever): refused
+    // without opening it; the agent keeps serving and stops on SIGTERM.
+    node.write_pods_raw(&format!("pods:\n{good_yaml}"));
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::remove_file(&node.pods_file).unwrap();
+    nix::unistd::mkfifo(
+        &node.pods_file,
+        nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+    )
+    .unwrap();
+    wait_log(&node, "cannot read it (not a regular file");
+    assert_eq!(enrolled(&node), vec!["good"]);
+    captured(&node, 6);
+    std::fs::remove_file(&node.pods_file).unwrap();
+
+    // An empty file (a writer between truncate and write): refused, the
+    // pods stay; `pods: []` is how to remove them all.
+    node.write_pods_raw("");
+    wait_log(&node, "the file is empty (still being written?)");
+    assert_eq!(enrolled(&node), vec!["good"]);
+    captured(&node, 7);
     node.write_pods_raw(&format!("pods:\n{good_yaml}"));
 }
 
