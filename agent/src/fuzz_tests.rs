@@ -965,11 +965,15 @@ fn check_pods_file(path: &Path, text: &str) -> Result<(), TestCaseError> {
         Err(e) => {
             let msg = e.to_string();
             prop_assert!(msg.starts_with(&file), "{}", msg);
-            prop_assert!(
-                msg.contains("expected a mapping with a `pods:` list"),
-                "{}",
-                msg
-            );
+            if text.trim().is_empty() {
+                prop_assert!(msg.contains("the file is empty"), "{}", msg);
+            } else {
+                prop_assert!(
+                    msg.contains("expected a mapping with a `pods:` list"),
+                    "{}",
+                    msg
+                );
+            }
             return Ok(());
         }
         Ok(f) => f,
@@ -1067,7 +1071,11 @@ fn good_pods() -> impl Strategy<Value = Vec<GoodPod>> {
             .filter(|(n, _, _)| seen_names.insert(n.clone()))
             .map(|(name, ips, mesh)| GoodPod {
                 name,
-                ips: ips.into_iter().filter(|ip| seen_ips.insert(*ip)).collect(),
+                ips: ips
+                    .into_iter()
+                    .filter(|ip| crate::policy::pod_ip_problem(*ip).is_none())
+                    .filter(|ip| seen_ips.insert(*ip))
+                    .collect(),
                 mesh,
             })
             .collect()
@@ -1563,6 +1571,11 @@ const BAD_PODS_FILES: &[(&str, &str)] = &[
         "pods:\n  - {name: a, netns: /n/a}\n  - {name: a, netns: /n/a}\n",
         "pod default/a is listed twice",
     ),
+    (
+        "pods:\n  - {name: a, netns: /n/a, ips: [127.0.0.1]}\n",
+        "is a loopback address, not a pod's own address; list the addresses of the pod's interfaces",
+    ),
+    ("\n", "the file is empty (still being written?)"),
 ];
 
 #[test]
@@ -1587,9 +1600,12 @@ fn bad_pods_file_table() {
             "docs/bad-input.md lacks {fragment:?}"
         );
     }
-    // Blank and empty files are "no pods", not an error.
-    for text in ["", "  \n", "pods: []"] {
-        let f = podsfile::parse(Path::new("p"), text).unwrap();
-        assert!(f.pods.is_empty() && f.errors.is_empty());
+    // Blank and empty files are refused (a writer may be half-way);
+    // `pods: []` is "no pods".
+    for text in ["", "  \n"] {
+        let e = podsfile::parse(Path::new("p"), text).unwrap_err();
+        assert!(e.to_string().contains("the file is empty"), "{e}");
     }
+    let f = podsfile::parse(Path::new("p"), "pods: []").unwrap();
+    assert!(f.pods.is_empty() && f.errors.is_empty());
 }

@@ -143,7 +143,7 @@ struct ExplainArgs {
     /// The pod, as NAMESPACE/NAME (see `weir status`).
     #[arg(long, env = "WEIR_EXPLAIN_POD", value_name = "NS/NAME")]
     pod: String,
-    /// Destination of the connection: IP:PORT or [IPv6]:PORT (for
+    /// Destination of the connection: `IP:PORT` or `[IPv6]:PORT` (for
     /// --inbound, one of the pod's addresses).
     #[arg(long, env = "WEIR_EXPLAIN_DST", value_name = "ADDR:PORT")]
     dst: std::net::SocketAddr,
@@ -240,11 +240,6 @@ fn run(a: RunArgs) -> Result<()> {
     // "given" for clap).
     if !a.kube.kubernetes && a.pods_file.is_none() {
         anyhow::bail!("no pod source: pass --pods-file FILE, or --kubernetes");
-    }
-    if !nix::unistd::geteuid().is_root() {
-        warn!(
-            "not running as root: loading BPF programs needs CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"
-        );
     }
     let metrics_addr: Option<SocketAddr> = match a.metrics_addr.as_str() {
         "off" | "" => None,

@@ -252,15 +252,23 @@ pub fn parse(path: &Path, text: &str) -> Result<PodsFile, PodsFileError> {
         let mut bad_ip = None;
         for s in &raw.ips {
             match s.trim().parse::<IpAddr>() {
-                Ok(ip) => ips.push(ip.to_canonical()),
+                Ok(ip) => match crate::policy::pod_ip_problem(ip) {
+                    None => ips.push(ip.to_canonical()),
+                    Some(why) => {
+                        bad_ip = Some(format!(
+                            "{s:?} {why}, not a pod's own address; list the addresses of the pod's interfaces"
+                        ));
+                        break;
+                    }
+                },
                 Err(_) => {
-                    bad_ip = Some(s.clone());
+                    bad_ip = Some(format!("{s:?} is not an IP address"));
                     break;
                 }
             }
         }
-        if let Some(s) = bad_ip {
-            fail(format!("field `ips`: {s:?} is not an IP address"));
+        if let Some(problem) = bad_ip {
+            fail(format!("field `ips`: {problem}"));
             continue;
         }
         let key = format!("{}/{}", raw.namespace, raw.name);
@@ -422,5 +430,32 @@ pods:
         std::fs::write(&ok, "pods: []\n").unwrap();
         assert_eq!(read(&ok).await.unwrap(), "pods: []\n");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn addresses_that_are_no_pod_address_are_refused() {
+        for (ip, why) in [
+            ("127.0.0.1", "is a loopback address"),
+            ("::1", "is a loopback address"),
+            ("::ffff:127.0.0.1", "is a loopback address"),
+            ("0.0.0.0", "is the unspecified address"),
+            ("::", "is the unspecified address"),
+            ("224.0.0.1", "is a multicast address"),
+            ("ff02::1", "is a multicast address"),
+            ("255.255.255.255", "is the broadcast address"),
+        ] {
+            let f = parse(
+                Path::new("p.yaml"),
+                &format!("pods:\n  - {{name: a, netns: /n/a, ips: ['{ip}']}}\n"),
+            )
+            .unwrap();
+            assert!(f.pods.is_empty(), "{ip} accepted");
+            assert_eq!(
+                f.errors,
+                vec![format!(
+                    "pods file p.yaml: pod \"a\": field `ips`: \"{ip}\" {why}, not a pod's own address; list the addresses of the pod's interfaces"
+                )]
+            );
+        }
     }
 }

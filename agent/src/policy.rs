@@ -658,6 +658,25 @@ pub fn pod_rules(
     Ok(r)
 }
 
+/// Why `ip` cannot be a pod's own address, if it cannot: weir steers
+/// inbound connections to a pod by its addresses (`POD_ADDRS`), so a
+/// loopback, unspecified, multicast or broadcast address there would claim
+/// traffic that is not the pod's (`127.0.0.1` is every pod's loopback).
+pub fn pod_ip_problem(ip: IpAddr) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    if ip.is_unspecified() {
+        Some("is the unspecified address")
+    } else if ip.is_loopback() {
+        Some("is a loopback address")
+    } else if ip.is_multicast() {
+        Some("is a multicast address")
+    } else if matches!(ip, IpAddr::V4(v) if v.is_broadcast()) {
+        Some("is the broadcast address")
+    } else {
+        None
+    }
+}
+
 /// An [`IpAddr`] in map form (IPv4-mapped for IPv4).
 pub fn addr_of(ip: IpAddr) -> Addr {
     match ip {

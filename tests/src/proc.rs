@@ -35,7 +35,18 @@ pub struct Proc {
 /// (they apply before joining, which then lacks the privileges); have the
 /// program drop privileges itself, as `weir-testkit --uid` does. Panics when
 /// the process cannot be started.
-pub fn spawn_in(netns: Option<&NetNs>, cgroup: Option<&Cgroup>, mut cmd: Command) -> Proc {
+pub fn spawn_in(netns: Option<&NetNs>, cgroup: Option<&Cgroup>, cmd: Command) -> Proc {
+    spawn_in_netns_path(netns.map(NetNs::path), cgroup, cmd)
+}
+
+/// Like [`spawn_in`], with the network namespace given by the path of its
+/// file (a bind mount such as `/var/run/netns/NAME`, or `/proc/PID/ns/net`)
+/// rather than a [`NetNs`] guard: for namespaces the caller manages itself.
+pub fn spawn_in_netns_path(
+    netns: Option<&Path>,
+    cgroup: Option<&Cgroup>,
+    mut cmd: Command,
+) -> Proc {
     let what = format!("{cmd:?}");
     let dir = TempDir::new("proc");
     let create = |name: &str| {
@@ -48,7 +59,9 @@ pub fn spawn_in(netns: Option<&NetNs>, cgroup: Option<&Cgroup>, mut cmd: Command
 
     // Opened here, in the parent, so the child only has to make system
     // calls on descriptors it already holds.
-    let netns_file = netns.map(NetNs::open);
+    let netns_file = netns.map(|p| {
+        File::open(p).unwrap_or_else(|e| panic!("opening netns file {}: {e}", p.display()))
+    });
     let cgroup_procs = cgroup.map(|cg| {
         let procs = cg.path().join("cgroup.procs");
         OpenOptions::new()

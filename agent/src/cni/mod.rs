@@ -16,7 +16,7 @@ pub mod registry;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -457,11 +457,30 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         ),
         Err(_) => {}
     }
-    let l = UnixListener::bind(path)
-        .with_context(|| format!("--cni-socket {}: cannot listen", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("--cni-socket: chmod {}", path.display()))?;
-    Ok(l)
+    // The socket is bound inside a fresh 0700 directory, made 0600 there,
+    // then renamed into place: at no moment can another user connect to it
+    // (binding at `path` and then chmod-ing would leave a window with the
+    // umask's permissions, in a directory that may be world-readable).
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let private = dir.join(format!(".weir-cni-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .with_context(|| format!("--cni-socket: cannot create {}", private.display()))?;
+    let staged = private.join("sock");
+    let bound = UnixListener::bind(&staged)
+        .with_context(|| format!("--cni-socket {}: cannot listen", path.display()))
+        .and_then(|l| {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("--cni-socket: chmod {}", staged.display()))?;
+            std::fs::rename(&staged, path).with_context(|| {
+                format!("--cni-socket: moving the socket to {}", path.display())
+            })?;
+            Ok(l)
+        });
+    let _ = std::fs::remove_dir_all(&private);
+    bound
 }
 
 /// Serves the socket until the process ends.

@@ -262,6 +262,7 @@ pub fn view(pod: &Pod) -> Result<PodView, PodError> {
     let mut bad_ips = Vec::new();
     for s in raw_ips {
         match s.trim().parse::<IpAddr>() {
+            Ok(ip) if crate::policy::pod_ip_problem(ip).is_some() => bad_ips.push(s.to_string()),
             Ok(ip) if !ips.contains(&ip) => ips.push(ip),
             Ok(_) => {}
             Err(_) => bad_ips.push(s.to_string()),

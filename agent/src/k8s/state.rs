@@ -194,7 +194,7 @@ pub fn desired(
             d.problems.insert(
                 key.clone(),
                 format!(
-                    "status.podIPs has entries that are not IP addresses ({:?}); they are ignored",
+                    "status.podIPs has entries that are not a pod's own IP addresses ({:?}: not addresses, or loopback, unspecified, multicast, broadcast); they are ignored",
                     v.bad_ips
                 ),
             );

@@ -12,12 +12,12 @@
 //! pods), waits for the agent's `pods file applied in N ms` line, checks
 //! with `weir status -o json` that every pod is captured with its inbound
 //! link attached, reads the agent's RSS, and empties the file again (timing
-//! the removal too). The wall-clock figure includes the agent's pods-file
-//! poll interval (`--reload-ms`, 500 ms by default): detection latency of the
-//! local pod source, on top of the apply time the agent logs. Each change is
-//! made after a random pause of up to one poll interval, so it lands at a
-//! random point of the agent's polling cycle (as a real change would)
-//! rather than always just after a poll.
+//! the removal too). The wall-clock figure includes the detection latency of
+//! the local pod source (inotify on the pods file's directory, with a poll
+//! every `--reload-ms` as fallback) on top of the apply time the agent logs.
+//! Each change is made after a random pause of up to one poll interval, so
+//! it lands at a random point of the agent's polling cycle (as a real
+//! change would) rather than always just after a poll.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -334,8 +334,10 @@ pub fn run(
         }
         std::thread::sleep(pause(&mut rng));
         tail.mark()?;
-        write_atomically(&pods_file, &yaml)?;
+        // The clock starts before the write: taken after it, a preemption
+        // of this thread while the agent already applies would hide time.
         let t0 = Instant::now();
+        write_atomically(&pods_file, &yaml)?;
         let (ms, seen) = tail.wait_applied(&mut agent, APPLY_TIMEOUT)?;
         wall.push(seen.duration_since(t0).as_secs_f64() * 1e3);
         apply.push(ms as f64);
@@ -359,8 +361,10 @@ pub fn run(
 
         std::thread::sleep(pause(&mut rng));
         tail.mark()?;
-        write_atomically(&pods_file, "pods: []\n")?;
+        // The clock starts before the write: taken after it, a preemption
+        // of this thread while the agent already applies would hide time.
         let t0 = Instant::now();
+        write_atomically(&pods_file, "pods: []\n")?;
         let (ms, seen) = tail.wait_applied(&mut agent, APPLY_TIMEOUT)?;
         rwall.push(seen.duration_since(t0).as_secs_f64() * 1e3);
         rapply.push(ms as f64);

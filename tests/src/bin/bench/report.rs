@@ -435,7 +435,7 @@ fn markdown(m: &Measured, rows: &[Row], targets: &[Target]) -> String {
     if let Some(e) = &m.enroll {
         let _ = writeln!(
             s,
-            "Enrollment ({} pods, {} repetition{}; the agent polls the pods file every {} ms):\n",
+            "Enrollment ({} pods, {} repetition{}; the agent watches the pods file with inotify and polls it every {} ms):\n",
             thousands(e.pods as f64, 0),
             e.enroll_wall_ms.runs.len(),
             if e.enroll_wall_ms.runs.len() == 1 {
