@@ -14,6 +14,7 @@ mod netlink;
 mod podsfile;
 mod policy;
 mod reconcile;
+mod routes;
 mod status;
 mod sys;
 

@@ -54,6 +54,10 @@ pub struct NetnsFacts {
     pub subnets: Vec<(ipnet::IpNet, IpAddr)>,
     /// `excludeInterfaces` resolved.
     pub excluded: ExcludedInterfaces,
+    /// Every address with its interface (loopback included).
+    pub iface_addrs: Vec<crate::routes::IfaceAddr>,
+    /// The unicast routes of the main table (both families).
+    pub routes: Vec<crate::routes::Route>,
 }
 
 /// What one visit to a pod's network namespace found.
@@ -183,6 +187,12 @@ async fn read_facts(exclude: &std::collections::BTreeSet<String>) -> std::io::Re
                 let AddressAttribute::Address(ip) = attr else {
                     continue;
                 };
+                if let Ok(net) = ipnet::IpNet::new(*ip, msg.header.prefix_len) {
+                    facts.iface_addrs.push(crate::routes::IfaceAddr {
+                        ifindex: msg.header.index,
+                        net,
+                    });
+                }
                 if ip.is_loopback() {
                     continue;
                 }
@@ -202,6 +212,19 @@ async fn read_facts(exclude: &std::collections::BTreeSet<String>) -> std::io::Re
                 }
             }
         }
+        for v6 in [false, true] {
+            let query = if v6 {
+                rtnetlink::RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+            } else {
+                rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+            };
+            let mut routes = handle.route().get(query).execute();
+            while let Some(msg) = routes.try_next().await.map_err(std::io::Error::other)? {
+                if let Some(r) = route_of(&msg) {
+                    facts.routes.push(r);
+                }
+            }
+        }
         Ok(facts)
     };
     // The connection task runs only while the dump does, so nothing of
@@ -210,4 +233,46 @@ async fn read_facts(exclude: &std::collections::BTreeSet<String>) -> std::io::Re
         r = dump => r,
         _ = conn => Err(std::io::Error::other("netlink connection closed")),
     }
+}
+
+/// A main-table unicast route with one outgoing interface, else `None`.
+fn route_of(msg: &rtnetlink::packet_route::route::RouteMessage) -> Option<crate::routes::Route> {
+    use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteType};
+    let ip = |a: &RouteAddress| match a {
+        RouteAddress::Inet(v) => Some(IpAddr::V4(*v)),
+        RouteAddress::Inet6(v) => Some(IpAddr::V6(*v)),
+        _ => None,
+    };
+    let mut table = u32::from(msg.header.table);
+    let (mut dst, mut oif, mut prefsrc, mut gateway, mut metric) = (None, None, None, None, 0);
+    for a in &msg.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(d) => dst = ip(d),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::PrefSource(p) => prefsrc = ip(p),
+            RouteAttribute::Gateway(g) => gateway = ip(g),
+            RouteAttribute::Priority(m) => metric = *m,
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || msg.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let len = msg.header.destination_prefix_length;
+    let dst = match dst {
+        Some(d) => ipnet::IpNet::new(d, len).ok()?,
+        // The default route has no destination attribute.
+        None if msg.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6 => {
+            ipnet::IpNet::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0).ok()?
+        }
+        None => ipnet::IpNet::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0).ok()?,
+    };
+    Some(crate::routes::Route {
+        dst: dst.trunc(),
+        oif: oif?,
+        prefsrc,
+        gateway,
+        metric,
+    })
 }

@@ -327,13 +327,24 @@ fn with_discovered_addrs(spec: &PodSpec, facts: Result<crate::netlink::NetnsFact
     match facts {
         Ok(facts) => {
             spec.rules.addrs.extend(facts.addrs);
-            // The first address on a subnet is the kernel's source there.
+            // The source the kernel picks for each routed prefix, then the
+            // first address on each connected subnet for what the routes
+            // do not say.
+            spec.rules.src_routes = crate::routes::source_routes(&facts.routes, &facts.iface_addrs);
             for (net, ip) in facts.subnets {
                 spec.rules.src_routes.entry(net).or_insert(ip);
             }
             if !spec.rules.exclude_ifaces.is_empty() {
+                // Everything routed out of an excluded interface (its
+                // connected subnets and its gateway routes), as
+                // `-o IFACE -j RETURN` decides it.
+                let mut region =
+                    crate::routes::excluded_region(&facts.routes, &facts.excluded.ifindexes);
+                if facts.routes.is_empty() {
+                    region.extend(facts.excluded.subnets);
+                }
                 spec.rules.excluded_ifindexes = facts.excluded.ifindexes;
-                spec.rules.iface_routes = facts.excluded.subnets;
+                spec.rules.iface_routes = region;
             }
         }
         Err(e) => warn!("netns {}: {e:#}", spec.netns.display()),

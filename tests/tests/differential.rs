@@ -53,6 +53,8 @@ enum Status {
     Compare,
     /// weir does not implement this yet: run both worlds and report the
     /// differences, without failing. Enabling it is changing the status.
+    /// (No option is pending at the moment; kept for the next one.)
+    #[allow(dead_code)]
     Pending(&'static str),
     /// A documented, deliberate deviation: run, report, do not fail.
     Deviation(&'static str),
@@ -69,8 +71,7 @@ const DNS_STATUS: Status = Status::Compare;
 /// Owner groups (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`).
 const OWNER_GROUPS_STATUS: Status = Status::Compare;
 /// `traffic.sidecar.istio.io/excludeInterfaces`.
-const EXCLUDE_INTERFACES_STATUS: Status =
-    Status::Pending("excludeInterfaces is not implemented in weir yet");
+const EXCLUDE_INTERFACES_STATUS: Status = Status::Compare;
 /// `istio.io/reroute-virtual-interfaces`.
 const REROUTE_VIRTUAL_INTERFACES_STATUS: Status = Status::Skip(
     "weir refuses istio.io/reroute-virtual-interfaces per pod (KubeVirt rerouting is not \
@@ -1161,50 +1162,25 @@ fn port_reuse_only(ipt: &Outcome, weir: &Outcome) -> bool {
 /// fail anyway); an entry that no longer differs fails the suite, so fixed
 /// bugs are removed from this list.
 const KNOWN_BUGS: &[(&str, &str, &str)] = &[
-    // B1: a captured connection that leaves through another interface than
-    // the primary one gets the primary pod IP as source (REDIRECT keeps the
-    // kernel's choice, the second interface's address).
-    ("*", "app 198.18.110.1:80", B1),
-    ("*", "app [2001:2:0:110::1]:80", B1),
     ("dns-capture", "app udp/conn 198.18.53.53:53", B5),
     ("dns-capture", "app udp/conn [2001:2:0:53::53]:53", B5),
     ("dns-capture-all", "app udp/conn 198.18.53.53:53", B5),
     ("dns-capture-all", "app udp/conn [2001:2:0:53::53]:53", B5),
 ];
 
-const B1: &str = "B1: source address of a capture through a second interface";
-// B2 (IPv4-only pod), B3 (loopback include judged after masking) and B4
+// B1 (source address of a capture through a second interface), B2
+// (IPv4-only pod), B3 (loopback include judged after masking) and B4
 // (interceptionMode NONE answering SO_ORIGINAL_DST) were found by this
 // suite and are fixed; B5 is fixed for unconnected UDP.
 const B5: &str = "B5: captured UDP DNS on a connected wildcard-bound socket arrives from loopback";
 
-/// The known bug behind the difference between `ipt` and `weir` for
-/// connection `conn` of `config`, if it is one. Entries for every
-/// configuration (`*`) must also show the bug's signature, so they never
-/// hide another difference on the same connection.
-fn known_bug(config: &str, conn: &str, ipt: &Outcome, weir: &Outcome) -> Option<&'static str> {
+/// The known bug behind the difference between the two worlds for
+/// connection `conn` of `config`, if it is one.
+fn known_bug(config: &str, conn: &str) -> Option<&'static str> {
     KNOWN_BUGS
         .iter()
-        .find(|(c, l, bug)| {
-            (*c == config || (*c == "*" && signature(bug, ipt, weir))) && *l == conn
-        })
+        .find(|(c, l, _)| *c == config && *l == conn)
         .map(|(_, _, why)| *why)
-}
-
-/// Whether the difference is exactly `bug`'s.
-fn signature(bug: &str, ipt: &Outcome, weir: &Outcome) -> bool {
-    match bug {
-        // Identical once weir's primary-IP source is replaced by the
-        // second interface's address.
-        B1 => {
-            let fixed = weir
-                .long()
-                .replace("198.18.0.1", "198.18.100.1")
-                .replace("2001:2::1", "2001:2:0:100::1");
-            !ipt.sidecar.is_empty() && fixed == ipt.long()
-        }
-        _ => false,
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1397,9 +1373,7 @@ fn weir_matches_istio_iptables() {
                 diffs += 1;
             }
             inbound_local_deviation += usize::from(same && r.applied.inbound_local);
-            let known = (!same)
-                .then(|| known_bug(c.name, &r.key, &r.ipt, &r.weir))
-                .flatten();
+            let known = (!same).then(|| known_bug(c.name, &r.key)).flatten();
             if known.is_some() {
                 known_seen.push((c.name, r.key.clone()));
             }
@@ -1451,7 +1425,7 @@ fn weir_matches_istio_iptables() {
         if matches!(c.status, Status::Pending(_))
             && rows
                 .iter()
-                .all(|r| r.ipt == r.weir || known_bug(c.name, &r.key, &r.ipt, &r.weir).is_some())
+                .all(|r| r.ipt == r.weir || known_bug(c.name, &r.key).is_some())
         {
             let _ = writeln!(
                 report,
@@ -1473,13 +1447,10 @@ fn weir_matches_istio_iptables() {
     }
     for (c, l, _) in KNOWN_BUGS {
         // A filtered run only vouches for the configurations it ran.
-        if only.is_some() && (*c == "*" || !ran.contains(c)) {
+        if only.is_some() && !ran.contains(c) {
             continue;
         }
-        if !known_seen
-            .iter()
-            .any(|(sc, sl)| (*c == "*" || c == sc) && l == sl)
-        {
+        if !known_seen.iter().any(|(sc, sl)| c == sc && l == sl) {
             let _ = writeln!(
                 failures,
                 "known bug ({c}, {l}) no longer differs: remove it from KNOWN_BUGS"
