@@ -103,6 +103,10 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
         labels,
     )?;
     let enrolled = IntGauge::new("weir_pods_enrolled", "Pods enrolled on this node.")?;
+    let failed = IntGauge::new(
+        "weir_pods_failed",
+        "Pods the last pass could not enroll or update (netns gone, a map full, ...; the agent's log says why).",
+    )?;
     let map_entries = IntGaugeVec::new(
         Opts::new("weir_map_entries", "Entries in a per-pod BPF map."),
         &["map"],
@@ -126,6 +130,7 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
         reg.register(Box::new(c.clone()))?;
     }
     reg.register(Box::new(enrolled.clone()))?;
+    reg.register(Box::new(failed.clone()))?;
     reg.register(Box::new(map_entries.clone()))?;
     reg.register(Box::new(map_capacity.clone()))?;
     reg.register(Box::new(build.clone()))?;
@@ -138,6 +143,7 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
 
     let r = rec.lock().unwrap_or_else(|p| p.into_inner());
     enrolled.set(r.pods.len() as i64);
+    failed.set(r.failed_last_pass() as i64);
     for p in r.pods.values() {
         let Some(c) = r.dp.pod_counters(p.cookie) else {
             continue;

@@ -50,6 +50,8 @@ pub struct Reconciler {
     proc_root: std::path::PathBuf,
     /// Processes by netns inode, read once per pass when needed.
     proc_index: Option<BTreeMap<u64, Vec<u32>>>,
+    /// Pods the last full pass failed to enroll or update.
+    failed: usize,
 }
 
 fn meta(spec: &PodSpec) -> PodMeta {
@@ -72,6 +74,7 @@ impl Reconciler {
             next_id: 1,
             proc_root: "/proc".into(),
             proc_index: None,
+            failed: 0,
         }
     }
 
@@ -120,6 +123,7 @@ impl Reconciler {
                 }
             }
         }
+        self.failed = failed;
         if enrolled + updated + failed > 0 {
             info!(
                 "pass: {enrolled} pod(s) enrolled, {updated} updated, {failed} failed, {} enrolled in all",
@@ -269,6 +273,12 @@ impl Reconciler {
             },
         );
         Ok(Applied::Enrolled)
+    }
+
+    /// Pods the last full pass could not enroll or update (they are named
+    /// in the log).
+    pub fn failed_last_pass(&self) -> usize {
+        self.failed
     }
 
     /// The processes of the netns at `netns` (for listener adoption).

@@ -191,6 +191,25 @@ impl Node {
     /// Writes the pods file (atomically) and waits until exactly these pods
     /// are enrolled.
     pub fn set_pods(&self, pods: &[PodEntry]) {
+        self.write_pods_yaml(pods);
+        let mut want: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
+        want.sort();
+        wait_until(Duration::from_secs(10), "pods enrolled", || {
+            let mut have: Vec<String> = self.status()["pods"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| p["name"].as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            have.sort();
+            have == want
+        });
+    }
+
+    /// Writes the pods file (atomically) listing `pods`, without waiting.
+    pub fn write_pods_yaml(&self, pods: &[PodEntry]) {
         let mut y = String::from("pods:\n");
         for p in pods {
             let _ = writeln!(y, "  - name: {}", p.name);
@@ -215,20 +234,6 @@ impl Node {
             }
         }
         self.write_pods_raw(&y);
-        let mut want: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
-        want.sort();
-        wait_until(Duration::from_secs(10), "pods enrolled", || {
-            let mut have: Vec<String> = self.status()["pods"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|p| p["name"].as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
-            have.sort();
-            have == want
-        });
     }
 
     /// Writes raw pods-file text (atomically, by rename).

@@ -1,0 +1,133 @@
+//! Full maps: a pod that does not fit is refused with the map and the flag
+//! to raise, nothing of it is left half-written, the pods already enrolled
+//! keep their capture, and it is enrolled once there is room.
+
+use std::time::Duration;
+
+use weir_tests::node::{Node, PodEntry, sidecar_log};
+use weir_tests::{NetNs, require_root, veth_pair, wait_until};
+
+fn wait_log(node: &Node, needle: &str) {
+    wait_until(Duration::from_secs(10), needle, || {
+        node.agent_logs().contains(needle)
+    });
+}
+
+fn enrolled(node: &Node) -> Vec<String> {
+    let mut v: Vec<String> = node.status()["pods"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// The value of the `weir_map_entries` / `weir_map_capacity` sample of `map`.
+fn map_gauge(node: &Node, metric: &str, map: &str) -> i64 {
+    let prefix = format!("{metric}{{map=\"{map}\"}} ");
+    node.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {prefix} in /metrics"))
+}
+
+fn gauge(node: &Node, metric: &str) -> i64 {
+    let prefix = format!("{metric} ");
+    node.metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {metric} in /metrics"))
+}
+
+fn cidrs(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn full_maps_refuse_the_pod_that_does_not_fit_and_spare_the_others() {
+    if !require_root() {
+        return;
+    }
+    let cli = NetNs::new("mpc");
+    let srv = NetNs::new("mps");
+    let _veth = veth_pair(&cli, &["198.18.6.1/24"], &srv, &["198.18.6.2/24"]);
+    let extra: Vec<NetNs> = (0..3).map(|i| NetNs::new(&format!("mp{i}"))).collect();
+    let mut node = Node::new();
+    node.start_agent_with(&["--max-cidrs", "64", "--max-pods", "3"]);
+    assert_eq!(map_gauge(&node, "weir_map_capacity", "CIDR_EXCLUDE"), 64);
+    assert_eq!(map_gauge(&node, "weir_map_capacity", "POD_POLICY"), 3);
+
+    let good = PodEntry::new("good", &cli, &["198.18.6.1"]).annotate(
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        &cidrs(10),
+    );
+    node.set_pods(std::slice::from_ref(&good));
+    let log = node.sidecar(&cli, "good-sidecar");
+    node.echo(&srv, 8080, "upstream", 1000);
+    let mut seen = 0;
+    let mut captured = |node: &Node| {
+        seen += 1;
+        let r = node.client(&cli, 1000, "198.18.6.2:8080");
+        assert!(r.ok(), "{:?}\n{}", r.json, node.agent_logs());
+        wait_until(Duration::from_secs(5), "sidecar record", || {
+            sidecar_log(&log).len() >= seen
+        });
+        assert_eq!(sidecar_log(&log)[seen - 1]["orig_dst"], "198.18.6.2:8080");
+    };
+    captured(&node);
+    assert_eq!(map_gauge(&node, "weir_map_entries", "CIDR_EXCLUDE"), 10);
+
+    // 60 more ranges do not fit in the 54 entries left: the pod is refused
+    // by name, with the map and the flag, and leaves no entry behind.
+    let wide = PodEntry::new("wide", &extra[0], &[]).annotate(
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        &cidrs(60),
+    );
+    node.write_pods_yaml(&[good.clone(), wide.clone()]);
+    wait_log(
+        &node,
+        "pod default/wide: not enrolled: CIDR_EXCLUDE full (raise --max-cidrs)",
+    );
+    assert_eq!(enrolled(&node), vec!["good"]);
+    assert_eq!(map_gauge(&node, "weir_map_entries", "CIDR_EXCLUDE"), 10);
+    assert_eq!(map_gauge(&node, "weir_map_entries", "POD_POLICY"), 1);
+    assert_eq!(gauge(&node, "weir_pods_failed"), 1);
+    captured(&node);
+
+    // Room again (fewer ranges): enrolled on the next pass.
+    let wide = PodEntry::new("wide", &extra[0], &[]).annotate(
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+        &cidrs(50),
+    );
+    node.set_pods(&[good.clone(), wide.clone()]);
+    assert_eq!(map_gauge(&node, "weir_map_entries", "CIDR_EXCLUDE"), 60);
+    assert_eq!(gauge(&node, "weir_pods_failed"), 0);
+
+    // A fourth pod with room for three: the new pod applied last (in name
+    // order) is refused, naming --max-pods; the three others stay captured.
+    let p1 = PodEntry::new("p1", &extra[1], &[]);
+    let p2 = PodEntry::new("p2", &extra[2], &[]);
+    node.write_pods_yaml(&[good.clone(), wide.clone(), p1.clone(), p2.clone()]);
+    wait_log(&node, "pod default/p2: not enrolled: ");
+    let logs = node.agent_logs();
+    assert!(
+        logs.contains("full (raise --max-pods)"),
+        "no --max-pods advice in\n{logs}"
+    );
+    assert_eq!(enrolled(&node), vec!["good", "p1", "wide"]);
+    assert_eq!(gauge(&node, "weir_pods_failed"), 1);
+    captured(&node);
+
+    // One pod leaves: the refused one takes its place.
+    node.set_pods(&[good.clone(), wide.clone(), p2.clone()]);
+    assert_eq!(enrolled(&node), vec!["good", "p2", "wide"]);
+    assert_eq!(map_gauge(&node, "weir_map_entries", "POD_POLICY"), 3);
+    captured(&node);
+}
