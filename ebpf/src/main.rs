@@ -208,7 +208,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         && (src[2] == 0 || is_v4_mapped(&src));
     if unbound {
         let on_lo_local = t.is_pod_addr(&dst);
-        let remote = !is_loopback_route(&dst, &t);
+        let remote = !on_lo_local && !is_loopback_addr(&dst);
         if on_lo_local || remote {
             if bind_source(sa, &policy, &dst, v6, on_lo_local, cookie).is_err() {
                 bump_pod(cookie, |c| c.source_bind_failed += 1);

@@ -136,14 +136,18 @@ pub const fn is_passthrough_source(a: &Addr) -> bool {
 /// 127.0.0.0/8, ::1, ::6, or one of the pod's own addresses.
 #[inline(always)]
 pub fn is_loopback_route<T: PodTables>(a: &Addr, t: &T) -> bool {
+    is_loopback_addr(a) || t.is_pod_addr(a)
+}
+
+/// Whether `a` is a loopback address (127.0.0.0/8, ::1) or `::6`, the
+/// part of [`is_loopback_route`] that needs no table.
+#[inline(always)]
+pub fn is_loopback_addr(a: &Addr) -> bool {
     if is_v4_mapped(a) {
-        if a[3].to_ne_bytes()[0] == 127 {
-            return true;
-        }
-    } else if a[0] == 0 && a[1] == 0 && a[2] == 0 && (a[3] == V6_LAST_1 || a[3] == V6_LAST_6) {
-        return true;
+        a[3].to_ne_bytes()[0] == 127
+    } else {
+        a[0] == 0 && a[1] == 0 && a[2] == 0 && (a[3] == V6_LAST_1 || a[3] == V6_LAST_6)
     }
-    t.is_pod_addr(a)
 }
 
 /// Whether the connecting process carries one of the pod's proxy identities.
@@ -183,10 +187,12 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
     if p.flags & POLICY_CAPTURE_OUTBOUND == 0 {
         return Verdict::BypassDisabled;
     }
+    // One lookup for both uses below (the kernel pays per map lookup).
+    let on_lo = is_loopback_route(&q.dst, t);
     // No address of that family in the pod: no route, no NAT either.
     let has4 = p.flags & POLICY_HAS_IP4 != 0;
     let has6 = p.flags & POLICY_HAS_IP6 != 0;
-    if (has4 || has6) && !is_loopback_route(&q.dst, t) {
+    if (has4 || has6) && !on_lo {
         let v4 = is_v4_mapped(&q.dst);
         if (v4 && !has4) || (!v4 && !has6) {
             return Verdict::BypassNoRoute;
@@ -202,7 +208,6 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
     if t.has_port(PORT_OUT_EXCLUDE, q.dport) {
         return Verdict::BypassExcludedPort;
     }
-    let on_lo = is_loopback_route(&q.dst, t);
     let proxy = is_proxy(q, t);
     if p.flags & POLICY_LOOPBACK_SIMPLE != 0 {
         if on_lo {
