@@ -211,15 +211,7 @@ impl Reconciler {
                         .write_pod(cookie, pod_id, &meta(spec), &spec.rules, Some(&old))?;
                 setup_netns(&spec.netns, &spec.rules);
                 info!("pod {key}: policy updated");
-                self.pods.insert(
-                    key.to_string(),
-                    Enrolled {
-                        spec: spec.clone(),
-                        cookie,
-                        pod_id,
-                        entries,
-                    },
-                );
+                self.record(key, spec, cookie, pod_id, entries);
                 return Ok(Applied::Updated);
             }
             // Same name, new network namespace: the pod was re-created.
@@ -263,6 +255,11 @@ impl Reconciler {
             spec.rules.policy.outbound_port,
             spec.rules.policy.inbound_port
         );
+        self.record(key, spec, cookie, pod_id, entries);
+        Ok(Applied::Enrolled)
+    }
+
+    fn record(&mut self, key: &str, spec: &PodSpec, cookie: u64, pod_id: u32, entries: PodEntries) {
         self.pods.insert(
             key.to_string(),
             Enrolled {
@@ -272,7 +269,6 @@ impl Reconciler {
                 entries,
             },
         );
-        Ok(Applied::Enrolled)
     }
 
     /// Pods the last full pass could not enroll or update (they are named

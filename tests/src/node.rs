@@ -195,16 +195,7 @@ impl Node {
         let mut want: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
         want.sort();
         wait_until(Duration::from_secs(10), "pods enrolled", || {
-            let mut have: Vec<String> = self.status()["pods"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|p| p["name"].as_str().map(str::to_string))
-                        .collect()
-                })
-                .unwrap_or_default();
-            have.sort();
-            have == want
+            self.enrolled() == want
         });
     }
 
@@ -234,6 +225,27 @@ impl Node {
             }
         }
         self.write_pods_raw(&y);
+    }
+
+    /// Waits (10 s at most) until the agent has logged `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        wait_until(Duration::from_secs(10), needle, || {
+            self.agent_logs().contains(needle)
+        });
+    }
+
+    /// Names of the enrolled pods (`weir status`), sorted.
+    pub fn enrolled(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.status()["pods"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     /// Writes raw pods-file text (atomically, by rename).

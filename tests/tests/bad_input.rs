@@ -311,7 +311,6 @@ fn not_root_and_no_capabilities_is_refused_with_the_list() {
     cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"]);
     common(&mut cmd);
     let a = run_with(cmd);
-    expect(&a, 1, "not running as root");
     expect(
         &a,
         1,
@@ -644,25 +643,6 @@ fn metrics_addr_in_use_is_named() {
 // Pods file at run time (kernel)
 // ---------------------------------------------------------------------------
 
-fn wait_log(node: &Node, needle: &str) {
-    wait_until(Duration::from_secs(10), needle, || {
-        node.agent_logs().contains(needle)
-    });
-}
-
-fn enrolled(node: &Node) -> Vec<String> {
-    let mut v: Vec<String> = node.status()["pods"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// Every runtime problem with the pods file is logged with the file and
 /// the pod, and never costs the good pods their capture: a netns that does
 /// not exist, a bad entry, a file that is not YAML, missing, or unreadable.
@@ -697,11 +677,10 @@ fn pods_file_problems_keep_the_good_pods_captured() {
     node.write_pods_raw(&format!(
         "pods:\n{good_yaml}  - {{name: ghost, netns: {ghost}, ips: ['198.18.9.9']}}\n"
     ));
-    wait_log(
-        &node,
-        &format!("pod default/ghost: not enrolled: netns {ghost}: No such file or directory"),
-    );
-    assert_eq!(enrolled(&node), vec!["good"]);
+    node.wait_log(&format!(
+        "pod default/ghost: not enrolled: netns {ghost}: No such file or directory"
+    ));
+    assert_eq!(node.enrolled(), vec!["good"]);
     captured(&node, 2);
 
     // Bad entries: each named with the file and the pod, the rest applied.
@@ -718,15 +697,15 @@ fn pods_file_problems_keep_the_good_pods_captured() {
             "pods file {file}: pod \"badann\": field `annotations`: annotation traffic.sidecar.istio.io/excludeOutboundPorts: \"x\" is not a port"
         ),
     ] {
-        wait_log(&node, &needle);
+        node.wait_log(&needle);
     }
-    assert_eq!(enrolled(&node), vec!["good"]);
+    assert_eq!(node.enrolled(), vec!["good"]);
 
     // Not YAML: the whole file is refused, the current pods stay.
     node.write_pods_raw("pods: [\n");
-    wait_log(&node, &format!("pods file {file}: "));
-    wait_log(&node, "; keeping the current pods");
-    assert_eq!(enrolled(&node), vec!["good"]);
+    node.wait_log(&format!("pods file {file}: "));
+    node.wait_log("; keeping the current pods");
+    assert_eq!(node.enrolled(), vec!["good"]);
     captured(&node, 3);
 
     // Missing, then unreadable (a directory swapped in atomically): the
@@ -734,13 +713,11 @@ fn pods_file_problems_keep_the_good_pods_captured() {
     node.write_pods_raw(&format!("pods:\n{good_yaml}"));
     std::thread::sleep(Duration::from_millis(300));
     std::fs::remove_file(&node.pods_file).unwrap();
-    wait_log(
-        &node,
-        &format!(
+    node.wait_log(&format!(
             "pods file {file}: cannot read it (No such file or directory (os error 2)); keeping the current pods"
         ),
     );
-    assert_eq!(enrolled(&node), vec!["good"]);
+    assert_eq!(node.enrolled(), vec!["good"]);
     captured(&node, 4);
     node.write_pods_raw(&format!("pods:\n{good_yaml}"));
     std::thread::sleep(Duration::from_millis(300));
@@ -754,13 +731,11 @@ fn pods_file_problems_keep_the_good_pods_captured() {
         nix::fcntl::RenameFlags::RENAME_EXCHANGE,
     )
     .unwrap();
-    wait_log(
-        &node,
-        &format!(
+    node.wait_log(&format!(
             "pods file {file}: cannot read it (not a regular file; point --pods-file at a YAML file); keeping the current pods"
         ),
     );
-    assert_eq!(enrolled(&node), vec!["good"]);
+    assert_eq!(node.enrolled(), vec!["good"]);
     captured(&node, 5);
     std::fs::remove_dir(&node.pods_file).unwrap();
 
@@ -774,16 +749,16 @@ fn pods_file_problems_keep_the_good_pods_captured() {
         nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
     )
     .unwrap();
-    wait_log(&node, "cannot read it (not a regular file");
-    assert_eq!(enrolled(&node), vec!["good"]);
+    node.wait_log("cannot read it (not a regular file");
+    assert_eq!(node.enrolled(), vec!["good"]);
     captured(&node, 6);
     std::fs::remove_file(&node.pods_file).unwrap();
 
     // An empty file (a writer between truncate and write): refused, the
     // pods stay; `pods: []` is how to remove them all.
     node.write_pods_raw("");
-    wait_log(&node, "the file is empty (still being written?)");
-    assert_eq!(enrolled(&node), vec!["good"]);
+    node.wait_log("the file is empty (still being written?)");
+    assert_eq!(node.enrolled(), vec!["good"]);
     captured(&node, 7);
     node.write_pods_raw(&format!("pods:\n{good_yaml}"));
 }

@@ -7,25 +7,6 @@ use std::time::Duration;
 use weir_tests::node::{Node, PodEntry, sidecar_log};
 use weir_tests::{NetNs, require_root, veth_pair, wait_until};
 
-fn wait_log(node: &Node, needle: &str) {
-    wait_until(Duration::from_secs(10), needle, || {
-        node.agent_logs().contains(needle)
-    });
-}
-
-fn enrolled(node: &Node) -> Vec<String> {
-    let mut v: Vec<String> = node.status()["pods"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p["name"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// The value of the `weir_map_entries` / `weir_map_capacity` sample of `map`.
 fn map_gauge(node: &Node, metric: &str, map: &str) -> i64 {
     let prefix = format!("{metric}{{map=\"{map}\"}} ");
@@ -91,11 +72,8 @@ fn full_maps_refuse_the_pod_that_does_not_fit_and_spare_the_others() {
         &cidrs(60),
     );
     node.write_pods_yaml(&[good.clone(), wide.clone()]);
-    wait_log(
-        &node,
-        "pod default/wide: not enrolled: CIDR_EXCLUDE full (raise --max-cidrs)",
-    );
-    assert_eq!(enrolled(&node), vec!["good"]);
+    node.wait_log("pod default/wide: not enrolled: CIDR_EXCLUDE full (raise --max-cidrs)");
+    assert_eq!(node.enrolled(), vec!["good"]);
     assert_eq!(map_gauge(&node, "weir_map_entries", "CIDR_EXCLUDE"), 10);
     assert_eq!(map_gauge(&node, "weir_map_entries", "POD_POLICY"), 1);
     assert_eq!(gauge(&node, "weir_pods_failed"), 1);
@@ -115,19 +93,19 @@ fn full_maps_refuse_the_pod_that_does_not_fit_and_spare_the_others() {
     let p1 = PodEntry::new("p1", &extra[1], &[]);
     let p2 = PodEntry::new("p2", &extra[2], &[]);
     node.write_pods_yaml(&[good.clone(), wide.clone(), p1.clone(), p2.clone()]);
-    wait_log(&node, "pod default/p2: not enrolled: ");
+    node.wait_log("pod default/p2: not enrolled: ");
     let logs = node.agent_logs();
     assert!(
         logs.contains("full (raise --max-pods)"),
         "no --max-pods advice in\n{logs}"
     );
-    assert_eq!(enrolled(&node), vec!["good", "p1", "wide"]);
+    assert_eq!(node.enrolled(), vec!["good", "p1", "wide"]);
     assert_eq!(gauge(&node, "weir_pods_failed"), 1);
     captured(&node);
 
     // One pod leaves: the refused one takes its place.
     node.set_pods(&[good.clone(), wide.clone(), p2.clone()]);
-    assert_eq!(enrolled(&node), vec!["good", "p2", "wide"]);
+    assert_eq!(node.enrolled(), vec!["good", "p2", "wide"]);
     assert_eq!(map_gauge(&node, "weir_map_entries", "POD_POLICY"), 3);
     captured(&node);
 }
