@@ -574,6 +574,16 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                 None,
             ),
             (false, Outcome::Decided(v)) => match v {
+                Verdict::BypassNoRoute if dip.is_ipv6() && p.flags & POLICY_HAS_IP4 != 0 => (
+                    "the pod has no IPv6 rules (no IPv6 address, or its mesh does not capture \
+                     IPv6: Linkerd without IPv6 support, Kuma's ipv4 mode, weir.dev/capture-ipv6: \
+                     \"false\"): its IPv6 connections, ::1 included, are left alone"
+                        .to_string(),
+                    "none: no ip6tables rule".into(),
+                    untouched.clone(),
+                    bypassed("outbound", "not_included"),
+                    None,
+                ),
                 Verdict::BypassNoRoute => (
                     format!(
                         "the pod has no {} address: the kernel refuses the connection \
@@ -774,6 +784,23 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                         format!("-A ISTIO_OUTPUT -d {net} -j RETURN"),
                         untouched,
                         bypassed("outbound", "excluded_cidr"),
+                        None,
+                    )
+                }
+                Verdict::BypassNotIncluded
+                    if !q.udp
+                        && d == 53
+                        && p.flags & POLICY_KUMA_ORDER != 0
+                        && p.flags & POLICY_CAPTURE_DNS != 0 =>
+                {
+                    (
+                        "Kuma's DNS capture: DNS over TCP of any process but the proxy is never \
+                         captured"
+                            .to_string(),
+                        "-A OUTPUT -p tcp --dport 53 -m owner ! --uid-owner <proxy> -j RETURN"
+                            .into(),
+                        untouched,
+                        bypassed("outbound", "not_included"),
                         None,
                     )
                 }

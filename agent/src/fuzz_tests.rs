@@ -78,6 +78,11 @@ const KNOWN_KEYS: &[&str] = &[
     keys::KUMA_EXCLUDE_INBOUND,
     keys::KUMA_EXCLUDE_OUTBOUND,
     keys::KUMA_EXCLUDE_OUTBOUND_IPS,
+    keys::KUMA_IP_FAMILY_MODE,
+    keys::KUMA_PROBE_PROXY_PORT,
+    keys::LINKERD_PROXY_UID,
+    keys::LINKERD_PROXY_GID,
+    keys::CAPTURE_IPV6,
 ];
 
 /// Keys of the other meshes' annotations (ignored for Istio pods).
@@ -88,6 +93,10 @@ const OTHER_MESH_KEYS: &[&str] = &[
     keys::KUMA_EXCLUDE_INBOUND,
     keys::KUMA_EXCLUDE_OUTBOUND,
     keys::KUMA_EXCLUDE_OUTBOUND_IPS,
+    keys::KUMA_IP_FAMILY_MODE,
+    keys::KUMA_PROBE_PROXY_PORT,
+    keys::LINKERD_PROXY_UID,
+    keys::LINKERD_PROXY_GID,
 ];
 
 // ---------------------------------------------------------------------------
@@ -414,7 +423,8 @@ const ALL_FLAGS: u32 = POLICY_CAPTURE_OUTBOUND
     | POLICY_DNS_ALL_SERVERS
     | POLICY_OWNER_GROUPS_ONLY
     | POLICY_OWNER_GROUPS_EXCEPT
-    | POLICY_LOOPBACK_SIMPLE;
+    | POLICY_LOOPBACK_SIMPLE
+    | POLICY_KUMA_ORDER;
 
 fn has(flags: u32, f: u32) -> bool {
     flags & f != 0
@@ -475,7 +485,13 @@ fn check_rules(
         .get(keys::INTERCEPTION_MODE)
         .map(|m| m.trim())
         .unwrap_or("REDIRECT");
-    prop_assert_eq!(has(f, POLICY_CAPTURE_OUTBOUND), mode != "NONE");
+    // An IPv6-only pod whose mesh writes no IPv6 rules is not captured.
+    let v6_only_uncaptured = r.skip_ipv6 && !addrs.is_empty() && addrs.iter().all(|a| a.is_ipv6());
+    prop_assert_eq!(
+        has(f, POLICY_CAPTURE_OUTBOUND),
+        mode != "NONE" && !v6_only_uncaptured
+    );
+    prop_assert_eq!(has(f, POLICY_KUMA_ORDER), mesh == Mesh::Kuma);
     if has(f, POLICY_DNS_ALL_SERVERS) {
         prop_assert!(has(f, POLICY_CAPTURE_DNS));
         prop_assert!(r.dns_servers.is_empty());
@@ -538,8 +554,10 @@ fn check_rules(
         IpAddr::V6(v) => Some(*v),
         IpAddr::V4(_) => None,
     });
-    prop_assert_eq!(has(f, POLICY_HAS_IP6), v6.is_some());
-    if let Some(v6) = v6 {
+    prop_assert_eq!(has(f, POLICY_HAS_IP6), v6.is_some() && !r.skip_ipv6);
+    if let Some(v6) = v6
+        && !r.skip_ipv6
+    {
         prop_assert_eq!(p.pod_ip6, addr_from_octets(v6.octets()));
     }
 
@@ -588,10 +606,16 @@ fn check_rules(
         e.dns.len(),
         "two DNS servers map to one key"
     );
-    prop_assert_eq!(e.addrs.len(), r.addrs.len());
+    // Without IPv6 rules the pod's IPv6 addresses are not steered.
+    let steered: Vec<&IpAddr> = r
+        .addrs
+        .iter()
+        .filter(|a| !(r.skip_ipv6 && a.to_canonical().is_ipv6()))
+        .collect();
+    prop_assert_eq!(e.addrs.len(), steered.len());
     // 127.0.0.1 and ::ffff:127.0.0.1 are one address to the kernel.
     let distinct: BTreeSet<_> = e.addrs.iter().collect();
-    let canonical: BTreeSet<_> = r.addrs.iter().map(IpAddr::to_canonical).collect();
+    let canonical: BTreeSet<_> = steered.iter().map(|a| a.to_canonical()).collect();
     prop_assert_eq!(
         distinct.len(),
         canonical.len(),
@@ -1471,9 +1495,21 @@ const BAD_ANNOTATIONS: &[(&str, &str, Mesh, &str)] = &[
     ),
     (
         keys::KUMA_EXCLUDE_OUTBOUND_IPS,
-        "10.0.0.1",
+        "10.0.0.0/33",
         Mesh::Kuma,
-        "\"10.0.0.1\" is not a CIDR",
+        "\"10.0.0.0/33\" is not an IP address or CIDR",
+    ),
+    (
+        keys::KUMA_IP_FAMILY_MODE,
+        "ipv6",
+        Mesh::Kuma,
+        "unknown IP family mode \"ipv6\"",
+    ),
+    (
+        keys::LINKERD_PROXY_UID,
+        "proxy",
+        Mesh::Linkerd,
+        "\"proxy\" is not a numeric id",
     ),
 ];
 

@@ -89,7 +89,10 @@ impl Mesh {
                 dns_port: 15053,
                 uids: vec![5678],
                 gids: vec![],
-                always_excluded_inbound: vec![9901],
+                // kuma-dp's readiness port (the injector excludes it while
+                // Envoy's admin API is on a Unix socket, the default); the
+                // probe proxy port (9001) comes from its annotation.
+                always_excluded_inbound: vec![9902],
                 status_port: 0,
             },
         }
@@ -151,7 +154,29 @@ pub mod keys {
     pub const KUMA_EXCLUDE_OUTBOUND: &str = "traffic.kuma.io/exclude-outbound-ports";
     /// Kuma: outbound CIDRs not captured.
     pub const KUMA_EXCLUDE_OUTBOUND_IPS: &str = "traffic.kuma.io/exclude-outbound-ips";
+    /// Kuma: `dualstack` (default) or `ipv4` (no IPv6 rules).
+    pub const KUMA_IP_FAMILY_MODE: &str = "kuma.io/transparent-proxying-ip-family-mode";
+    /// Kuma: the application probe proxy's port (default 9001, `0`: off),
+    /// never captured inbound.
+    pub const KUMA_PROBE_PROXY_PORT: &str = "kuma.io/application-probe-proxy-port";
+    /// Linkerd: the proxy's UID (replaces 2102; 0 or less: none).
+    pub const LINKERD_PROXY_UID: &str = "config.linkerd.io/proxy-uid";
+    /// Linkerd: the proxy's GID (default none; 0 or less: none).
+    pub const LINKERD_PROXY_GID: &str = "config.linkerd.io/proxy-gid";
+    /// weir: whether the pod's IPv6 connections are captured at all (the
+    /// mesh wrote `ip6tables` rules). Default: Istio yes; Linkerd no (its
+    /// `disableIPv6` Helm value defaults to true); Kuma per
+    /// [`KUMA_IP_FAMILY_MODE`].
+    pub const CAPTURE_IPV6: &str = "weir.dev/capture-ipv6";
 }
+
+/// Ports Linkerd's proxy-init skips in both directions unless the pod's
+/// `skip-inbound-ports` / `skip-outbound-ports` annotation replaces them
+/// (the Helm values `proxyInit.ignoreInboundPorts`/`ignoreOutboundPorts`:
+/// Galera's ports).
+pub const LINKERD_DEFAULT_SKIP_PORTS: &str = "4567,4568";
+/// Kuma's default application probe proxy port.
+pub const KUMA_DEFAULT_PROBE_PROXY_PORT: u16 = 9001;
 
 /// A bad annotation value: names the annotation, the bad item and the fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -208,6 +233,16 @@ pub struct PodRules {
     /// The pod's connected subnets and its address on each (discovered):
     /// the source the kernel picks for destinations there.
     pub src_routes: BTreeMap<IpNet, IpAddr>,
+    /// The mesh writes no IPv6 rule for this pod (Linkerd's default,
+    /// Kuma's `ipv4` mode, `weir.dev/capture-ipv6: "false"`): its IPv6
+    /// connections are never touched, and its IPv6 addresses are not
+    /// steered inbound (left out of `POD_ADDRS`).
+    pub skip_ipv6: bool,
+    /// Linkerd's `skip-subnets`: inbound connections *from* these sources
+    /// are not captured. Parsed and kept, but not enforced yet: the kernel's
+    /// inbound decision does not see the source address (see
+    /// docs/differential.md, B6).
+    pub inbound_skip_sources: BTreeSet<IpNet>,
 }
 
 fn items(value: &str) -> impl Iterator<Item = &str> {
@@ -300,6 +335,50 @@ fn parse_cidr_list(
             })
         })
         .collect()
+}
+
+/// Kuma's `exclude-outbound-ips`: addresses with or without a prefix
+/// length (a bare address is the host), as its init container reads them.
+fn parse_kuma_ips(key: &str, value: &str) -> Result<BTreeSet<IpNet>, AnnotationError> {
+    items(value)
+        .map(|i| {
+            i.parse::<IpNet>()
+                .map(|n| n.trunc())
+                .or_else(|_| i.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    err(
+                        key,
+                        value,
+                        format!("{i:?} is not an IP address or CIDR"),
+                        "use a comma-separated list like 10.0.0.1,10.2.0.0/16,fd00::/8",
+                    )
+                })
+        })
+        .collect()
+}
+
+/// A Linkerd proxy UID/GID annotation: proxy-init writes no rule for a
+/// value of 0 or less.
+fn linkerd_id(key: &str, value: &str) -> Result<Vec<u32>, AnnotationError> {
+    let v = value.trim().parse::<i64>().map_err(|_| {
+        err(
+            key,
+            value,
+            format!("{:?} is not a numeric id", value.trim()),
+            "use one numeric id",
+        )
+    })?;
+    if v <= 0 {
+        return Ok(Vec::new());
+    }
+    u32::try_from(v).map(|id| vec![id]).map_err(|_| {
+        err(
+            key,
+            value,
+            format!("{v} is out of range"),
+            "use one numeric id",
+        )
+    })
 }
 
 /// Parses a port list that may hold ranges (`4000-4100`), as Linkerd's and
@@ -448,13 +527,23 @@ pub fn pod_rules(
     p.dns_port = prof.dns_port;
     r.listen_ports = [p.outbound_port, p.inbound_port].into_iter().collect();
 
+    // The mesh's own identity annotations (Linkerd's), then weir's.
+    let (mut def_uids, mut def_gids) = (prof.uids.clone(), prof.gids.clone());
+    if mesh == Mesh::Linkerd {
+        if let Some(v) = get(keys::LINKERD_PROXY_UID) {
+            def_uids = linkerd_id(keys::LINKERD_PROXY_UID, v)?;
+        }
+        if let Some(v) = get(keys::LINKERD_PROXY_GID) {
+            def_gids = linkerd_id(keys::LINKERD_PROXY_GID, v)?;
+        }
+    }
     r.uids = match get(keys::PROXY_UIDS) {
         Some(v) => parse_ids(keys::PROXY_UIDS, v)?,
-        None => prof.uids.clone(),
+        None => def_uids,
     };
     r.gids = match get(keys::PROXY_GIDS) {
         Some(v) => parse_ids(keys::PROXY_GIDS, v)?,
-        None => prof.gids.clone(),
+        None => def_gids,
     };
     (p.lo_id_kind, p.lo_id) = match (r.uids.first(), r.gids.first()) {
         (Some(u), _) => (ID_KIND_UID, *u),
@@ -529,23 +618,36 @@ pub fn pod_rules(
             // linkerd proxy-init: the proxy's UID and everything on lo are
             // never captured; no "proxy to own pod" rule.
             p.flags |= POLICY_LOOPBACK_SIMPLE;
-            if let Some(v) = get(keys::LINKERD_SKIP_INBOUND) {
-                r.in_exclude_ports
-                    .extend(parse_port_ranges(keys::LINKERD_SKIP_INBOUND, v)?);
-            }
-            if let Some(v) = get(keys::LINKERD_SKIP_OUTBOUND) {
-                r.out_exclude_ports
-                    .extend(parse_port_ranges(keys::LINKERD_SKIP_OUTBOUND, v)?);
-            }
+            // The annotations replace the injector's default list (the
+            // proxy's own ports, in the profile, are always skipped).
+            let v = get(keys::LINKERD_SKIP_INBOUND).unwrap_or(LINKERD_DEFAULT_SKIP_PORTS);
+            r.in_exclude_ports
+                .extend(parse_port_ranges(keys::LINKERD_SKIP_INBOUND, v)?);
+            let v = get(keys::LINKERD_SKIP_OUTBOUND).unwrap_or(LINKERD_DEFAULT_SKIP_PORTS);
+            r.out_exclude_ports
+                .extend(parse_port_ranges(keys::LINKERD_SKIP_OUTBOUND, v)?);
+            // `--subnets-to-ignore` only returns inbound connections *from*
+            // these subnets (PREROUTING, `-s`); outbound connections to
+            // them are captured like any other.
             if let Some(v) = get(keys::LINKERD_SKIP_SUBNETS) {
-                r.exclude_cidrs
-                    .extend(parse_subnets(keys::LINKERD_SKIP_SUBNETS, v)?);
+                r.inbound_skip_sources = parse_subnets(keys::LINKERD_SKIP_SUBNETS, v)?;
             }
         }
         Mesh::Kuma => {
+            // Kuma's rule order: excluded addresses and DNS first; DNS
+            // over TCP of the applications never captured.
+            p.flags |= POLICY_KUMA_ORDER;
             if let Some(v) = get(keys::KUMA_EXCLUDE_INBOUND) {
                 r.in_exclude_ports
                     .extend(parse_port_ranges(keys::KUMA_EXCLUDE_INBOUND, v)?);
+            }
+            let probe = match get(keys::KUMA_PROBE_PROXY_PORT) {
+                Some(v) if v.trim() == "0" => 0,
+                Some(v) => single_port(keys::KUMA_PROBE_PROXY_PORT, v)?,
+                None => KUMA_DEFAULT_PROBE_PROXY_PORT,
+            };
+            if probe != 0 {
+                r.in_exclude_ports.insert(probe);
             }
             if let Some(v) = get(keys::KUMA_EXCLUDE_OUTBOUND) {
                 r.out_exclude_ports
@@ -553,15 +655,44 @@ pub fn pod_rules(
             }
             if let Some(v) = get(keys::KUMA_EXCLUDE_OUTBOUND_IPS) {
                 r.exclude_cidrs
-                    .extend(parse_subnets(keys::KUMA_EXCLUDE_OUTBOUND_IPS, v)?);
+                    .extend(parse_kuma_ips(keys::KUMA_EXCLUDE_OUTBOUND_IPS, v)?);
             }
         }
     }
 
-    // DNS capture: Istio's ISTIO_META_DNS_CAPTURE, or weir's switch.
+    // IPv6 capture: whether the mesh writes IPv6 rules for the pod.
+    let ipv6_default = match mesh {
+        Mesh::Istio => true,
+        // Linkerd's Helm value `disableIPv6` defaults to true.
+        Mesh::Linkerd => false,
+        Mesh::Kuma => match get(keys::KUMA_IP_FAMILY_MODE) {
+            None => true,
+            // kuma-init accepts these spellings, but only the exact
+            // lowercase `ipv4` turns IPv6 off.
+            Some(v) => match v.to_ascii_lowercase().as_str() {
+                "" | "dualstack" => true,
+                "ipv4" => v != "ipv4",
+                _ => {
+                    return Err(err(
+                        keys::KUMA_IP_FAMILY_MODE,
+                        v,
+                        format!("unknown IP family mode {v:?}"),
+                        "use dualstack or ipv4",
+                    ));
+                }
+            },
+        },
+    };
+    r.skip_ipv6 = !match get(keys::CAPTURE_IPV6) {
+        Some(v) => parse_bool(keys::CAPTURE_IPV6, v, v)?,
+        None => ipv6_default,
+    };
+
+    // DNS capture: Istio's ISTIO_META_DNS_CAPTURE, or weir's switch; Kuma
+    // captures DNS (to every server) by default on Kubernetes.
     let mut dns = match get(keys::PROXY_CONFIG) {
         Some(v) => istio_dns_capture(v)?.unwrap_or(false),
-        None => false,
+        None => mesh == Mesh::Kuma,
     };
     if let Some(v) = get(keys::DNS_CAPTURE) {
         dns = parse_bool(keys::DNS_CAPTURE, v, v)?;
@@ -648,12 +779,20 @@ pub fn pod_rules(
         p.flags |= POLICY_HAS_IP4;
         p.pod_ip4 = u32::from_ne_bytes(v4.octets());
     }
-    if let Some(v6) = addrs.iter().find_map(|a| match a {
+    let v6 = addrs.iter().find_map(|a| match a {
         IpAddr::V6(v) => Some(*v),
         IpAddr::V4(_) => None,
-    }) {
+    });
+    if let Some(v6) = v6
+        && !r.skip_ipv6
+    {
         p.flags |= POLICY_HAS_IP6;
         p.pod_ip6 = addr_from_octets(v6.octets());
+    }
+    if r.skip_ipv6 && v6.is_some() && p.flags & POLICY_HAS_IP4 == 0 {
+        // An IPv6-only pod whose mesh writes no IPv6 rules is not meshed:
+        // its rules would only ever see IPv4 loopback traffic.
+        p.flags &= !(POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND);
     }
     Ok(r)
 }
@@ -852,7 +991,12 @@ impl PodRules {
                         .map(|(bits, data)| (bits, data, addr_of(*ip)))
                 })
                 .collect(),
-            addrs: self.addrs.iter().map(|a| addr_of(*a)).collect(),
+            addrs: self
+                .addrs
+                .iter()
+                .filter(|a| !(self.skip_ipv6 && a.to_canonical().is_ipv6()))
+                .map(|a| addr_of(*a))
+                .collect(),
         }
     }
 
@@ -902,7 +1046,8 @@ impl PodTables for UserTables<'_> {
         set.iter().any(|n| n.contains(&ip))
     }
     fn is_pod_addr(&self, addr: &Addr) -> bool {
-        self.rules.addrs.contains(&ip_of(addr))
+        let ip = ip_of(addr);
+        self.rules.addrs.contains(&ip) && !(self.rules.skip_ipv6 && ip.is_ipv6())
     }
 }
 
@@ -1195,7 +1340,12 @@ mod tests {
             [3306, 5000, 5001, 5002].into_iter().collect()
         );
         assert!(r.in_exclude_ports.contains(&9000));
-        assert!(r.exclude_cidrs.contains(&"10.0.0.0/8".parse().unwrap()));
+        // skip-subnets is about inbound sources, not outbound destinations.
+        assert!(r.exclude_cidrs.is_empty());
+        assert!(
+            r.inbound_skip_sources
+                .contains(&"10.0.0.0/8".parse().unwrap())
+        );
         assert_ne!(r.policy.flags & POLICY_LOOPBACK_SIMPLE, 0);
         let e = pod_rules(
             Mesh::Linkerd,
@@ -1235,6 +1385,171 @@ mod tests {
         );
         assert_eq!(r.uids, vec![2102]);
         assert_eq!(r.policy.tunnel_port, 0);
+    }
+
+    #[test]
+    fn linkerd_defaults_follow_the_injector() {
+        let r = pod_rules(
+            Mesh::Linkerd,
+            &ips(&["198.18.0.1", "2001:2::1"]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let inbound: Vec<u16> = r.in_exclude_ports.iter().copied().collect();
+        assert_eq!(inbound, vec![4143, 4190, 4191, 4567, 4568]);
+        let outbound: Vec<u16> = r.out_exclude_ports.iter().copied().collect();
+        assert_eq!(outbound, vec![4567, 4568]);
+        assert!(r.gids.is_empty());
+        // disableIPv6 defaults to true: no IPv6 rules, no IPv6 steering.
+        assert!(r.skip_ipv6);
+        assert_eq!(r.policy.flags & POLICY_HAS_IP6, 0);
+        assert_ne!(r.policy.flags & POLICY_HAS_IP4, 0);
+        let e = r.entries(7);
+        assert_eq!(e.addrs, vec![addr_of("198.18.0.1".parse().unwrap())]);
+        let q = OutboundQuery {
+            dst: addr_of("2001:2::2".parse().unwrap()),
+            dport: 80,
+            src: [0; 4],
+            uid: 1000,
+            gid: 1000,
+            udp: false,
+        };
+        assert_eq!(
+            decide_outbound(&r.policy, &q, &r.tables()),
+            Verdict::BypassNoRoute
+        );
+        // The annotations replace the default lists, not the proxy's ports.
+        let r = pod_rules(
+            Mesh::Linkerd,
+            &ips(&["198.18.0.1", "2001:2::1"]),
+            &ann(&[
+                (keys::LINKERD_SKIP_INBOUND, "9090"),
+                (keys::LINKERD_SKIP_OUTBOUND, ""),
+                (keys::CAPTURE_IPV6, "true"),
+            ]),
+        )
+        .unwrap();
+        let inbound: Vec<u16> = r.in_exclude_ports.iter().copied().collect();
+        assert_eq!(inbound, vec![4143, 4190, 4191, 9090]);
+        assert!(r.out_exclude_ports.is_empty());
+        assert!(!r.skip_ipv6);
+        assert_ne!(r.policy.flags & POLICY_HAS_IP6, 0);
+        assert_eq!(r.entries(7).addrs.len(), 2);
+    }
+
+    #[test]
+    fn linkerd_proxy_identities() {
+        let r = pod_rules(
+            Mesh::Linkerd,
+            &[],
+            &ann(&[
+                (keys::LINKERD_PROXY_UID, "2103"),
+                (keys::LINKERD_PROXY_GID, "3000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((r.uids.clone(), r.gids.clone()), (vec![2103], vec![3000]));
+        // proxy-init writes no owner rule for 0 or less.
+        let r = pod_rules(
+            Mesh::Linkerd,
+            &[],
+            &ann(&[
+                (keys::LINKERD_PROXY_UID, "0"),
+                (keys::LINKERD_PROXY_GID, "-1"),
+            ]),
+        )
+        .unwrap();
+        assert!(r.uids.is_empty() && r.gids.is_empty());
+        assert_eq!(r.policy.lo_id_kind, ID_KIND_NONE);
+        // weir's own keys win.
+        let r = pod_rules(
+            Mesh::Linkerd,
+            &[],
+            &ann(&[(keys::LINKERD_PROXY_UID, "2103"), (keys::PROXY_UIDS, "7")]),
+        )
+        .unwrap();
+        assert_eq!(r.uids, vec![7]);
+        let e = pod_rules(
+            Mesh::Linkerd,
+            &[],
+            &ann(&[(keys::LINKERD_PROXY_UID, "proxy")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not a numeric id"), "{e}");
+    }
+
+    #[test]
+    fn kuma_defaults_follow_the_injector() {
+        let r = pod_rules(
+            Mesh::Kuma,
+            &ips(&["198.18.0.1", "2001:2::1"]),
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let inbound: Vec<u16> = r.in_exclude_ports.iter().copied().collect();
+        assert_eq!(inbound, vec![9001, 9902, 15006]);
+        assert!(r.out_exclude_ports.is_empty());
+        let f = r.policy.flags;
+        assert_ne!(f & POLICY_KUMA_ORDER, 0);
+        assert_ne!(f & POLICY_CAPTURE_DNS, 0);
+        assert_ne!(f & POLICY_DNS_ALL_SERVERS, 0);
+        assert_ne!(f & POLICY_HAS_IP6, 0);
+        assert!(r.listen_ports.contains(&15053));
+        assert_eq!(f & POLICY_LOOPBACK_SIMPLE, 0);
+        let r = pod_rules(
+            Mesh::Kuma,
+            &ips(&["198.18.0.1", "2001:2::1"]),
+            &ann(&[
+                (keys::KUMA_PROBE_PROXY_PORT, "0"),
+                (keys::DNS_CAPTURE, "false"),
+                (keys::KUMA_IP_FAMILY_MODE, "ipv4"),
+                (
+                    keys::KUMA_EXCLUDE_OUTBOUND_IPS,
+                    "10.0.0.1, 10.2.3.4/16,fd00::1,",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert!(!r.in_exclude_ports.contains(&9001));
+        assert_eq!(r.policy.flags & POLICY_CAPTURE_DNS, 0);
+        assert!(r.skip_ipv6);
+        let want: BTreeSet<IpNet> = ["10.0.0.1/32", "10.2.0.0/16", "fd00::1/128"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(r.exclude_cidrs, want);
+        // kuma-init accepts "IPv4" but compares it with "ipv4": dual stack.
+        let r = pod_rules(
+            Mesh::Kuma,
+            &[],
+            &ann(&[(keys::KUMA_IP_FAMILY_MODE, "IPv4")]),
+        )
+        .unwrap();
+        assert!(!r.skip_ipv6);
+        let e = pod_rules(
+            Mesh::Kuma,
+            &[],
+            &ann(&[(keys::KUMA_IP_FAMILY_MODE, "ipv6")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown IP family mode"), "{e}");
+        let e = pod_rules(
+            Mesh::Kuma,
+            &[],
+            &ann(&[(keys::KUMA_EXCLUDE_OUTBOUND_IPS, "10.0.0.0/33")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not an IP address or CIDR"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_only_pod_without_ipv6_rules_is_not_captured() {
+        let r = pod_rules(Mesh::Linkerd, &ips(&["2001:2::1"]), &BTreeMap::new()).unwrap();
+        assert_eq!(
+            r.policy.flags & (POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND),
+            0
+        );
+        assert!(r.entries(7).addrs.is_empty());
     }
 
     /// The LPM keys of a range match exactly the addresses Istio's rules

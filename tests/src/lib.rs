@@ -25,6 +25,8 @@ mod bpffs;
 mod cgroup;
 mod cmd;
 pub mod istio_iptables;
+pub mod kuma_iptables;
+pub mod linkerd_iptables;
 pub mod net;
 mod netns;
 pub mod node;

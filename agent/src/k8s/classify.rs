@@ -153,6 +153,19 @@ fn env_true(c: &Container, name: &str) -> bool {
         .any(|e| e.name == name && e.value.as_deref().and_then(parse_go_bool) == Some(true))
 }
 
+/// Whether the pod's Linkerd proxy listens on IPv6 (its outbound listeners
+/// include `[::1]`), which its injector configures exactly when
+/// `disableIPv6` is false, the case where linkerd-init writes IPv6 rules.
+fn linkerd_ipv6(pod: &Pod) -> bool {
+    all_containers(pod)
+        .filter(|c| c.name == LINKERD_PROXY)
+        .flat_map(|c| c.env.iter().flatten())
+        .any(|e| {
+            e.name == "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS"
+                && e.value.as_deref().is_some_and(|v| v.contains("[::1]"))
+        })
+}
+
 /// Decides whether (and how) weir captures `pod`.
 pub fn verdict(pod: &Pod) -> Verdict {
     let not = |why: &str| Verdict::NotMeshed(why.to_string());
@@ -242,7 +255,16 @@ pub fn view(pod: &Pod) -> Result<PodView, PodError> {
             });
         }
     }
-    let annotations: BTreeMap<String, String> = md.annotations.clone().unwrap_or_default();
+    let mut annotations: BTreeMap<String, String> = md.annotations.clone().unwrap_or_default();
+    let verdict = verdict(pod);
+    if verdict == Verdict::Meshed(Mesh::Linkerd)
+        && !annotations.contains_key(keys::CAPTURE_IPV6)
+        && linkerd_ipv6(pod)
+    {
+        // Linkerd's `disableIPv6` is cluster-wide; its proxy's listeners
+        // tell whether linkerd-init would have written IPv6 rules.
+        annotations.insert(keys::CAPTURE_IPV6.into(), "true".into());
+    }
     let cgroup_uid = annotations
         .get(MIRROR_ANNOTATION)
         .filter(|v| !v.trim().is_empty())
@@ -269,7 +291,7 @@ pub fn view(pod: &Pod) -> Result<PodView, PodError> {
         }
     }
     Ok(PodView {
-        verdict: verdict(pod),
+        verdict,
         namespace,
         name,
         uid,
@@ -429,9 +451,21 @@ pub(crate) mod tests {
         let mut l = linkerd.clone();
         l["spec"]["initContainers"] = serde_json::json!([{"name": "linkerd-init"}]);
         assert!(not_meshed(l).contains("linkerd-init"));
-        let mut l = linkerd;
+        let mut l = linkerd.clone();
         l["metadata"]["annotations"]["linkerd.io/inject"] = "disabled".into();
         assert!(not_meshed(l).contains("disabled"));
+        // IPv6 capture follows the proxy's listeners (disableIPv6).
+        let v = view(&pod(&linkerd.to_string())).unwrap();
+        assert!(!v.annotations.contains_key(keys::CAPTURE_IPV6));
+        let mut l = linkerd.clone();
+        l["spec"]["containers"][0]["env"] = serde_json::json!([
+            {"name": "LINKERD2_PROXY_OUTBOUND_LISTEN_ADDRS", "value": "127.0.0.1:4140,[::1]:4140"}
+        ]);
+        let v = view(&pod(&l.to_string())).unwrap();
+        assert_eq!(v.annotations[keys::CAPTURE_IPV6], "true");
+        l["metadata"]["annotations"][keys::CAPTURE_IPV6] = "false".into();
+        let v = view(&pod(&l.to_string())).unwrap();
+        assert_eq!(v.annotations[keys::CAPTURE_IPV6], "false");
 
         let kuma = serde_json::json!({
             "metadata": {"name": "demo", "namespace": "kuma-demo", "uid": "u2"},

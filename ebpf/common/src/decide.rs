@@ -9,6 +9,15 @@
 
 use crate::*;
 
+/// Policy flag: Kuma's outbound rule order (`kumactl install
+/// transparent-proxy`, `kuma-init`): excluded CIDRs and DNS come first, in
+/// its `OUTPUT` chain, and DNS over TCP is never captured (see
+/// [`decide_outbound`]).
+///
+/// Kept here rather than with the other `POLICY_*` flags in `lib.rs`, and
+/// on a bit well clear of them, until the two files are edited together.
+pub const POLICY_KUMA_ORDER: u32 = 1 << 16;
+
 /// What weir does with one connection, and which rule decided it.
 #[repr(u32)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -150,6 +159,16 @@ pub fn is_loopback_addr(a: &Addr) -> bool {
     }
 }
 
+/// Whether the pod has IPv6 rules at all: not when it has an IPv4 address
+/// and no (captured) IPv6 address, as for an IPv4-only pod, a Linkerd pod
+/// without IPv6 support, or Kuma's `ipv4` mode. Without them nothing
+/// touches its IPv6 connections, and, with no `ip6tables` NAT rule, no
+/// conntrack answers `IP6T_SO_ORIGINAL_DST` for them either (`ENOENT`).
+#[inline(always)]
+pub const fn ipv6_rules(p: &PodPolicy) -> bool {
+    p.flags & POLICY_HAS_IP6 != 0 || p.flags & POLICY_HAS_IP4 == 0
+}
+
 /// Whether the connecting process carries one of the pod's proxy identities.
 #[inline(always)]
 fn is_proxy<T: PodTables>(q: &OutboundQuery, t: &T) -> bool {
@@ -182,6 +201,20 @@ fn is_proxy<T: PodTables>(q: &OutboundQuery, t: &T) -> bool {
 ///
 /// With `POLICY_LOOPBACK_SIMPLE` (Linkerd's proxy-init) rules 2 to 4 are
 /// one rule: anything on loopback is not captured.
+///
+/// With [`POLICY_KUMA_ORDER`] (Kuma's transparent proxy) three rules come
+/// before rule 1, in Kuma's `OUTPUT` chain: an excluded CIDR (any
+/// protocol, any process: `exclude-outbound-ips`), then with DNS capture
+/// UDP port 53 (the proxy's own queries: not captured; to the resolvers,
+/// or any server: to the DNS port) and TCP port 53 of any process but the
+/// proxy (never captured); every other UDP is not captured. Rule 1 then
+/// concerns TCP only, rules 3 and 4 have no port-53 exception, and rule 7
+/// is not used.
+///
+/// A pod with an IPv4 address and no (captured) IPv6 address gets no IPv6
+/// rule at all (no `ip6tables` rules: IPv6 disabled in the mesh, or an
+/// IPv4-only pod), so every IPv6 destination, `::1` included, is left
+/// alone; an IPv6-only pod still has IPv4 rules for IPv4 loopback.
 #[inline(always)]
 pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) -> Verdict {
     if p.flags & POLICY_CAPTURE_OUTBOUND == 0 {
@@ -189,14 +222,13 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
     }
     // One lookup for both uses below (the kernel pays per map lookup).
     let on_lo = is_loopback_route(&q.dst, t);
-    // No address of that family in the pod: no route, no NAT either.
+    // No address of that family in the pod (no route, no NAT either), or
+    // no IPv6 rules for it (see `ipv6_rules`).
     let has4 = p.flags & POLICY_HAS_IP4 != 0;
     let has6 = p.flags & POLICY_HAS_IP6 != 0;
-    if (has4 || has6) && !on_lo {
-        let v4 = is_v4_mapped(&q.dst);
-        if (v4 && !has4) || (!v4 && !has6) {
-            return Verdict::BypassNoRoute;
-        }
+    let v4 = is_v4_mapped(&q.dst);
+    if (v4 && has6 && !has4 && !on_lo) || (!v4 && !ipv6_rules(p)) {
+        return Verdict::BypassNoRoute;
     }
     // 0. `excludeInterfaces`: istio-iptables' very first OUTPUT rule.
     if p.flags & POLICY_EXCLUDE_IFACES != 0 && t.in_cidrs(CidrList::ExcludedInterfaceRoutes, &q.dst)
@@ -204,6 +236,33 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
         return Verdict::BypassExcludedInterface;
     }
     let dns = p.flags & POLICY_CAPTURE_DNS != 0;
+    let kuma = p.flags & POLICY_KUMA_ORDER != 0;
+    if kuma {
+        // Kuma's OUTPUT chain, before TCP enters KUMA_MESH_OUTBOUND.
+        if t.in_cidrs(CidrList::OutboundExclude, &q.dst) {
+            return Verdict::BypassExcludedCidr;
+        }
+        if dns && q.dport == 53 {
+            let proxy = is_proxy(q, t);
+            if q.udp {
+                if proxy {
+                    return Verdict::BypassProxy;
+                }
+                if p.flags & POLICY_DNS_ALL_SERVERS != 0 || t.in_cidrs(CidrList::DnsServers, &q.dst)
+                {
+                    return Verdict::RedirectDns;
+                }
+            } else if !proxy {
+                // The applications' DNS over TCP is never captured.
+                return Verdict::BypassNotIncluded;
+            }
+        }
+        if q.udp {
+            return Verdict::BypassNotIncluded;
+        }
+    }
+    // With Istio's DNS capture, the loopback rules spare port 53.
+    let dns_lo = dns && !kuma;
     // 1.
     if t.has_port(PORT_OUT_EXCLUDE, q.dport) {
         return Verdict::BypassExcludedPort;
@@ -222,9 +281,9 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
             && on_lo
             && !is_localhost(&q.dst)
             && (p.tunnel_port == 0 || q.dport != p.tunnel_port)
-            && !(dns && q.dport == 53);
+            && !(dns_lo && q.dport == 53);
         // With DNS capture, rule 4 only returns TCP to ports other than 53.
-        let rule4 = on_lo && (!dns || (!q.udp && q.dport != 53));
+        let rule4 = on_lo && (!dns_lo || (!q.udp && q.dport != 53));
         if p.lo_id_kind != ID_KIND_NONE {
             let is_first = (p.lo_id_kind == ID_KIND_UID && q.uid == p.lo_id)
                 || (p.lo_id_kind == ID_KIND_GID && q.gid == p.lo_id);
@@ -263,7 +322,7 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
         return Verdict::BypassOwnerGroup;
     }
     // 7.
-    if dns
+    if dns_lo
         && q.dport == 53
         && (p.flags & POLICY_DNS_ALL_SERVERS != 0 || t.in_cidrs(CidrList::DnsServers, &q.dst))
     {
@@ -276,8 +335,8 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
     if q.udp {
         return Verdict::BypassNotIncluded;
     }
-    // 9.
-    if t.in_cidrs(CidrList::OutboundExclude, &q.dst) {
+    // 9. (Kuma looked the excluded CIDRs up first.)
+    if !kuma && t.in_cidrs(CidrList::OutboundExclude, &q.dst) {
         return Verdict::BypassExcludedCidr;
     }
     // 10.
@@ -514,13 +573,33 @@ mod tests {
             decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
             Verdict::RedirectOutbound
         );
-        // ::1 is always there.
+        // No IPv6 rules at all: ::1 and ::6 are left alone too, the
+        // proxy's included.
         let mut one = [0u32; 4];
         one[3] = V6_LAST_1;
         assert_eq!(
             decide_outbound(&p, &q(one, 80, 1000), &t),
-            Verdict::BypassLoopback
+            Verdict::BypassNoRoute
         );
+        let mut six = [0u32; 4];
+        six[3] = V6_LAST_6;
+        assert_eq!(
+            decide_outbound(&p, &q(six, 80, 1337), &t),
+            Verdict::BypassNoRoute
+        );
+        assert!(!ipv6_rules(&p));
+        // An IPv6-only pod keeps its IPv4 loopback rules.
+        p.flags = p.flags & !POLICY_HAS_IP4 | POLICY_HAS_IP6;
+        assert!(ipv6_rules(&p));
+        assert_eq!(
+            decide_outbound(&p, &q(v4(127, 0, 0, 5), 80, 1337), &t),
+            Verdict::RedirectInbound
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
+            Verdict::BypassNoRoute
+        );
+        p.flags = p.flags & !POLICY_HAS_IP6 | POLICY_HAS_IP4;
         // A pod with no listed address at all is not restricted.
         p.flags &= !POLICY_HAS_IP4;
         assert_eq!(
@@ -566,6 +645,114 @@ mod tests {
         );
         assert_eq!(
             decide_outbound(&p, &q(v4(198, 18, 0, 2), 8080, 1000), &t),
+            Verdict::RedirectOutbound
+        );
+    }
+
+    fn kuma() -> (PodPolicy, Tables) {
+        let (mut p, mut t) = istio();
+        p.flags |= POLICY_KUMA_ORDER | POLICY_CAPTURE_DNS | POLICY_DNS_ALL_SERVERS;
+        p.tunnel_port = 0;
+        p.lo_id = 5678;
+        t.ids = std::vec![(IDKEY_UID, 5678)];
+        (p, t)
+    }
+
+    #[test]
+    fn kuma_excluded_cidrs_come_first() {
+        let (p, mut t) = kuma();
+        t.exclude.push((v4(198, 18, 0, 1), 128));
+        t.exclude.push((v4(198, 18, 53, 53), 128));
+        // Before the proxy-to-own-pod rule...
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 1), 8080, 5678), &t),
+            Verdict::BypassExcludedCidr
+        );
+        // ...and before DNS capture, UDP included.
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 53, 53), 53, 1000), &t),
+            Verdict::BypassExcludedCidr
+        );
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 53, 54), 53, 1000), &t),
+            Verdict::RedirectDns
+        );
+    }
+
+    #[test]
+    fn kuma_dns() {
+        let (mut p, mut t) = kuma();
+        // UDP to any server, the local resolver included.
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(127, 0, 0, 53), 53, 1000), &t),
+            Verdict::RedirectDns
+        );
+        // Not the proxy's own queries.
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 0, 2), 53, 5678), &t),
+            Verdict::BypassProxy
+        );
+        // DNS over TCP of the applications: never captured.
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 53, 1000), &t),
+            Verdict::BypassNotIncluded
+        );
+        // The proxy's TCP to its own pod on 53 goes inbound (no port-53
+        // exception in Kuma's loopback rule).
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 1), 53, 5678), &t),
+            Verdict::RedirectInbound
+        );
+        // Excluded ports are TCP only: UDP DNS is still captured.
+        t.ports.push((PORT_OUT_EXCLUDE, 53));
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 0, 2), 53, 1000), &t),
+            Verdict::RedirectDns
+        );
+        // Only the resolvers.
+        p.flags &= !POLICY_DNS_ALL_SERVERS;
+        t.dns.push((v4(198, 18, 53, 53), 128));
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 0, 2), 53, 1000), &t),
+            Verdict::BypassNotIncluded
+        );
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 53, 53), 53, 1000), &t),
+            Verdict::RedirectDns
+        );
+        // Without DNS capture TCP 53 is ordinary TCP (here excluded).
+        p.flags &= !POLICY_CAPTURE_DNS;
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 53, 1000), &t),
+            Verdict::BypassExcludedPort
+        );
+        t.ports.clear();
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 53, 1000), &t),
+            Verdict::RedirectOutbound
+        );
+        assert_eq!(
+            decide_outbound(&p, &udp(v4(198, 18, 53, 53), 53, 1000), &t),
+            Verdict::BypassNotIncluded
+        );
+    }
+
+    #[test]
+    fn kuma_loopback_rules_are_istios() {
+        let (p, t) = kuma();
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 1), 15008, 5678), &t),
+            Verdict::RedirectInbound
+        );
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 1), 8080, 1000), &t),
+            Verdict::BypassLoopback
+        );
+        let mut query = q(v4(198, 18, 0, 1), 8080, 5678);
+        query.src = v4(127, 0, 0, 6);
+        assert_eq!(decide_outbound(&p, &query, &t), Verdict::BypassPassthrough);
+        assert_eq!(
+            decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
             Verdict::RedirectOutbound
         );
     }
