@@ -10,6 +10,7 @@ mod bench;
 mod build;
 mod cmd;
 mod host;
+mod soak;
 mod test;
 mod toolchain;
 
@@ -93,6 +94,48 @@ enum Command {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<OsString>,
     },
+    /// Build (release), then soak weir under load and faults (issue 6):
+    /// agent SIGKILLs under traffic, pod churn, concurrent connections, a
+    /// full PENDING_FLOWS, proxy restarts and pod changes; writes
+    /// target/soak/results.json and results.md and prints the figures (needs
+    /// root; about 5 minutes at the default sizes on 2 CPUs, bounded by
+    /// --time-limit-s).
+    Soak {
+        /// The CI sizes (5 restarts, 200 churn cycles, 5,000 connections,
+        /// PENDING_FLOWS of 1,024, 4 proxy restarts): under a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Agent SIGKILLs under traffic [default: 100].
+        #[arg(long)]
+        restarts: Option<usize>,
+        /// Pods enrolled and removed [default: 10,000].
+        #[arg(long)]
+        churn: Option<usize>,
+        /// Concurrent captured connections [default: 100,000].
+        #[arg(long)]
+        conns: Option<u64>,
+        /// Handshakes in flight at once [default: 1.25 x the PENDING_FLOWS
+        /// capacity].
+        #[arg(long)]
+        flood: Option<u64>,
+        /// PENDING_FLOWS capacity, the agent's --max-pending [default: the
+        /// agent's, 65,536].
+        #[arg(long)]
+        max_pending: Option<u32>,
+        /// Sidecar restarts under traffic [default: 20].
+        #[arg(long)]
+        proxy_restarts: Option<usize>,
+        /// Only these scenarios (comma list): restarts, churn, conns,
+        /// map-full, faults.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Start no new work after this many seconds [default: 1800].
+        #[arg(long)]
+        time_limit_s: Option<u64>,
+        /// Further arguments for `weir-soak run` (see `weir-soak run --help`).
+        #[arg(last = true, value_name = "ARGS")]
+        args: Vec<OsString>,
+    },
     /// Run clippy on the host crates (builds the kernel object first, which
     /// the agent embeds).
     Clippy,
@@ -160,6 +203,32 @@ fn run(command: Command) -> Result<ExitCode> {
                 args,
             };
             return bench::run(&root, &options);
+        }
+        Command::Soak {
+            quick,
+            restarts,
+            churn,
+            conns,
+            flood,
+            max_pending,
+            proxy_restarts,
+            only,
+            time_limit_s,
+            args,
+        } => {
+            let options = soak::Options {
+                quick,
+                restarts,
+                churn,
+                conns,
+                flood,
+                max_pending,
+                proxy_restarts,
+                only,
+                time_limit_s,
+                args,
+            };
+            return soak::run(&root, &options);
         }
         Command::Clippy => {
             let object = build_ebpf(&root)?;

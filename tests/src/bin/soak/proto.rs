@@ -171,7 +171,12 @@ pub struct Expect<'a> {
 }
 
 /// Judges a sidecar's (or a direct server's) answer.
-pub fn judge(answer: &Answer, expect: &Expect<'_>, target: SocketAddr, local: SocketAddr) -> Verdict {
+pub fn judge(
+    answer: &Answer,
+    expect: &Expect<'_>,
+    target: SocketAddr,
+    local: SocketAddr,
+) -> Verdict {
     if answer.via == "direct" {
         return Verdict::Escaped;
     }
@@ -208,7 +213,10 @@ pub fn read_line(conn: &mut TcpStream) -> io::Result<String> {
             return Ok(String::from_utf8_lossy(&buf).into_owned());
         }
         if buf.len() > 4096 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "answer too long"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "answer too long",
+            ));
         }
     }
 }
@@ -251,30 +259,52 @@ pub fn wait_for_file(path: &Path, poll: Duration) -> bool {
     true
 }
 
-/// Raises `RLIMIT_NOFILE` (soft and hard) to `n`; needs root for a hard
-/// limit above the current one, so it runs before privileges are dropped.
-pub fn raise_nofile(n: u64) -> Result<()> {
+fn get_nofile() -> io::Result<libc::rlimit> {
     let mut cur = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit read or write the struct we pass.
+    // SAFETY: getrlimit writes the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) } != 0 {
-        return Err(io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+        return Err(io::Error::last_os_error());
     }
-    if cur.rlim_cur >= n && cur.rlim_max >= n {
-        return Ok(());
-    }
+    Ok(cur)
+}
+
+fn set_nofile(soft: u64, hard: u64) -> io::Result<()> {
     let new = libc::rlimit {
-        rlim_cur: n,
-        rlim_max: n.max(cur.rlim_max),
+        rlim_cur: soft,
+        rlim_max: hard,
     };
-    // SAFETY: as above.
+    // SAFETY: setrlimit reads the struct we pass.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
-        return Err(io::Error::last_os_error())
-            .with_context(|| format!("setrlimit(RLIMIT_NOFILE, {n})"));
+        return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Raises `RLIMIT_NOFILE` to `n` (soft and, if needed, hard). Raising the
+/// hard limit needs `CAP_SYS_RESOURCE`, so this runs before privileges
+/// are dropped; without it the soft limit goes up to the hard one.
+pub fn raise_nofile(n: u64) -> Result<()> {
+    let cur = get_nofile().context("getrlimit(RLIMIT_NOFILE)")?;
+    if cur.rlim_cur >= n {
+        return Ok(());
+    }
+    if set_nofile(n, n.max(cur.rlim_max)).is_ok() {
+        return Ok(());
+    }
+    set_nofile(n.min(cur.rlim_max), cur.rlim_max)
+        .with_context(|| format!("setrlimit(RLIMIT_NOFILE, {})", n.min(cur.rlim_max)))
+}
+
+/// How many descriptors one process of the soak may open: the driver first
+/// tries to raise its own hard limit (children inherit it), then reports
+/// the hard limit it has (20,000 in a container without
+/// `CAP_SYS_RESOURCE`, for example).
+pub fn nofile_budget() -> u64 {
+    let _ = raise_nofile(1 << 20);
+    get_nofile().map_or(1024, |l| l.rlim_max)
 }
 
 #[cfg(test)]

@@ -1,0 +1,166 @@
+//! `cargo xtask soak`: weir under load and faults (issue 6).
+//!
+//! Builds everything in release mode (as `cargo xtask bench` does), then
+//! runs `weir-soak run`, which builds a node of network namespaces per
+//! scenario with its own `weir run` agent, prints the figures and writes
+//! `results.json` and `results.md` under `target/soak/`. The sizes default
+//! to the issue's (100 agent restarts, 10,000 churn cycles, 100,000
+//! concurrent connections, 1.25 x the `PENDING_FLOWS` capacity of
+//! handshakes in flight, 20 proxy restarts); the run stops starting new
+//! work after `--time-limit-s`. The exit code is the driver's: non-zero
+//! when a check failed.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+
+use crate::build::{self, Profile};
+use crate::cmd::Cmd;
+use crate::host;
+
+/// What `cargo xtask soak` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The CI sizes (tests/tests/soak.rs) instead of the full ones.
+    pub quick: bool,
+    /// Agent SIGKILLs under traffic.
+    pub restarts: Option<usize>,
+    /// Pods enrolled and removed.
+    pub churn: Option<usize>,
+    /// Concurrent captured connections.
+    pub conns: Option<u64>,
+    /// Handshakes in flight at once.
+    pub flood: Option<u64>,
+    /// `PENDING_FLOWS` capacity (the agent's --max-pending).
+    pub max_pending: Option<u32>,
+    /// Sidecar restarts under traffic.
+    pub proxy_restarts: Option<usize>,
+    /// Only these scenarios.
+    pub only: Vec<String>,
+    /// Time limit, seconds.
+    pub time_limit_s: Option<u64>,
+    /// Further `weir-soak run` arguments.
+    pub args: Vec<OsString>,
+}
+
+/// The CI sizes, as `--quick` gives them.
+const QUICK: [(&str, &str); 5] = [
+    ("--restarts", "5"),
+    ("--churn", "200"),
+    ("--conns", "5000"),
+    ("--max-pending", "1024"),
+    ("--proxy-restarts", "4"),
+];
+
+/// The `weir-soak run` arguments for `options`, writing into `out`.
+fn soak_args(options: &Options, out: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["run".into(), "--out".into(), out.into()];
+    let mut given: Vec<(&str, Option<String>)> = vec![
+        ("--restarts", options.restarts.map(|v| v.to_string())),
+        ("--churn", options.churn.map(|v| v.to_string())),
+        ("--conns", options.conns.map(|v| v.to_string())),
+        ("--flood", options.flood.map(|v| v.to_string())),
+        ("--max-pending", options.max_pending.map(|v| v.to_string())),
+        (
+            "--proxy-restarts",
+            options.proxy_restarts.map(|v| v.to_string()),
+        ),
+        (
+            "--time-limit-s",
+            options.time_limit_s.map(|v| v.to_string()),
+        ),
+    ];
+    if options.quick {
+        for (flag, value) in QUICK {
+            if let Some(entry) = given.iter_mut().find(|(f, v)| *f == flag && v.is_none()) {
+                entry.1 = Some(value.to_string());
+            }
+        }
+    }
+    for (flag, value) in given {
+        if let Some(v) = value {
+            args.push(format!("{flag}={v}").into());
+        }
+    }
+    if !options.only.is_empty() {
+        args.push(format!("--only={}", options.only.join(",")).into());
+    }
+    args.extend(options.args.iter().cloned());
+    args
+}
+
+/// Builds (release) and runs the soak; returns its exit code.
+pub fn run(root: &Path, options: &Options) -> Result<ExitCode> {
+    if !host::is_root() {
+        bail!(
+            "cargo xtask soak needs root: it creates network namespaces and cgroups \
+             (its own only) and loads eBPF programs"
+        );
+    }
+    let bin_dir = crate::build_all(root, Profile::Release)?;
+    let soak = bin_dir.join("weir-soak");
+    let weir = bin_dir.join("weir");
+    for bin in [&soak, &weir] {
+        if !bin.is_file() {
+            bail!("{} was not built", bin.display());
+        }
+    }
+    let out = build::host_target_dir(root).join("soak");
+    println!("\n==> weir soak: results go to {}", out.display());
+    let status = Cmd::new(&soak)
+        .args(soak_args(options, &out))
+        .env("WEIR_BIN", &weir)
+        .dir(root)
+        .status()
+        .context("running weir-soak")?;
+    Ok(crate::exit_code(status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_size_passes_only_what_was_given() {
+        let args = soak_args(&Options::default(), Path::new("/w/target/soak"));
+        assert_eq!(args, ["run", "--out", "/w/target/soak"].map(OsString::from));
+        let options = Options {
+            restarts: Some(7),
+            only: vec!["churn".into(), "faults".into()],
+            args: vec!["--flood=100".into()],
+            ..Options::default()
+        };
+        assert_eq!(
+            soak_args(&options, Path::new("o")),
+            [
+                "run",
+                "--out",
+                "o",
+                "--restarts=7",
+                "--only=churn,faults",
+                "--flood=100"
+            ]
+            .map(OsString::from)
+        );
+    }
+
+    #[test]
+    fn quick_gives_the_ci_sizes_unless_overridden() {
+        let options = Options {
+            quick: true,
+            conns: Some(20_000),
+            ..Options::default()
+        };
+        let args = soak_args(&options, Path::new("o"));
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(args.contains(&"--restarts=5".to_string()), "{args:?}");
+        assert!(args.contains(&"--conns=20000".to_string()), "{args:?}");
+        assert!(args.contains(&"--max-pending=1024".to_string()), "{args:?}");
+        assert!(!args.iter().any(|a| a == "--conns=5000"), "{args:?}");
+    }
+}
