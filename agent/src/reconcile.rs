@@ -362,11 +362,19 @@ fn with_discovered_addrs(spec: &PodSpec, facts: Result<crate::netlink::NetnsFact
 /// gets `::6/128` on `lo`, so the proxy can bind it as the source of its
 /// inbound passthrough connections (IPv4 can bind any 127/8 address).
 fn setup_netns(netns: &Path, rules: &PodRules) {
-    use weir_common::{POLICY_CAPTURE_INBOUND, POLICY_CAPTURE_OUTBOUND, POLICY_HAS_IP6};
+    use weir_common::{
+        POLICY_CAPTURE_INBOUND, POLICY_CAPTURE_OUTBOUND, POLICY_HAS_IP6, POLICY_LOOPBACK_SIMPLE,
+    };
     let f = rules.policy.flags;
     // Only pods that are IPv6 pods (by their listed addresses) and
-    // captured, as istio-init does it only with IPv6 enabled and rules.
-    if f & POLICY_HAS_IP6 == 0 || f & (POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND) == 0 {
+    // captured, as istio-init does it only with IPv6 enabled and rules;
+    // never for a pod whose mesh writes no IPv6 rules, nor for Linkerd
+    // (its proxy-init adds no address: no 127.0.0.6/::6 passthrough).
+    if f & POLICY_HAS_IP6 == 0
+        || f & (POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND) == 0
+        || f & POLICY_LOOPBACK_SIMPLE != 0
+        || rules.skip_ipv6
+    {
         return;
     }
     if let Err(e) =

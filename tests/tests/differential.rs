@@ -1446,29 +1446,20 @@ fn known_bugs() -> Vec<(&'static str, &'static str, &'static str)> {
         B7,
     );
     add(&["kuma-ipv4-mode"], &["root [2001:2::1]:15006"], B7);
-    let b8 = [
-        "app ::6 -> [2001:2::1]:8080",
-        "root [2001:2::1]:8080",
-        "root [2001:2:0:100::1]:8080",
-        "root [2001:2::1]:15006",
-    ];
-    add(&["linkerd-skip-ports", "linkerd-proxy-ids"], &b8, B8);
-    // 9090 is a skipped inbound port in linkerd-skip-ports.
-    add(&["linkerd-proxy-ids"], &["root [2001:2::1]:9090"], B8);
     v
 }
 
 // B1 (source address of a capture through a second interface), B2
 // (IPv4-only pod), B3 (loopback include judged after masking) and B4
 // (interceptionMode NONE answering SO_ORIGINAL_DST) were found by this
-// suite and are fixed; B5 is fixed for unconnected UDP. B6 to B8 need
-// changes outside the decision logic (docs/differential.md).
+// suite and are fixed, and so is B8 (::6 added to Linkerd pods); B5 is
+// fixed for unconnected UDP. B6 and B7 need changes outside the decision
+// logic (docs/differential.md).
 const B5: &str = "B5: captured UDP DNS on a connected wildcard-bound socket arrives from loopback";
 const B6: &str = "B6: Linkerd's skip-subnets (inbound sources) is not enforced: sk_lookup does not \
                   look at the source address";
 const B7: &str = "B7: IP6T_SO_ORIGINAL_DST answered for an IPv6 connection of a pod without IPv6 \
                   rules (no conntrack there: ENOENT)";
-const B8: &str = "B8: ::6/128 added to the lo of a Linkerd pod (linkerd-init adds no address)";
 
 /// The known bug behind the difference between the two worlds for
 /// connection `conn` of `config`, if it is one.
