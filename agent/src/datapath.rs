@@ -11,6 +11,10 @@
 //! Links are pinned, so capture goes on while the agent is down; a new agent
 //! swaps its freshly loaded programs into the existing links
 //! (`BPF_LINK_UPDATE`, atomic) instead of attaching a second copy.
+//!
+//! The fast path's `sk_msg` program (only with `--fast-path`) is attached
+//! to the pinned `FAST_SOCKS` map itself, which keeps it: it too outlives
+//! the agent, and a new agent's program replaces it.
 
 use std::collections::BTreeSet;
 use std::os::fd::AsFd;
@@ -18,9 +22,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues};
-use aya::programs::SkLookup;
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash};
 use aya::programs::links::FdLink;
+use aya::programs::{SkLookup, SkMsg};
 use aya::{Ebpf, EbpfLoader};
 use log::{debug, info, warn};
 use weir_common::*;
@@ -51,6 +55,9 @@ pub const MAP_NAMES: &[&str] = &[
     "POD_META",
     "WEIR_META",
     "LOG_LEVEL",
+    "FAST_PATH",
+    "FAST_SOCKS",
+    "FAST_PEER",
 ];
 
 /// Programs attached to the cgroup.
@@ -70,6 +77,9 @@ const CGROUP_PROGRAMS: &[(&str, u32)] = &[
 
 /// The sk_lookup program, attached to each pod's network namespace.
 const SK_LOOKUP: &str = "weir_sk_lookup";
+
+/// The fast path's sk_msg program, attached to `FAST_SOCKS`.
+const FAST_REDIRECT: &str = "weir_fast_redirect";
 
 /// Where weir keeps its pins.
 #[derive(Clone, Debug)]
@@ -124,6 +134,8 @@ pub struct Capacities {
     pub port_rules: u32,
     /// CIDR entries over all pods, per list.
     pub cidrs: u32,
+    /// Sockets on the fast path at once (two per local connection).
+    pub fast_sockets: u32,
 }
 
 impl Default for Capacities {
@@ -133,6 +145,7 @@ impl Default for Capacities {
             pending_flows: 65536,
             port_rules: 262_144,
             cidrs: 262_144,
+            fast_sockets: 65536,
         }
     }
 }
@@ -157,6 +170,8 @@ pub struct Datapath {
     pod_meta: HashMap<MapData, u64, PodMeta>,
     weir_meta: Array<MapData, WeirMeta>,
     log_level: Array<MapData, u32>,
+    fast_path: Array<MapData, u32>,
+    fast_socks: SockHash<MapData, FastKey>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -172,8 +187,11 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 
 impl Datapath {
     /// Loads the programs (reusing pinned maps), and attaches the cgroup
-    /// programs to `cgroup` (reusing pinned links).
-    pub fn load(bpffs: &Path, cgroup: &Path, caps: &Capacities) -> Result<Self> {
+    /// programs to `cgroup` (reusing pinned links). With `fast_path`, also
+    /// loads the fast path's `sk_msg` program, attaches it to `FAST_SOCKS`
+    /// and turns the fast path on; without, turns it off for new
+    /// connections (connections already on it stay on it until they close).
+    pub fn load(bpffs: &Path, cgroup: &Path, caps: &Capacities, fast_path: bool) -> Result<Self> {
         ensure_bpffs(bpffs)?;
         let pins = Pins::new(bpffs);
         for dir in [pins.maps(), pins.links()] {
@@ -199,7 +217,8 @@ impl Datapath {
             .map_max_entries("PENDING_FLOWS", caps.pending_flows)
             .map_max_entries("PORT_RULES", caps.port_rules)
             .map_max_entries("CIDR_EXCLUDE", caps.cidrs)
-            .map_max_entries("CIDR_INCLUDE", caps.cidrs);
+            .map_max_entries("CIDR_INCLUDE", caps.cidrs)
+            .map_max_entries("FAST_SOCKS", caps.fast_sockets);
         // Refuse pinned maps of another layout *before* the loader reuses
         // them: a program verified against a map of another value size
         // would be refused with a confusing verifier error, or misread.
@@ -243,6 +262,8 @@ impl Datapath {
         };
         let mut dp = Self {
             log_level: take(&mut ebpf, "LOG_LEVEL")?,
+            fast_path: take(&mut ebpf, "FAST_PATH")?,
+            fast_socks: take(&mut ebpf, "FAST_SOCKS")?,
             logger,
             pod_policy: take(&mut ebpf, "POD_POLICY")?,
             pod_addrs: take(&mut ebpf, "POD_ADDRS")?,
@@ -269,8 +290,44 @@ impl Datapath {
             .try_into()?;
         prog.load()
             .context("the kernel refused program weir_sk_lookup")?;
+        if fast_path {
+            dp.attach_fast_path()?;
+        } else {
+            dp.fast_path
+                .set(0, 0, 0)
+                .context("writing FAST_PATH (off)")?;
+        }
         dp.attach_cgroup(cgroup)?;
         Ok(dp)
+    }
+
+    /// Loads `weir_fast_redirect`, attaches it to `FAST_SOCKS` and only
+    /// then turns the switch on: a socket added to the map before its
+    /// program is attached would never run it.
+    fn attach_fast_path(&mut self) -> Result<()> {
+        let prog: &mut SkMsg = self
+            .ebpf
+            .program_mut(FAST_REDIRECT)
+            .context("sk_msg program missing from the kernel object")?
+            .try_into()?;
+        prog.load()
+            .context("the kernel refused program weir_fast_redirect (--fast-path)")?;
+        // BPF_PROG_ATTACH to the map replaces the program a previous agent
+        // attached, if any; sockets already in the map keep the program
+        // they joined with until they close.
+        let id = prog
+            .attach(self.fast_socks.fd())
+            .context("attaching weir_fast_redirect to FAST_SOCKS")?;
+        let link = prog.take_link(id)?;
+        // The map holds the attachment; dropping the link would detach the
+        // program when the agent exits, and the fast path, like capture,
+        // must go on while the agent is down or restarting.
+        std::mem::forget(link);
+        self.fast_path
+            .set(0, 1, 0)
+            .context("writing FAST_PATH (on)")?;
+        info!("fast path on: local connections of enrolled pods go socket to socket");
+        Ok(())
     }
 
     fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
@@ -658,6 +715,11 @@ impl Datapath {
                 self.pod_counters.keys().count(),
                 cap("POD_COUNTERS"),
             ),
+            (
+                "FAST_SOCKS",
+                self.fast_socks.keys().count(),
+                cap("FAST_SOCKS"),
+            ),
         ]
     }
 
@@ -691,17 +753,15 @@ impl Datapath {
 
     /// Node counters summed over CPUs.
     pub fn node_counters(&self) -> NodeCounters {
-        let mut out = NodeCounters::default();
-        if let Ok(v) = self.node_counters.get(&0, 0) {
-            for c in v.iter() {
-                out.not_enrolled += c.not_enrolled;
-                out.orig_dst_store_failed += c.orig_dst_store_failed;
-                out.pending_insert_failed += c.pending_insert_failed;
-                out.listeners_recorded += c.listeners_recorded;
-                out.listeners_record_failed += c.listeners_record_failed;
-            }
+        match self.node_counters.get(&0, 0) {
+            Ok(v) => sum_node(v.iter()),
+            Err(_) => NodeCounters::default(),
         }
-        out
+    }
+
+    /// Whether the fast path is on (the `FAST_PATH` switch).
+    pub fn fast_path_on(&self) -> bool {
+        self.fast_path.get(&0, 0).is_ok_and(|v| v != 0)
     }
 }
 
@@ -784,6 +844,24 @@ pub fn sum_pod<'a>(it: impl Iterator<Item = &'a PodCounters>) -> PodCounters {
         o.dns_captured += c.dns_captured;
         o.bypass_owner_group += c.bypass_owner_group;
         o.bypass_excluded_iface += c.bypass_excluded_iface;
+    }
+    o
+}
+
+/// Sums per-CPU node counters.
+pub fn sum_node<'a>(it: impl Iterator<Item = &'a NodeCounters>) -> NodeCounters {
+    let mut o = NodeCounters::default();
+    for c in it {
+        o.not_enrolled += c.not_enrolled;
+        o.orig_dst_store_failed += c.orig_dst_store_failed;
+        o.pending_insert_failed += c.pending_insert_failed;
+        o.listeners_recorded += c.listeners_recorded;
+        o.listeners_record_failed += c.listeners_record_failed;
+        o.fast_sockets_added += c.fast_sockets_added;
+        o.fast_add_failed += c.fast_add_failed;
+        o.fast_msgs_redirected += c.fast_msgs_redirected;
+        o.fast_bytes_redirected += c.fast_bytes_redirected;
+        o.fast_msgs_passed += c.fast_msgs_passed;
     }
     o
 }

@@ -109,6 +109,17 @@ struct RunArgs {
     /// Capacity of the map of connections between connect() and accept().
     #[arg(long, env = "WEIR_MAX_PENDING", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     max_pending: u32,
+    /// The socket-level fast path: established TCP connections between two
+    /// sockets of this node's enrolled pods (an application and its
+    /// sidecar over loopback, or two pods' sidecars) move their bytes
+    /// straight from one socket to the other (sockops + sk_msg), skipping
+    /// TCP/IP. Off by default; see docs/operations.md before turning it on.
+    #[arg(long, env = "WEIR_FAST_PATH")]
+    fast_path: bool,
+    /// Capacity of the fast path's socket map (two entries per local
+    /// connection; sockets beyond it simply use TCP).
+    #[arg(long, env = "WEIR_MAX_FAST_SOCKETS", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(2..=16_777_216))]
+    max_fast_sockets: u32,
     /// Kernel log level (aya-log records from the programs, printed by the
     /// agent through RUST_LOG's logger). `trace` logs every capture
     /// decision: for debugging, not for production.
@@ -260,11 +271,12 @@ fn run(a: RunArgs) -> Result<()> {
         pending_flows: a.max_pending,
         port_rules: a.max_port_rules,
         cidrs: a.max_cidrs,
+        fast_sockets: a.max_fast_sockets,
     };
     if a.kube.kubernetes {
         k8s::preflight(&a.kube, &a.bpffs.bpffs)?;
     }
-    let mut dp = Datapath::load(&a.bpffs.bpffs, &cgroup, &caps)?;
+    let mut dp = Datapath::load(&a.bpffs.bpffs, &cgroup, &caps, a.fast_path)?;
     dp.set_kernel_log_level(a.kernel_log_level as u32)?;
     let kernel_logger = dp.take_logger();
     info!(

@@ -12,7 +12,9 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::reconcile::Reconciler;
 
@@ -122,6 +124,14 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
         Opts::new("weir_node_events_total", "Node-wide datapath events."),
         &["event"],
     )?;
+    let fast_on = IntGauge::new(
+        "weir_fast_path_enabled",
+        "1 when the socket-level fast path is on (--fast-path).",
+    )?;
+    let fast_bytes = IntCounter::new(
+        "weir_fast_path_redirected_bytes_total",
+        "Bytes moved straight from socket to socket by the fast path.",
+    )?;
     let build = IntGaugeVec::new(
         Opts::new("weir_build_info", "weir build information."),
         &["version", "layout"],
@@ -134,6 +144,8 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
     reg.register(Box::new(map_entries.clone()))?;
     reg.register(Box::new(map_capacity.clone()))?;
     reg.register(Box::new(build.clone()))?;
+    reg.register(Box::new(fast_on.clone()))?;
+    reg.register(Box::new(fast_bytes.clone()))?;
     build
         .with_label_values(&[
             env!("CARGO_PKG_VERSION"),
@@ -200,13 +212,19 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
             .set(i64::from(capacity));
     }
     let n = r.dp.node_counters();
+    fast_on.set(i64::from(r.dp.fast_path_on()));
     drop(r);
+    fast_bytes.inc_by(n.fast_bytes_redirected);
     for (ev, v) in [
         ("not_enrolled_connect", n.not_enrolled),
         ("orig_dst_store_failed", n.orig_dst_store_failed),
         ("pending_insert_failed", n.pending_insert_failed),
         ("listener_recorded", n.listeners_recorded),
         ("listener_record_failed", n.listeners_record_failed),
+        ("fast_socket_added", n.fast_sockets_added),
+        ("fast_socket_add_failed", n.fast_add_failed),
+        ("fast_msg_redirected", n.fast_msgs_redirected),
+        ("fast_msg_passed", n.fast_msgs_passed),
     ] {
         node.with_label_values(&[ev]).inc_by(v);
     }

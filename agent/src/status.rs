@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuHashMap};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, SockHash};
 use serde::Serialize;
 use weir_common::*;
 
-use crate::datapath::{Pins, sum_pod};
+use crate::datapath::{Pins, sum_node, sum_pod};
 use crate::policy::ip_of;
 
 /// Output format of `weir status`.
@@ -66,6 +66,25 @@ pub struct Counters {
     pub dns_captured: u64,
 }
 
+/// The socket-level fast path (`--fast-path`), node-wide.
+#[derive(Debug, Serialize, Default)]
+pub struct FastPathStatus {
+    /// Whether new local connections join it.
+    pub enabled: bool,
+    /// Sockets in `FAST_SOCKS` now.
+    pub sockets: usize,
+    /// Sockets added since the maps were created.
+    pub sockets_added: u64,
+    /// Sockets that could not be added (map full).
+    pub add_failed: u64,
+    /// Messages moved socket to socket.
+    pub msgs_redirected: u64,
+    /// Bytes moved socket to socket.
+    pub bytes_redirected: u64,
+    /// Messages of fast-path sockets that went through TCP.
+    pub msgs_passed: u64,
+}
+
 /// The whole status.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -79,6 +98,8 @@ pub struct Status {
     pub links: Vec<String>,
     /// Enrolled pods.
     pub pods: Vec<PodStatus>,
+    /// The fast path (absent with maps of an older layout).
+    pub fast_path: Option<FastPathStatus>,
 }
 
 fn open(pins: &Pins, name: &str) -> Result<MapData> {
@@ -159,6 +180,28 @@ pub fn read(bpffs: &Path) -> Result<Status> {
         layout_version: wm.layout_version,
         links,
         pods,
+        fast_path: fast_path(&pins).ok(),
+    })
+}
+
+fn fast_path(pins: &Pins) -> Result<FastPathStatus> {
+    let switch: Array<MapData, u32> = Array::try_from(Map::Array(open(pins, "FAST_PATH")?))?;
+    let socks: SockHash<MapData, FastKey> =
+        SockHash::try_from(Map::SockHash(open(pins, "FAST_SOCKS")?))?;
+    let node: PerCpuArray<MapData, NodeCounters> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(pins, "NODE_COUNTERS")?))?;
+    let n = node
+        .get(&0, 0)
+        .map(|v| sum_node(v.iter()))
+        .unwrap_or_default();
+    Ok(FastPathStatus {
+        enabled: switch.get(&0, 0).is_ok_and(|v| v != 0),
+        sockets: socks.keys().filter(|k| k.is_ok()).count(),
+        sockets_added: n.fast_sockets_added,
+        add_failed: n.fast_add_failed,
+        msgs_redirected: n.fast_msgs_redirected,
+        bytes_redirected: n.fast_bytes_redirected,
+        msgs_passed: n.fast_msgs_passed,
     })
 }
 
@@ -173,6 +216,18 @@ pub fn print(bpffs: &Path, format: Format) -> Result<()> {
                 s.pin_dir, s.layout_version, s.ready
             );
             println!("links:  {}", s.links.join(", "));
+            if let Some(f) = &s.fast_path {
+                println!(
+                    "fast path: {}  sockets={} (added {}, add failed {})  redirected {} msgs / {} bytes, passed {} msgs",
+                    if f.enabled { "on" } else { "off" },
+                    f.sockets,
+                    f.sockets_added,
+                    f.add_failed,
+                    f.msgs_redirected,
+                    f.bytes_redirected,
+                    f.msgs_passed
+                );
+            }
             println!("pods:   {}", s.pods.len());
             for p in &s.pods {
                 println!(

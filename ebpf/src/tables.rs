@@ -123,6 +123,66 @@ pub fn store_orig_dst(sk: *mut aya_ebpf::bindings::bpf_sock, mut od: OrigDst) ->
     true
 }
 
+/// The fast path's switch: 1 when the agent runs with `--fast-path`
+/// (and its `sk_msg` program is attached to `FAST_SOCKS`), else 0.
+#[btf_map]
+pub static FAST_PATH: Array<u32, 1> = Array::new();
+
+/// Whether new local connections join the fast path.
+#[inline(always)]
+pub fn fast_path_on() -> bool {
+    matches!(FAST_PATH.get(0), Some(v) if *v != 0)
+}
+
+/// The fast path: established TCP sockets of enrolled pods whose peer can
+/// be on this node (loopback, or another enrolled pod's address), keyed by
+/// their own addresses. `weir_fast_redirect` runs on every message these
+/// sockets send. Entries vanish when the sockets close.
+#[btf_map]
+pub static FAST_SOCKS: SockHash<FastKey, 65536> = SockHash::new();
+
+/// The peer key (and fallback flag) of each socket in `FAST_SOCKS`, on the
+/// socket itself (freed with it).
+#[btf_map]
+pub static FAST_PEER: SkStorage<FastPeer> = SkStorage::new();
+
+/// The `FAST_PEER` storage of socket `sk`, if any.
+#[inline(always)]
+pub fn fast_peer_of(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<*mut FastPeer> {
+    // SAFETY: as in `orig_dst_of`: a socket pointer from the program's
+    // context, our sk_storage map, no create flag.
+    let p = unsafe {
+        aya_ebpf::helpers::generated::bpf_sk_storage_get(
+            core::ptr::from_ref(&FAST_PEER).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    } as *mut FastPeer;
+    (!p.is_null()).then_some(p)
+}
+
+/// Stores `fp` on socket `sk` (creating its storage); false when the
+/// kernel could not allocate it.
+#[inline(always)]
+pub fn store_fast_peer(sk: *mut aya_ebpf::bindings::bpf_sock, mut fp: FastPeer) -> bool {
+    // SAFETY: as in `store_orig_dst`.
+    let p = unsafe {
+        aya_ebpf::helpers::generated::bpf_sk_storage_get(
+            core::ptr::from_ref(&FAST_PEER).cast_mut().cast(),
+            sk.cast(),
+            (&mut fp as *mut FastPeer).cast(),
+            1, // BPF_SK_STORAGE_GET_F_CREATE
+        )
+    } as *mut FastPeer;
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: non-NULL storage of our value type (it may have existed).
+    unsafe { *p = fp };
+    true
+}
+
 /// Per-pod counters.
 #[btf_map]
 pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters, 16384> = PerCpuHashMap::new();

@@ -1,9 +1,10 @@
-//! `cargo xtask bench`: the benchmark of direct vs iptables vs weir.
+//! `cargo xtask bench`: the benchmark of direct vs iptables vs weir (and
+//! weir with its fast path).
 //!
 //! Builds everything in release mode (setup, the kernel object, then the
 //! agent and the test tools, exactly as `cargo xtask build` does: only
 //! release builds are measured), then runs `weir-bench run`, which builds
-//! the node of network namespaces three ways, runs the workloads, and
+//! the node of network namespaces four ways, runs the workloads, and
 //! writes `results.md`, `results.json` and `latency.svg` under
 //! `target/bench/`. A missed target is reported, not an error: the exit
 //! code is the benchmark's own (non-zero only when it could not run).

@@ -19,7 +19,7 @@ pub use decide::*;
 /// Layout version of every map below. The agent stores it in the pinned
 /// `WEIR_META` map and refuses to reuse pinned maps written with another
 /// version (bump it whenever a struct in this crate changes).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// `AF_INET` as the kernel reports it in BPF contexts.
 pub const AF_INET: u32 = 2;
@@ -329,6 +329,99 @@ pub struct NodeCounters {
     pub listeners_recorded: u64,
     /// Listening sockets that could not be recorded (map full).
     pub listeners_record_failed: u64,
+    /// Fast path: established local sockets added to `FAST_SOCKS`.
+    pub fast_sockets_added: u64,
+    /// Fast path: local sockets that could not be added (map full, or no
+    /// socket storage); they simply use TCP.
+    pub fast_add_failed: u64,
+    /// Fast path: messages (`sendmsg` calls, or parts of them) moved
+    /// straight into the peer socket.
+    pub fast_msgs_redirected: u64,
+    /// Fast path: bytes of those messages.
+    pub fast_bytes_redirected: u64,
+    /// Fast path: messages of sockets in `FAST_SOCKS` sent through TCP as
+    /// usual (the peer socket is not in the map, or the connection fell
+    /// back to TCP for good; see [`FAST_FALLBACK`]).
+    pub fast_msgs_passed: u64,
+}
+
+/// Key of the `FAST_SOCKS` sockhash: one established TCP socket of an
+/// enrolled pod, by its own addresses. The two ends of one connection have
+/// mirrored keys, so a socket finds its peer with [`FastKey::peer`].
+///
+/// The netns cookie keeps loopback connections of different pods apart
+/// (every pod has its own `127.0.0.1`); for a connection between two pods
+/// it is the cookie of the pod owning `local_addr`, which the other end
+/// knows from `POD_ADDRS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct FastKey {
+    /// Network-namespace cookie of the socket's pod.
+    pub netns_cookie: u64,
+    /// The socket's local address.
+    pub local_addr: Addr,
+    /// The socket's peer address.
+    pub remote_addr: Addr,
+    /// Local port, host order.
+    pub local_port: u16,
+    /// Peer port, host order.
+    pub remote_port: u16,
+    /// Zero.
+    pub _pad: u32,
+}
+
+impl FastKey {
+    /// The key the other end of this connection has, given the netns
+    /// cookie of the pod it lives in.
+    #[inline(always)]
+    pub const fn peer(&self, peer_cookie: u64) -> FastKey {
+        FastKey {
+            netns_cookie: peer_cookie,
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
+/// Where the other end of a connection of an enrolled pod (netns cookie
+/// `own_cookie`) can live, for the fast path: in the same pod for a
+/// loopback peer (`127.0.0.0/8`, `::1`, `::6`), in the pod that owns the
+/// peer address when that is a pod of this node (`pod_of`, the
+/// `POD_ADDRS` lookup), otherwise nowhere on this node (`None`: the
+/// connection is not a fast-path candidate).
+#[inline(always)]
+pub fn fast_peer_cookie(
+    own_cookie: u64,
+    remote: &Addr,
+    pod_of: impl FnOnce(&Addr) -> Option<u64>,
+) -> Option<u64> {
+    if is_loopback_addr(remote) {
+        Some(own_cookie)
+    } else {
+        pod_of(remote)
+    }
+}
+
+/// [`FastPeer`] flag: this socket's messages go through TCP for the rest
+/// of the connection. Set when a message found no peer socket: once bytes
+/// went through TCP, later ones must too, or the receiver could read them
+/// out of order (it reads redirected bytes before its TCP receive queue).
+pub const FAST_FALLBACK: u32 = 1;
+
+/// Value of the `FAST_PEER` socket storage: what the fast path's `sk_msg`
+/// program needs about a socket in `FAST_SOCKS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct FastPeer {
+    /// The `FAST_SOCKS` key of the other end of the connection.
+    pub peer: FastKey,
+    /// `FAST_*` flags.
+    pub flags: u32,
+    /// Zero.
+    pub _pad: u32,
 }
 
 /// Value of the `POD_META` map: the pod's name, for operators reading maps
@@ -377,6 +470,8 @@ mod user {
     unsafe impl aya::Pod for super::NodeCounters {}
     unsafe impl aya::Pod for super::PodMeta {}
     unsafe impl aya::Pod for super::WeirMeta {}
+    unsafe impl aya::Pod for super::FastKey {}
+    unsafe impl aya::Pod for super::FastPeer {}
 }
 
 #[cfg(test)]
@@ -395,8 +490,42 @@ mod layout_tests {
         assert_eq!(size_of::<FlowKey>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<PodCounters>(), 20 * 8);
-        assert_eq!(size_of::<NodeCounters>(), 5 * 8);
+        assert_eq!(size_of::<NodeCounters>(), 10 * 8);
+        assert_eq!(size_of::<FastKey>(), 8 + 16 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<FastPeer>(), size_of::<FastKey>() + 4 + 4);
         assert_eq!(size_of::<PodMeta>(), 128);
+    }
+
+    #[test]
+    fn fast_keys_mirror_each_other() {
+        let app = FastKey {
+            netns_cookie: 7,
+            local_addr: v4_mapped(u32::from_ne_bytes([198, 18, 0, 1])),
+            remote_addr: v4_mapped(u32::from_ne_bytes([127, 0, 0, 1])),
+            local_port: 40000,
+            remote_port: 15001,
+            _pad: 0,
+        };
+        let proxy = app.peer(7);
+        assert_eq!(proxy.local_addr, app.remote_addr);
+        assert_eq!((proxy.local_port, proxy.remote_port), (15001, 40000));
+        assert_eq!(proxy.peer(7), app);
+    }
+
+    #[test]
+    fn fast_peers_are_loopback_or_local_pods() {
+        let pod_b = v4_mapped(u32::from_ne_bytes([198, 18, 0, 3]));
+        let pods = |a: &Addr| (*a == pod_b).then_some(9);
+        // Loopback: the same pod, without a lookup.
+        let lo = v4_mapped(u32::from_ne_bytes([127, 0, 0, 6]));
+        assert_eq!(fast_peer_cookie(7, &lo, |_| panic!("no lookup")), Some(7));
+        let v6_lo = addr_from_octets(core::net::Ipv6Addr::LOCALHOST.octets());
+        assert_eq!(fast_peer_cookie(7, &v6_lo, pods), Some(7));
+        // Another pod of this node.
+        assert_eq!(fast_peer_cookie(7, &pod_b, pods), Some(9));
+        // Anything else is not on this node.
+        let remote = v4_mapped(u32::from_ne_bytes([10, 0, 0, 5]));
+        assert_eq!(fast_peer_cookie(7, &remote, pods), None);
     }
 
     #[test]

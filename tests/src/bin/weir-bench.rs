@@ -1,13 +1,16 @@
 //! `weir-bench`: the benchmark of issue 8, run by `cargo xtask bench`.
 //!
-//! One run builds the same small node of network namespaces three ways and
+//! One run builds the same small node of network namespaces four ways and
 //! drives the same workloads through each:
 //!
 //! - **direct**: the application dials its sidecar's port itself (no
 //!   interception: the limit);
 //! - **iptables**: the `nat` rules `istio-iptables` writes for Istio's
 //!   defaults (REDIRECT mode), in each pod's network namespace;
-//! - **weir**: the same pods enrolled in a `weir run` agent.
+//! - **weir**: the same pods enrolled in a `weir run` agent;
+//! - **weir + fast path**: the same with `weir run --fast-path` (local
+//!   connections go socket to socket); latency, bulk and connection-rate
+//!   workloads only.
 //!
 //! Subcommands:
 //!
@@ -56,7 +59,7 @@ mod stats;
 #[derive(Parser, Debug)]
 #[command(
     name = "weir-bench",
-    about = "weir's benchmark: direct vs iptables vs weir, in network namespaces"
+    about = "weir's benchmark: direct vs iptables vs weir (and its fast path), in network namespaces"
 )]
 struct Cli {
     /// Switch to this user (and group) id right after starting.
@@ -68,7 +71,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Build the node three ways, run every workload, write the report.
+    /// Build the node four ways, run every workload, write the report.
     Run(run::RunArgs),
     /// Benchmark sidecar: answers or relays captured connections.
     Sidecar(sidecar::SidecarArgs),

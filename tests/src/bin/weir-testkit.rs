@@ -38,6 +38,8 @@ mod demo;
 mod dns;
 #[path = "testkit/echo.rs"]
 mod echo;
+#[path = "testkit/fastpath.rs"]
+mod fastpath;
 #[path = "testkit/isolation.rs"]
 mod isolation;
 #[path = "testkit/sidecar.rs"]
@@ -98,6 +100,12 @@ enum Command {
     /// Application connections from chosen source ports (isolation
     /// tests).
     FixedPortClient(isolation::FixedPortClientArgs),
+    /// Fast-path tests' server: checks every byte of each stream, then
+    /// echoes, sinks, splices or closes early as the client's header says.
+    FastServer(fastpath::FastServerArgs),
+    /// Fast-path tests' client: one scenario (ordering, half close,
+    /// sendfile, early close, ...), one JSON line.
+    FastClient(fastpath::FastClientArgs),
     /// Internal: the client half of `validate`.
     #[command(hide = true)]
     ValidateClient(validate::ValidateClientArgs),
@@ -116,12 +124,15 @@ fn main() -> Result<()> {
     // so the test can put them anywhere.
     let log = match &cli.command {
         Command::Sidecar(args) => Some(JsonLog::open(args.log.as_deref())?),
+        Command::FastServer(args) => Some(JsonLog::open(args.log.as_deref())?),
         _ => None,
     };
     drop_privileges(&cli.identity)?;
     match cli.command {
         Command::Sidecar(args) => sidecar::run(args, log.expect("opened above")),
         Command::Echo(args) => echo::run(args),
+        Command::FastServer(args) => fastpath::serve(args, log.expect("opened above")),
+        Command::FastClient(args) => fastpath::client(args),
         Command::Client(args) => client::run(args),
         Command::FixedPortClient(args) => isolation::run(args),
         Command::Validate(args) => validate::run(args),

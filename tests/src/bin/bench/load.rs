@@ -5,7 +5,7 @@
 //! single thread (`rr`, `bulk`), every buffer allocated before the clock
 //! starts. Failed connections are counted, not retried, and reported.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -204,7 +204,7 @@ fn crr_thread(addr: SocketAddr, n: u64, req: usize, resp: usize, barrier: &Barri
 fn one_crr(addr: SocketAddr, request: &[u8], response: &mut [u8]) -> io::Result<u8> {
     let mut s = TcpStream::connect(addr)?;
     s.write_all(request)?;
-    s.read_exact(response)?;
+    proto::read_exact_retry(&mut s, response)?;
     Ok(response[0])
 }
 
@@ -218,14 +218,14 @@ fn rr(addr: SocketAddr, requests: usize, warmup: usize, size: usize, keep: bool)
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     for _ in 0..warmup {
         s.write_all(&request)?;
-        s.read_exact(&mut response)?;
+        proto::read_exact_retry(&mut s, &mut response)?;
     }
     let status = response[0];
     let started = Instant::now();
     for _ in 0..requests {
         let t0 = Instant::now();
         s.write_all(&request)?;
-        s.read_exact(&mut response)?;
+        proto::read_exact_retry(&mut s, &mut response)?;
         samples.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
     }
     let elapsed = started.elapsed();
@@ -266,7 +266,7 @@ fn bulk(addr: SocketAddr, bytes: u64, chunk: usize) -> Result<Value> {
         s.write_all(&buf[..n])?;
         left -= n as u64;
     }
-    s.read_exact(&mut response)?;
+    proto::read_exact_retry(&mut s, &mut response)?;
     let elapsed = started.elapsed();
     Ok(json!({
         "kind": "bulk",

@@ -9,9 +9,10 @@
 //!    └─ veth ─ pod "r5000" 198.18.M.5  sidecar, 5,000 excluded CIDRs and ports
 //! ```
 //!
-//! `M` is 1 for direct, 2 for iptables, 3 for weir, so the three nodes live
-//! side by side and the workloads can alternate between them. The rule
-//! scaling pods exist only in the capture modes. Every pod process runs in
+//! `M` is 1 for direct, 2 for iptables, 3 for weir, 4 for weir with the
+//! fast path (`--fast-path`), so the four nodes live side by side and the
+//! workloads can alternate between them. The rule scaling pods exist only
+//! in the iptables and weir nodes. Every pod process runs in
 //! the mode's own child cgroup (the one weir's programs attach to in weir
 //! mode), the application as UID 1000 and the sidecar as UID 1337.
 //!
@@ -61,11 +62,13 @@ pub enum Mode {
     Iptables,
     /// weir.
     Weir,
+    /// weir with the socket-level fast path (`weir run --fast-path`).
+    WeirFast,
 }
 
 impl Mode {
     /// All modes, in table order.
-    pub const ALL: [Mode; 3] = [Mode::Direct, Mode::Iptables, Mode::Weir];
+    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Iptables, Mode::Weir, Mode::WeirFast];
 
     /// Lower-case name (JSON keys, column headers).
     pub fn name(self) -> &'static str {
@@ -73,6 +76,15 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Iptables => "iptables",
             Mode::Weir => "weir",
+            Mode::WeirFast => "weir_fast",
+        }
+    }
+
+    /// Column header in the report.
+    pub fn title(self) -> &'static str {
+        match self {
+            Mode::WeirFast => "weir + fast path",
+            m => m.name(),
         }
     }
 
@@ -86,6 +98,7 @@ impl Mode {
             Mode::Direct => 1,
             Mode::Iptables => 2,
             Mode::Weir => 3,
+            Mode::WeirFast => 4,
         }
     }
 }
@@ -118,7 +131,7 @@ pub fn pod_defs(mode: Mode, scale: usize) -> Vec<PodDef> {
             excluded: 0,
         },
     ];
-    if mode.captures() {
+    if matches!(mode, Mode::Iptables | Mode::Weir) {
         defs.push(PodDef {
             name: "r10",
             host: 4,
@@ -220,7 +233,8 @@ impl Node {
             Mode::Iptables => node.install_iptables()?,
             // The agent first: weir records the proxy's listeners when they
             // call listen(), so the sidecars start after it.
-            Mode::Weir => node.start_weir()?,
+            Mode::Weir => node.start_weir(false)?,
+            Mode::WeirFast => node.start_weir(true)?,
         }
         node.start_processes(s.sidecar_threads)?;
         Ok(node)
@@ -245,6 +259,13 @@ impl Node {
     /// The weir node's own bpffs (weir mode).
     pub fn bpffs_path(&self) -> Option<&Path> {
         self.bpffs.as_ref().map(Bpffs::path)
+    }
+
+    /// The fast path's figures from `weir status` (weir modes), e.g. how
+    /// many messages went socket to socket.
+    pub fn fast_path_status(&self) -> Result<Value> {
+        let bpffs = self.bpffs_path().context("not a weir node")?;
+        Ok(weir_status(&self.weir, bpffs)?["fast_path"].take())
     }
 
     fn istio_pod(pod: &Pod) -> IstioPod {
@@ -334,7 +355,7 @@ impl Node {
         y
     }
 
-    fn start_weir(&mut self) -> Result<()> {
+    fn start_weir(&mut self, fast_path: bool) -> Result<()> {
         let bpffs = Bpffs::new();
         let pods_file = self.dir.join("pods.yaml");
         std::fs::write(&pods_file, self.pods_file())?;
@@ -347,6 +368,9 @@ impl Node {
             .arg("--bpffs")
             .arg(bpffs.path())
             .args(["--metrics-addr", "off"]);
+        if fast_path {
+            cmd.arg("--fast-path");
+        }
         let mut agent = spawn_in(None, None, cmd);
         agent.wait_for_output("pods file applied", Duration::from_secs(60));
         let status = weir_status(&self.weir, bpffs.path())?;
@@ -578,6 +602,7 @@ mod tests {
         let names = |m| pod_defs(m, 5000).iter().map(|d| d.name).collect::<Vec<_>>();
         assert_eq!(names(Mode::Direct), ["a", "b"]);
         assert_eq!(names(Mode::Weir), ["a", "b", "r10", "rbig"]);
+        assert_eq!(names(Mode::WeirFast), ["a", "b"]);
         assert_eq!(pod_defs(Mode::Iptables, 5000)[3].excluded, 5000);
     }
 

@@ -11,7 +11,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket,
@@ -130,14 +130,41 @@ impl Responder {
     }
 }
 
-/// `read` that retries on `EINTR`.
-pub fn read_retry(conn: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+/// `read` that retries on `EINTR`, and on `EAGAIN` after waiting up to
+/// 10 s for readability: a blocking socket on weir's fast path can return
+/// `EAGAIN` when woken without data (a kernel behaviour of sockmap
+/// sockets; never seen without the fast path, so the other modes pay
+/// nothing for it).
+pub fn read_retry(conn: &mut (impl Read + AsFd), buf: &mut [u8]) -> io::Result<usize> {
     loop {
         match conn.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut pfd = libc::pollfd {
+                    fd: conn.as_fd().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one live pollfd, its count passed with it.
+                let rc = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+                if rc == 0 {
+                    return Err(e);
+                }
+            }
             other => return other,
         }
     }
+}
+
+/// `read_exact` on top of [`read_retry`].
+pub fn read_exact_retry(conn: &mut (impl Read + AsFd), mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match read_retry(conn, buf)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => buf = &mut buf[n..],
+        }
+    }
+    Ok(())
 }
 
 /// A listening TCP socket on `addr` with `SO_REUSEADDR` and a deep backlog

@@ -287,15 +287,34 @@ fn targets(m: &Measured, rows: &[Row]) -> Vec<Target> {
             t.push(not_measured("agent RSS ≤ 30 MB"));
         }
     }
-    for name in [
-        "weir + fast path: p99 app → sidecar ≤ 0.8× iptables",
-        "weir + fast path: full-path p99 ≤ 0.85× iptables",
+    for (key, name, limit) in [
+        (
+            "rr_sidecar_p99",
+            "weir + fast path: p99 app → sidecar ≤ 0.8× iptables",
+            0.8,
+        ),
+        (
+            "rr_full_p99",
+            "weir + fast path: full-path p99 ≤ 0.85× iptables",
+            0.85,
+        ),
     ] {
-        t.push(Target {
-            name: name.into(),
-            measured: "not built yet (no fast path)".into(),
-            pass: None,
-            value: None,
+        let r = row(key).and_then(|r| Some((r.ratio(Mode::WeirFast, Mode::Iptables)?, r)));
+        t.push(match r {
+            Some((s, r)) => {
+                let vs_weir = r
+                    .ratio(Mode::WeirFast, Mode::Weir)
+                    .map_or(String::new(), |w| {
+                        format!("; ÷ weir without it {:.3}×", w.median)
+                    });
+                Target {
+                    name: name.into(),
+                    measured: format!("{:.3}× ({:.3}–{:.3}){vs_weir}", s.median, s.min, s.max),
+                    pass: Some(s.median <= limit),
+                    value: Some(s.median),
+                }
+            }
+            None => not_measured(name),
         });
     }
     t
@@ -394,9 +413,9 @@ fn markdown(m: &Measured, rows: &[Row], targets: &[Target]) -> String {
     if !rows.is_empty() {
         let _ = writeln!(
             s,
-            "| figure | direct | iptables | weir | weir + fast path | iptables ÷ direct | weir ÷ direct | weir ÷ iptables |"
+            "| figure | direct | iptables | weir | weir + fast path | iptables ÷ direct | weir ÷ direct | weir ÷ iptables | weir + fast path ÷ iptables |"
         );
-        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for r in rows {
             let suffix = if r.unit == "×" { "×" } else { "" };
             let unit = if r.unit == "×" {
@@ -420,14 +439,16 @@ fn markdown(m: &Measured, rows: &[Row], targets: &[Target]) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {}{unit} | {} | {} | {} | — | {} | {} | {} |",
+                "| {}{unit} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.title,
                 cell(r.summary(Mode::Direct).as_ref(), r.decimals, suffix),
                 cell(r.summary(Mode::Iptables).as_ref(), r.decimals, suffix),
                 cell(r.summary(Mode::Weir).as_ref(), r.decimals, suffix),
+                cell(r.summary(Mode::WeirFast).as_ref(), r.decimals, suffix),
                 ratio(Mode::Iptables, Mode::Direct),
                 ratio(Mode::Weir, Mode::Direct),
                 ratio(Mode::Weir, Mode::Iptables),
+                ratio(Mode::WeirFast, Mode::Iptables),
             );
         }
         s.push('\n');
@@ -504,6 +525,20 @@ fn markdown(m: &Measured, rows: &[Row], targets: &[Target]) -> String {
         }
         s.push('\n');
     }
+    if let Some(f) = &m.fast_path {
+        let g = |k: &str| f[k].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            s,
+            "Fast path (weir + fast path node, whole run): {} sockets joined it ({} could not), \
+             {} messages ({:.1} MB) went socket to socket, {} messages of its sockets went \
+             through TCP.\n",
+            thousands(g("sockets_added") as f64, 0),
+            thousands(g("add_failed") as f64, 0),
+            thousands(g("msgs_redirected") as f64, 0),
+            g("bytes_redirected") as f64 / 1e6,
+            thousands(g("msgs_passed") as f64, 0),
+        );
+    }
     let _ = writeln!(s, "Targets:\n");
     let _ = writeln!(s, "| target | measured | result |");
     let _ = writeln!(s, "|---|---|---|");
@@ -531,6 +566,7 @@ fn color(mode: Mode) -> &'static str {
         Mode::Direct => "#555555",
         Mode::Iptables => "#d62728",
         Mode::Weir => "#1f77b4",
+        Mode::WeirFast => "#2ca02c",
     }
 }
 
@@ -563,7 +599,7 @@ pub fn write(out: &Path, m: &Measured) -> Result<String> {
                 curves: by
                     .iter()
                     .map(|(mode, v)| Curve {
-                        label: mode.name(),
+                        label: mode.title(),
                         color: color(*mode),
                         sorted_ns: v,
                     })
@@ -595,6 +631,8 @@ pub fn write(out: &Path, m: &Measured) -> Result<String> {
                     ("weir/direct", Mode::Weir, Mode::Direct),
                     ("weir/iptables", Mode::Weir, Mode::Iptables),
                     ("iptables/direct", Mode::Iptables, Mode::Direct),
+                    ("weir_fast/iptables", Mode::WeirFast, Mode::Iptables),
+                    ("weir_fast/weir", Mode::WeirFast, Mode::Weir),
                 ] {
                     if let Some(s) = r.ratio(a, b) {
                         ratios.insert(name.into(), json!(s));
@@ -639,6 +677,7 @@ pub fn write(out: &Path, m: &Measured) -> Result<String> {
         "problems": m.problems,
         "foreign_cpu": Summary::of(&m.foreign),
         "repeated_runs": m.repeated,
+        "fast_path": m.fast_path,
         "weir_program_cost": m.bpf_cost.as_ref().map(|(c, run)| json!({
             "per_program": c,
             "run": run,

@@ -161,7 +161,7 @@ struct Workload {
     modes: &'static [Mode],
 }
 
-const ALL_MODES: &[Mode] = &[Mode::Direct, Mode::Iptables, Mode::Weir];
+const ALL_MODES: &[Mode] = &[Mode::Direct, Mode::Iptables, Mode::Weir, Mode::WeirFast];
 const CAPTURE_MODES: &[Mode] = &[Mode::Iptables, Mode::Weir];
 
 fn workloads() -> Vec<(&'static str, Workload)> {
@@ -241,6 +241,8 @@ pub struct Measured {
     /// weir's programs' cost per connection (one extra run with BPF
     /// statistics on), with that run's result.
     pub bpf_cost: Option<(Vec<ProgCost>, Value)>,
+    /// The fast-path node's `weir status` fast-path figures at the end.
+    pub fast_path: Option<Value>,
     /// Wall-clock duration of the whole run.
     pub duration_s: f64,
 }
@@ -312,6 +314,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         repeated: 0,
         quiet_spent_s: 0.0,
         bpf_cost: None,
+        fast_path: None,
         duration_s: 0.0,
     };
 
@@ -382,6 +385,17 @@ fn run_traffic(
                 eprintln!("weir-bench: measuring the programs' cost failed: {e:#}");
                 result = Err(e);
             }
+        }
+    }
+    if let Some(node) = nodes.get(&Mode::WeirFast) {
+        match node.fast_path_status() {
+            Ok(v) => {
+                check_fast_path(&v, &mut m.problems);
+                m.fast_path = Some(v);
+            }
+            Err(e) => m
+                .problems
+                .push(format!("weir_fast: reading the fast path's status: {e:#}")),
         }
     }
     for (mode, node) in &mut nodes {
@@ -637,6 +651,22 @@ fn bpf_cost(node: &Node, w: &Workload, s: &Settings) -> Result<(Vec<ProgCost>, V
             .join(", ")
     );
     Ok((costs, v))
+}
+
+/// Checks that the fast-path node really moved bytes socket to socket
+/// (the report shows how many messages still went through TCP).
+fn check_fast_path(v: &Value, problems: &mut Vec<String>) {
+    if v["enabled"] != true {
+        problems.push(format!("weir_fast: the fast path is not on ({v})"));
+    }
+    if v["msgs_redirected"].as_u64().unwrap_or(0) == 0 {
+        problems.push(format!("weir_fast: no message went socket to socket ({v})"));
+    }
+    if v["add_failed"].as_u64().unwrap_or(0) > 0 {
+        problems.push(format!(
+            "weir_fast: sockets could not join the fast path ({v})"
+        ));
+    }
 }
 
 /// Checks the sidecars' own counters: in the capture modes every accepted

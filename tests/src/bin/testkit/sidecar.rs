@@ -198,13 +198,40 @@ fn relay(down: TcpStream, up: TcpStream) {
 }
 
 fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    match io::copy(&mut from, &mut to) {
-        Ok(_) => {
+    match copy(&mut from, &mut to) {
+        Ok(()) => {
             let _ = to.shutdown(Shutdown::Write);
         }
         Err(_) => {
             let _ = from.shutdown(Shutdown::Both);
             let _ = to.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Copies until EOF. A read that fails with `EAGAIN` waits for
+/// readability (poll) and goes on, as an event-loop proxy would: sockets
+/// on weir's fast path can return it from a blocking read when woken
+/// without data (a kernel behaviour of sockmap sockets).
+fn copy(from: &mut TcpStream, to: &mut TcpStream) -> io::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => to.write_all(&buf[..n])?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut pfd = libc::pollfd {
+                    fd: from.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one live pollfd, its count passed with it.
+                unsafe { libc::poll(&mut pfd, 1, -1) };
+            }
+            Err(e) => return Err(e),
         }
     }
 }
