@@ -720,7 +720,25 @@ impl Datapath {
                 self.fast_socks.keys().count(),
                 cap("FAST_SOCKS"),
             ),
+            (
+                "PENDING_FLOWS",
+                self.pending_flows_len(),
+                cap("PENDING_FLOWS"),
+            ),
         ]
+    }
+
+    /// Entries in `PENDING_FLOWS` (connections between the application's
+    /// `connect()` and the proxy's accept): near its capacity, the LRU map
+    /// evicts in-flight entries (`orig_dst_lost`).
+    fn pending_flows_len(&self) -> usize {
+        aya::maps::MapData::from_pin(self.pins.maps().join("PENDING_FLOWS"))
+            .ok()
+            .and_then(|m| {
+                aya::maps::HashMap::<_, FlowKey, OrigDst>::try_from(aya::maps::Map::LruHashMap(m))
+                    .ok()
+            })
+            .map_or(0, |h| h.keys().count())
     }
 
     /// Sets the kernel log level (0 off .. 5 trace).
@@ -862,6 +880,7 @@ pub fn sum_node<'a>(it: impl Iterator<Item = &'a NodeCounters>) -> NodeCounters 
         o.fast_msgs_redirected += c.fast_msgs_redirected;
         o.fast_bytes_redirected += c.fast_bytes_redirected;
         o.fast_msgs_passed += c.fast_msgs_passed;
+        o.orig_dst_lost += c.orig_dst_lost;
     }
     o
 }

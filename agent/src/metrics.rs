@@ -219,6 +219,7 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
         ("not_enrolled_connect", n.not_enrolled),
         ("orig_dst_store_failed", n.orig_dst_store_failed),
         ("pending_insert_failed", n.pending_insert_failed),
+        ("orig_dst_lost", n.orig_dst_lost),
         ("listener_recorded", n.listeners_recorded),
         ("listener_record_failed", n.listeners_record_failed),
         ("fast_socket_added", n.fast_sockets_added),

@@ -682,6 +682,25 @@ fn on_passive_established(ctx: &SockOpsContext) {
         _pad: 0,
     };
     let Some(pending) = PENDING_FLOWS.get_ptr(&key) else {
+        // From one of this pod's own addresses to a capture port: a
+        // connection weir redirected (it bound that source), whose entry
+        // `PENDING_FLOWS` (an LRU map) evicted under pressure. Mark the
+        // proxy's socket so `SO_ORIGINAL_DST` fails (ENOENT) rather than
+        // answering the proxy's own address, and count it.
+        let t = KernelTables {
+            cookie: key.netns_cookie,
+        };
+        if t.is_pod_addr(&key.peer_addr) {
+            bump_node(|c| c.orig_dst_lost += 1);
+            let sk = ops_sk(ctx);
+            if !sk.is_null() {
+                let lost = OrigDst {
+                    flags: ORIG_PROXY_SIDE | ORIG_LOST,
+                    ..OrigDst::default()
+                };
+                let _ = store_orig_dst(sk, lost);
+            }
+        }
         return;
     };
     // SAFETY: pointer returned by a successful lookup.
@@ -903,7 +922,8 @@ fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
         return None;
     }
     if let Some(od) = orig_dst_of(sk_ptr) {
-        return Some(od);
+        // A redirected connection whose destination was lost: fail closed.
+        return (od.flags & ORIG_LOST == 0).then_some(od);
     }
     // SAFETY: reading fields of a valid socket.
     let sk = unsafe { &*sk_ptr };
@@ -920,6 +940,11 @@ fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
     } else {
         (read_words(&sk.src_ip6), read_words(&sk.dst_ip6))
     };
+    if !is_v4_mapped(&local) && !ipv6_rules(&policy) {
+        // A pod whose mesh writes no ip6tables rule (Linkerd's default):
+        // no conntrack answer for its IPv6 connections either (B7).
+        return None;
+    }
     let local_port = sk.src_port as u16;
     // The proxy asked before its accepted socket got the hand-over (a race
     // with the sockops callback): read the pending entry directly.

@@ -1440,26 +1440,18 @@ fn known_bugs() -> Vec<(&'static str, &'static str, &'static str)> {
     // No IPv6 rules there.
     add(&["kuma-ipv4-mode"], &[udp4, udp4_gid], B5);
     add(&["linkerd-skip-subnets"], &["root 198.18.100.1:8080"], B6);
-    add(
-        &["linkerd-defaults", "linkerd-skip-subnets"],
-        &["root [2001:2::1]:4143"],
-        B7,
-    );
-    add(&["kuma-ipv4-mode"], &["root [2001:2::1]:15006"], B7);
     v
 }
 
 // B1 (source address of a capture through a second interface), B2
 // (IPv4-only pod), B3 (loopback include judged after masking) and B4
 // (interceptionMode NONE answering SO_ORIGINAL_DST) were found by this
-// suite and are fixed, and so is B8 (::6 added to Linkerd pods); B5 is
-// fixed for unconnected UDP. B6 and B7 need changes outside the decision
-// logic (docs/differential.md).
+// suite and are fixed, and so are B7 (IP6T_SO_ORIGINAL_DST without IPv6
+// rules) and B8 (::6 added to Linkerd pods); B5 is fixed for unconnected
+// UDP. B6 needs a change outside the decision logic (docs/differential.md).
 const B5: &str = "B5: captured UDP DNS on a connected wildcard-bound socket arrives from loopback";
 const B6: &str = "B6: Linkerd's skip-subnets (inbound sources) is not enforced: sk_lookup does not \
                   look at the source address";
-const B7: &str = "B7: IP6T_SO_ORIGINAL_DST answered for an IPv6 connection of a pod without IPv6 \
-                  rules (no conntrack there: ENOENT)";
 
 /// The known bug behind the difference between the two worlds for
 /// connection `conn` of `config`, if it is one.

@@ -19,7 +19,7 @@ pub use decide::*;
 /// Layout version of every map below. The agent stores it in the pinned
 /// `WEIR_META` map and refuses to reuse pinned maps written with another
 /// version (bump it whenever a struct in this crate changes).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// `AF_INET` as the kernel reports it in BPF contexts.
 pub const AF_INET: u32 = 2;
@@ -250,6 +250,10 @@ pub const ORIG_TO_INBOUND: u16 = 4;
 /// [`OrigDst`] flag: a DNS query sent to the DNS port (UDP: replies from
 /// the DNS port are shown as coming from `addr`).
 pub const ORIG_DNS: u16 = 8;
+/// [`OrigDst`] flag: on a proxy's accepted socket, a redirected connection
+/// whose original destination was lost before the accept (`PENDING_FLOWS`
+/// evicted it): `SO_ORIGINAL_DST` fails with `ENOENT` (fail closed).
+pub const ORIG_LOST: u16 = 16;
 
 /// The destination an application dialled before weir redirected it.
 #[repr(C)]
@@ -339,6 +343,10 @@ pub struct NodeCounters {
     pub fast_msgs_redirected: u64,
     /// Fast path: bytes of those messages.
     pub fast_bytes_redirected: u64,
+    /// Redirected connections accepted by the proxy whose original
+    /// destination had been evicted from `PENDING_FLOWS` (more handshakes
+    /// in flight than `--max-pending`): `SO_ORIGINAL_DST` fails for them.
+    pub orig_dst_lost: u64,
     /// Fast path: messages of sockets in `FAST_SOCKS` sent through TCP as
     /// usual (the peer socket is not in the map, or the connection fell
     /// back to TCP for good; see [`FAST_FALLBACK`]).
@@ -490,7 +498,7 @@ mod layout_tests {
         assert_eq!(size_of::<FlowKey>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<PodCounters>(), 20 * 8);
-        assert_eq!(size_of::<NodeCounters>(), 10 * 8);
+        assert_eq!(size_of::<NodeCounters>(), 11 * 8);
         assert_eq!(size_of::<FastKey>(), 8 + 16 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<FastPeer>(), size_of::<FastKey>() + 4 + 4);
         assert_eq!(size_of::<PodMeta>(), 128);

@@ -272,7 +272,10 @@ impl ScenarioResult {
         self.check(name, pass, Severity::Must, detail);
     }
 
-    /// Adds a check that is only reported when it does not hold.
+    /// Adds a check that is only reported when it does not hold (for a
+    /// known gap of weir; none at the moment, the map-full checks that
+    /// used it are `must` since the `ENOENT` fix).
+    #[allow(dead_code)]
     pub fn should(&mut self, name: &str, pass: bool, detail: impl std::fmt::Display) {
         self.check(name, pass, Severity::Should, detail);
     }

@@ -405,6 +405,7 @@ pub fn map_full(
     let insert_failed_full =
         ev(&metrics_full, "pending_insert_failed") - ev(&metrics_before, "pending_insert_failed");
     let store_failed = ev(&metrics_after, "orig_dst_store_failed");
+    let lost_counted = ev(&metrics_after, "orig_dst_lost") - ev(&metrics_before, "orig_dst_lost");
     let sum = |f: &dyn Fn(&FloodSummary) -> u64| summaries.iter().map(f).sum::<u64>();
     let started_n = sum(&|s| s.started);
     let correct = sum(&|s| s.correct);
@@ -486,15 +487,17 @@ pub fn map_full(
             started_n.saturating_sub(capacity)
         ),
     );
-    r.should(
+    r.must(
         "the proxies got ENOENT (not their own address) when the destination was lost",
         own == 0,
         format!("{own} got 127.0.0.1:15001, {no_answer} got ENOENT"),
     );
-    r.should(
-        "a node counter shows lost destinations",
-        not_right == 0 || insert_failed > 0,
-        format!("{not_right} lost, pending_insert_failed +{insert_failed}, orig_dst_store_failed {store_failed}"),
+    r.must(
+        "the node counter orig_dst_lost counts every lost destination",
+        lost_counted == not_right,
+        format!(
+            "{not_right} lost, orig_dst_lost +{lost_counted}, pending_insert_failed +{insert_failed}, orig_dst_store_failed {store_failed}"
+        ),
     );
     r.must(
         "PENDING_FLOWS empty afterwards",
