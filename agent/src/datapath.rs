@@ -45,6 +45,7 @@ pub const MAP_NAMES: &[&str] = &[
     "CIDR_INCLUDE",
     "CIDR_DNS",
     "CIDR_IFACE",
+    "CIDR_SKIP_SRC",
     "SRC_ROUTES",
     "LISTENERS",
     "LISTEN_PORTS",
@@ -161,6 +162,7 @@ pub struct Datapath {
     cidr_exclude: LpmTrie<MapData, CidrData, u32>,
     cidr_include: LpmTrie<MapData, CidrData, u32>,
     cidr_dns: LpmTrie<MapData, CidrData, u32>,
+    cidr_skip_src: LpmTrie<MapData, CidrData, u32>,
     cidr_iface: LpmTrie<MapData, CidrData, u32>,
     src_routes: LpmTrie<MapData, CidrData, Addr>,
     listen_ports: HashMap<MapData, u16, u32>,
@@ -272,6 +274,7 @@ impl Datapath {
             cidr_exclude: take(&mut ebpf, "CIDR_EXCLUDE")?,
             cidr_include: take(&mut ebpf, "CIDR_INCLUDE")?,
             cidr_dns: take(&mut ebpf, "CIDR_DNS")?,
+            cidr_skip_src: take(&mut ebpf, "CIDR_SKIP_SRC")?,
             cidr_iface: take(&mut ebpf, "CIDR_IFACE")?,
             src_routes: take(&mut ebpf, "SRC_ROUTES")?,
             listen_ports: take(&mut ebpf, "LISTEN_PORTS")?,
@@ -485,6 +488,11 @@ impl Datapath {
                 .insert(&Key::new(*bits, *data), 1, 0)
                 .context("CIDR_IFACE full")?;
         }
+        for (bits, data) in &new.skip_src {
+            self.cidr_skip_src
+                .insert(&Key::new(*bits, *data), 1, 0)
+                .context("CIDR_SKIP_SRC full")?;
+        }
         for (bits, data, src) in &new.src {
             self.src_routes
                 .insert(&Key::new(*bits, *data), src, 0)
@@ -522,6 +530,9 @@ impl Datapath {
         }
         for e in old.iface.iter().filter(|e| !new.iface.contains(e)) {
             let _ = self.cidr_iface.remove(&Key::new(e.0, e.1));
+        }
+        for e in old.skip_src.iter().filter(|e| !new.skip_src.contains(e)) {
+            let _ = self.cidr_skip_src.remove(&Key::new(e.0, e.1));
         }
         for e in old
             .src
@@ -564,36 +575,12 @@ impl Datapath {
             .filter_map(|k| k.ok())
             .filter(|k| k.netns_cookie == cookie)
             .collect();
-        let ex: Vec<Key<CidrData>> = self
-            .cidr_exclude
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
-            .collect();
-        let inc: Vec<Key<CidrData>> = self
-            .cidr_include
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
-            .collect();
-        let dns: Vec<Key<CidrData>> = self
-            .cidr_dns
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
-            .collect();
-        let iface: Vec<Key<CidrData>> = self
-            .cidr_iface
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
-            .collect();
-        let src: Vec<Key<CidrData>> = self
-            .src_routes
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
-            .collect();
+        let ex = cookie_keys(&self.cidr_exclude, cookie);
+        let inc = cookie_keys(&self.cidr_include, cookie);
+        let dns = cookie_keys(&self.cidr_dns, cookie);
+        let iface = cookie_keys(&self.cidr_iface, cookie);
+        let skip_src = cookie_keys(&self.cidr_skip_src, cookie);
+        let src = cookie_keys(&self.src_routes, cookie);
         let addrs: Vec<Addr> = self
             .pod_addrs
             .iter()
@@ -619,6 +606,9 @@ impl Datapath {
         }
         for k in &iface {
             let _ = self.cidr_iface.remove(k);
+        }
+        for k in &skip_src {
+            let _ = self.cidr_skip_src.remove(k);
         }
         for k in &src {
             let _ = self.src_routes.remove(k);
@@ -704,6 +694,11 @@ impl Datapath {
                 "CIDR_IFACE",
                 self.cidr_iface.keys().count(),
                 cap("CIDR_IFACE"),
+            ),
+            (
+                "CIDR_SKIP_SRC",
+                self.cidr_skip_src.keys().count(),
+                cap("CIDR_SKIP_SRC"),
             ),
             (
                 "SRC_ROUTES",
@@ -864,6 +859,17 @@ pub fn sum_pod<'a>(it: impl Iterator<Item = &'a PodCounters>) -> PodCounters {
         o.bypass_excluded_iface += c.bypass_excluded_iface;
     }
     o
+}
+
+/// The keys of one pod (`cookie`) in a per-pod LPM trie.
+fn cookie_keys<V: aya::Pod>(
+    trie: &LpmTrie<MapData, CidrData, V>,
+    cookie: u64,
+) -> Vec<Key<CidrData>> {
+    trie.keys()
+        .filter_map(|k| k.ok())
+        .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
+        .collect()
 }
 
 /// Sums per-CPU node counters.

@@ -83,6 +83,9 @@ pub struct PodView {
     pub owner_groups: BTreeSet<u32>,
     /// `CIDR_IFACE` entries (subnets behind `excludeInterfaces`).
     pub iface_routes: Vec<IpNet>,
+    /// `CIDR_SKIP_SRC` entries (Linkerd's `skip-subnets`: inbound sources
+    /// not captured).
+    pub skip_sources: Vec<IpNet>,
     /// Interface indexes of `excludeInterfaces` (`PROXY_IDS` entries of
     /// kind `IDKEY_EXCLUDED_IFINDEX`).
     pub excluded_ifindexes: BTreeSet<u32>,
@@ -124,6 +127,7 @@ impl PodTables for PodView {
             CidrList::OutboundInclude => &self.include,
             CidrList::DnsServers => &self.dns,
             CidrList::ExcludedInterfaceRoutes => &self.iface_routes,
+            CidrList::InboundSkipSources => &self.skip_sources,
         };
         nets.iter().any(|n| n.contains(&ip))
     }
@@ -141,6 +145,7 @@ struct PinnedTables<'a> {
     include: &'a LpmTrie<MapData, CidrData, u32>,
     dns: &'a LpmTrie<MapData, CidrData, u32>,
     iface: &'a LpmTrie<MapData, CidrData, u32>,
+    skip_src: &'a LpmTrie<MapData, CidrData, u32>,
     error: RefCell<Option<String>>,
 }
 
@@ -164,6 +169,7 @@ impl PodTables for PinnedTables<'_> {
             CidrList::OutboundInclude => (self.include, "CIDR_INCLUDE"),
             CidrList::DnsServers => (self.dns, "CIDR_DNS"),
             CidrList::ExcludedInterfaceRoutes => (self.iface, "CIDR_IFACE"),
+            CidrList::InboundSkipSources => (self.skip_src, "CIDR_SKIP_SRC"),
         };
         match trie.get(&key, 0) {
             Ok(_) => true,
@@ -406,11 +412,14 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
         LpmTrie::try_from(Map::LpmTrie(open(&pins, "CIDR_DNS")?))?;
     let iface: LpmTrie<MapData, CidrData, u32> =
         LpmTrie::try_from(Map::LpmTrie(open(&pins, "CIDR_IFACE")?))?;
+    let skip_src: LpmTrie<MapData, CidrData, u32> =
+        LpmTrie::try_from(Map::LpmTrie(open(&pins, "CIDR_SKIP_SRC")?))?;
     for (trie, out, name) in [
         (&exclude, &mut view.exclude, "CIDR_EXCLUDE"),
         (&include, &mut view.include, "CIDR_INCLUDE"),
         (&dns, &mut view.dns, "CIDR_DNS"),
         (&iface, &mut view.iface_routes, "CIDR_IFACE"),
+        (&skip_src, &mut view.skip_sources, "CIDR_SKIP_SRC"),
     ] {
         for k in trie.keys() {
             let k = k.with_context(|| format!("reading {name}"))?;
@@ -445,6 +454,7 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
         include: &include,
         dns: &dns,
         iface: &iface,
+        skip_src: &skip_src,
         error: RefCell::new(None),
     };
     let outcome = if q.inbound {
@@ -482,7 +492,16 @@ fn decide_in<T: PodTables>(view: &PodView, q: &Query, t: &T) -> Outcome {
     }
     // The arriving interface is not asked for: 0 matches no
     // excludeInterfaces entry (it is reported in the notes instead).
-    Outcome::Decided(decide_inbound(&view.policy, q.dst.port(), 0, t))
+    // Without a source, skip-subnets is not asked either.
+    let mut policy = view.policy;
+    let src = match q.src {
+        Some(ip) => addr_of(ip),
+        None => {
+            policy.flags &= !POLICY_INBOUND_SKIP_SOURCES;
+            [0; 4]
+        }
+    };
+    Outcome::Decided(decide_inbound(&policy, q.dst.port(), 0, &src, t))
 }
 
 fn id_word(kind: u32) -> (&'static str, &'static str) {
@@ -970,6 +989,17 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     bypassed("inbound", "port_rule"),
                     None,
                 ),
+                Verdict::BypassExcludedCidr => (
+                    format!(
+                        "the source is in the pod's skip-subnets ({}): Linkerd's proxy-init returns \
+                         inbound connections from there before its redirect",
+                        list_or_none(&view.skip_sources.iter().collect::<Vec<_>>())
+                    ),
+                    "-A PROXY_INIT_REDIRECT -s <subnet> -j RETURN".into(),
+                    untouched,
+                    bypassed("inbound", "port_rule"),
+                    None,
+                ),
                 Verdict::BypassNotIncluded => (
                     format!(
                         "no ISTIO_INBOUND rule matched: port {d} is not in includeInboundPorts ({})",
@@ -1140,6 +1170,7 @@ mod tests {
             include: nets(&e.include),
             dns: nets(&e.dns),
             iface_routes: Vec::new(),
+            skip_sources: nets(&e.skip_src),
             excluded_ifindexes: BTreeSet::new(),
             addrs: e.addrs.iter().map(ip_of).collect(),
             listeners: [(15001, AF_INET as u16), (15006, AF_INET as u16)]

@@ -239,9 +239,7 @@ pub struct PodRules {
     /// steered inbound (left out of `POD_ADDRS`).
     pub skip_ipv6: bool,
     /// Linkerd's `skip-subnets`: inbound connections *from* these sources
-    /// are not captured. Parsed and kept, but not enforced yet: the kernel's
-    /// inbound decision does not see the source address (see
-    /// docs/differential.md, B6).
+    /// are not captured (`CIDR_SKIP_SRC`, checked by `weir_sk_lookup`).
     pub inbound_skip_sources: BTreeSet<IpNet>,
 }
 
@@ -631,6 +629,9 @@ pub fn pod_rules(
             // them are captured like any other.
             if let Some(v) = get(keys::LINKERD_SKIP_SUBNETS) {
                 r.inbound_skip_sources = parse_subnets(keys::LINKERD_SKIP_SUBNETS, v)?;
+                if !r.inbound_skip_sources.is_empty() {
+                    p.flags |= POLICY_INBOUND_SKIP_SOURCES;
+                }
             }
         }
         Mesh::Kuma => {
@@ -909,6 +910,8 @@ pub struct PodEntries {
     pub dns: Vec<(u32, CidrData)>,
     /// `CIDR_IFACE` keys.
     pub iface: Vec<(u32, CidrData)>,
+    /// `CIDR_SKIP_SRC` keys.
+    pub skip_src: Vec<(u32, CidrData)>,
     /// `SRC_ROUTES` entries.
     pub src: Vec<(u32, CidrData, Addr)>,
     /// `POD_ADDRS` keys.
@@ -982,6 +985,11 @@ impl PodRules {
                 .iter()
                 .flat_map(|n| cidr_keys(cookie, n))
                 .collect(),
+            skip_src: self
+                .inbound_skip_sources
+                .iter()
+                .flat_map(|n| cidr_keys(cookie, n))
+                .collect(),
             src: self
                 .src_routes
                 .iter()
@@ -1042,6 +1050,7 @@ impl PodTables for UserTables<'_> {
             CidrList::OutboundInclude => &self.rules.include_cidrs,
             CidrList::DnsServers => return self.rules.dns_servers.contains(&ip),
             CidrList::ExcludedInterfaceRoutes => &self.rules.iface_routes,
+            CidrList::InboundSkipSources => &self.rules.inbound_skip_sources,
         };
         set.iter().any(|n| n.contains(&ip))
     }

@@ -1015,7 +1015,7 @@ pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
     if is_loopback_route(&remote, &t) {
         return sk_action::SK_PASS;
     }
-    let verdict = decide_inbound(&policy, l.local_port as u16, l.ingress_ifindex, &t);
+    let verdict = decide_inbound(&policy, l.local_port as u16, l.ingress_ifindex, &remote, &t);
     if !verdict.captured() {
         bump_pod(cookie, |c| c.inbound_bypass += 1);
         return sk_action::SK_PASS;

@@ -42,6 +42,11 @@ pub static CIDR_INCLUDE: LpmTrie<CidrData, u32, 262144> = LpmTrie::new();
 #[btf_map]
 pub static CIDR_DNS: LpmTrie<CidrData, u32, 65536> = LpmTrie::new();
 
+/// Sources whose inbound connections are not captured (Linkerd's
+/// `skip-subnets`; value unused).
+#[btf_map]
+pub static CIDR_SKIP_SRC: LpmTrie<CidrData, u32, 65536> = LpmTrie::new();
+
 /// Subnets reached through the pod's `excludeInterfaces` (value unused).
 #[btf_map]
 pub static CIDR_IFACE: LpmTrie<CidrData, u32, 65536> = LpmTrie::new();
@@ -284,6 +289,7 @@ impl PodTables for KernelTables {
             CidrList::OutboundInclude => CIDR_INCLUDE.get(&key).is_some(),
             CidrList::DnsServers => CIDR_DNS.get(&key).is_some(),
             CidrList::ExcludedInterfaceRoutes => CIDR_IFACE.get(&key).is_some(),
+            CidrList::InboundSkipSources => CIDR_SKIP_SRC.get(&key).is_some(),
         }
     }
 

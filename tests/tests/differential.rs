@@ -1439,19 +1439,16 @@ fn known_bugs() -> Vec<(&'static str, &'static str, &'static str)> {
     add(&["kuma-exclude-outbound-ips"], &[udp6], B5);
     // No IPv6 rules there.
     add(&["kuma-ipv4-mode"], &[udp4, udp4_gid], B5);
-    add(&["linkerd-skip-subnets"], &["root 198.18.100.1:8080"], B6);
     v
 }
 
 // B1 (source address of a capture through a second interface), B2
 // (IPv4-only pod), B3 (loopback include judged after masking) and B4
 // (interceptionMode NONE answering SO_ORIGINAL_DST) were found by this
-// suite and are fixed, and so are B7 (IP6T_SO_ORIGINAL_DST without IPv6
-// rules) and B8 (::6 added to Linkerd pods); B5 is fixed for unconnected
-// UDP. B6 needs a change outside the decision logic (docs/differential.md).
+// suite and are fixed, and so are B6 (Linkerd's skip-subnets), B7
+// (IP6T_SO_ORIGINAL_DST without IPv6 rules) and B8 (::6 added to Linkerd
+// pods); B5 is fixed for unconnected UDP.
 const B5: &str = "B5: captured UDP DNS on a connected wildcard-bound socket arrives from loopback";
-const B6: &str = "B6: Linkerd's skip-subnets (inbound sources) is not enforced: sk_lookup does not \
-                  look at the source address";
 
 /// The known bug behind the difference between the two worlds for
 /// connection `conn` of `config`, if it is one.

@@ -9,15 +9,6 @@
 
 use crate::*;
 
-/// Policy flag: Kuma's outbound rule order (`kumactl install
-/// transparent-proxy`, `kuma-init`): excluded CIDRs and DNS come first, in
-/// its `OUTPUT` chain, and DNS over TCP is never captured (see
-/// [`decide_outbound`]).
-///
-/// Kept here rather than with the other `POLICY_*` flags in `lib.rs`, and
-/// on a bit well clear of them, until the two files are edited together.
-pub const POLICY_KUMA_ORDER: u32 = 1 << 16;
-
 /// What weir does with one connection, and which rule decided it.
 #[repr(u32)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -82,6 +73,9 @@ pub enum CidrList {
     DnsServers,
     /// Subnets reached through an interface of `excludeInterfaces`.
     ExcludedInterfaceRoutes,
+    /// Sources whose inbound connections are not captured (Linkerd's
+    /// `skip-subnets`: `-s SUBNET -j RETURN` in `PROXY_INIT_REDIRECT`).
+    InboundSkipSources,
 }
 
 /// Lookups into one pod's tables. Implemented with BPF maps in the kernel
@@ -357,9 +351,18 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
 /// 1. the tunnel port (15008): not captured;
 /// 2. with `includeInboundPorts: "*"`: an excluded port is not captured,
 ///    every other port goes to the inbound port;
-/// 3. otherwise only the listed ports go to the inbound port.
+/// 3. otherwise only the listed ports go to the inbound port;
+///
+/// with Linkerd's `skip-subnets` checked after the port rules, before the
+/// redirect (a connection from one of those sources is not captured).
 #[inline(always)]
-pub fn decide_inbound<T: PodTables>(p: &PodPolicy, dport: u16, ifindex: u32, t: &T) -> Verdict {
+pub fn decide_inbound<T: PodTables>(
+    p: &PodPolicy,
+    dport: u16,
+    ifindex: u32,
+    src: &Addr,
+    t: &T,
+) -> Verdict {
     if p.flags & POLICY_CAPTURE_INBOUND == 0 {
         return Verdict::BypassDisabled;
     }
@@ -369,13 +372,22 @@ pub fn decide_inbound<T: PodTables>(p: &PodPolicy, dport: u16, ifindex: u32, t: 
     if p.tunnel_port != 0 && dport == p.tunnel_port {
         return Verdict::BypassTunnel;
     }
+    let skipped_source = || {
+        p.flags & POLICY_INBOUND_SKIP_SOURCES != 0 && t.in_cidrs(CidrList::InboundSkipSources, src)
+    };
     if p.flags & POLICY_INBOUND_ALL_PORTS != 0 {
         if t.has_port(PORT_IN_EXCLUDE, dport) {
             return Verdict::BypassExcludedPort;
         }
+        if skipped_source() {
+            return Verdict::BypassExcludedCidr;
+        }
         return Verdict::RedirectInbound;
     }
     if t.has_port(PORT_IN_INCLUDE, dport) {
+        if skipped_source() {
+            return Verdict::BypassExcludedCidr;
+        }
         return Verdict::RedirectInbound;
     }
     Verdict::BypassNotIncluded
@@ -395,8 +407,17 @@ mod tests {
         include: Vec<(Addr, u32)>,
         dns: Vec<(Addr, u32)>,
         iface_routes: Vec<(Addr, u32)>,
+        skip_sources: Vec<(Addr, u32)>,
         pod_addrs: Vec<Addr>,
     }
+
+    /// A remote client's address for the inbound tests.
+    const SRC: Addr = [
+        0,
+        0,
+        0xffff_u32.to_be(),
+        u32::from_ne_bytes([198, 18, 7, 7]),
+    ];
 
     fn in_prefix(a: &Addr, net: &Addr, bits: u32) -> bool {
         let a = u128::from_be_bytes(addr_octets(a));
@@ -417,6 +438,7 @@ mod tests {
                 CidrList::OutboundInclude => &self.include,
                 CidrList::DnsServers => &self.dns,
                 CidrList::ExcludedInterfaceRoutes => &self.iface_routes,
+                CidrList::InboundSkipSources => &self.skip_sources,
             };
             l.iter().any(|(n, b)| in_prefix(addr, n, *b))
         }
@@ -624,10 +646,13 @@ mod tests {
             Verdict::RedirectOutbound
         );
         assert_eq!(
-            decide_inbound(&p, 8080, 7, &t),
+            decide_inbound(&p, 8080, 7, &SRC, &t),
             Verdict::BypassExcludedInterface
         );
-        assert_eq!(decide_inbound(&p, 8080, 2, &t), Verdict::RedirectInbound);
+        assert_eq!(
+            decide_inbound(&p, 8080, 2, &SRC, &t),
+            Verdict::RedirectInbound
+        );
     }
 
     #[test]
@@ -946,24 +971,71 @@ mod tests {
             decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
             Verdict::BypassDisabled
         );
-        assert_eq!(decide_inbound(&p, 80, 2, &t), Verdict::BypassDisabled);
+        assert_eq!(decide_inbound(&p, 80, 2, &SRC, &t), Verdict::BypassDisabled);
     }
 
     #[test]
     fn inbound_rules() {
         let (mut p, mut t) = istio();
-        assert_eq!(decide_inbound(&p, 8080, 2, &t), Verdict::RedirectInbound);
-        assert_eq!(decide_inbound(&p, 15008, 2, &t), Verdict::BypassTunnel);
         assert_eq!(
-            decide_inbound(&p, 15090, 2, &t),
+            decide_inbound(&p, 8080, 2, &SRC, &t),
+            Verdict::RedirectInbound
+        );
+        assert_eq!(
+            decide_inbound(&p, 15008, 2, &SRC, &t),
+            Verdict::BypassTunnel
+        );
+        assert_eq!(
+            decide_inbound(&p, 15090, 2, &SRC, &t),
             Verdict::BypassExcludedPort
         );
         p.flags &= !POLICY_INBOUND_ALL_PORTS;
-        assert_eq!(decide_inbound(&p, 8080, 2, &t), Verdict::BypassNotIncluded);
+        assert_eq!(
+            decide_inbound(&p, 8080, 2, &SRC, &t),
+            Verdict::BypassNotIncluded
+        );
         t.ports.push((PORT_IN_INCLUDE, 8080));
-        assert_eq!(decide_inbound(&p, 8080, 2, &t), Verdict::RedirectInbound);
+        assert_eq!(
+            decide_inbound(&p, 8080, 2, &SRC, &t),
+            Verdict::RedirectInbound
+        );
         // Exclusions only matter with "*".
         t.ports.push((PORT_IN_EXCLUDE, 8080));
-        assert_eq!(decide_inbound(&p, 8080, 2, &t), Verdict::RedirectInbound);
+        assert_eq!(
+            decide_inbound(&p, 8080, 2, &SRC, &t),
+            Verdict::RedirectInbound
+        );
+    }
+
+    /// Linkerd's `skip-subnets`: after the port rules, before the redirect.
+    #[test]
+    fn inbound_skip_sources() {
+        let (mut p, mut t) = istio();
+        p.flags |= POLICY_INBOUND_ALL_PORTS;
+        assert_eq!(
+            decide_inbound(&p, 8080, 2, &SRC, &t),
+            Verdict::RedirectInbound
+        );
+        t.skip_sources.push((v4(198, 18, 0, 0), 96 + 16));
+        // The flag switches the lookup on.
+        assert_eq!(
+            decide_inbound(&p, 8080, 2, &SRC, &t),
+            Verdict::RedirectInbound
+        );
+        p.flags |= POLICY_INBOUND_SKIP_SOURCES;
+        assert_eq!(
+            decide_inbound(&p, 8080, 2, &SRC, &t),
+            Verdict::BypassExcludedCidr
+        );
+        let other = v4(203, 0, 113, 9);
+        assert_eq!(
+            decide_inbound(&p, 8080, 2, &other, &t),
+            Verdict::RedirectInbound
+        );
+        t.ports.push((PORT_IN_EXCLUDE, 8080));
+        assert_eq!(
+            decide_inbound(&p, 8080, 2, &SRC, &t),
+            Verdict::BypassExcludedPort
+        );
     }
 }

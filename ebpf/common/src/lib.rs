@@ -19,7 +19,7 @@ pub use decide::*;
 /// Layout version of every map below. The agent stores it in the pinned
 /// `WEIR_META` map and refuses to reuse pinned maps written with another
 /// version (bump it whenever a struct in this crate changes).
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// `AF_INET` as the kernel reports it in BPF contexts.
 pub const AF_INET: u32 = 2;
@@ -105,6 +105,13 @@ pub const POLICY_LOOPBACK_SIMPLE: u32 = 1 << 11;
 /// Policy flag: the pod has `excludeInterfaces` (see
 /// `IDKEY_EXCLUDED_IFINDEX` and `CidrList::ExcludedInterfaceRoutes`).
 pub const POLICY_EXCLUDE_IFACES: u32 = 1 << 12;
+/// Policy flag: inbound connections from some sources are not captured
+/// (Linkerd's `skip-subnets`; see `CidrList::InboundSkipSources`).
+pub const POLICY_INBOUND_SKIP_SOURCES: u32 = 1 << 13;
+/// Policy flag: Kuma's rule order (see `decide_outbound`): excluded
+/// addresses and DNS come before the loopback rules in its `OUTPUT` chain,
+/// and DNS over TCP is never captured.
+pub const POLICY_KUMA_ORDER: u32 = 1 << 16;
 
 /// Which proxy identity Istio's loopback rules are written for (see
 /// [`PodPolicy::lo_id_kind`]).
