@@ -424,6 +424,7 @@ const ALL_FLAGS: u32 = POLICY_CAPTURE_OUTBOUND
     | POLICY_OWNER_GROUPS_ONLY
     | POLICY_OWNER_GROUPS_EXCEPT
     | POLICY_LOOPBACK_SIMPLE
+    | POLICY_INBOUND_SKIP_SOURCES
     | POLICY_KUMA_ORDER;
 
 fn has(flags: u32, f: u32) -> bool {
@@ -507,6 +508,10 @@ fn check_rules(
         prop_assert!(has(f, POLICY_OWNER_GROUPS_ONLY) || has(f, POLICY_OWNER_GROUPS_EXCEPT));
     }
     prop_assert_eq!(has(f, POLICY_LOOPBACK_SIMPLE), mesh == Mesh::Linkerd);
+    prop_assert_eq!(
+        has(f, POLICY_INBOUND_SKIP_SOURCES),
+        !r.inbound_skip_sources.is_empty()
+    );
     // istio-iptables judges the include ranges' addresses as written
     // (127.0.0.1/1 counts although it covers 0.0.0.0/1).
     let include = ann
