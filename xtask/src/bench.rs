@@ -13,11 +13,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
-
-use crate::build::{self, Profile};
-use crate::cmd::Cmd;
-use crate::host;
+use anyhow::Result;
 
 /// What `cargo xtask bench` was asked to do.
 #[derive(Debug, Clone, Default)]
@@ -50,29 +46,13 @@ fn bench_args(options: &Options, out: &Path) -> Vec<OsString> {
 
 /// Builds (release) and runs the benchmark; returns its exit code.
 pub fn run(root: &Path, options: &Options) -> Result<ExitCode> {
-    if !host::is_root() {
-        bail!(
-            "cargo xtask bench needs root: it creates network namespaces, cgroups and \
-             iptables rules (inside its own namespaces only) and loads eBPF programs"
-        );
-    }
-    let bin_dir = crate::build_all(root, Profile::Release)?;
-    let bench = bin_dir.join("weir-bench");
-    let weir = bin_dir.join("weir");
-    for bin in [&bench, &weir] {
-        if !bin.is_file() {
-            bail!("{} was not built", bin.display());
-        }
-    }
-    let out = build::host_target_dir(root).join("bench");
-    println!("\n==> weir bench: results go to {}", out.display());
-    let status = Cmd::new(&bench)
-        .args(bench_args(options, &out))
-        .env("WEIR_BIN", &weir)
-        .dir(root)
-        .status()
-        .context("running weir-bench")?;
-    Ok(crate::exit_code(status))
+    crate::run_release_tool(
+        root,
+        "bench",
+        "weir-bench",
+        "it creates network namespaces, cgroups and iptables rules (inside its own namespaces only) and loads eBPF programs",
+        |out| bench_args(options, out),
+    )
 }
 
 #[cfg(test)]

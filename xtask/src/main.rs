@@ -250,6 +250,38 @@ fn build_ebpf(root: &Path) -> Result<PathBuf> {
     build::build_ebpf(root, &toolchain)
 }
 
+/// Builds everything in release mode, then runs the release binary `tool`
+/// (`weir-bench`, `weir-soak`) as root with `WEIR_BIN` set and the args
+/// `args(out)` gives for its results directory `target/<name>`; returns
+/// its exit code. `needs_root` says why it must run as root.
+fn run_release_tool(
+    root: &Path,
+    name: &str,
+    tool: &str,
+    needs_root: &str,
+    args: impl FnOnce(&Path) -> Vec<OsString>,
+) -> Result<ExitCode> {
+    ensure!(
+        host::is_root(),
+        "cargo xtask {name} needs root: {needs_root}"
+    );
+    let bin_dir = build_all(root, Profile::Release)?;
+    let tool_bin = bin_dir.join(tool);
+    let weir = bin_dir.join("weir");
+    for bin in [&tool_bin, &weir] {
+        ensure!(bin.is_file(), "{} was not built", bin.display());
+    }
+    let out = build::host_target_dir(root).join(name);
+    println!("\n==> weir {name}: results go to {}", out.display());
+    let status = Cmd::new(&tool_bin)
+        .args(args(&out))
+        .env("WEIR_BIN", &weir)
+        .dir(root)
+        .status()
+        .with_context(|| format!("running {tool}"))?;
+    Ok(exit_code(status))
+}
+
 fn build_all(root: &Path, profile: Profile) -> Result<PathBuf> {
     let object = build_ebpf(root)?;
     build::build_userspace(root, &object, profile)?;

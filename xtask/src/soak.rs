@@ -14,11 +14,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
-
-use crate::build::{self, Profile};
-use crate::cmd::Cmd;
-use crate::host;
+use anyhow::Result;
 
 /// What `cargo xtask soak` was asked to do.
 #[derive(Debug, Clone, Default)]
@@ -93,29 +89,13 @@ fn soak_args(options: &Options, out: &Path) -> Vec<OsString> {
 
 /// Builds (release) and runs the soak; returns its exit code.
 pub fn run(root: &Path, options: &Options) -> Result<ExitCode> {
-    if !host::is_root() {
-        bail!(
-            "cargo xtask soak needs root: it creates network namespaces and cgroups \
-             (its own only) and loads eBPF programs"
-        );
-    }
-    let bin_dir = crate::build_all(root, Profile::Release)?;
-    let soak = bin_dir.join("weir-soak");
-    let weir = bin_dir.join("weir");
-    for bin in [&soak, &weir] {
-        if !bin.is_file() {
-            bail!("{} was not built", bin.display());
-        }
-    }
-    let out = build::host_target_dir(root).join("soak");
-    println!("\n==> weir soak: results go to {}", out.display());
-    let status = Cmd::new(&soak)
-        .args(soak_args(options, &out))
-        .env("WEIR_BIN", &weir)
-        .dir(root)
-        .status()
-        .context("running weir-soak")?;
-    Ok(crate::exit_code(status))
+    crate::run_release_tool(
+        root,
+        "soak",
+        "weir-soak",
+        "it creates network namespaces and cgroups (its own only) and loads eBPF programs",
+        |out| soak_args(options, out),
+    )
 }
 
 #[cfg(test)]
