@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 use weir_tests::{NetNs, Proc};
 
-use crate::node::SoakNode;
+use crate::node::{Lan, SoakNode};
 use crate::procs::LoadSummary;
 use crate::proto::interrupted;
 
@@ -113,6 +113,37 @@ pub struct Load {
 }
 
 impl Load {
+    /// The two loads of the restart and fault scenarios: `app` dialling
+    /// `ext` (captured outbound) and `ext` dialling `srv` (captured
+    /// inbound), each with `args`.
+    pub fn out_and_in(ctx: &Ctx, node: &SoakNode, lan: &Lan, args: &[&str]) -> (Load, Load) {
+        let out = Load::start(
+            ctx,
+            node,
+            &lan.pod("app").ns,
+            "out",
+            Route {
+                target: lan.pod("ext").addr(APP_PORT),
+                listener: "outbound",
+                pod: "app",
+            },
+            args,
+        );
+        let inbound = Load::start(
+            ctx,
+            node,
+            &lan.pod("ext").ns,
+            "in",
+            Route {
+                target: lan.pod("srv").addr(APP_PORT),
+                listener: "inbound",
+                pod: "srv",
+            },
+            args,
+        );
+        (out, inbound)
+    }
+
     /// Starts `weir-soak load` in `ns` as the application user.
     pub fn start(
         ctx: &Ctx,

@@ -112,30 +112,7 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, rounds: usize) -> Result<()> {
     let _ext_server = common::direct(ctx, &node, &lan.pod("ext").ns, "ext", APP_PORT);
     let mut srv_app = common::direct(ctx, &node, &lan.pod("srv").ns, "srv-app", APP_PORT);
     let load_args = ["--threads", "2", "--pause-us", "300"];
-    let out_load = Load::start(
-        ctx,
-        &node,
-        &lan.pod("app").ns,
-        "out",
-        Route {
-            target: lan.pod("ext").addr(APP_PORT),
-            listener: "outbound",
-            pod: "app",
-        },
-        &load_args,
-    );
-    let in_load = Load::start(
-        ctx,
-        &node,
-        &lan.pod("ext").ns,
-        "in",
-        Route {
-            target: lan.pod("srv").addr(APP_PORT),
-            listener: "inbound",
-            pod: "srv",
-        },
-        &load_args,
-    );
+    let (out_load, in_load) = Load::out_and_in(ctx, &node, &lan, &load_args);
     let extra_app = |node: &SoakNode| {
         Load::start(
             ctx,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde_json::json;
 
-use crate::common::{self, APP_PORT, Ctx, Load, Rng, Route, ScenarioResult, thousands};
+use crate::common::{self, APP_PORT, Ctx, Load, Rng, ScenarioResult, thousands};
 use crate::node::Lan;
 use crate::procs::{LoadSummary, read_events};
 use crate::proto::Verdict;
@@ -43,30 +43,7 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, restarts: usize) -> Result<()> {
     let _srv_server = common::direct(ctx, &node, &lan.pod("srv").ns, "srv-app", APP_PORT);
 
     let load_args = ["--threads", "2", "--pause-us", "300"];
-    let out_load = Load::start(
-        ctx,
-        &node,
-        &lan.pod("app").ns,
-        "out",
-        Route {
-            target: lan.pod("ext").addr(APP_PORT),
-            listener: "outbound",
-            pod: "app",
-        },
-        &load_args,
-    );
-    let in_load = Load::start(
-        ctx,
-        &node,
-        &lan.pod("ext").ns,
-        "in",
-        Route {
-            target: lan.pod("srv").addr(APP_PORT),
-            listener: "inbound",
-            pod: "srv",
-        },
-        &load_args,
-    );
+    let (out_load, in_load) = Load::out_and_in(ctx, &node, &lan, &load_args);
 
     let mut rng = Rng::new(0x5eed_0001);
     let mut ready_ms = Vec::new();
