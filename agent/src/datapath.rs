@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash};
 use aya::programs::links::FdLink;
-use aya::programs::{SkLookup, SkMsg};
+use aya::programs::{SchedClassifier, SkLookup, SkMsg};
 use aya::{Ebpf, EbpfLoader};
 use log::{debug, info, warn};
 use weir_common::*;
@@ -59,7 +59,14 @@ pub const MAP_NAMES: &[&str] = &[
     "FAST_PATH",
     "FAST_SOCKS",
     "FAST_PEER",
+    "VIRT_IFACES",
+    "VIRT_FLOWS",
 ];
+
+/// The tc programs of virtual interfaces, with their TCX attach types
+/// (`BPF_TCX_INGRESS`, `BPF_TCX_EGRESS`) and pin suffixes.
+const VIRT_PROGRAMS: &[(&str, u32, &str)] =
+    &[("weir_virt_in", 46, "in"), ("weir_virt_out", 47, "out")];
 
 /// Programs attached to the cgroup.
 /// (name, `enum bpf_attach_type`)
@@ -104,6 +111,12 @@ impl Pins {
     pub fn links(&self) -> PathBuf {
         self.root.join("links")
     }
+    /// Pins of the tc links on one virtual interface of a pod start with
+    /// this (then `<ifindex>-in` / `-out`).
+    pub fn virt_prefix(cookie: u64) -> String {
+        format!("virt-{cookie}-")
+    }
+
     /// Pin of a pod's sk_lookup link.
     pub fn netns_link(&self, cookie: u64) -> PathBuf {
         self.links().join(format!("netns-{cookie}"))
@@ -174,6 +187,8 @@ pub struct Datapath {
     log_level: Array<MapData, u32>,
     fast_path: Array<MapData, u32>,
     fast_socks: SockHash<MapData, FastKey>,
+    virt_ifaces: HashMap<MapData, VirtKey, VirtIface>,
+    caps: Capacities,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -202,25 +217,8 @@ impl Datapath {
             })?;
         }
         let mut loader = EbpfLoader::new();
-        let map_paths: Vec<(&str, PathBuf)> = MAP_NAMES
-            .iter()
-            .map(|n| (*n, pins.maps().join(n)))
-            .collect();
-        for (name, path) in &map_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        loader
-            .map_max_entries("POD_POLICY", caps.pods)
-            .map_max_entries("POD_COUNTERS", caps.pods)
-            .map_max_entries("POD_META", caps.pods)
-            .map_max_entries("POD_ADDRS", caps.pods.saturating_mul(4))
-            .map_max_entries("PROXY_IDS", caps.pods.saturating_mul(4))
-            .map_max_entries("LISTENERS", caps.pods.saturating_mul(4))
-            .map_max_entries("PENDING_FLOWS", caps.pending_flows)
-            .map_max_entries("PORT_RULES", caps.port_rules)
-            .map_max_entries("CIDR_EXCLUDE", caps.cidrs)
-            .map_max_entries("CIDR_INCLUDE", caps.cidrs)
-            .map_max_entries("FAST_SOCKS", caps.fast_sockets);
+        let map_paths = map_paths(&pins);
+        configure_loader(&mut loader, &map_paths, caps);
         // Refuse pinned maps of another layout *before* the loader reuses
         // them: a program verified against a map of another value size
         // would be refused with a confusing verifier error, or misread.
@@ -266,6 +264,8 @@ impl Datapath {
             log_level: take(&mut ebpf, "LOG_LEVEL")?,
             fast_path: take(&mut ebpf, "FAST_PATH")?,
             fast_socks: take(&mut ebpf, "FAST_SOCKS")?,
+            virt_ifaces: take(&mut ebpf, "VIRT_IFACES")?,
+            caps: caps.clone(),
             logger,
             pod_policy: take(&mut ebpf, "POD_POLICY")?,
             pod_addrs: take(&mut ebpf, "POD_ADDRS")?,
@@ -404,14 +404,95 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches the sk_lookup program from a pod's netns.
+    /// Detaches the sk_lookup program from a pod's netns, and the tc
+    /// programs from its virtual interfaces.
     pub fn detach_netns(&mut self, cookie: u64) {
-        let pin = self.pins.netns_link(cookie);
-        if let Err(e) = std::fs::remove_file(&pin)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!("removing {}: {e}", pin.display());
+        remove_pin(&self.pins.netns_link(cookie));
+        for (_, pin) in self.virt_pins(&Pins::virt_prefix(cookie)) {
+            remove_pin(&pin);
         }
+    }
+
+    /// Keeps weir's tc programs on exactly the virtual interfaces
+    /// `ifindexes` of a pod (`reroute-virtual-interfaces`): attaches them
+    /// (TCX, ingress and egress, pinned) where missing, swaps the program
+    /// in where a pin exists, and removes the pins of interfaces no longer
+    /// listed or gone. Returns the problems, one per interface.
+    pub fn sync_virt_links(
+        &mut self,
+        cookie: u64,
+        netns: &Path,
+        ifindexes: &BTreeSet<u32>,
+    ) -> Vec<String> {
+        let prefix = Pins::virt_prefix(cookie);
+        let mut problems = Vec::new();
+        // Pins of interfaces no longer wanted.
+        for (ifindex, pin) in self.virt_pins(&prefix) {
+            if !ifindexes.contains(&ifindex) {
+                remove_pin(&pin);
+            }
+        }
+        if ifindexes.is_empty() {
+            return problems;
+        }
+        // This pod's own copy of the two programs (see VIRT_NETNS_COOKIE
+        // in the kernel code); the pinned links keep them alive.
+        let mut obj = match self.load_virt_programs(cookie) {
+            Ok(o) => o,
+            Err(e) => {
+                problems.push(format!("{e:#}"));
+                return problems;
+            }
+        };
+        for ifindex in ifindexes {
+            for (name, attach_type, dir) in VIRT_PROGRAMS {
+                let pin = self.pins.links().join(format!("{prefix}{ifindex}-{dir}"));
+                let attached = virt_program_fd(&mut obj, name).and_then(|fd| {
+                    attach_virt(name, fd.as_fd(), *attach_type, &pin, netns, *ifindex)
+                });
+                if let Err(e) = attached {
+                    problems.push(format!("interface {ifindex} ({dir}): {e:#}"));
+                }
+            }
+        }
+        problems
+    }
+
+    /// Loads the tc programs of virtual interfaces for the pod `cookie`,
+    /// sharing the pinned maps.
+    fn load_virt_programs(&self, cookie: u64) -> Result<Ebpf> {
+        let paths = map_paths(&self.pins);
+        let mut loader = EbpfLoader::new();
+        configure_loader(&mut loader, &paths, &self.caps);
+        loader.override_global("VIRT_NETNS_COOKIE", &cookie, true);
+        let mut obj = loader
+            .load(EBPF_OBJECT)
+            .context("loading weir's kernel object for the pod's virtual interfaces")?;
+        for (name, _, _) in VIRT_PROGRAMS {
+            let prog: &mut SchedClassifier = obj
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel refused program {name}"))?;
+        }
+        Ok(obj)
+    }
+
+    /// (interface index, pin) of the virtual-interface pins starting with
+    /// `prefix`.
+    fn virt_pins(&self, prefix: &str) -> Vec<(u32, PathBuf)> {
+        let Ok(rd) = std::fs::read_dir(self.pins.links()) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.to_string();
+                let rest = name.strip_prefix(prefix)?;
+                let ifindex = rest.split('-').next()?.parse().ok()?;
+                Some((ifindex, e.path()))
+            })
+            .collect()
     }
 
     /// Cookies of the pods that have a pinned sk_lookup link.
@@ -503,6 +584,11 @@ impl Datapath {
                 .insert(a, cookie, 0)
                 .context("POD_ADDRS full")?;
         }
+        for (k, v) in &new.virt {
+            self.virt_ifaces
+                .insert(k, v, 0)
+                .context("VIRT_IFACES full")?;
+        }
         self.pod_policy
             .insert(cookie, policy, 0)
             .context("POD_POLICY full (raise --max-pods)")?;
@@ -540,6 +626,9 @@ impl Datapath {
             .filter(|e| !new.src.iter().any(|n| n.0 == e.0 && n.1 == e.1))
         {
             let _ = self.src_routes.remove(&Key::new(e.0, e.1));
+        }
+        for k in old.virt.keys().filter(|k| !new.virt.contains_key(k)) {
+            let _ = self.virt_ifaces.remove(k);
         }
         for a in old.addrs.iter().filter(|a| !new.addrs.contains(a)) {
             // Only if the address still points at this pod (it may have
@@ -588,7 +677,16 @@ impl Datapath {
             .filter(|(_, c)| *c == cookie)
             .map(|(a, _)| a)
             .collect();
+        let virt: Vec<VirtKey> = self
+            .virt_ifaces
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.netns_cookie == cookie)
+            .collect();
         let _ = self.pod_policy.remove(&cookie);
+        for k in &virt {
+            let _ = self.virt_ifaces.remove(k);
+        }
         for k in &ports {
             let _ = self.port_rules.remove(k);
         }
@@ -719,6 +817,11 @@ impl Datapath {
                 "PENDING_FLOWS",
                 self.pending_flows_len(),
                 cap("PENDING_FLOWS"),
+            ),
+            (
+                "VIRT_IFACES",
+                self.virt_ifaces.keys().count(),
+                cap("VIRT_IFACES"),
             ),
         ]
     }
@@ -857,6 +960,8 @@ pub fn sum_pod<'a>(it: impl Iterator<Item = &'a PodCounters>) -> PodCounters {
         o.dns_captured += c.dns_captured;
         o.bypass_owner_group += c.bypass_owner_group;
         o.bypass_excluded_iface += c.bypass_excluded_iface;
+        o.virt_captured += c.virt_captured;
+        o.virt_dropped += c.virt_dropped;
     }
     o
 }
@@ -901,6 +1006,87 @@ fn update_pinned(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<Option
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("opening pinned link {}", pin.display())),
+    }
+}
+
+/// Every map's pin path.
+fn map_paths(pins: &Pins) -> Vec<(&'static str, PathBuf)> {
+    MAP_NAMES
+        .iter()
+        .map(|n| (*n, pins.maps().join(n)))
+        .collect()
+}
+
+/// Points `loader` at the pinned maps and sets the capacities of maps it
+/// creates.
+fn configure_loader<'a>(
+    loader: &mut EbpfLoader<'a>,
+    map_paths: &'a [(&'static str, PathBuf)],
+    caps: &Capacities,
+) {
+    for (name, path) in map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader
+        .map_max_entries("POD_POLICY", caps.pods)
+        .map_max_entries("POD_COUNTERS", caps.pods)
+        .map_max_entries("POD_META", caps.pods)
+        .map_max_entries("POD_ADDRS", caps.pods.saturating_mul(4))
+        .map_max_entries("PROXY_IDS", caps.pods.saturating_mul(4))
+        .map_max_entries("LISTENERS", caps.pods.saturating_mul(4))
+        .map_max_entries("PENDING_FLOWS", caps.pending_flows)
+        .map_max_entries("PORT_RULES", caps.port_rules)
+        .map_max_entries("CIDR_EXCLUDE", caps.cidrs)
+        .map_max_entries("CIDR_INCLUDE", caps.cidrs)
+        .map_max_entries("FAST_SOCKS", caps.fast_sockets);
+}
+
+/// The fd of a loaded tc program of `obj`.
+fn virt_program_fd(obj: &mut Ebpf, name: &str) -> Result<std::os::fd::OwnedFd> {
+    let prog: &mut SchedClassifier = obj
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing"))?
+        .try_into()?;
+    Ok(prog.fd()?.as_fd().try_clone_to_owned()?)
+}
+
+/// Attaches `prog` (TCX, `attach_type`) to interface `ifindex` of the
+/// pod's netns and pins the link at `pin`, or swaps it into the link
+/// pinned there.
+fn attach_virt(
+    name: &str,
+    prog: std::os::fd::BorrowedFd<'_>,
+    attach_type: u32,
+    pin: &Path,
+    netns: &Path,
+    ifindex: u32,
+) -> Result<()> {
+    match update_pinned(pin, prog) {
+        Ok(Some(())) => return Ok(()),
+        Ok(None) => {}
+        Err(e) => {
+            // A link whose interface went away cannot be updated:
+            // replace it.
+            debug!("{e:#}; attaching anew");
+            remove_pin(pin);
+        }
+    }
+    let ns =
+        std::fs::File::open(netns).with_context(|| format!("opening netns {}", netns.display()))?;
+    let link = sys::in_netns(ns.as_fd(), || {
+        sys::link_create_tcx(prog, ifindex, attach_type)
+    })
+    .with_context(|| format!("attaching {name} (TCX) to interface {ifindex} in the pod"))?;
+    sys::obj_pin(link.as_fd(), pin).with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}
+
+/// Removes one pin (a missing pin is fine).
+fn remove_pin(pin: &Path) {
+    if let Err(e) = std::fs::remove_file(pin)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!("removing {}: {e}", pin.display());
     }
 }
 

@@ -173,6 +173,9 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
         captured
             .with_label_values(&[ns, name, "dns"])
             .inc_by(c.dns_captured);
+        captured
+            .with_label_values(&[ns, name, "virtual_interface"])
+            .inc_by(c.virt_captured);
         for (reason, v) in [
             ("excluded_port", c.bypass_excluded_port),
             ("inbound_passthrough", c.bypass_passthrough),
@@ -197,6 +200,9 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
         refused
             .with_label_values(&[ns, name, "outbound"])
             .inc_by(c.outbound_fail_closed);
+        refused
+            .with_label_values(&[ns, name, "virtual_interface"])
+            .inc_by(c.virt_dropped);
         orig.with_label_values(&[ns, name, "answered"])
             .inc_by(c.orig_dst_answered);
         orig.with_label_values(&[ns, name, "missed"])

@@ -58,6 +58,24 @@ pub struct NetnsFacts {
     pub iface_addrs: Vec<crate::routes::IfaceAddr>,
     /// The unicast routes of the main table (both families).
     pub routes: Vec<crate::routes::Route>,
+    /// `reroute-virtual-interfaces` resolved: interface index -> what the
+    /// kernel programs need to redirect its TCP connections.
+    pub virt: std::collections::BTreeMap<u32, weir_common::VirtIface>,
+}
+
+/// The interface names a probe resolves inside one pod.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Names<'a> {
+    /// `excludeInterfaces`.
+    pub exclude: Option<&'a std::collections::BTreeSet<String>>,
+    /// `reroute-virtual-interfaces`.
+    pub virt: Option<&'a std::collections::BTreeSet<String>>,
+}
+
+impl Names<'_> {
+    fn is_empty(&self) -> bool {
+        self.exclude.is_none_or(|s| s.is_empty()) && self.virt.is_none_or(|s| s.is_empty())
+    }
 }
 
 /// What one visit to a pod's network namespace found.
@@ -73,7 +91,7 @@ pub struct Probe {
 /// Threads that visit namespaces for one [`probe_all`] call.
 const PROBE_THREADS: usize = 4;
 
-/// Visits every namespace in `targets` (path, `excludeInterfaces` names)
+/// Visits every namespace in `targets` (path, interface names to resolve)
 /// and returns a [`Probe`] for each, in order.
 ///
 /// A handful of worker threads share the list; each builds one
@@ -82,7 +100,7 @@ const PROBE_THREADS: usize = 4;
 /// pod. The workers end with the call, so no thread of the agent stays in
 /// a pod's namespace. One netns visit costs tens of microseconds this way,
 /// against a thread and a runtime per pod.
-pub fn probe_all(targets: &[(&Path, &std::collections::BTreeSet<String>)]) -> Vec<Probe> {
+pub fn probe_all(targets: &[(&Path, Names<'_>)]) -> Vec<Probe> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let next = AtomicUsize::new(0);
     let slots: Vec<std::sync::Mutex<Option<Probe>>> = targets
@@ -105,10 +123,10 @@ pub fn probe_all(targets: &[(&Path, &std::collections::BTreeSet<String>)]) -> Ve
                 };
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((netns, exclude)) = targets.get(i) else {
+                    let Some((netns, names)) = targets.get(i) else {
                         break;
                     };
-                    let probe = probe_one(rt.as_ref(), netns, exclude);
+                    let probe = probe_one(rt.as_ref(), netns, *names);
                     *slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(probe);
                 }
             });
@@ -128,11 +146,7 @@ pub fn probe_all(targets: &[(&Path, &std::collections::BTreeSet<String>)]) -> Ve
 }
 
 /// One visit, on the calling (worker) thread, which stays in `netns`.
-fn probe_one(
-    rt: Option<&tokio::runtime::Runtime>,
-    netns: &Path,
-    exclude: &std::collections::BTreeSet<String>,
-) -> Probe {
+fn probe_one(rt: Option<&tokio::runtime::Runtime>, netns: &Path, names: Names<'_>) -> Probe {
     let entered = std::fs::File::open(netns).and_then(|f| {
         nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
         Ok(())
@@ -153,7 +167,7 @@ fn probe_one(
     .and_then(|sock| crate::sys::socket_netns_cookie(sock.as_fd()));
     let facts = match rt {
         Some(rt) => rt
-            .block_on(read_facts(exclude))
+            .block_on(read_facts(names))
             .context("reading the pod's addresses"),
         None => Err(anyhow::anyhow!("no runtime to read the pod's addresses")),
     };
@@ -161,23 +175,41 @@ fn probe_one(
 }
 
 /// Dumps links and addresses of the calling thread's network namespace.
-async fn read_facts(exclude: &std::collections::BTreeSet<String>) -> std::io::Result<NetnsFacts> {
+async fn read_facts(names: Names<'_>) -> std::io::Result<NetnsFacts> {
     use futures_util::TryStreamExt;
-    use rtnetlink::packet_route::address::AddressAttribute;
-    use rtnetlink::packet_route::link::LinkAttribute;
+    use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkLayerType};
+    let exclude = names.exclude.cloned().unwrap_or_default();
+    let virt_names = names.virt.cloned().unwrap_or_default();
     // The socket is opened here, on the thread that entered the namespace.
     let (conn, handle, _) = rtnetlink::new_connection()?;
     let dump = async move {
         let mut facts = NetnsFacts::default();
-        if !exclude.is_empty() {
+        if !names.is_empty() {
             let mut links = handle.link().get().execute();
             while let Some(msg) = links.try_next().await.map_err(std::io::Error::other)? {
-                let named = msg
-                    .attributes
-                    .iter()
-                    .any(|a| matches!(a, LinkAttribute::IfName(n) if exclude.contains(n)));
-                if named {
+                let name = msg.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.as_str()),
+                    _ => None,
+                });
+                let Some(name) = name else { continue };
+                if exclude.contains(name) {
                     facts.excluded.ifindexes.insert(msg.header.index);
+                }
+                if virt_names.contains(name) {
+                    // Ethernet-like devices (veth, bridge, tap) carry a
+                    // 14-byte header in front of IP; L3 devices none.
+                    let l3_offset = match msg.header.link_layer_type {
+                        LinkLayerType::Ether => 14,
+                        _ => 0,
+                    };
+                    facts.virt.insert(
+                        msg.header.index,
+                        weir_common::VirtIface {
+                            l3_offset,
+                            ..Default::default()
+                        },
+                    );
                 }
             }
         }
@@ -187,6 +219,14 @@ async fn read_facts(exclude: &std::collections::BTreeSet<String>) -> std::io::Re
                 let AddressAttribute::Address(ip) = attr else {
                     continue;
                 };
+                if let Some(v) = facts.virt.get_mut(&msg.header.index) {
+                    virt_address(
+                        v,
+                        ip,
+                        &msg.header.flags,
+                        msg.header.scope == AddressScope::Universe,
+                    );
+                }
                 if let Ok(net) = ipnet::IpNet::new(*ip, msg.header.prefix_len) {
                     facts.iface_addrs.push(crate::routes::IfaceAddr {
                         ifindex: msg.header.index,
@@ -232,6 +272,35 @@ async fn read_facts(exclude: &std::collections::BTreeSet<String>) -> std::io::Re
     tokio::select! {
         r = dump => r,
         _ = conn => Err(std::io::Error::other("netlink connection closed")),
+    }
+}
+
+/// Takes `ip` as the address `REDIRECT` uses on a virtual interface if it
+/// is the first fitting one in dump order: the first primary IPv4 address
+/// (`in_dev->ifa_list`), the first global IPv6 address that is not
+/// tentative (`nf_nat_redirect_ipv6` picks the first of the destination's
+/// scope in `idev->addr_list`, the dump's order).
+fn virt_address(
+    v: &mut weir_common::VirtIface,
+    ip: &IpAddr,
+    flags: &rtnetlink::packet_route::address::AddressHeaderFlags,
+    global: bool,
+) {
+    use rtnetlink::packet_route::address::AddressHeaderFlags;
+    match ip {
+        IpAddr::V4(a) if v.flags & weir_common::VIRT_HAS4 == 0 => {
+            if !flags.contains(AddressHeaderFlags::Secondary) {
+                v.addr4 = u32::from_ne_bytes(a.octets());
+                v.flags |= weir_common::VIRT_HAS4;
+            }
+        }
+        IpAddr::V6(a) if v.flags & weir_common::VIRT_HAS6 == 0 => {
+            if global && !flags.contains(AddressHeaderFlags::Tentative) {
+                v.addr6 = weir_common::addr_from_octets(a.octets());
+                v.flags |= weir_common::VIRT_HAS6;
+            }
+        }
+        _ => {}
     }
 }
 

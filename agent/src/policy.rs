@@ -127,9 +127,12 @@ pub mod keys {
     pub const INBOUND_PORT: &str = "weir.dev/inbound-port";
     /// Interfaces whose traffic is never captured (istio-iptables `-c`).
     pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
-    /// KubeVirt virtual interfaces rerouted to the outbound port
-    /// (istio-iptables `-k`): refused, see the README.
+    /// KubeVirt virtual interfaces whose TCP connections go to the
+    /// outbound port (istio-iptables `-k`).
     pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
+    /// The deprecated name of [`REROUTE_VIRTUAL_INTERFACES`], read only
+    /// when that one is absent.
+    pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
     /// Istio's per-pod ProxyConfig; weir reads
     /// `proxyMetadata.ISTIO_META_DNS_CAPTURE` from it.
     pub const PROXY_CONFIG: &str = "proxy.istio.io/config";
@@ -241,6 +244,23 @@ pub struct PodRules {
     /// Linkerd's `skip-subnets`: inbound connections *from* these sources
     /// are not captured (`CIDR_SKIP_SRC`, checked by `weir_sk_lookup`).
     pub inbound_skip_sources: BTreeSet<IpNet>,
+    /// `istio.io/reroute-virtual-interfaces`: interface names inside the
+    /// pod whose TCP connections go to the outbound port.
+    pub virt_ifaces: BTreeSet<String>,
+    /// Resolved from `virt_ifaces` in the pod's netns by the agent:
+    /// interface index -> its redirect addresses (`VIRT_IFACES`).
+    pub virt: BTreeMap<u32, VirtIface>,
+}
+
+/// Whether `name` can name a Linux network interface (`dev_valid_name`):
+/// 1-15 bytes, not `.` or `..`, no `/`, `:` or whitespace.
+fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', ':'])
+        && !name.contains(char::is_whitespace)
 }
 
 fn items(value: &str) -> impl Iterator<Item = &str> {
@@ -721,7 +741,7 @@ pub fn pod_rules(
 
     if let Some(v) = get(keys::EXCLUDE_INTERFACES) {
         for i in items(v) {
-            if i.len() > 15 || i.contains('/') || i.contains(char::is_whitespace) {
+            if !is_interface_name(i) {
                 return Err(err(
                     keys::EXCLUDE_INTERFACES,
                     v,
@@ -735,15 +755,23 @@ pub fn pod_rules(
             p.flags |= POLICY_EXCLUDE_IFACES;
         }
     }
-    if let Some(v) = get(keys::REROUTE_VIRTUAL_INTERFACES)
-        && items(v).next().is_some()
-    {
-        return Err(err(
-            keys::REROUTE_VIRTUAL_INTERFACES,
-            v,
-            "rerouting virtual interfaces (KubeVirt) is not supported by weir".into(),
-            "leave this pod to istio-cni/istio-init, or remove the annotation",
-        ));
+    // KubeVirt's virtual interfaces; the older annotation counts only
+    // without the newer one, as in Istio's injector.
+    let virt = get(keys::REROUTE_VIRTUAL_INTERFACES)
+        .map(|v| (keys::REROUTE_VIRTUAL_INTERFACES, v))
+        .or_else(|| get(keys::KUBEVIRT_INTERFACES).map(|v| (keys::KUBEVIRT_INTERFACES, v)));
+    if let Some((key, v)) = virt {
+        for i in items(v) {
+            if !is_interface_name(i) {
+                return Err(err(
+                    key,
+                    v,
+                    format!("{i:?} is not an interface name"),
+                    "list interface names as seen inside the pod, e.g. k6t-eth0",
+                ));
+            }
+            r.virt_ifaces.insert(i.to_string());
+        }
     }
 
     // Owner groups (ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]): "*" with
@@ -916,6 +944,8 @@ pub struct PodEntries {
     pub src: Vec<(u32, CidrData, Addr)>,
     /// `POD_ADDRS` keys.
     pub addrs: Vec<Addr>,
+    /// `VIRT_IFACES` entries.
+    pub virt: BTreeMap<VirtKey, VirtIface>,
 }
 
 impl PodRules {
@@ -1005,6 +1035,20 @@ impl PodRules {
                 .filter(|a| !(self.skip_ipv6 && a.to_canonical().is_ipv6()))
                 .map(|a| addr_of(*a))
                 .collect(),
+            virt: self
+                .virt
+                .iter()
+                .map(|(ifindex, v)| {
+                    (
+                        VirtKey {
+                            netns_cookie: cookie,
+                            ifindex: *ifindex,
+                            _pad: 0,
+                        },
+                        *v,
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -1089,6 +1133,37 @@ mod tests {
         let excl: Vec<u16> = r.in_exclude_ports.iter().copied().collect();
         assert_eq!(excl, vec![15006, 15020, 15021, 15090]);
         assert_eq!(r.policy.pod_ip4, u32::from_ne_bytes([198, 18, 0, 1]));
+    }
+
+    #[test]
+    fn virtual_interfaces_are_parsed_like_istio() {
+        let get = |pairs: &[(&str, &str)]| pod_rules(Mesh::Istio, &[], &ann(pairs));
+        let r = get(&[(keys::REROUTE_VIRTUAL_INTERFACES, " k6t-eth0, ,tap0,")]).unwrap();
+        let names: Vec<&str> = r.virt_ifaces.iter().map(String::as_str).collect();
+        assert_eq!(names, ["k6t-eth0", "tap0"]);
+        // The deprecated key counts only without the new one.
+        let r = get(&[(keys::KUBEVIRT_INTERFACES, "old0")]).unwrap();
+        assert!(r.virt_ifaces.contains("old0"));
+        let r = get(&[
+            (keys::KUBEVIRT_INTERFACES, "old0"),
+            (keys::REROUTE_VIRTUAL_INTERFACES, "new0"),
+        ])
+        .unwrap();
+        let names: Vec<&str> = r.virt_ifaces.iter().map(String::as_str).collect();
+        assert_eq!(names, ["new0"]);
+        assert!(
+            get(&[(keys::REROUTE_VIRTUAL_INTERFACES, "")])
+                .unwrap()
+                .virt_ifaces
+                .is_empty()
+        );
+        for bad in ["a/b", "name-longer-than-15", "..", "eth0:1", "a b"] {
+            let e = get(&[(keys::REROUTE_VIRTUAL_INTERFACES, bad)]).unwrap_err();
+            assert_eq!(e.key, keys::REROUTE_VIRTUAL_INTERFACES, "{bad}");
+            assert!(e.to_string().contains("is not an interface name"), "{e}");
+        }
+        let e = get(&[(keys::KUBEVIRT_INTERFACES, "x/y")]).unwrap_err();
+        assert_eq!(e.key, keys::KUBEVIRT_INTERFACES);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use log::{info, warn};
+use log::{debug, info, warn};
 use weir_common::PodMeta;
 
 use crate::datapath::Datapath;
@@ -105,9 +105,9 @@ impl Reconciler {
         }
         // Every pod's namespace is visited on every pass (its addresses may
         // have changed), by a few threads for the whole pass.
-        let targets: Vec<(&Path, &BTreeSet<String>)> = want
+        let targets: Vec<(&Path, crate::netlink::Names<'_>)> = want
             .values()
-            .map(|s| (s.netns.as_path(), &s.rules.exclude_ifaces))
+            .map(|s| (s.netns.as_path(), names(s)))
             .collect();
         let probes = crate::netlink::probe_all(&targets);
         let mut owners = self.address_owners();
@@ -210,6 +210,7 @@ impl Reconciler {
                     self.dp
                         .write_pod(cookie, pod_id, &meta(spec), &spec.rules, Some(&old))?;
                 setup_netns(&spec.netns, &spec.rules);
+                self.sync_virt(key, spec, cookie);
                 info!("pod {key}: policy updated");
                 self.record(key, spec, cookie, pod_id, entries);
                 return Ok(Applied::Updated);
@@ -248,6 +249,7 @@ impl Reconciler {
                 return Err(e);
             }
         };
+        self.sync_virt(key, spec, cookie);
         log::debug!(
             "pod {key}: enrolled (netns {}, cookie {cookie}, mesh {}, outbound :{}, inbound :{})",
             spec.netns.display(),
@@ -257,6 +259,34 @@ impl Reconciler {
         );
         self.record(key, spec, cookie, pod_id, entries);
         Ok(Applied::Enrolled)
+    }
+
+    /// Attaches the tc programs to the pod's virtual interfaces that exist
+    /// (after `VIRT_IFACES` is written, so they find their entries), and
+    /// names the listed ones that do not exist yet (the next pass attaches
+    /// them when they appear).
+    fn sync_virt(&mut self, key: &str, spec: &PodSpec, cookie: u64) {
+        let ifindexes: BTreeSet<u32> = spec.rules.virt.keys().copied().collect();
+        let t0 = std::time::Instant::now();
+        let problems = self.dp.sync_virt_links(cookie, &spec.netns, &ifindexes);
+        for problem in &problems {
+            warn!("pod {key}: reroute-virtual-interfaces: {problem}");
+        }
+        if !ifindexes.is_empty() && problems.is_empty() {
+            info!(
+                "pod {key}: rerouting TCP from {} virtual interface(s) ({} ms)",
+                ifindexes.len(),
+                t0.elapsed().as_millis()
+            );
+        }
+        let found = spec.rules.virt.len();
+        if found < spec.rules.virt_ifaces.len() {
+            debug!(
+                "pod {key}: {} of {} reroute-virtual-interfaces exist so far",
+                found,
+                spec.rules.virt_ifaces.len()
+            );
+        }
     }
 
     fn record(&mut self, key: &str, spec: &PodSpec, cookie: u64, pod_id: u32, entries: PodEntries) {
@@ -307,10 +337,9 @@ impl Reconciler {
     pub fn enroll_now(&mut self, spec: &PodSpec) -> Result<u64> {
         self.proc_index = None;
         let key = spec.key();
-        let probe =
-            crate::netlink::probe_all(&[(spec.netns.as_path(), &spec.rules.exclude_ifaces)])
-                .pop()
-                .context("netns probe did not run")?;
+        let probe = crate::netlink::probe_all(&[(spec.netns.as_path(), names(spec))])
+            .pop()
+            .context("netns probe did not run")?;
         let mut owners = self.address_owners();
         self.apply_one(&key, spec, probe, &mut owners)?;
         let ports: BTreeSet<u16> = self
@@ -323,6 +352,14 @@ impl Reconciler {
             .get(&key)
             .map(|p| p.cookie)
             .with_context(|| format!("pod {key}: not recorded after enrollment"))
+    }
+}
+
+/// The interface names to resolve in a pod's netns.
+fn names(spec: &PodSpec) -> crate::netlink::Names<'_> {
+    crate::netlink::Names {
+        exclude: Some(&spec.rules.exclude_ifaces),
+        virt: Some(&spec.rules.virt_ifaces),
     }
 }
 
@@ -352,6 +389,7 @@ fn with_discovered_addrs(spec: &PodSpec, facts: Result<crate::netlink::NetnsFact
                 spec.rules.excluded_ifindexes = facts.excluded.ifindexes;
                 spec.rules.iface_routes = region;
             }
+            spec.rules.virt = facts.virt;
         }
         Err(e) => warn!("netns {}: {e:#}", spec.netns.display()),
     }

@@ -64,6 +64,10 @@ pub struct Counters {
     pub orig_dst_answered: u64,
     /// DNS queries sent to the DNS port.
     pub dns_captured: u64,
+    /// Connections from virtual interfaces sent to the outbound port.
+    pub virt_captured: u64,
+    /// Packets from virtual interfaces dropped (see `PodCounters`).
+    pub virt_dropped: u64,
 }
 
 /// The socket-level fast path (`--fast-path`), node-wide.
@@ -170,6 +174,8 @@ pub fn read(bpffs: &Path) -> Result<Status> {
                 fail_closed: c.inbound_fail_closed + c.outbound_fail_closed,
                 orig_dst_answered: c.orig_dst_answered,
                 dns_captured: c.dns_captured,
+                virt_captured: c.virt_captured,
+                virt_dropped: c.virt_dropped,
             },
         });
     }

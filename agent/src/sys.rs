@@ -111,6 +111,27 @@ pub fn link_create(
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Creates a TCX BPF link attaching `prog` to interface `ifindex` of the
+/// calling thread's network namespace (the kernel resolves the index
+/// there), at `attach_type` (`BPF_TCX_INGRESS` 46 / `BPF_TCX_EGRESS` 47),
+/// after the programs already there.
+pub fn link_create_tcx(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        // `target_ifindex` shares this word with `target_fd`.
+        target_fd: ifindex,
+        attach_type,
+        flags: 0,
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// Atomically replaces the program behind a BPF link.
 pub fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = LinkUpdateAttr {

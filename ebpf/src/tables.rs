@@ -188,6 +188,17 @@ pub fn store_fast_peer(sk: *mut aya_ebpf::bindings::bpf_sock, mut fp: FastPeer) 
     true
 }
 
+/// The interfaces of `istio.io/reroute-virtual-interfaces` of every pod,
+/// with the addresses their TCP connections are redirected to.
+#[btf_map]
+pub static VIRT_IFACES: HashMap<VirtKey, VirtIface, 4096> = HashMap::new();
+
+/// Connections rerouted from virtual interfaces: two mirrored entries per
+/// connection (the way in, the way back), as `REDIRECT`'s conntrack entry
+/// would hold them. Least recently used entries go first when it fills.
+#[btf_map]
+pub static VIRT_FLOWS: LruHashMap<VirtFlowKey, VirtFlow, 131072> = LruHashMap::new();
+
 /// Per-pod counters.
 #[btf_map]
 pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters, 16384> = PerCpuHashMap::new();

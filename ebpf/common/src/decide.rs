@@ -393,6 +393,35 @@ pub fn decide_inbound<T: PodTables>(
     Verdict::BypassNotIncluded
 }
 
+/// Istio's rule for a TCP connection that arrives through one of the
+/// pod's virtual interfaces (`istio.io/reroute-virtual-interfaces`,
+/// istio-iptables `-k`; KubeVirt's VM traffic), whatever its destination:
+/// `PREROUTING -i IFACE [-d INCLUDED] -j ISTIO_REDIRECT`, then
+/// `-i IFACE -j RETURN`.
+///
+/// 1. no outbound capture for the pod, or an IPv6 destination for a pod
+///    whose mesh writes no IPv6 rules: not captured;
+/// 2. a destination in the outbound include ranges (or any, with `*`):
+///    sent to the outbound port, as if the pod itself had dialled it;
+/// 3. anything else: not captured, and not inbound either (the caller
+///    must not apply [`decide_inbound`] to it).
+///
+/// Exclusions (ports, CIDRs, identities) do not apply: Istio's rule sits
+/// in `PREROUTING`, before any of them.
+#[inline(always)]
+pub fn decide_virt<T: PodTables>(p: &PodPolicy, dst: &Addr, t: &T) -> Verdict {
+    if p.flags & POLICY_CAPTURE_OUTBOUND == 0 {
+        return Verdict::BypassDisabled;
+    }
+    if !is_v4_mapped(dst) && !ipv6_rules(p) {
+        return Verdict::BypassDisabled;
+    }
+    if p.flags & POLICY_OUTBOUND_ALL_CIDRS != 0 || t.in_cidrs(CidrList::OutboundInclude, dst) {
+        return Verdict::RedirectOutbound;
+    }
+    Verdict::BypassNotIncluded
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
@@ -884,6 +913,36 @@ mod tests {
             decide_outbound(&p, &q(v4(198, 18, 0, 2), 80, 1000), &t),
             Verdict::BypassExcludedCidr
         );
+    }
+
+    #[test]
+    fn virtual_interfaces_follow_only_the_include_ranges() {
+        let (mut p, mut t) = istio();
+        let remote = v4(198, 18, 10, 1);
+        assert_eq!(decide_virt(&p, &remote, &t), Verdict::RedirectOutbound);
+        // Exclusions sit in ISTIO_OUTPUT, after PREROUTING's -k rules.
+        t.exclude.push((remote, 128));
+        t.ports.push((PORT_OUT_EXCLUDE, 80));
+        assert_eq!(decide_virt(&p, &remote, &t), Verdict::RedirectOutbound);
+        // Only the include ranges count, not the include ports.
+        p.flags &= !POLICY_OUTBOUND_ALL_CIDRS;
+        t.ports.push((PORT_OUT_INCLUDE, 80));
+        assert_eq!(decide_virt(&p, &remote, &t), Verdict::BypassNotIncluded);
+        t.include.push((v4(198, 18, 10, 0), 96 + 24));
+        assert_eq!(decide_virt(&p, &remote, &t), Verdict::RedirectOutbound);
+        assert_eq!(
+            decide_virt(&p, &v4(198, 18, 11, 1), &t),
+            Verdict::BypassNotIncluded
+        );
+        // No IPv6 rules for an IPv4 pod (ISTIO_DUAL_STACK unset).
+        p.flags |= POLICY_OUTBOUND_ALL_CIDRS | POLICY_HAS_IP4;
+        let v6: Addr = [u32::to_be(0x2001_0002), 0, 0, u32::to_be(1)];
+        assert_eq!(decide_virt(&p, &v6, &t), Verdict::BypassDisabled);
+        p.flags |= POLICY_HAS_IP6;
+        assert_eq!(decide_virt(&p, &v6, &t), Verdict::RedirectOutbound);
+        // interceptionMode NONE.
+        p.flags &= !POLICY_CAPTURE_OUTBOUND;
+        assert_eq!(decide_virt(&p, &remote, &t), Verdict::BypassDisabled);
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub use decide::*;
 /// Layout version of every map below. The agent stores it in the pinned
 /// `WEIR_META` map and refuses to reuse pinned maps written with another
 /// version (bump it whenever a struct in this crate changes).
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// `AF_INET` as the kernel reports it in BPF contexts.
 pub const AF_INET: u32 = 2;
@@ -186,6 +186,81 @@ pub const IDKEY_OWNER_GROUP: u32 = 3;
 /// The index of an interface in `excludeInterfaces` (inside the pod).
 pub const IDKEY_EXCLUDED_IFINDEX: u32 = 4;
 
+/// Key of the `VIRT_IFACES` map: an interface of
+/// `istio.io/reroute-virtual-interfaces`, inside one pod.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VirtKey {
+    /// The pod's network-namespace cookie.
+    pub netns_cookie: u64,
+    /// The interface's index inside the pod.
+    pub ifindex: u32,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// [`VirtIface`] flag: `addr4` is set.
+pub const VIRT_HAS4: u32 = 1;
+/// [`VirtIface`] flag: `addr6` is set.
+pub const VIRT_HAS6: u32 = 2;
+
+/// What the TCP redirect of a virtual interface needs to know about it:
+/// the addresses `REDIRECT` would send its connections to (the first
+/// IPv4 address; the first global, non-tentative IPv6 address) and where
+/// the IP header starts in its frames.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VirtIface {
+    /// IPv4 address, network order (with `VIRT_HAS4`).
+    pub addr4: u32,
+    /// `VIRT_*` flags.
+    pub flags: u32,
+    /// IPv6 address (with `VIRT_HAS6`).
+    pub addr6: Addr,
+    /// Length of the link-layer header (14 for Ethernet, 0 for L3 devices).
+    pub l3_offset: u32,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// One direction of a connection rerouted from a virtual interface, as
+/// the pod sees its packets: `peer` is the virtual machine's end, `local`
+/// the pod's end (the original destination on the way in, the interface
+/// address and outbound port on the way back). Key of `VIRT_FLOWS`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VirtFlowKey {
+    /// The pod's network-namespace cookie.
+    pub netns_cookie: u64,
+    /// The virtual machine's address (IPv4-mapped for IPv4).
+    pub peer_addr: Addr,
+    /// The pod-side address.
+    pub local_addr: Addr,
+    /// The virtual machine's port, host order.
+    pub peer_port: u16,
+    /// The pod-side port, host order.
+    pub local_port: u16,
+    /// Zero.
+    pub _pad: u32,
+}
+
+/// How packets of a [`VirtFlowKey`] are rewritten: the pod-side end
+/// becomes `addr`:`port`, the virtual machine's port becomes `peer_port`.
+/// The entry for the way in (original destination -> interface address
+/// and outbound port) and the one for the way back mirror each other.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VirtFlow {
+    /// The pod-side address to write.
+    pub addr: Addr,
+    /// The pod-side port to write, host order.
+    pub port: u16,
+    /// The virtual machine's port to write, host order.
+    pub peer_port: u16,
+    /// Zero.
+    pub _pad: u32,
+}
+
 /// Key of the `PROXY_IDS` hash map: one entry per (pod, uid-or-gid).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -321,8 +396,14 @@ pub struct PodCounters {
     pub bypass_owner_group: u64,
     /// Not captured: through an interface of `excludeInterfaces`.
     pub bypass_excluded_iface: u64,
-    /// Reserved, zero.
-    pub _reserved: u64,
+    /// TCP connections from a virtual interface
+    /// (`istio.io/reroute-virtual-interfaces`) sent to the outbound port.
+    pub virt_captured: u64,
+    /// Packets from a virtual interface dropped: a connection to capture
+    /// while the interface has no address of its family (as `REDIRECT`
+    /// drops it), a packet of a rerouted connection weir has no state for,
+    /// or no free port to tell two connections apart.
+    pub virt_dropped: u64,
 }
 
 /// Node-wide counters (a one-slot per-CPU array).
@@ -487,6 +568,10 @@ mod user {
     unsafe impl aya::Pod for super::WeirMeta {}
     unsafe impl aya::Pod for super::FastKey {}
     unsafe impl aya::Pod for super::FastPeer {}
+    unsafe impl aya::Pod for super::VirtKey {}
+    unsafe impl aya::Pod for super::VirtIface {}
+    unsafe impl aya::Pod for super::VirtFlowKey {}
+    unsafe impl aya::Pod for super::VirtFlow {}
 }
 
 #[cfg(test)]
@@ -504,7 +589,11 @@ mod layout_tests {
         assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<FlowKey>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4);
-        assert_eq!(size_of::<PodCounters>(), 20 * 8);
+        assert_eq!(size_of::<PodCounters>(), 21 * 8);
+        assert_eq!(size_of::<VirtKey>(), 16);
+        assert_eq!(size_of::<VirtIface>(), 4 + 4 + 16 + 4 + 4);
+        assert_eq!(size_of::<VirtFlowKey>(), 8 + 16 + 16 + 2 + 2 + 4);
+        assert_eq!(size_of::<VirtFlow>(), 16 + 2 + 2 + 4);
         assert_eq!(size_of::<NodeCounters>(), 11 * 8);
         assert_eq!(size_of::<FastKey>(), 8 + 16 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<FastPeer>(), size_of::<FastKey>() + 4 + 4);

@@ -1,0 +1,299 @@
+//! `istio.io/reroute-virtual-interfaces` (istio-iptables `-k`, KubeVirt):
+//! TCP connections of a "VM" behind a virtual interface of the pod go to
+//! the proxy's outbound port with their original destination, through
+//! weir's tc programs; everything else from that interface is forwarded
+//! untouched and is never inbound-captured. Kernel tests: they need root
+//! and run one at a time.
+//!
+//! Topology (all in namespaces the test makes):
+//!
+//! ```text
+//! vm (198.18.32.2, 2001:2:32::2) --[eth0 | k6t0]-- pod (198.18.30.1) --[veth]-- srv (198.18.30.2)
+//!                                                    forwards                    198.18.31.1, 2001:2:31::1 on lo
+//! ```
+//!
+//! The differential suite compares the same option against Istio's own
+//! rules; these tests pin the mechanics (port reuse, fail closed, agent
+//! restart, removal).
+
+use std::time::Duration;
+
+use serde_json::Value;
+use weir_tests::node::{ClientResult, Node, PodEntry, sidecar_log};
+use weir_tests::{NetNs, require_root, wait_until};
+
+const REROUTE: &str = "istio.io/reroute-virtual-interfaces";
+const SERVICE4: &str = "198.18.31.1:80";
+const SERVICE6: &str = "[2001:2:31::1]:80";
+
+struct World {
+    pod: NetNs,
+    vm: NetNs,
+    srv: NetNs,
+}
+
+fn world() -> World {
+    let pod = NetNs::new("vpod");
+    let vm = NetNs::new("vvm");
+    let srv = NetNs::new("vsrv");
+    pod.ip(&[
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        srv.name(),
+    ]);
+    pod.ip(&[
+        "link",
+        "add",
+        "k6t0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        vm.name(),
+    ]);
+    for (ns, dev, addrs) in [
+        (&pod, "eth0", ["198.18.30.1/24", "2001:2:30::1/64"]),
+        (&srv, "eth0", ["198.18.30.2/24", "2001:2:30::2/64"]),
+        (&pod, "k6t0", ["198.18.32.1/24", "2001:2:32::1/64"]),
+        (&vm, "eth0", ["198.18.32.2/24", "2001:2:32::2/64"]),
+    ] {
+        ns.ip(&["addr", "add", addrs[0], "dev", dev]);
+        ns.ip(&["addr", "add", addrs[1], "dev", dev, "nodad"]);
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    srv.ip(&["addr", "add", "198.18.31.1/32", "dev", "lo"]);
+    srv.ip(&["addr", "add", "2001:2:31::1/128", "dev", "lo", "nodad"]);
+    srv.ip(&["link", "set", "lo", "up"]);
+    srv.ip(&["route", "add", "198.18.32.0/24", "via", "198.18.30.1"]);
+    srv.ip(&[
+        "-6",
+        "route",
+        "add",
+        "2001:2:32::/64",
+        "via",
+        "2001:2:30::1",
+    ]);
+    pod.ip(&["route", "add", "default", "via", "198.18.30.2"]);
+    pod.ip(&["-6", "route", "add", "default", "via", "2001:2:30::2"]);
+    vm.ip(&["route", "add", "default", "via", "198.18.32.1"]);
+    vm.ip(&["-6", "route", "add", "default", "via", "2001:2:32::1"]);
+    for s in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        pod.exec_ok(&["sysctl", "-q", "-w", s]);
+    }
+    World { pod, vm, srv }
+}
+
+fn pod_entry(w: &World, annotations: &[(&str, &str)]) -> PodEntry {
+    let mut e = PodEntry::new("vmpod", &w.pod, &["198.18.30.1", "2001:2:30::1"]);
+    for (k, v) in annotations {
+        e = e.annotate(k, v);
+    }
+    e
+}
+
+fn from_vm(node: &Node, w: &World, dst: &str) -> ClientResult {
+    node.client(&w.vm, 0, dst)
+}
+
+fn reply_of(r: &ClientResult) -> Value {
+    r.reply()
+}
+
+fn records_for(log: &std::path::Path, n: usize) -> Vec<Value> {
+    wait_until(Duration::from_secs(10), "sidecar records", || {
+        sidecar_log(log).len() >= n
+    });
+    sidecar_log(log)
+}
+
+/// Starts the agent with the pod enrolled and waits until the tc programs
+/// are on the virtual interface.
+fn enrolled_node(w: &World, annotations: &[(&str, &str)]) -> Node {
+    let mut node = Node::with_agent();
+    node.set_pods(&[pod_entry(w, annotations)]);
+    node.wait_log("rerouting TCP from 1 virtual interface(s)");
+    node.echo(&w.srv, 80, "svc", 0);
+    node
+}
+
+#[test]
+fn vm_connections_go_to_the_outbound_port_with_their_original_destination() {
+    if !require_root() {
+        return;
+    }
+    let w = world();
+    let mut node = enrolled_node(&w, &[(REROUTE, "k6t0")]);
+    let log = node.sidecar(&w.pod, "sidecar");
+    let mut seen = 0;
+    for (dst, vm_addr, pod_side) in [
+        (SERVICE4, "198.18.32.2", "198.18.32.1:15001"),
+        (SERVICE6, "2001:2:32::2", "[2001:2:32::1]:15001"),
+    ] {
+        let r = from_vm(&node, &w, dst);
+        assert!(r.ok(), "{dst}: {:?}\n{}", r.json, node.agent_logs());
+        // The VM sees the destination it dialled...
+        assert_eq!(r.peer(), dst, "{:?}", r.json);
+        // ...and the answer came through the proxy (its upstream socket is
+        // the pod's, not the VM's).
+        let reply = reply_of(&r);
+        assert_eq!(reply["server"], "svc", "{reply}");
+        let upstream_peer = reply["peer"].as_str().unwrap_or_default().to_string();
+        assert!(
+            upstream_peer.contains("198.18.30.1") || upstream_peer.contains("2001:2:30::1"),
+            "the service's peer must be the pod (via the proxy), got {upstream_peer}"
+        );
+        seen += 1;
+        let recs = records_for(&log, seen);
+        let rec = &recs[seen - 1];
+        assert_eq!(rec["listener"], "outbound", "{rec}");
+        assert_eq!(rec["orig_dst"], dst, "{rec}");
+        // As with REDIRECT: the proxy accepted on the interface's address
+        // and its outbound port, from the VM's address.
+        assert_eq!(rec["local"], pod_side, "{rec}");
+        assert!(
+            rec["peer"].as_str().unwrap_or_default().contains(vm_addr),
+            "{rec}"
+        );
+    }
+    let c = node.counters("vmpod");
+    assert_eq!(c["virt_captured"], 2, "{c}");
+    assert_eq!(c["virt_dropped"], 0, "{c}");
+    let metrics = node.metrics();
+    assert!(
+        metrics.contains("direction=\"virtual_interface\"")
+            || metrics.contains("virtual_interface"),
+        "metrics lack the virtual_interface series:\n{metrics}"
+    );
+}
+
+#[test]
+fn only_included_ranges_are_captured_and_nothing_from_the_vm_is_inbound() {
+    if !require_root() {
+        return;
+    }
+    let w = world();
+    let mut node = enrolled_node(
+        &w,
+        &[
+            (REROUTE, "k6t0"),
+            (
+                "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                "198.18.99.0/24",
+            ),
+        ],
+    );
+    let log = node.sidecar(&w.pod, "sidecar");
+    node.echo(&w.pod, 8080, "app", 1000);
+    // Not in the include ranges: forwarded, the service sees the VM.
+    let r = from_vm(&node, &w, SERVICE4);
+    assert!(r.ok(), "{:?}", r.json);
+    let reply = reply_of(&r);
+    assert_eq!(reply["server"], "svc");
+    assert!(
+        reply["peer"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("198.18.32.2:"),
+        "{reply}"
+    );
+    // The pod's own address from the VM: Istio's `-i k6t0 -j RETURN`
+    // keeps it away from inbound capture too; the application answers.
+    let r = from_vm(&node, &w, "198.18.30.1:8080");
+    assert!(r.ok(), "{:?}", r.json);
+    assert_eq!(reply_of(&r)["server"], "app");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(sidecar_log(&log).is_empty(), "{:?}", sidecar_log(&log));
+}
+
+#[test]
+fn a_vm_port_reused_towards_two_destinations_keeps_both_apart() {
+    if !require_root() {
+        return;
+    }
+    let w = world();
+    w.srv.ip(&["addr", "add", "198.18.31.2/32", "dev", "lo"]);
+    let mut node = enrolled_node(&w, &[(REROUTE, "k6t0")]);
+    let log = node.sidecar(&w.pod, "sidecar");
+    for (i, dst) in ["198.18.31.1:80", "198.18.31.2:80"].iter().enumerate() {
+        let out = node.run_in_pod(
+            &w.vm,
+            &[
+                "fixed-port-client",
+                "--connect",
+                dst,
+                "--bind",
+                "198.18.32.2",
+                "--first-port",
+                "41000",
+            ],
+        );
+        let r: Value = serde_json::from_str(out.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{out}: {e}"));
+        assert_eq!(r["ok"], true, "{r}\n{}", node.agent_logs());
+        assert_eq!(r["peer"], *dst, "{r}");
+        let recs = records_for(&log, i + 1);
+        assert_eq!(recs[i]["orig_dst"], *dst, "{}", recs[i]);
+    }
+}
+
+#[test]
+fn without_a_proxy_vm_connections_are_refused_not_forwarded() {
+    if !require_root() {
+        return;
+    }
+    let w = world();
+    let node = enrolled_node(&w, &[(REROUTE, "k6t0")]);
+    let r = from_vm(&node, &w, SERVICE4);
+    assert!(
+        !r.ok(),
+        "{:?}\n{}\n{}",
+        r.json,
+        node.agent_logs(),
+        w.pod.exec_ok(&["bpftool", "net", "show"])
+    );
+    assert_eq!(r.errno(), Some(libc::ECONNREFUSED as i64), "{:?}", r.json);
+}
+
+#[test]
+fn restart_keeps_rerouting_and_removal_stops_it() {
+    if !require_root() {
+        return;
+    }
+    let w = world();
+    let mut node = enrolled_node(&w, &[(REROUTE, "k6t0")]);
+    let log = node.sidecar(&w.pod, "sidecar");
+    node.kill_agent();
+    // Pinned links and maps: capture goes on without the agent.
+    let r = from_vm(&node, &w, SERVICE4);
+    assert!(r.ok(), "{:?}", r.json);
+    assert_eq!(records_for(&log, 1)[0]["orig_dst"], SERVICE4);
+    node.start_agent();
+    node.wait_log("rerouting TCP from 1 virtual interface(s)");
+    let r = from_vm(&node, &w, SERVICE4);
+    assert!(r.ok(), "{:?}", r.json);
+    assert_eq!(records_for(&log, 2)[1]["orig_dst"], SERVICE4);
+    // Dropping the annotation detaches the tc programs: forwarded again.
+    node.set_pods(&[pod_entry(&w, &[])]);
+    wait_until(
+        Duration::from_secs(15),
+        "VM connections to be forwarded again",
+        || {
+            let r = from_vm(&node, &w, SERVICE4);
+            r.ok()
+                && reply_of(&r)["peer"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with("198.18.32.2:")
+        },
+    );
+    assert_eq!(sidecar_log(&log).len(), 2, "{:?}", sidecar_log(&log));
+}
