@@ -81,10 +81,7 @@ const OWNER_GROUPS_STATUS: Status = Status::Compare;
 /// `traffic.sidecar.istio.io/excludeInterfaces`.
 const EXCLUDE_INTERFACES_STATUS: Status = Status::Compare;
 /// `istio.io/reroute-virtual-interfaces`.
-const REROUTE_VIRTUAL_INTERFACES_STATUS: Status = Status::Skip(
-    "weir refuses istio.io/reroute-virtual-interfaces per pod (KubeVirt rerouting is not \
-     supported); the generator writes istio-iptables' -k rules",
-);
+const REROUTE_VIRTUAL_INTERFACES_STATUS: Status = Status::Compare;
 
 /// A configuration's pod, in its mesh's own terms: what the user wrote
 /// (annotations, proxy UID, proxy metadata, the cluster's mesh settings).
@@ -155,6 +152,17 @@ impl MeshPod {
             MeshPod::Istio(p) => p.weir_annotations(),
             MeshPod::Linkerd(p) => p.weir_annotations(),
             MeshPod::Kuma(p) => p.weir_annotations(),
+        }
+    }
+
+    /// Whether the pod reroutes a virtual interface (the VM rows run).
+    fn has_vm(&self) -> bool {
+        match self {
+            MeshPod::Istio(p) => p
+                .annotations
+                .get(keys::REROUTE_VIRTUAL_INTERFACES)
+                .is_some_and(|v| !v.trim().is_empty()),
+            _ => false,
         }
     }
 
@@ -415,7 +423,14 @@ fn cases() -> Vec<Case> {
         })
         .status(EXCLUDE_INTERFACES_STATUS),
         case("reroute-virtual-interfaces", |p| {
-            p.annotate(REROUTE_VIRTUAL_INTERFACES, "net1")
+            p.annotate(REROUTE_VIRTUAL_INTERFACES, VM_IFACE)
+        })
+        .status(REROUTE_VIRTUAL_INTERFACES_STATUS),
+        case("reroute-virtual-interfaces-ranges", |p| {
+            p.annotate(REROUTE_VIRTUAL_INTERFACES, VM_IFACE).annotate(
+                INCLUDE_OUTBOUND_IP_RANGES,
+                "198.18.10.0/24,2001:2:0:10::/64",
+            )
         })
         .status(REROUTE_VIRTUAL_INTERFACES_STATUS),
         case("dual-stack-off", |p| {
@@ -553,6 +568,9 @@ enum Origin {
     Pod,
     /// From the peer namespace (inbound).
     Peer,
+    /// From a virtual machine behind the pod's virtual interface
+    /// ([`VM_IFACE`]; KubeVirt), through the pod.
+    Vm,
 }
 
 /// One connection of the matrix.
@@ -588,7 +606,7 @@ impl Conn {
 /// The connections a configuration gets, in both worlds: the same for
 /// every mesh, with the mesh's proxy UID, plus a few rows for the other
 /// meshes' own ports (appended, so Istio's rows keep their labels).
-fn matrix(m: &MeshPorts) -> Vec<Conn> {
+fn matrix(m: &MeshPorts, vm: bool) -> Vec<Conn> {
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     let (proxy, gid_only) = if m.mesh == "istio" {
         (PROXY, GID_ONLY)
@@ -727,6 +745,24 @@ fn matrix(m: &MeshPorts) -> Vec<Conn> {
     ] {
         add_any("u", Pod, who, None, dst, Some(connected));
     }
+    // A VM behind the pod's virtual interface (only for the
+    // configurations that reroute it): remote services in and out of the
+    // include ranges, the pod's own addresses, DNS over UDP.
+    if vm {
+        for dst in [
+            "198.18.10.1:80",
+            "198.18.10.1:3306",
+            "198.18.11.1:80",
+            "[2001:2:0:10::1]:80",
+            "[2001:2:0:11::1]:80",
+            "198.18.0.1:8080",
+            "198.18.200.1:8080",
+            "198.18.0.1:15008",
+        ] {
+            add_any("v", Vm, ROOT, None, dst, None);
+        }
+        add_any("v", Vm, ROOT, None, "198.18.53.53:53", Some(false));
+    }
     // The other meshes' ports.
     match m.mesh {
         "linkerd" => {
@@ -790,6 +826,8 @@ struct World {
     procs: Vec<Proc>,
     pod: NetNs,
     peer: NetNs,
+    /// The VM behind [`VM_IFACE`], for configurations that reroute it.
+    vm: Option<NetNs>,
     dir: TempDir,
     log: PathBuf,
     side: Side,
@@ -826,6 +864,10 @@ fn peer_source(dst: &str) -> &'static str {
     }
 }
 
+/// The pod's virtual interface (KubeVirt's `k6t-eth0`) in the
+/// `reroute-virtual-interfaces` configurations.
+const VM_IFACE: &str = "k6t0";
+
 /// Remote service addresses on the peer's `lo`.
 const PEER_SERVICES: &[&str] = &[
     "198.18.10.1/32",
@@ -841,7 +883,7 @@ const PEER_SERVICES: &[&str] = &[
 ];
 
 impl World {
-    fn new(side: Side, ipv6: bool) -> World {
+    fn new(side: Side, ipv6: bool, with_vm: bool) -> World {
         let tag = match side {
             Side::Iptables => "dipt",
             Side::Weir => "dweir",
@@ -928,17 +970,64 @@ impl World {
                 "2001:2:0:100::2",
             ]);
         }
+        let vm = with_vm.then(|| World::add_vm(&pod, &peer, ipv6, tag));
         let dir = TempDir::new("diff");
         let log = dir.join("sidecar.log");
         World {
             procs: Vec::new(),
             pod,
             peer,
+            vm,
             dir,
             log,
             side,
             counter: 0,
         }
+    }
+
+    /// A VM namespace behind the pod's [`VM_IFACE`] (a veth), routed
+    /// through the pod (which forwards), as KubeVirt's launcher pod does
+    /// it.
+    fn add_vm(pod: &NetNs, peer: &NetNs, ipv6: bool, tag: &str) -> NetNs {
+        let vm = NetNs::new(&format!("{tag}v"));
+        pod.ip(&[
+            "link",
+            "add",
+            VM_IFACE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            vm.name(),
+        ]);
+        for (ns, dev, a4, a6) in [
+            (pod, VM_IFACE, "198.18.200.1/24", "2001:2:0:200::1/64"),
+            (&vm, "eth0", "198.18.200.2/24", "2001:2:0:200::2/64"),
+        ] {
+            ns.ip(&["addr", "add", a4, "dev", dev]);
+            if ipv6 {
+                ns.ip(&["addr", "add", a6, "dev", dev, "nodad"]);
+            }
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        vm.ip(&["route", "add", "default", "via", "198.18.200.1"]);
+        peer.ip(&["route", "add", "198.18.200.0/24", "via", "198.18.0.1"]);
+        pod.exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        if ipv6 {
+            vm.ip(&["-6", "route", "add", "default", "via", "2001:2:0:200::1"]);
+            peer.ip(&[
+                "-6",
+                "route",
+                "add",
+                "2001:2:0:200::/64",
+                "via",
+                "2001:2::1",
+            ]);
+            pod.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
+        }
+        vm
     }
 
     /// Applies what the mesh's init container would (nothing for `None`,
@@ -1088,6 +1177,10 @@ impl World {
         let (ns, cg) = match c.from {
             Origin::Pod => (&self.pod, cgroup),
             Origin::Peer => (&self.peer, None),
+            Origin::Vm => (
+                self.vm.as_ref().expect("a VM row in a world without a VM"),
+                None,
+            ),
         };
         if c.from == Origin::Peer && c.bind.is_none() {
             args.extend(["--bind".to_string(), peer_source(c.dst).to_string()]);
@@ -1478,8 +1571,8 @@ struct Row {
 fn run_case(node: &Node, idx: usize, c: &Case, conns: &[Conn]) -> (Vec<Row>, String) {
     let cfg = c.pod.capture();
     let ports = c.pod.ports();
-    let mut ipt = World::new(Side::Iptables, c.ipv6);
-    let mut weir = World::new(Side::Weir, c.ipv6);
+    let mut ipt = World::new(Side::Iptables, c.ipv6, c.pod.has_vm());
+    let mut weir = World::new(Side::Weir, c.ipv6, c.pod.has_vm());
     ipt.apply_capture(cfg.as_ref());
     let mut entry = PodEntry::new(&format!("diff-{idx:02}"), &weir.pod, &[POD4]);
     if c.ipv6 {
@@ -1637,7 +1730,7 @@ fn weir_matches_istio_iptables() {
             );
         }
         let t = Instant::now();
-        let conns = matrix(&c.pod.ports());
+        let conns = matrix(&c.pod.ports(), c.pod.has_vm());
         let (rows, rules) = run_case(&node, idx, c, &conns);
         ran.push(c.name);
         let mut table = String::new();
@@ -1738,18 +1831,19 @@ fn weir_matches_istio_iptables() {
     let per_mesh: Vec<String> = ["istio", "linkerd", "kuma"]
         .iter()
         .map(|m| {
-            let n = cases
+            let compared: Vec<&Case> = cases
                 .iter()
                 .filter(|c| {
                     c.pod.ports().mesh == *m && c.status == Status::Compare && ran.contains(&c.name)
                 })
-                .count();
-            let conns = cases
+                .collect();
+            let n = compared.len();
+            // Configurations with a VM get a few more rows.
+            let conns: usize = compared
                 .iter()
-                .find(|c| c.pod.ports().mesh == *m)
-                .map(|c| matrix(&c.pod.ports()).len())
-                .unwrap_or(0);
-            format!("{m} {n} x {conns}")
+                .map(|c| matrix(&c.pod.ports(), c.pod.has_vm()).len())
+                .sum();
+            format!("{m} {n}: {conns}")
         })
         .collect();
     let totals = format!(
