@@ -23,29 +23,64 @@ pub struct Found {
     pub port: u16,
     /// `AF_INET` or `AF_INET6`.
     pub family: u32,
+    /// A UDP socket (the DNS proxy's), not a TCP listener.
+    pub udp: bool,
     /// A duplicate of the socket, owned by the agent.
     pub fd: OwnedFd,
 }
 
 /// TCP_LISTEN in /proc/net/tcp's `st` column.
 const TCP_LISTEN: &str = "0A";
+/// TCP_CLOSE, an unconnected UDP socket, in /proc/net/udp's `st` column.
+const UDP_UNCONNECTED: &str = "07";
+/// 127.0.0.1 and ::1 as /proc/net/udp{,6} print them (host-order words).
+const LOOPBACK4_HEX: &str = "0100007F";
+const LOOPBACK6_HEX: &str = "00000000000000000000000001000000";
 
-/// Inodes of listening sockets on `ports`, from `/proc/<pid>/net/tcp{,6}`
-/// (which describe the network namespace of `pid`).
-fn listening_inodes(
+/// Which sockets to look for.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// TCP listeners, any address.
+    TcpListen,
+    /// Unconnected UDP sockets bound to loopback (a DNS proxy).
+    UdpLoopback,
+}
+
+/// Inodes of the sockets of `kind` on `ports`, from
+/// `/proc/<pid>/net/{tcp,udp}{,6}` (which describe the network namespace
+/// of `pid`).
+fn socket_inodes(
     proc_root: &Path,
     pid: u32,
     ports: &BTreeSet<u16>,
+    kind: Kind,
 ) -> BTreeMap<u64, (u16, u32)> {
     let mut out = BTreeMap::new();
-    for (file, family) in [("tcp", AF_INET), ("tcp6", AF_INET6)] {
+    let files = match kind {
+        Kind::TcpListen => [("tcp", AF_INET), ("tcp6", AF_INET6)],
+        Kind::UdpLoopback => [("udp", AF_INET), ("udp6", AF_INET6)],
+    };
+    for (file, family) in files {
         let Ok(text) = std::fs::read_to_string(proc_root.join(format!("{pid}/net/{file}"))) else {
             continue;
         };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
-            if f.len() < 10 || f[3] != TCP_LISTEN {
+            let wanted = match kind {
+                Kind::TcpListen => f.len() >= 10 && f[3] == TCP_LISTEN,
+                Kind::UdpLoopback => {
+                    let loopback = if family == AF_INET {
+                        LOOPBACK4_HEX
+                    } else {
+                        LOOPBACK6_HEX
+                    };
+                    f.len() >= 10
+                        && f[3] == UDP_UNCONNECTED
+                        && f[1].split(':').next() == Some(loopback)
+                }
+            };
+            if !wanted {
                 continue;
             }
             let Some(port) = f[1]
@@ -125,13 +160,28 @@ pub fn find_listeners(
     pids: &[u32],
     ports: &BTreeSet<u16>,
 ) -> io::Result<Vec<Found>> {
+    find(proc_root, pids, ports, Kind::TcpListen)
+}
+
+/// Finds the pod's DNS proxy: unconnected UDP sockets bound to
+/// `127.0.0.1` or `::1` on `port`, among `pids`.
+pub fn find_dns_proxy(proc_root: &Path, pids: &[u32], port: u16) -> io::Result<Vec<Found>> {
+    find(proc_root, pids, &BTreeSet::from([port]), Kind::UdpLoopback)
+}
+
+fn find(
+    proc_root: &Path,
+    pids: &[u32],
+    ports: &BTreeSet<u16>,
+    kind: Kind,
+) -> io::Result<Vec<Found>> {
     let mut found = Vec::new();
     let mut seen = BTreeSet::new();
     let Some(first) = pids.first() else {
         return Ok(found);
     };
     // Every process of the netns sees the same /proc/PID/net/tcp.
-    let inodes = listening_inodes(proc_root, *first, ports);
+    let inodes = socket_inodes(proc_root, *first, ports, kind);
     if inodes.is_empty() {
         return Ok(found);
     }
@@ -172,6 +222,7 @@ pub fn find_listeners(
             found.push(Found {
                 port,
                 family,
+                udp: matches!(kind, Kind::UdpLoopback),
                 fd: dup,
             });
         }

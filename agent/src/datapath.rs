@@ -728,7 +728,7 @@ impl Datapath {
                 netns_cookie: cookie,
                 port: f.port,
                 family: f.family as u16,
-                _pad: 0,
+                protocol: if f.udp { LISTENER_UDP } else { LISTENER_TCP },
             };
             match self
                 .listeners

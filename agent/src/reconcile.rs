@@ -52,6 +52,9 @@ pub struct Reconciler {
     proc_index: Option<BTreeMap<u64, Vec<u32>>>,
     /// Pods the last full pass failed to enroll or update.
     failed: usize,
+    /// Pods (netns cookies) whose DNS proxy socket was recorded (logged
+    /// once per pod).
+    dns_recorded: BTreeSet<u64>,
 }
 
 fn meta(spec: &PodSpec) -> PodMeta {
@@ -74,6 +77,7 @@ impl Reconciler {
             next_id: 1,
             proc_root: "/proc".into(),
             proc_index: None,
+            dns_recorded: BTreeSet::new(),
             failed: 0,
         }
     }
@@ -144,6 +148,46 @@ impl Reconciler {
             .flat_map(|p| p.spec.rules.listen_ports.iter().copied())
             .collect();
         self.dp.sync_listen_ports(&ports);
+        self.adopt_dns_proxies();
+    }
+
+    /// Records the DNS proxy socket (UDP, bound to loopback on the DNS
+    /// port) of every pod with DNS capture in `LISTENERS`, so that queries
+    /// from connected, wildcard-bound sockets can reach it from the pod's
+    /// address (see `connect` in the kernel code). The proxy starts after
+    /// the pod is enrolled and may restart, so every pass looks again;
+    /// until it is recorded such queries go to loopback.
+    fn adopt_dns_proxies(&mut self) {
+        let wanted: Vec<(String, std::path::PathBuf, u64, u16)> = self
+            .pods
+            .iter()
+            .filter(|(_, p)| p.spec.rules.policy.flags & weir_common::POLICY_CAPTURE_DNS != 0)
+            .map(|(k, p)| {
+                (
+                    k.clone(),
+                    p.spec.netns.clone(),
+                    p.cookie,
+                    p.spec.rules.policy.dns_port,
+                )
+            })
+            .collect();
+        let live: BTreeSet<u64> = wanted.iter().map(|w| w.2).collect();
+        self.dns_recorded.retain(|c| live.contains(c));
+        for (key, netns, cookie, port) in wanted {
+            match self
+                .adopt_candidates(&netns)
+                .and_then(|pids| crate::adopt::find_dns_proxy(&self.proc_root, &pids, port))
+            {
+                Ok(found) if !found.is_empty() => {
+                    let n = self.dp.record_listeners(cookie, &found);
+                    if n > 0 && self.dns_recorded.insert(cookie) {
+                        info!("pod {key}: DNS proxy on :{port} recorded ({n} socket(s))");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => debug!("pod {key}: looking for its DNS proxy: {e}"),
+            }
+        }
     }
 
     /// Which pod owns each address of the enrolled pods.

@@ -38,7 +38,7 @@ macro_rules! klog {
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_INGRESS, bpf_sock, bpf_sock_addr, sk_action},
-    helpers::generated::{bpf_bind, bpf_get_current_uid_gid, bpf_get_netns_cookie},
+    helpers::generated::{bpf_bind, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_sk_release},
     macros::{cgroup_sock_addr, cgroup_sockopt, classifier, sk_lookup, sk_msg, sock_ops},
     programs::{
         SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext, TcContext,
@@ -69,6 +69,42 @@ const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
 const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
 
 const V4_LOCALHOST: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+const IPPROTO_UDP: u32 = 17;
+
+/// The `LISTENERS` key of the pod's DNS proxy socket (UDP, bound to
+/// loopback, adopted by the agent) for queries from `from`'s family.
+#[inline(always)]
+fn dns_proxy_key(cookie: u64, from: &Addr, dns_port: u16) -> ListenerKey {
+    ListenerKey {
+        netns_cookie: cookie,
+        port: dns_port,
+        family: if is_v4_mapped(from) {
+            AF_INET
+        } else {
+            AF_INET6
+        } as u16,
+        protocol: LISTENER_UDP,
+    }
+}
+
+/// Whether weir holds the pod's DNS proxy socket for `from`'s family.
+#[inline(always)]
+fn dns_proxy_known(cookie: u64, from: &Addr, dns_port: u16) -> bool {
+    let key = dns_proxy_key(cookie, from, dns_port);
+    // SAFETY: a lookup in our sockhash returns a referenced socket (or
+    // NULL), released right away: only its presence matters.
+    unsafe {
+        let sk = aya_ebpf::helpers::generated::bpf_map_lookup_elem(
+            core::ptr::from_ref(&LISTENERS).cast_mut().cast(),
+            (&key as *const ListenerKey).cast(),
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk);
+    }
+    true
+}
 
 /// Reads a 4-word address from a context or socket field one word at a
 /// time: the verifier rejects the pointer arithmetic LLVM emits when it
@@ -220,6 +256,34 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         }
     }
 
+    // A UDP socket bound to the wildcard address with a port (a resolver
+    // library's usual socket) cannot get a source address bound any more,
+    // and towards loopback the kernel would pick 127.0.0.1 / ::1: the DNS
+    // proxy would see its query come from loopback, where REDIRECT keeps
+    // the pod's address. Send it to the pod's own address and the DNS
+    // port instead: the kernel picks the pod's address as source, and
+    // `weir_sk_lookup` hands the datagram to the DNS proxy's loopback
+    // socket (its answers get the pod's address as source in
+    // `weir_sendmsg`). Only once the agent has recorded that socket in
+    // `LISTENERS` (it looks on every pass); until then, loopback.
+    if verdict == Verdict::RedirectDns && udp && sk.src_port != 0 {
+        let wildcard = src[3] == 0 && (src[0] | src[1] == 0) && (src[2] == 0 || is_v4_mapped(&src));
+        if wildcard && !is_loopback_route(&dst, &t) {
+            if let Some(from) = source_for(&policy, &dst, cookie) {
+                let family_ok = v6 || is_v4_mapped(&from);
+                if family_ok && dns_proxy_known(cookie, &from, policy.dns_port) {
+                    if v6 {
+                        write_words(&mut sa.user_ip6, from);
+                    } else {
+                        sa.user_ip4 = v4_word(&from);
+                    }
+                    sa.user_port = u32::from(port.to_be());
+                    return 1;
+                }
+            }
+        }
+    }
+
     // Rewrite the destination: the proxy listens on loopback.
     if v6 {
         if is_v4_mapped(&dst) {
@@ -365,7 +429,10 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     let sa: &mut bpf_sock_addr = unsafe { &mut *ctx.sock_addr };
     let dport = u16::from_be(sa.user_port as u16);
     if dport != 53 {
-        // Only DNS is ever redirected for UDP: skip every lookup.
+        // Only DNS is ever redirected for UDP; but the DNS proxy's answers
+        // to queries `weir_sk_lookup` handed it need the pod's address as
+        // their source.
+        dns_answer_source(ctx, sa, v6);
         return 1;
     }
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -445,6 +512,53 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     1
 }
 
+/// An answer of the pod's DNS proxy (its socket bound to loopback on the
+/// DNS port) to one of the pod's own addresses leaves from that address,
+/// so that it matches the querying socket, connected to that address and
+/// the DNS port (see the connected case in `connect`).
+#[inline(always)]
+fn dns_answer_source(ctx: &SockAddrContext, sa: &mut bpf_sock_addr, v6: bool) {
+    // SAFETY: `sk` is non-NULL for sock_addr programs.
+    let sk: &bpf_sock = unsafe { &*sa.__bindgen_anon_1.sk };
+    if sk.src_port == 0 {
+        return;
+    }
+    let bound: Addr = if v6 {
+        read_words(&sk.src_ip6)
+    } else {
+        v4_mapped(sk.src_ip4)
+    };
+    if !is_localhost(&bound) {
+        return;
+    }
+    let to: Addr = if v6 {
+        read_words(&sa.user_ip6)
+    } else {
+        v4_mapped(sa.user_ip4)
+    };
+    let Some(cookie) = POD_ADDRS.get_ptr(&to) else {
+        return;
+    };
+    // SAFETY: pointer from a successful lookup.
+    let cookie_of_to = unsafe { *cookie };
+    // SAFETY: plain helper call on our own context.
+    let own = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if own != cookie_of_to {
+        return;
+    }
+    let Some(policy) = pod_policy(own) else {
+        return;
+    };
+    if policy.flags & POLICY_CAPTURE_DNS == 0 || sk.src_port as u16 != policy.dns_port {
+        return;
+    }
+    if v6 {
+        write_words(&mut sa.msg_src_ip6, to);
+    } else {
+        sa.msg_src_ip4 = v4_word(&to);
+    }
+}
+
 /// Shows the DNS port's answers to the application as coming from the
 /// server it asked.
 #[cgroup_sock_addr(recvmsg4)]
@@ -467,7 +581,9 @@ fn recvmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     } else {
         v4_mapped(sa.user_ip4)
     };
-    if !is_localhost(&from) {
+    // From the DNS port on loopback, or on one of the pod's addresses (a
+    // connected socket's queries, see `connect`).
+    if !is_localhost(&from) && POD_ADDRS.get_ptr(&from).is_none() {
         return 1;
     }
     // SAFETY: reading the `sk` field of a valid context (non-NULL).
@@ -619,7 +735,7 @@ fn on_listen(ctx: &SockOpsContext) {
         netns_cookie: ops_cookie(ctx),
         port,
         family: ctx.family() as u16,
-        _pad: 0,
+        protocol: LISTENER_TCP,
     };
     // SAFETY: `ops` is the valid context pointer of this program.
     let ops = unsafe { &mut *ctx.ops };
@@ -985,6 +1101,9 @@ fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
 pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
     // SAFETY: valid context for the program's lifetime.
     let l = unsafe { &*ctx.lookup };
+    if l.protocol == IPPROTO_UDP {
+        return dns_to_proxy(&ctx, l);
+    }
     // iptables' PREROUTING never sees a pod's own loopback traffic either.
     if l.protocol != IPPROTO_TCP || l.ingress_ifindex == LOOPBACK_IFINDEX {
         return sk_action::SK_PASS;
@@ -1038,7 +1157,7 @@ pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
         netns_cookie: cookie,
         port: policy.inbound_port,
         family: family as u16,
-        _pad: 0,
+        protocol: LISTENER_TCP,
     };
     if LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
         bump_pod(cookie, |c| c.inbound_captured += 1);
@@ -1411,6 +1530,44 @@ fn virt_out(ctx: &TcContext) -> i32 {
         return virt_drop(cookie);
     }
     TC_ACT_OK
+}
+
+/// A DNS query from one of the pod's addresses to one of its addresses
+/// and the DNS port (the connected-socket case of `connect`) goes to the
+/// pod's DNS proxy, bound to loopback.
+#[inline(always)]
+fn dns_to_proxy(ctx: &SkLookupContext, l: &aya_ebpf::bindings::bpf_sk_lookup) -> u32 {
+    let v4 = l.family == AF_INET;
+    let local: Addr = if v4 {
+        v4_mapped(l.local_ip4)
+    } else {
+        read_words(&l.local_ip6)
+    };
+    let Some(cookie) = POD_ADDRS.get_ptr(&local) else {
+        return sk_action::SK_PASS;
+    };
+    // SAFETY: pointer returned by a successful lookup.
+    let cookie = unsafe { *cookie };
+    let Some(policy) = pod_policy(cookie) else {
+        return sk_action::SK_PASS;
+    };
+    if policy.flags & POLICY_CAPTURE_DNS == 0 || l.local_port as u16 != policy.dns_port {
+        return sk_action::SK_PASS;
+    }
+    let remote: Addr = if v4 {
+        v4_mapped(l.remote_ip4)
+    } else {
+        read_words(&l.remote_ip6)
+    };
+    let t = KernelTables { cookie };
+    if !t.is_pod_addr(&remote) {
+        return sk_action::SK_PASS;
+    }
+    let key = dns_proxy_key(cookie, &remote, policy.dns_port);
+    // Not there (the DNS proxy went away): the datagram finds no socket,
+    // like a query to a closed DNS port.
+    let _ = LISTENERS.redirect_sk_lookup(ctx, key, 0);
+    sk_action::SK_PASS
 }
 
 #[cfg(not(test))]

@@ -164,6 +164,32 @@ fn vm_connections_go_to_the_outbound_port_with_their_original_destination() {
             "{rec}"
         );
     }
+    // Operators see the attachments and the connections' state.
+    // (bpftool before 7.3 prints TCX links as "type 11" and leaves them
+    // out of `net show`; the programs are named in any version.)
+    let progs = w.pod.exec_ok(&["bpftool", "prog", "show"]);
+    assert!(
+        progs.contains("weir_virt_in") && progs.contains("weir_virt_out"),
+        "bpftool prog show:\n{progs}"
+    );
+    let links = w.pod.exec_ok(&["bpftool", "link", "show"]);
+    assert!(
+        links.contains("tcx") || links.matches("type 11").count() >= 2,
+        "bpftool link show:\n{links}"
+    );
+    let flows = String::from_utf8(
+        std::process::Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(node.bpffs.join("weir/maps/VIRT_FLOWS"))
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        flows.contains("\"peer_port\"") && flows.contains("\"local_port\": 15001"),
+        "{flows}"
+    );
     let c = node.counters("vmpod");
     assert_eq!(c["virt_captured"], 2, "{c}");
     assert_eq!(c["virt_dropped"], 0, "{c}");

@@ -299,9 +299,15 @@ pub struct ListenerKey {
     pub port: u16,
     /// Address family of the listening socket (`AF_INET`/`AF_INET6`).
     pub family: u16,
-    /// Zero.
-    pub _pad: u32,
+    /// `LISTENER_TCP` (a proxy's listening socket, recorded on `listen()`)
+    /// or `LISTENER_UDP` (the DNS proxy's UDP socket, adopted by the agent).
+    pub protocol: u32,
 }
+
+/// [`ListenerKey::protocol`] of a TCP listener.
+pub const LISTENER_TCP: u32 = 0;
+/// [`ListenerKey::protocol`] of the DNS proxy's UDP socket.
+pub const LISTENER_UDP: u32 = 17;
 
 /// One connection seen from the proxy: the application's address and port
 /// (the proxy's peer) and the proxy's listening port. Key of the
