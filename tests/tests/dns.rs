@@ -152,3 +152,37 @@ fn only_the_listed_resolvers_are_captured() {
     let r = udp(&node, &w, 1000, "198.18.4.2:53", false);
     assert_eq!(r["reply"]["server"], "upstream", "{r}");
 }
+
+/// With REDIRECT a captured query keeps its source address, so the DNS
+/// proxy sees the pod's address as the client. weir gives unconnected
+/// sockets a per-message source; a socket connected after a bind to the
+/// wildcard address with a port (the udp-client's sockets) is connected to
+/// the pod's own address and the DNS port once the agent has recorded the
+/// DNS proxy's socket, and `weir_sk_lookup` hands the query to it.
+#[test]
+fn the_dns_proxy_sees_the_pods_address_as_the_client() {
+    if !require_root() {
+        return;
+    }
+    let (w, node) = setup(&[("weir.dev/dns-capture", "true")]);
+    node.wait_log("DNS proxy on :15053 recorded");
+    for (to, connected, pod_ip) in [
+        ("198.18.4.2:53", false, "198.18.4.1:"),
+        ("198.18.4.2:53", true, "198.18.4.1:"),
+        ("[2001:2:0:4::2]:53", false, "[2001:2:0:4::1]:"),
+        ("[2001:2:0:4::2]:53", true, "[2001:2:0:4::1]:"),
+    ] {
+        let r = udp(&node, &w, 1000, to, connected);
+        assert_eq!(r["ok"], true, "{to} connected={connected}: {r}");
+        assert_eq!(r["reply"]["server"], "dns-proxy", "{r}");
+        let client = r["reply"]["peer"].as_str().unwrap_or_default();
+        assert!(
+            client.starts_with(pod_ip),
+            "{to} connected={connected}: the DNS proxy saw {client}: {r}"
+        );
+        assert_eq!(r["from"], to, "recvfrom shows the server asked: {r}");
+        if connected {
+            assert_eq!(r["peer"], to, "getpeername: {r}");
+        }
+    }
+}

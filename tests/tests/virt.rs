@@ -323,3 +323,66 @@ fn restart_keeps_rerouting_and_removal_stops_it() {
     );
     assert_eq!(sidecar_log(&log).len(), 2, "{:?}", sidecar_log(&log));
 }
+
+/// Not a check: prints what the tc programs cost per packet
+/// (`kernel.bpf_stats_enabled` for the duration) over 500 rerouted
+/// connections. `cargo test -p weir-tests --test virt -- --ignored
+/// --nocapture virt_program_cost`.
+#[test]
+#[ignore]
+fn virt_program_cost() {
+    if !require_root() {
+        return;
+    }
+    let w = world();
+    let mut node = enrolled_node(&w, &[(REROUTE, "k6t0")]);
+    let log = node.sidecar(&w.pod, "sidecar");
+    let stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").unwrap();
+    let t = std::time::Instant::now();
+    let out = node.run_in_pod(
+        &w.vm,
+        &[
+            "fixed-port-client",
+            "--connect",
+            SERVICE4,
+            "--bind",
+            "198.18.32.2",
+            "--first-port",
+            "42000",
+            "--count",
+            "500",
+        ],
+    );
+    let elapsed = t.elapsed();
+    let ok = out.lines().filter(|l| l.contains("\"ok\":true")).count();
+    let progs: Value = serde_json::from_str(
+        &String::from_utf8(
+            std::process::Command::new("bpftool")
+                .args(["-j", "prog", "show"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", stats.trim()).unwrap();
+    println!(
+        "{ok}/500 connections in {elapsed:?}; sidecar records {}; counters {}",
+        sidecar_log(&log).len(),
+        node.counters("vmpod")
+    );
+    for p in progs.as_array().unwrap() {
+        let name = p["name"].as_str().unwrap_or_default();
+        if name.starts_with("weir_virt") || name == "weir_sockops" {
+            let (n, ns) = (
+                p["run_cnt"].as_u64().unwrap_or(0),
+                p["run_time_ns"].as_u64().unwrap_or(0),
+            );
+            if n > 0 {
+                println!("{name}: {n} runs, {} ns per run", ns / n);
+            }
+        }
+    }
+}
