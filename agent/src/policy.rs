@@ -443,6 +443,12 @@ fn parse_port_ranges(key: &str, value: &str) -> Result<BTreeSet<u16>, Annotation
 /// Reads `proxyMetadata.ISTIO_META_DNS_CAPTURE` from Istio's per-pod proxy
 /// config (`proxy.istio.io/config`, YAML or JSON).
 fn istio_dns_capture(value: &str) -> Result<Option<bool>, AnnotationError> {
+    istio_proxy_metadata(value, "ISTIO_META_DNS_CAPTURE")
+}
+
+/// Reads the boolean `proxyMetadata.<name>` from Istio's per-pod proxy
+/// config (`proxy.istio.io/config`, YAML or JSON).
+pub fn istio_proxy_metadata(value: &str, name: &str) -> Result<Option<bool>, AnnotationError> {
     let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(value).map_err(|e| {
         err(
             keys::PROXY_CONFIG,
@@ -451,10 +457,7 @@ fn istio_dns_capture(value: &str) -> Result<Option<bool>, AnnotationError> {
             "write a ProxyConfig in YAML or JSON",
         )
     })?;
-    let Some(flag) = v
-        .get("proxyMetadata")
-        .and_then(|m| m.get("ISTIO_META_DNS_CAPTURE"))
-    else {
+    let Some(flag) = v.get("proxyMetadata").and_then(|m| m.get(name)) else {
         return Ok(None);
     };
     let text = match flag {
@@ -683,7 +686,20 @@ pub fn pod_rules(
 
     // IPv6 capture: whether the mesh writes IPv6 rules for the pod.
     let ipv6_default = match mesh {
-        Mesh::Istio => true,
+        // istio-iptables writes IPv6 rules with ISTIO_DUAL_STACK, else only
+        // when the pod's first address is IPv6. Without the setting weir
+        // captures every family (in Kubernetes the agent fills it in from
+        // the istio-proxy container, where Istio's default, off, applies).
+        Mesh::Istio => match get(keys::PROXY_CONFIG) {
+            Some(v) => match istio_proxy_metadata(v, "ISTIO_DUAL_STACK")? {
+                Some(false) => addrs
+                    .iter()
+                    .find(|a| !a.is_loopback())
+                    .is_some_and(|a| a.is_ipv6()),
+                _ => true,
+            },
+            None => true,
+        },
         // Linkerd's Helm value `disableIPv6` defaults to true.
         Mesh::Linkerd => false,
         Mesh::Kuma => match get(keys::KUMA_IP_FAMILY_MODE) {
@@ -1164,6 +1180,32 @@ mod tests {
         }
         let e = get(&[(keys::KUBEVIRT_INTERFACES, "x/y")]).unwrap_err();
         assert_eq!(e.key, keys::KUBEVIRT_INTERFACES);
+    }
+
+    #[test]
+    fn istio_dual_stack_off_leaves_ipv6_alone_unless_the_pod_is_ipv6_first() {
+        let cfg = |v: &str| format!("proxyMetadata:\n  ISTIO_DUAL_STACK: \"{v}\"\n");
+        let rules = |addrs: &[&str], c: Option<String>| {
+            let a = match &c {
+                Some(c) => ann(&[(keys::PROXY_CONFIG, c.as_str())]),
+                None => BTreeMap::new(),
+            };
+            pod_rules(Mesh::Istio, &ips(addrs), &a).unwrap()
+        };
+        let v4_first = ["198.18.0.1", "2001:2::1"];
+        assert!(rules(&v4_first, Some(cfg("false"))).skip_ipv6);
+        assert!(!rules(&["2001:2::1", "198.18.0.1"], Some(cfg("false"))).skip_ipv6);
+        assert!(!rules(&v4_first, Some(cfg("true"))).skip_ipv6);
+        // Not said: weir's local default captures every family.
+        assert!(!rules(&v4_first, None).skip_ipv6);
+        assert!(
+            pod_rules(
+                Mesh::Istio,
+                &ips(&v4_first),
+                &ann(&[(keys::PROXY_CONFIG, &cfg("maybe"))])
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -1442,11 +1442,20 @@ impl IstioPod {
         // istio-iptables turns DNS capture off when it has neither
         // resolvers nor "capture all".
         let all = truthy(meta(keys::META_CAPTURE_ALL_DNS));
-        if truthy(meta(keys::META_DNS_CAPTURE)) && (all || !self.nameservers.is_empty()) {
-            let mut m = BTreeMap::new();
+        // The proxy metadata weir reads from the pod's proxy config (in
+        // Kubernetes the agent reads ISTIO_DUAL_STACK from the istio-proxy
+        // container's environment the same way): dual stack, always
+        // written, as istio-init always knows it; DNS capture.
+        let mut m = BTreeMap::new();
+        let dual = truthy(meta(keys::META_DUAL_STACK)) || truthy(meta("DUAL_STACK"));
+        m.insert(keys::META_DUAL_STACK, dual.to_string());
+        let dns = truthy(meta(keys::META_DNS_CAPTURE)) && (all || !self.nameservers.is_empty());
+        if dns {
             m.insert(keys::META_DNS_CAPTURE, "true".to_string());
-            a.entry(keys::PROXY_CONFIG.into())
-                .or_insert_with(|| proxy_config(&m));
+        }
+        a.entry(keys::PROXY_CONFIG.into())
+            .or_insert_with(|| proxy_config(&m));
+        if dns {
             let servers = if all {
                 "*".to_string()
             } else {

@@ -380,8 +380,8 @@ fn virt_program_cost() {
                 p["run_cnt"].as_u64().unwrap_or(0),
                 p["run_time_ns"].as_u64().unwrap_or(0),
             );
-            if n > 0 {
-                println!("{name}: {n} runs, {} ns per run", ns / n);
+            if let Some(per) = ns.checked_div(n) {
+                println!("{name}: {n} runs, {per} ns per run");
             }
         }
     }

@@ -166,6 +166,32 @@ fn linkerd_ipv6(pod: &Pod) -> bool {
         })
 }
 
+/// Whether Istio runs this pod dual-stack (`ISTIO_DUAL_STACK`, from the
+/// pod's `proxy.istio.io/config` or the istio-proxy container's
+/// environment, where the injector puts the mesh's proxy metadata).
+/// `None`: the pod's proxy config says it (the policy reads it there).
+fn istio_dual_stack(pod: &Pod, annotations: &BTreeMap<String, String>) -> Option<bool> {
+    if let Some(cfg) = annotations.get(keys::PROXY_CONFIG)
+        && crate::policy::istio_proxy_metadata(cfg, "ISTIO_DUAL_STACK")
+            .ok()
+            .flatten()
+            .is_some()
+    {
+        return None;
+    }
+    let on = all_containers(pod)
+        .filter(|c| c.name == ISTIO_PROXY)
+        .flat_map(|c| c.env.iter().flatten())
+        .any(|e| {
+            e.name == "ISTIO_DUAL_STACK"
+                && e.value
+                    .as_deref()
+                    .and_then(|v| parse_go_bool(v.trim()))
+                    .unwrap_or(false)
+        });
+    Some(on)
+}
+
 /// Decides whether (and how) weir captures `pod`.
 pub fn verdict(pod: &Pod) -> Verdict {
     let not = |why: &str| Verdict::NotMeshed(why.to_string());
@@ -289,6 +315,16 @@ pub fn view(pod: &Pod) -> Result<PodView, PodError> {
             Ok(_) => {}
             Err(_) => bad_ips.push(s.to_string()),
         }
+    }
+    // istio-iptables writes IPv6 rules only with ISTIO_DUAL_STACK or when
+    // the pod's first address is IPv6; a proxy without dual stack listens
+    // on IPv4 only, so capturing IPv6 would refuse those connections.
+    if verdict == Verdict::Meshed(Mesh::Istio)
+        && !annotations.contains_key(keys::CAPTURE_IPV6)
+        && istio_dual_stack(pod, &annotations) == Some(false)
+    {
+        let first_v6 = ips.first().is_some_and(IpAddr::is_ipv6);
+        annotations.insert(keys::CAPTURE_IPV6.into(), first_v6.to_string());
     }
     Ok(PodView {
         verdict,
@@ -438,6 +474,49 @@ pub(crate) mod tests {
         let mut p = istio();
         p["status"]["phase"] = "Succeeded".into();
         assert!(not_meshed(p).contains("finished"));
+    }
+
+    #[test]
+    fn istio_ipv6_follows_istio_dual_stack() {
+        let dual = |ips: &[&str], env: Option<&str>, cfg: Option<&str>| {
+            let mut p = istio();
+            p["status"]["podIPs"] = serde_json::Value::Array(
+                ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect(),
+            );
+            if let Some(v) = env {
+                let c = p["spec"]["containers"]
+                    .as_array_mut()
+                    .unwrap()
+                    .iter_mut()
+                    .find(|c| c["name"] == "istio-proxy")
+                    .unwrap();
+                c["env"] = serde_json::json!([{"name": "ISTIO_DUAL_STACK", "value": v}]);
+            }
+            if let Some(c) = cfg {
+                p["metadata"]["annotations"][keys::PROXY_CONFIG] = c.into();
+            }
+            view(&pod(&p.to_string()))
+                .unwrap()
+                .annotations
+                .get(keys::CAPTURE_IPV6)
+                .cloned()
+        };
+        let v4_first = ["198.18.0.1", "2001:2::1"];
+        // Istio's default (off): IPv6 rules only for an IPv6-first pod.
+        assert_eq!(dual(&v4_first, None, None).as_deref(), Some("false"));
+        assert_eq!(
+            dual(&["2001:2::1", "198.18.0.1"], None, None).as_deref(),
+            Some("true")
+        );
+        // On in the proxy's environment (the mesh's proxyMetadata).
+        assert_eq!(dual(&v4_first, Some("true"), None), None);
+        assert_eq!(
+            dual(&v4_first, Some("false"), None).as_deref(),
+            Some("false")
+        );
+        // The pod's own proxy config decides (read by the policy).
+        let cfg = "proxyMetadata:\n  ISTIO_DUAL_STACK: \"true\"\n";
+        assert_eq!(dual(&v4_first, None, Some(cfg)), None);
     }
 
     #[test]
