@@ -157,6 +157,9 @@ pub mod keys {
     pub const KUMA_EXCLUDE_OUTBOUND: &str = "traffic.kuma.io/exclude-outbound-ports";
     /// Kuma: outbound CIDRs not captured.
     pub const KUMA_EXCLUDE_OUTBOUND_IPS: &str = "traffic.kuma.io/exclude-outbound-ips";
+    /// Kuma: sources whose inbound connections are not captured
+    /// (addresses or CIDRs).
+    pub const KUMA_EXCLUDE_INBOUND_IPS: &str = "traffic.kuma.io/exclude-inbound-ips";
     /// Kuma: `dualstack` (default) or `ipv4` (no IPv6 rules).
     pub const KUMA_IP_FAMILY_MODE: &str = "kuma.io/transparent-proxying-ip-family-mode";
     /// Kuma: the application probe proxy's port (default 9001, `0`: off),
@@ -680,6 +683,15 @@ pub fn pod_rules(
             if let Some(v) = get(keys::KUMA_EXCLUDE_OUTBOUND_IPS) {
                 r.exclude_cidrs
                     .extend(parse_kuma_ips(keys::KUMA_EXCLUDE_OUTBOUND_IPS, v)?);
+            }
+            // `-s ADDR -j RETURN` in KUMA_MESH_INBOUND: like Linkerd's
+            // skip-subnets, inbound connections from these sources.
+            if let Some(v) = get(keys::KUMA_EXCLUDE_INBOUND_IPS) {
+                r.inbound_skip_sources
+                    .extend(parse_kuma_ips(keys::KUMA_EXCLUDE_INBOUND_IPS, v)?);
+                if !r.inbound_skip_sources.is_empty() {
+                    p.flags |= POLICY_INBOUND_SKIP_SOURCES;
+                }
             }
         }
     }
@@ -1206,6 +1218,44 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn kuma_exclude_inbound_ips_are_skipped_sources() {
+        let r = pod_rules(
+            Mesh::Kuma,
+            &ips(&["198.18.0.1"]),
+            &ann(&[(
+                keys::KUMA_EXCLUDE_INBOUND_IPS,
+                "198.18.100.7/24, 2001:2::2,",
+            )]),
+        )
+        .unwrap();
+        assert_ne!(r.policy.flags & POLICY_INBOUND_SKIP_SOURCES, 0);
+        let nets: Vec<String> = r
+            .inbound_skip_sources
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["198.18.100.0/24", "2001:2::2/128"]);
+        // Outbound is untouched by it.
+        assert!(r.exclude_cidrs.is_empty());
+        let e = pod_rules(
+            Mesh::Kuma,
+            &[],
+            &ann(&[(keys::KUMA_EXCLUDE_INBOUND_IPS, "10.0.0.0/8,nope")]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, keys::KUMA_EXCLUDE_INBOUND_IPS);
+        assert!(e.to_string().contains("\"nope\""), "{e}");
+        // Not a Kuma pod: not Kuma's annotation.
+        let r = pod_rules(
+            Mesh::Istio,
+            &[],
+            &ann(&[(keys::KUMA_EXCLUDE_INBOUND_IPS, "10.0.0.0/8")]),
+        )
+        .unwrap();
+        assert!(r.inbound_skip_sources.is_empty());
     }
 
     #[test]

@@ -58,6 +58,9 @@ pub mod keys {
     pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.kuma.io/exclude-outbound-ports";
     /// Outbound addresses not redirected (any protocol, DNS included).
     pub const EXCLUDE_OUTBOUND_IPS: &str = "traffic.kuma.io/exclude-outbound-ips";
+    /// Sources whose inbound connections are not redirected (addresses or
+    /// CIDRs; `-s ADDR -j RETURN` first in `KUMA_MESH_INBOUND`).
+    pub const EXCLUDE_INBOUND_IPS: &str = "traffic.kuma.io/exclude-inbound-ips";
     /// `dualstack` or `ipv4`.
     pub const IP_FAMILY_MODE: &str = "kuma.io/transparent-proxying-ip-family-mode";
     /// The application probe proxy's port (default 9001; excluded inbound).
@@ -155,22 +158,23 @@ impl KumaPod {
             None => inbound_exclude.push(PROBE_PROXY_PORT),
         }
         inbound_exclude.push(READINESS_PORT);
-        let mut exclude_ips = Vec::new();
-        for ip in self
-            .ann(keys::EXCLUDE_OUTBOUND_IPS)
-            .unwrap_or("")
-            .split(',')
-        {
-            let ip = ip.trim();
-            if ip.is_empty() {
-                continue;
+        let ips = |key: &str| -> Result<Vec<(bool, String)>, Unsupported> {
+            let mut out = Vec::new();
+            for ip in self.ann(key).unwrap_or("").split(',') {
+                let ip = ip.trim();
+                if ip.is_empty() {
+                    continue;
+                }
+                let addr = ip.split_once('/').map_or(ip, |(a, _)| a);
+                let a: IpAddr = addr
+                    .parse()
+                    .map_err(|_| Unsupported(format!("invalid IP address: {ip:?}")))?;
+                out.push((a.is_ipv6(), ip.to_string()));
             }
-            let addr = ip.split_once('/').map_or(ip, |(a, _)| a);
-            let a: IpAddr = addr
-                .parse()
-                .map_err(|_| Unsupported(format!("invalid IP address: {ip:?}")))?;
-            exclude_ips.push((a.is_ipv6(), ip.to_string()));
-        }
+            Ok(out)
+        };
+        let exclude_ips = ips(keys::EXCLUDE_OUTBOUND_IPS)?;
+        let inbound_exclude_ips = ips(keys::EXCLUDE_INBOUND_IPS)?;
         let mode = self.ann(keys::IP_FAMILY_MODE).unwrap_or("");
         let dual = match mode.to_ascii_lowercase().as_str() {
             // Accepted case-insensitively, compared with "ipv4" as written.
@@ -190,6 +194,7 @@ impl KumaPod {
             inbound_exclude_ports: inbound_exclude,
             outbound_exclude_ports: ports(keys::EXCLUDE_OUTBOUND_PORTS)?,
             outbound_exclude_ips: exclude_ips,
+            inbound_exclude_ips,
             dns_enabled: self.dns_enabled,
             dns_capture_all: self.dns_capture_all,
             nameservers: self.nameservers.clone(),
@@ -230,6 +235,8 @@ pub struct KumaConfig {
     pub outbound_exclude_ports: Vec<u16>,
     /// `redirect.outbound.excludePortsForIPs`: (is IPv6, as written).
     pub outbound_exclude_ips: Vec<(bool, String)>,
+    /// `--exclude-inbound-ips`: (is IPv6, address or CIDR as written).
+    pub inbound_exclude_ips: Vec<(bool, String)>,
     /// `redirect.dns.enabled`.
     pub dns_enabled: bool,
     /// `redirect.dns.captureAll`.
@@ -391,6 +398,11 @@ impl KumaConfig {
             ));
         }
         rules.push("-A OUTPUT -p tcp -j KUMA_MESH_OUTBOUND".into());
+        for (ip6, ip) in &self.inbound_exclude_ips {
+            if *ip6 == v6 {
+                rules.push(format!("-A KUMA_MESH_INBOUND -s {ip} -j RETURN"));
+            }
+        }
         for p in &self.inbound_exclude_ports {
             rules.push(format!("-A KUMA_MESH_INBOUND -p tcp --dport {p} -j RETURN"));
         }

@@ -480,6 +480,12 @@ fn cases() -> Vec<Case> {
                 "198.18.10.0/24,198.18.10.1,2001:2:0:11::1,198.18.53.53,198.18.0.1/32",
             )
         }),
+        kuma_case("kuma-exclude-inbound-ips", |p| {
+            p.annotate(
+                kuma_iptables::keys::EXCLUDE_INBOUND_IPS,
+                "198.18.100.0/24, 2001:2::2,198.18.0.9",
+            )
+        }),
         kuma_case("kuma-ipv4-mode", |p| {
             p.annotate(kuma_iptables::keys::IP_FAMILY_MODE, "ipv4")
         }),
