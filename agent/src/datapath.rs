@@ -823,6 +823,7 @@ impl Datapath {
                 self.virt_ifaces.keys().count(),
                 cap("VIRT_IFACES"),
             ),
+            ("VIRT_FLOWS", self.virt_flows_len(), cap("VIRT_FLOWS")),
         ]
     }
 
@@ -835,6 +836,20 @@ impl Datapath {
             .and_then(|m| {
                 aya::maps::HashMap::<_, FlowKey, OrigDst>::try_from(aya::maps::Map::LruHashMap(m))
                     .ok()
+            })
+            .map_or(0, |h| h.keys().count())
+    }
+
+    /// Entries in `VIRT_FLOWS` (two per connection rerouted from a
+    /// virtual interface and not yet evicted; an LRU map).
+    fn virt_flows_len(&self) -> usize {
+        aya::maps::MapData::from_pin(self.pins.maps().join("VIRT_FLOWS"))
+            .ok()
+            .and_then(|m| {
+                aya::maps::HashMap::<_, VirtFlowKey, VirtFlow>::try_from(
+                    aya::maps::Map::LruHashMap(m),
+                )
+                .ok()
             })
             .map_or(0, |h| h.keys().count())
     }

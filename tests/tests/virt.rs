@@ -195,10 +195,16 @@ fn vm_connections_go_to_the_outbound_port_with_their_original_destination() {
     assert_eq!(c["virt_dropped"], 0, "{c}");
     let metrics = node.metrics();
     assert!(
-        metrics.contains("direction=\"virtual_interface\"")
-            || metrics.contains("virtual_interface"),
+        metrics.contains("direction=\"virtual_interface\""),
         "metrics lack the virtual_interface series:\n{metrics}"
     );
+    // Two entries per connection (both directions), counted on scrape.
+    let flows = metrics
+        .lines()
+        .find(|l| l.starts_with("weir_map_entries{map=\"VIRT_FLOWS\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(flows, Some(4.0), "{metrics}");
 }
 
 #[test]
