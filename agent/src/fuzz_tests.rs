@@ -83,6 +83,10 @@ const KNOWN_KEYS: &[&str] = &[
     keys::LINKERD_PROXY_UID,
     keys::LINKERD_PROXY_GID,
     keys::CAPTURE_IPV6,
+    keys::EXCLUDE_INTERFACES,
+    keys::REROUTE_VIRTUAL_INTERFACES,
+    keys::KUBEVIRT_INTERFACES,
+    keys::KUMA_EXCLUDE_INBOUND_IPS,
 ];
 
 /// Keys of the other meshes' annotations (ignored for Istio pods).
@@ -93,6 +97,7 @@ const OTHER_MESH_KEYS: &[&str] = &[
     keys::KUMA_EXCLUDE_INBOUND,
     keys::KUMA_EXCLUDE_OUTBOUND,
     keys::KUMA_EXCLUDE_OUTBOUND_IPS,
+    keys::KUMA_EXCLUDE_INBOUND_IPS,
     keys::KUMA_IP_FAMILY_MODE,
     keys::KUMA_PROBE_PROXY_PORT,
     keys::LINKERD_PROXY_UID,
@@ -210,6 +215,9 @@ const NETS: &[&str] = &[
 /// YAML and JSON documents for `proxy.istio.io/config`.
 const PROXY_CONFIGS: &[&str] = &[
     "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
+    "proxyMetadata:\n  ISTIO_DUAL_STACK: \"false\"\n",
+    "proxyMetadata:\n  ISTIO_DUAL_STACK: true\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
+    "proxyMetadata:\n  ISTIO_DUAL_STACK: sometimes\n",
     "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: true\n",
     "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"false\"\n",
     "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: 1\n",
@@ -425,6 +433,7 @@ const ALL_FLAGS: u32 = POLICY_CAPTURE_OUTBOUND
     | POLICY_OWNER_GROUPS_EXCEPT
     | POLICY_LOOPBACK_SIMPLE
     | POLICY_INBOUND_SKIP_SOURCES
+    | POLICY_EXCLUDE_IFACES
     | POLICY_KUMA_ORDER;
 
 fn has(flags: u32, f: u32) -> bool {
@@ -564,6 +573,36 @@ fn check_rules(
         && !r.skip_ipv6
     {
         prop_assert_eq!(p.pod_ip6, addr_from_octets(v6.octets()));
+    }
+
+    // Interface names: what Linux accepts, never resolved by the parser.
+    for name in r.exclude_ifaces.iter().chain(&r.virt_ifaces) {
+        prop_assert!(
+            !name.is_empty()
+                && name.len() <= 15
+                && name != "."
+                && name != ".."
+                && !name.contains(['/', ':'])
+                && !name.contains(char::is_whitespace),
+            "interface name {:?}",
+            name
+        );
+    }
+    prop_assert!(r.virt.is_empty() && r.excluded_ifindexes.is_empty());
+    // Istio without dual stack: IPv6 rules only for an IPv6-first pod.
+    if mesh == Mesh::Istio
+        && !ann.contains_key(keys::CAPTURE_IPV6)
+        && ann
+            .get(keys::PROXY_CONFIG)
+            .and_then(|c| crate::policy::istio_proxy_metadata(c, "ISTIO_DUAL_STACK").ok())
+            .flatten()
+            == Some(false)
+    {
+        let first_v6 = addrs
+            .iter()
+            .find(|a| !a.is_loopback())
+            .is_some_and(|a| a.is_ipv6());
+        prop_assert_eq!(r.skip_ipv6, !first_v6);
     }
 
     // Map entries: one per set element, every one carrying the cookie,
@@ -1503,6 +1542,36 @@ const BAD_ANNOTATIONS: &[(&str, &str, Mesh, &str)] = &[
         "10.0.0.0/33",
         Mesh::Kuma,
         "\"10.0.0.0/33\" is not an IP address or CIDR",
+    ),
+    (
+        keys::KUMA_EXCLUDE_INBOUND_IPS,
+        "10.0.0.0/8,nope",
+        Mesh::Kuma,
+        "\"nope\" is not an IP address or CIDR",
+    ),
+    (
+        keys::EXCLUDE_INTERFACES,
+        "eth0,net/1",
+        Mesh::Istio,
+        "\"net/1\" is not an interface name",
+    ),
+    (
+        keys::REROUTE_VIRTUAL_INTERFACES,
+        "k6t-eth0,a-name-longer-than-15",
+        Mesh::Istio,
+        "\"a-name-longer-than-15\" is not an interface name",
+    ),
+    (
+        keys::KUBEVIRT_INTERFACES,
+        "..",
+        Mesh::Istio,
+        "\"..\" is not an interface name",
+    ),
+    (
+        keys::PROXY_CONFIG,
+        "proxyMetadata: {ISTIO_DUAL_STACK: sometimes}",
+        Mesh::Istio,
+        "\"sometimes\" is not a boolean",
     ),
     (
         keys::KUMA_IP_FAMILY_MODE,
