@@ -330,6 +330,50 @@ fn restart_keeps_rerouting_and_removal_stops_it() {
     assert_eq!(sidecar_log(&log).len(), 2, "{:?}", sidecar_log(&log));
 }
 
+/// KubeVirt creates the VM's interface after the pod is enrolled: the
+/// agent attaches to it on its next pass (every `--resync-secs`, 1 s
+/// here), and until then the VM's traffic is forwarded untouched.
+#[test]
+fn an_interface_that_appears_later_is_attached_on_a_later_pass() {
+    if !require_root() {
+        return;
+    }
+    let w = world();
+    let mut node = Node::with_agent();
+    node.set_pods(&[pod_entry(&w, &[(REROUTE, "vm1")])]);
+    wait_until(Duration::from_secs(15), "the pod to be enrolled", || {
+        node.enrolled().iter().any(|p| p.ends_with("vmpod"))
+    });
+    node.echo(&w.srv, 80, "svc", 0);
+    let log = node.sidecar(&w.pod, "sidecar");
+    let r = from_vm(&node, &w, SERVICE4);
+    assert!(r.ok(), "{:?}", r.json);
+    assert!(
+        reply_of(&r)["peer"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("198.18.32.2:"),
+        "no vm1 yet, so forwarded: {:?}",
+        r.json
+    );
+    // The interface "appears" (renamed into the listed name).
+    w.pod.ip(&["link", "set", "k6t0", "down"]);
+    w.pod.ip(&["link", "set", "k6t0", "name", "vm1"]);
+    w.pod.ip(&["link", "set", "vm1", "up"]);
+    node.wait_log("rerouting TCP from 1 virtual interface(s)");
+    let r = from_vm(&node, &w, SERVICE4);
+    assert!(r.ok(), "{:?}\n{}", r.json, node.agent_logs());
+    assert_eq!(records_for(&log, 1)[0]["orig_dst"], SERVICE4);
+    assert!(
+        reply_of(&r)["peer"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("198.18.30.1:"),
+        "through the proxy now: {:?}",
+        r.json
+    );
+}
+
 /// Not a check: prints what the tc programs cost per packet
 /// (`kernel.bpf_stats_enabled` for the duration) over 500 rerouted
 /// connections. `cargo test -p weir-tests --test virt -- --ignored
