@@ -250,11 +250,17 @@ impl Reconciler {
                 }
                 let old = cur.entries.clone();
                 let pod_id = cur.pod_id;
+                // The tc programs are loaded per pod: only again when the
+                // virtual interfaces changed (enrollment, including the
+                // first pass of a restarted agent, always attaches).
+                let virt_changed = cur.spec.rules.virt != spec.rules.virt;
                 let entries =
                     self.dp
                         .write_pod(cookie, pod_id, &meta(spec), &spec.rules, Some(&old))?;
                 setup_netns(&spec.netns, &spec.rules);
-                self.sync_virt(key, spec, cookie);
+                if virt_changed {
+                    self.sync_virt(key, spec, cookie);
+                }
                 info!("pod {key}: policy updated");
                 self.record(key, spec, cookie, pod_id, entries);
                 return Ok(Applied::Updated);
