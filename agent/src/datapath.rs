@@ -815,7 +815,7 @@ impl Datapath {
             ),
             (
                 "PENDING_FLOWS",
-                self.pending_flows_len(),
+                self.lru_len::<FlowKey, OrigDst>("PENDING_FLOWS"),
                 cap("PENDING_FLOWS"),
             ),
             (
@@ -823,33 +823,24 @@ impl Datapath {
                 self.virt_ifaces.keys().count(),
                 cap("VIRT_IFACES"),
             ),
-            ("VIRT_FLOWS", self.virt_flows_len(), cap("VIRT_FLOWS")),
+            (
+                "VIRT_FLOWS",
+                self.lru_len::<VirtFlowKey, VirtFlow>("VIRT_FLOWS"),
+                cap("VIRT_FLOWS"),
+            ),
         ]
     }
 
-    /// Entries in `PENDING_FLOWS` (connections between the application's
-    /// `connect()` and the proxy's accept): near its capacity, the LRU map
-    /// evicts in-flight entries (`orig_dst_lost`).
-    fn pending_flows_len(&self) -> usize {
-        aya::maps::MapData::from_pin(self.pins.maps().join("PENDING_FLOWS"))
+    /// Entries in the pinned LRU hash map `name` (aya opens LRU maps as
+    /// `HashMap`): `PENDING_FLOWS` (connections between the application's
+    /// `connect()` and the proxy's accept; near its capacity it evicts
+    /// in-flight entries, `orig_dst_lost`) and `VIRT_FLOWS` (two entries
+    /// per connection rerouted from a virtual interface).
+    fn lru_len<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> usize {
+        aya::maps::MapData::from_pin(self.pins.maps().join(name))
             .ok()
             .and_then(|m| {
-                aya::maps::HashMap::<_, FlowKey, OrigDst>::try_from(aya::maps::Map::LruHashMap(m))
-                    .ok()
-            })
-            .map_or(0, |h| h.keys().count())
-    }
-
-    /// Entries in `VIRT_FLOWS` (two per connection rerouted from a
-    /// virtual interface and not yet evicted; an LRU map).
-    fn virt_flows_len(&self) -> usize {
-        aya::maps::MapData::from_pin(self.pins.maps().join("VIRT_FLOWS"))
-            .ok()
-            .and_then(|m| {
-                aya::maps::HashMap::<_, VirtFlowKey, VirtFlow>::try_from(
-                    aya::maps::Map::LruHashMap(m),
-                )
-                .ok()
+                aya::maps::HashMap::<_, K, V>::try_from(aya::maps::Map::LruHashMap(m)).ok()
             })
             .map_or(0, |h| h.keys().count())
     }

@@ -100,15 +100,7 @@ pub fn link_create(
     target: BorrowedFd<'_>,
     attach_type: u32,
 ) -> io::Result<OwnedFd> {
-    let mut attr = LinkCreateAttr {
-        prog_fd: prog.as_raw_fd() as u32,
-        target_fd: target.as_raw_fd() as u32,
-        attach_type,
-        flags: 0,
-    };
-    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
-    // SAFETY: the kernel returned a new file descriptor that we now own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    link_create_raw(prog, target.as_raw_fd() as u32, attach_type)
 }
 
 /// Creates a TCX BPF link attaching `prog` to interface `ifindex` of the
@@ -120,10 +112,14 @@ pub fn link_create_tcx(
     ifindex: u32,
     attach_type: u32,
 ) -> io::Result<OwnedFd> {
+    // `target_ifindex` shares its word with `target_fd`.
+    link_create_raw(prog, ifindex, attach_type)
+}
+
+fn link_create_raw(prog: BorrowedFd<'_>, target: u32, attach_type: u32) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,
-        // `target_ifindex` shares this word with `target_fd`.
-        target_fd: ifindex,
+        target_fd: target,
         attach_type,
         flags: 0,
     };

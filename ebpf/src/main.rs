@@ -242,10 +242,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     // so the proxy sees the application as its peer. Bind that address
     // before the destination turns into loopback. An explicit bind by the
     // application is left alone.
-    let unbound = sk.src_port == 0
-        && src[3] == 0
-        && (src[0] | src[1] == 0)
-        && (src[2] == 0 || is_v4_mapped(&src));
+    let unbound = sk.src_port == 0 && is_unspecified(&src);
     if unbound {
         let on_lo_local = t.is_pod_addr(&dst);
         let remote = !on_lo_local && !is_loopback_addr(&dst);
@@ -267,8 +264,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     // `weir_sendmsg`). Only once the agent has recorded that socket in
     // `LISTENERS` (it looks on every pass); until then, loopback.
     if verdict == Verdict::RedirectDns && udp && sk.src_port != 0 {
-        let wildcard = src[3] == 0 && (src[0] | src[1] == 0) && (src[2] == 0 || is_v4_mapped(&src));
-        if wildcard && !is_loopback_route(&dst, &t) {
+        if is_unspecified(&src) && !is_loopback_route(&dst, &t) {
             if let Some(from) = source_for(&policy, &dst, cookie) {
                 let family_ok = v6 || is_v4_mapped(&from);
                 if family_ok && dns_proxy_known(cookie, &from, policy.dns_port) {
@@ -485,8 +481,7 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     // would pick for the server (the pod's), not from loopback.
     // Only the address matters: a per-message source is fine on a socket
     // bound to the wildcard address with a port (most resolvers).
-    let wildcard = src[3] == 0 && (src[0] | src[1] == 0);
-    if wildcard && !is_loopback_route(&dst, &t) {
+    if is_unspecified(&src) && !is_loopback_route(&dst, &t) {
         let from = source_for(&policy, &dst, cookie);
         if let Some(from) = from {
             if v6 {
@@ -1350,6 +1345,13 @@ fn virt_in(ctx: &TcContext) -> i32 {
     let Some(p) = tcp_packet(ctx, vi.l3_offset as usize) else {
         return TC_ACT_OK;
     };
+    let key = virt_flow_key(cookie, &p, true);
+    // A connection already rerouted: rewritten as decided at its SYN (like
+    // conntrack's NAT), without looking at the policy again.
+    // SAFETY: pointer from a successful lookup, read once.
+    if let Some(flow) = VIRT_FLOWS.get_ptr(&key).map(|f| unsafe { *f }) {
+        return virt_rewrite(ctx, cookie, &p, true, &flow);
+    }
     let Some(policy) = pod_policy(cookie) else {
         return TC_ACT_OK;
     };
@@ -1357,34 +1359,53 @@ fn virt_in(ctx: &TcContext) -> i32 {
     if decide_virt(&policy, &p.dst, &t) != Verdict::RedirectOutbound {
         return TC_ACT_OK;
     }
-    let key = VirtFlowKey {
-        netns_cookie: cookie,
-        peer_addr: p.src,
-        local_addr: p.dst,
-        peer_port: p.sport,
-        local_port: p.dport,
-        _pad: 0,
-    };
-    // SAFETY: pointer from a successful lookup, read once.
-    let flow = match VIRT_FLOWS.get_ptr(&key).map(|f| unsafe { *f }) {
-        Some(f) => f,
-        None if p.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN => {
-            match virt_new_flow(&policy, &vi, &p, &key) {
-                Some(f) => {
-                    bump_pod(cookie, |c| c.virt_captured += 1);
-                    f
-                }
-                None => return virt_drop(cookie),
-            }
-        }
+    if p.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) != TCP_FLAG_SYN {
         // Mid-connection without state (evicted, or begun before the
         // pod was enrolled): never let it reach the destination past the
         // proxy.
-        None => return virt_drop(cookie),
+        return virt_drop(cookie);
+    }
+    match virt_new_flow(&policy, &vi, &p, &key) {
+        Some(flow) => {
+            bump_pod(cookie, |c| c.virt_captured += 1);
+            virt_rewrite(ctx, cookie, &p, true, &flow)
+        }
+        None => virt_drop(cookie),
+    }
+}
+
+/// The `VIRT_FLOWS` key of packet `p`: the VM's end is the source on the
+/// way in (`way_in`), the destination on the way back.
+#[inline(always)]
+fn virt_flow_key(cookie: u64, p: &TcpPacket, way_in: bool) -> VirtFlowKey {
+    let (peer_addr, local_addr, peer_port, local_port) = if way_in {
+        (p.src, p.dst, p.sport, p.dport)
+    } else {
+        (p.dst, p.src, p.dport, p.sport)
     };
-    let done = set_addr(ctx, &p, true, &flow.addr)
-        .and_then(|_| set_port(ctx, &p, 2, p.dport, flow.port))
-        .and_then(|_| set_port(ctx, &p, 0, p.sport, flow.peer_port));
+    VirtFlowKey {
+        netns_cookie: cookie,
+        peer_addr,
+        local_addr,
+        peer_port,
+        local_port,
+        _pad: 0,
+    }
+}
+
+/// Rewrites packet `p` by `flow`: its pod-side end (the destination on the
+/// way in, the source on the way back) becomes `flow.addr`:`flow.port`, the
+/// VM's port `flow.peer_port`. A packet that cannot be rewritten is dropped.
+#[inline(always)]
+fn virt_rewrite(ctx: &TcContext, cookie: u64, p: &TcpPacket, way_in: bool, flow: &VirtFlow) -> i32 {
+    let (local_off, local_port, peer_off, peer_port) = if way_in {
+        (2, p.dport, 0, p.sport)
+    } else {
+        (0, p.sport, 2, p.dport)
+    };
+    let done = set_addr(ctx, p, way_in, &flow.addr)
+        .and_then(|_| set_port(ctx, p, local_off, local_port, flow.port))
+        .and_then(|_| set_port(ctx, p, peer_off, peer_port, flow.peer_port));
     if done.is_err() {
         return virt_drop(cookie);
     }
@@ -1511,25 +1532,12 @@ fn virt_out(ctx: &TcContext) -> i32 {
     let Some(p) = tcp_packet(ctx, vi.l3_offset as usize) else {
         return TC_ACT_OK;
     };
-    let key = VirtFlowKey {
-        netns_cookie: cookie,
-        peer_addr: p.dst,
-        local_addr: p.src,
-        peer_port: p.dport,
-        local_port: p.sport,
-        _pad: 0,
-    };
+    let key = virt_flow_key(cookie, &p, false);
     // SAFETY: pointer from a successful lookup, read once.
-    let Some(flow) = VIRT_FLOWS.get_ptr(&key).map(|f| unsafe { *f }) else {
-        return TC_ACT_OK;
-    };
-    let done = set_addr(ctx, &p, false, &flow.addr)
-        .and_then(|_| set_port(ctx, &p, 0, p.sport, flow.port))
-        .and_then(|_| set_port(ctx, &p, 2, p.dport, flow.peer_port));
-    if done.is_err() {
-        return virt_drop(cookie);
+    match VIRT_FLOWS.get_ptr(&key).map(|f| unsafe { *f }) {
+        Some(flow) => virt_rewrite(ctx, cookie, &p, false, &flow),
+        None => TC_ACT_OK,
     }
-    TC_ACT_OK
 }
 
 /// A DNS query from one of the pod's addresses to one of its addresses

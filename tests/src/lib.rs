@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 pub use bpffs::Bpffs;
 pub use cgroup::{Cgroup, cgroup2_mount};
-pub use netns::{NetNs, Veth, veth_pair};
+pub use netns::{NetNs, Veth, veth_named, veth_pair};
 pub use proc::{Proc, spawn_in, spawn_in_netns_path};
 pub use tempdir::TempDir;
 

@@ -171,10 +171,31 @@ impl Drop for Veth {
 /// inside `a`, never in the namespace the tests run in. Panics when `ip`
 /// fails.
 pub fn veth_pair(a: &NetNs, a_addrs: &[&str], b: &NetNs, b_addrs: &[&str]) -> Veth {
+    veth_named(
+        a,
+        &unique_name("va"),
+        a_addrs,
+        b,
+        &unique_name("vb"),
+        b_addrs,
+    )
+}
+
+/// Like [`veth_pair`], with the ends named `a_name` and `b_name` (names
+/// the code under test looks for, e.g. a pod's `eth0` or `k6t-eth0`; they
+/// only need to be unique inside their namespaces).
+pub fn veth_named(
+    a: &NetNs,
+    a_name: &str,
+    a_addrs: &[&str],
+    b: &NetNs,
+    b_name: &str,
+    b_addrs: &[&str],
+) -> Veth {
     let veth = Veth {
         a_ns: a.name().to_owned(),
-        a_name: unique_name("va"),
-        b_name: unique_name("vb"),
+        a_name: a_name.to_owned(),
+        b_name: b_name.to_owned(),
     };
     a.ip(&[
         "link",

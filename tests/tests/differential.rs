@@ -48,7 +48,9 @@ use weir_tests::istio_iptables::{Family, IstioPod, Restore, keys};
 use weir_tests::kuma_iptables::{self, KumaPod};
 use weir_tests::linkerd_iptables::{self, LinkerdPod};
 use weir_tests::node::{Node, PodEntry, sidecar_log};
-use weir_tests::{Cgroup, NetNs, Proc, TempDir, require_root, spawn_in, testkit_command};
+use weir_tests::{
+    Cgroup, NetNs, Proc, TempDir, Veth, require_root, spawn_in, testkit_command, veth_named,
+};
 
 // ---------------------------------------------------------------------------
 // The configurations
@@ -829,10 +831,11 @@ enum Side {
 struct World {
     // Dropped first: the processes, then the namespaces.
     procs: Vec<Proc>,
+    /// The VM's link and namespace behind [`VM_IFACE`], for configurations
+    /// that reroute it.
+    vm: Option<(Veth, NetNs)>,
     pod: NetNs,
     peer: NetNs,
-    /// The VM behind [`VM_IFACE`], for configurations that reroute it.
-    vm: Option<NetNs>,
     dir: TempDir,
     log: PathBuf,
     side: Side,
@@ -993,30 +996,17 @@ impl World {
     /// A VM namespace behind the pod's [`VM_IFACE`] (a veth), routed
     /// through the pod (which forwards), as KubeVirt's launcher pod does
     /// it.
-    fn add_vm(pod: &NetNs, peer: &NetNs, ipv6: bool, tag: &str) -> NetNs {
+    fn add_vm(pod: &NetNs, peer: &NetNs, ipv6: bool, tag: &str) -> (Veth, NetNs) {
         let vm = NetNs::new(&format!("{tag}v"));
-        pod.ip(&[
-            "link",
-            "add",
+        let family = |a: &[&'static str; 2]| if ipv6 { a.to_vec() } else { vec![a[0]] };
+        let link = veth_named(
+            pod,
             VM_IFACE,
-            "type",
-            "veth",
-            "peer",
-            "name",
+            &family(&["198.18.200.1/24", "2001:2:0:200::1/64"]),
+            &vm,
             "eth0",
-            "netns",
-            vm.name(),
-        ]);
-        for (ns, dev, a4, a6) in [
-            (pod, VM_IFACE, "198.18.200.1/24", "2001:2:0:200::1/64"),
-            (&vm, "eth0", "198.18.200.2/24", "2001:2:0:200::2/64"),
-        ] {
-            ns.ip(&["addr", "add", a4, "dev", dev]);
-            if ipv6 {
-                ns.ip(&["addr", "add", a6, "dev", dev, "nodad"]);
-            }
-            ns.ip(&["link", "set", dev, "up"]);
-        }
+            &family(&["198.18.200.2/24", "2001:2:0:200::2/64"]),
+        );
         vm.ip(&["route", "add", "default", "via", "198.18.200.1"]);
         peer.ip(&["route", "add", "198.18.200.0/24", "via", "198.18.0.1"]);
         pod.exec_ok(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
@@ -1032,7 +1022,7 @@ impl World {
             ]);
             pod.exec_ok(&["sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1"]);
         }
-        vm
+        (link, vm)
     }
 
     /// Applies what the mesh's init container would (nothing for `None`,
@@ -1183,7 +1173,11 @@ impl World {
             Origin::Pod => (&self.pod, cgroup),
             Origin::Peer => (&self.peer, None),
             Origin::Vm => (
-                self.vm.as_ref().expect("a VM row in a world without a VM"),
+                &self
+                    .vm
+                    .as_ref()
+                    .expect("a VM row in a world without a VM")
+                    .1,
                 None,
             ),
         };

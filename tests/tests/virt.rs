@@ -20,13 +20,15 @@ use std::time::Duration;
 
 use serde_json::Value;
 use weir_tests::node::{ClientResult, Node, PodEntry, sidecar_log};
-use weir_tests::{NetNs, require_root, wait_until};
+use weir_tests::{NetNs, Veth, require_root, veth_named, wait_until};
 
 const REROUTE: &str = "istio.io/reroute-virtual-interfaces";
 const SERVICE4: &str = "198.18.31.1:80";
 const SERVICE6: &str = "[2001:2:31::1]:80";
 
 struct World {
+    // The links first: dropped before their namespaces.
+    _links: [Veth; 2],
     pod: NetNs,
     vm: NetNs,
     srv: NetNs,
@@ -36,40 +38,24 @@ fn world() -> World {
     let pod = NetNs::new("vpod");
     let vm = NetNs::new("vvm");
     let srv = NetNs::new("vsrv");
-    pod.ip(&[
-        "link",
-        "add",
-        "eth0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        srv.name(),
-    ]);
-    pod.ip(&[
-        "link",
-        "add",
-        "k6t0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        vm.name(),
-    ]);
-    for (ns, dev, addrs) in [
-        (&pod, "eth0", ["198.18.30.1/24", "2001:2:30::1/64"]),
-        (&srv, "eth0", ["198.18.30.2/24", "2001:2:30::2/64"]),
-        (&pod, "k6t0", ["198.18.32.1/24", "2001:2:32::1/64"]),
-        (&vm, "eth0", ["198.18.32.2/24", "2001:2:32::2/64"]),
-    ] {
-        ns.ip(&["addr", "add", addrs[0], "dev", dev]);
-        ns.ip(&["addr", "add", addrs[1], "dev", dev, "nodad"]);
-        ns.ip(&["link", "set", dev, "up"]);
-    }
+    let links = [
+        veth_named(
+            &pod,
+            "eth0",
+            &["198.18.30.1/24", "2001:2:30::1/64"],
+            &srv,
+            "eth0",
+            &["198.18.30.2/24", "2001:2:30::2/64"],
+        ),
+        veth_named(
+            &pod,
+            "k6t0",
+            &["198.18.32.1/24", "2001:2:32::1/64"],
+            &vm,
+            "eth0",
+            &["198.18.32.2/24", "2001:2:32::2/64"],
+        ),
+    ];
     srv.ip(&["addr", "add", "198.18.31.1/32", "dev", "lo"]);
     srv.ip(&["addr", "add", "2001:2:31::1/128", "dev", "lo", "nodad"]);
     srv.ip(&["link", "set", "lo", "up"]);
@@ -89,7 +75,12 @@ fn world() -> World {
     for s in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
         pod.exec_ok(&["sysctl", "-q", "-w", s]);
     }
-    World { pod, vm, srv }
+    World {
+        _links: links,
+        pod,
+        vm,
+        srv,
+    }
 }
 
 fn pod_entry(w: &World, annotations: &[(&str, &str)]) -> PodEntry {
@@ -104,8 +95,11 @@ fn from_vm(node: &Node, w: &World, dst: &str) -> ClientResult {
     node.client(&w.vm, 0, dst)
 }
 
-fn reply_of(r: &ClientResult) -> Value {
-    r.reply()
+/// The client address the answering server saw: the VM's when the
+/// connection was forwarded untouched, the pod's when it went through the
+/// proxy (its upstream connection).
+fn server_saw(r: &ClientResult) -> String {
+    r.reply()["peer"].as_str().unwrap_or_default().to_string()
 }
 
 fn records_for(log: &std::path::Path, n: usize) -> Vec<Value> {
@@ -144,9 +138,8 @@ fn vm_connections_go_to_the_outbound_port_with_their_original_destination() {
         assert_eq!(r.peer(), dst, "{:?}", r.json);
         // ...and the answer came through the proxy (its upstream socket is
         // the pod's, not the VM's).
-        let reply = reply_of(&r);
-        assert_eq!(reply["server"], "svc", "{reply}");
-        let upstream_peer = reply["peer"].as_str().unwrap_or_default().to_string();
+        assert_eq!(r.reply()["server"], "svc", "{:?}", r.json);
+        let upstream_peer = server_saw(&r);
         assert!(
             upstream_peer.contains("198.18.30.1") || upstream_peer.contains("2001:2:30::1"),
             "the service's peer must be the pod (via the proxy), got {upstream_peer}"
@@ -228,20 +221,13 @@ fn only_included_ranges_are_captured_and_nothing_from_the_vm_is_inbound() {
     // Not in the include ranges: forwarded, the service sees the VM.
     let r = from_vm(&node, &w, SERVICE4);
     assert!(r.ok(), "{:?}", r.json);
-    let reply = reply_of(&r);
-    assert_eq!(reply["server"], "svc");
-    assert!(
-        reply["peer"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("198.18.32.2:"),
-        "{reply}"
-    );
+    assert_eq!(r.reply()["server"], "svc");
+    assert!(server_saw(&r).starts_with("198.18.32.2:"), "{:?}", r.json);
     // The pod's own address from the VM: Istio's `-i k6t0 -j RETURN`
     // keeps it away from inbound capture too; the application answers.
     let r = from_vm(&node, &w, "198.18.30.1:8080");
     assert!(r.ok(), "{:?}", r.json);
-    assert_eq!(reply_of(&r)["server"], "app");
+    assert_eq!(r.reply()["server"], "app");
     std::thread::sleep(Duration::from_millis(300));
     assert!(sidecar_log(&log).is_empty(), "{:?}", sidecar_log(&log));
 }
@@ -320,11 +306,7 @@ fn restart_keeps_rerouting_and_removal_stops_it() {
         "VM connections to be forwarded again",
         || {
             let r = from_vm(&node, &w, SERVICE4);
-            r.ok()
-                && reply_of(&r)["peer"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .starts_with("198.18.32.2:")
+            r.ok() && server_saw(&r).starts_with("198.18.32.2:")
         },
     );
     assert_eq!(sidecar_log(&log).len(), 2, "{:?}", sidecar_log(&log));
@@ -349,10 +331,7 @@ fn an_interface_that_appears_later_is_attached_on_a_later_pass() {
     let r = from_vm(&node, &w, SERVICE4);
     assert!(r.ok(), "{:?}", r.json);
     assert!(
-        reply_of(&r)["peer"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("198.18.32.2:"),
+        server_saw(&r).starts_with("198.18.32.2:"),
         "no vm1 yet, so forwarded: {:?}",
         r.json
     );
@@ -365,10 +344,7 @@ fn an_interface_that_appears_later_is_attached_on_a_later_pass() {
     assert!(r.ok(), "{:?}\n{}", r.json, node.agent_logs());
     assert_eq!(records_for(&log, 1)[0]["orig_dst"], SERVICE4);
     assert!(
-        reply_of(&r)["peer"]
-            .as_str()
-            .unwrap_or_default()
-            .starts_with("198.18.30.1:"),
+        server_saw(&r).starts_with("198.18.30.1:"),
         "through the proxy now: {:?}",
         r.json
     );

@@ -43,6 +43,13 @@ pub const fn is_v4_mapped(addr: &Addr) -> bool {
     addr[0] == 0 && addr[1] == 0 && addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
 }
 
+/// Whether `addr` is the wildcard address: `::`, or `0.0.0.0` in its
+/// IPv4-mapped form (a socket bound to no particular address).
+#[inline(always)]
+pub const fn is_unspecified(addr: &Addr) -> bool {
+    addr[3] == 0 && addr[0] | addr[1] == 0 && (addr[2] == 0 || is_v4_mapped(addr))
+}
+
 /// The IPv4 word (network order) of an IPv4-mapped address.
 #[inline(always)]
 pub const fn v4_word(addr: &Addr) -> u32 {
@@ -586,6 +593,23 @@ mod layout_tests {
     use core::mem::size_of;
 
     /// No implicit padding: each size equals the sum of its fields.
+    #[test]
+    fn unspecified_is_the_wildcard_of_either_family() {
+        assert!(super::is_unspecified(&[0; 4]));
+        assert!(super::is_unspecified(&super::v4_mapped(0)));
+        assert!(!super::is_unspecified(&super::v4_mapped(
+            u32::from_ne_bytes([198, 18, 0, 1])
+        )));
+        assert!(!super::is_unspecified(&[
+            0,
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0, 1])
+        ]));
+        // ::1:0:0 is not the wildcard, nor is anything outside ::ffff:0:0/96.
+        assert!(!super::is_unspecified(&[0, 0, 1, 0]));
+    }
+
     #[test]
     fn structs_have_no_padding() {
         assert_eq!(size_of::<PodPolicy>(), 4 + 4 + 2 * 4 + 4 + 4 + 4 + 16 + 4);
