@@ -169,6 +169,17 @@ pub fn find_dns_proxy(proc_root: &Path, pids: &[u32], port: u16) -> io::Result<V
     find(proc_root, pids, &BTreeSet::from([port]), Kind::UdpLoopback)
 }
 
+/// The socket inodes of the pod's DNS proxy (see [`find_dns_proxy`]),
+/// from `/proc/<pid>/net/udp{,6}` alone: cheap enough for every pass, to
+/// tell whether the sockets weir holds are still the proxy's.
+pub fn dns_proxy_inodes(proc_root: &Path, pids: &[u32], port: u16) -> BTreeSet<u64> {
+    pids.first().map_or_else(BTreeSet::new, |pid| {
+        socket_inodes(proc_root, *pid, &BTreeSet::from([port]), Kind::UdpLoopback)
+            .into_keys()
+            .collect()
+    })
+}
+
 fn find(
     proc_root: &Path,
     pids: &[u32],
@@ -231,4 +242,45 @@ fn find(
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::k8s::testutil::TempDir;
+
+    /// A fake `/proc/<pid>/net/...` for process 7.
+    fn fake_proc(files: &[(&str, &str)]) -> TempDir {
+        let d = TempDir::new("adopt");
+        let net = d.path().join("7/net");
+        std::fs::create_dir_all(&net).unwrap();
+        for (name, text) in files {
+            std::fs::write(net.join(name), text).unwrap();
+        }
+        d
+    }
+
+    const HEAD: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+
+    #[test]
+    fn dns_proxy_sockets_are_unconnected_udp_on_loopback() {
+        // 15053 = 0x3ACD. Kept: 127.0.0.1 and ::1, unconnected (07).
+        // Not kept: 0.0.0.0:15053, a connected socket, another port.
+        let udp = format!(
+            "{HEAD}\
+  1: 0100007F:3ACD 00000000:0000 07 00000000:00000000 00:00000000 00000000  1337        0 101 2\n\
+  2: 00000000:3ACD 00000000:0000 07 00000000:00000000 00:00000000 00000000  1337        0 102 2\n\
+  3: 0100007F:3ACD 0100007F:9C40 01 00000000:00000000 00:00000000 00000000  1337        0 103 2\n\
+  4: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000  1337        0 104 2\n"
+        );
+        let udp6 = format!(
+            "{HEAD}\
+  5: 00000000000000000000000001000000:3ACD 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000  1337        0 105 2\n"
+        );
+        let d = fake_proc(&[("udp", &udp), ("udp6", &udp6)]);
+        let got = dns_proxy_inodes(d.path(), &[7], 15053);
+        assert_eq!(got, BTreeSet::from([101, 105]));
+        assert!(dns_proxy_inodes(d.path(), &[], 15053).is_empty());
+    }
 }

@@ -52,9 +52,9 @@ pub struct Reconciler {
     proc_index: Option<BTreeMap<u64, Vec<u32>>>,
     /// Pods the last full pass failed to enroll or update.
     failed: usize,
-    /// Pods (netns cookies) whose DNS proxy socket was recorded (logged
-    /// once per pod).
-    dns_recorded: BTreeSet<u64>,
+    /// Per pod (netns cookie), the inodes of the DNS proxy sockets last
+    /// recorded in `LISTENERS`: while the proxy keeps them, nothing to do.
+    dns_recorded: BTreeMap<u64, BTreeSet<u64>>,
 }
 
 fn meta(spec: &PodSpec) -> PodMeta {
@@ -77,7 +77,7 @@ impl Reconciler {
             next_id: 1,
             proc_root: "/proc".into(),
             proc_index: None,
-            dns_recorded: BTreeSet::new(),
+            dns_recorded: BTreeMap::new(),
             failed: 0,
         }
     }
@@ -172,16 +172,30 @@ impl Reconciler {
             })
             .collect();
         let live: BTreeSet<u64> = wanted.iter().map(|w| w.2).collect();
-        self.dns_recorded.retain(|c| live.contains(c));
+        self.dns_recorded.retain(|c, _| live.contains(c));
         for (key, netns, cookie, port) in wanted {
-            match self
-                .adopt_candidates(&netns)
-                .and_then(|pids| crate::adopt::find_dns_proxy(&self.proc_root, &pids, port))
-            {
+            let pids = match self.adopt_candidates(&netns) {
+                Ok(p) => p,
+                Err(e) => {
+                    debug!("pod {key}: looking for its DNS proxy: {e}");
+                    continue;
+                }
+            };
+            // The same sockets as recorded last time: still in the map
+            // (a closed socket leaves the sockhash, and its inode goes).
+            let inodes = crate::adopt::dns_proxy_inodes(&self.proc_root, &pids, port);
+            if inodes.is_empty() || self.dns_recorded.get(&cookie) == Some(&inodes) {
+                continue;
+            }
+            match crate::adopt::find_dns_proxy(&self.proc_root, &pids, port) {
                 Ok(found) if !found.is_empty() => {
                     let n = self.dp.record_listeners(cookie, &found);
-                    if n > 0 && self.dns_recorded.insert(cookie) {
+                    if n > 0 {
                         info!("pod {key}: DNS proxy on :{port} recorded ({n} socket(s))");
+                    }
+                    // Look again next pass unless every socket was recorded.
+                    if n == inodes.len() {
+                        self.dns_recorded.insert(cookie, inodes);
                     }
                 }
                 Ok(_) => {}

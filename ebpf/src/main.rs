@@ -576,11 +576,8 @@ fn recvmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     } else {
         v4_mapped(sa.user_ip4)
     };
-    // From the DNS port on loopback, or on one of the pod's addresses (a
-    // connected socket's queries, see `connect`).
-    if !is_localhost(&from) && POD_ADDRS.get_ptr(&from).is_none() {
-        return 1;
-    }
+    // Only sockets that sent a captured query carry ORIG_DNS: most UDP
+    // sockets have no storage at all, the cheapest test, so it goes first.
     // SAFETY: reading the `sk` field of a valid context (non-NULL).
     let Some(od) = orig_dst_of(unsafe { sa.__bindgen_anon_1.sk }) else {
         return 1;
@@ -593,6 +590,11 @@ fn recvmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
         return 1;
     };
     if u16::from_be(sa.user_port as u16) != policy.dns_port {
+        return 1;
+    }
+    // From the DNS port on loopback, or on one of the pod's addresses (a
+    // connected socket's queries, see `connect`).
+    if !is_localhost(&from) && !(KernelTables { cookie }).is_pod_addr(&from) {
         return 1;
     }
     if v6 {
