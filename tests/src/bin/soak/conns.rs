@@ -38,6 +38,26 @@ const FLOOD_PER_POD: u64 = 50_000;
 const FD_SLACK: u64 = 1024;
 
 /// Connections per pod: the ports' limit, or what one process may open.
+/// Runs this binary's subcommand `args` in `ns` as `uid`, with `nofile`
+/// descriptors allowed (one soak process per pod and role).
+fn spawn_client(
+    ctx: &Ctx,
+    node: &crate::node::SoakNode,
+    ns: &weir_tests::NetNs,
+    nofile: u64,
+    uid: u32,
+    args: &[&str],
+) -> weir_tests::Proc {
+    let mut all = vec![
+        "--nofile".to_string(),
+        nofile.to_string(),
+        "--uid".to_string(),
+        uid.to_string(),
+    ];
+    all.extend(args.iter().map(|a| a.to_string()));
+    node.spawn(&ctx.exe, Some(ns), &all)
+}
+
 fn per_pod(ctx: &Ctx, ports_limit: u64) -> u64 {
     ports_limit.min(ctx.nofile.saturating_sub(FD_SLACK)).max(1)
 }
@@ -66,11 +86,7 @@ pub fn concurrent(ctx: &Ctx, r: &mut ScenarioResult, n: u64) -> Result<()> {
     for (i, pod) in lan.pods.iter().enumerate() {
         let stats = node.marker(&format!("{}-sidecar.stats", pod.name));
         let ready = node.marker(&format!("{}-sidecar.ready", pod.name));
-        let args: Vec<String> = [
-            "--nofile",
-            &(shares[i] + FD_SLACK).to_string(),
-            "--uid",
-            "1337",
+        let args = [
             "sidecar",
             "--name",
             &pod.name,
@@ -79,22 +95,15 @@ pub fn concurrent(ctx: &Ctx, r: &mut ScenarioResult, n: u64) -> Result<()> {
             &stats.display().to_string(),
             "--ready-file",
             &ready.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut p = node.spawn(&ctx.exe, Some(&pod.ns), &args);
+        ];
+        let mut p = spawn_client(ctx, &node, &pod.ns, shares[i] + FD_SLACK, 1337, &args);
         p.wait_for_file(&ready, Duration::from_secs(30));
         sidecars.push((p, stats));
     }
     let t0 = Instant::now();
     for (i, pod) in lan.pods.iter().enumerate() {
         let out = node.marker(&format!("{}-hold.json", pod.name));
-        let args: Vec<String> = [
-            "--nofile",
-            &(shares[i] + FD_SLACK).to_string(),
-            "--uid",
-            "1000",
+        let args = [
             "hold",
             "--index",
             &i.to_string(),
@@ -106,11 +115,15 @@ pub fn concurrent(ctx: &Ctx, r: &mut ScenarioResult, n: u64) -> Result<()> {
             "4",
             "--out",
             &out.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        clients.push(node.spawn(&ctx.exe, Some(&pod.ns), &args));
+        ];
+        clients.push(spawn_client(
+            ctx,
+            &node,
+            &pod.ns,
+            shares[i] + FD_SLACK,
+            1000,
+            &args,
+        ));
         outs.push(out);
     }
     let mut summaries: Vec<HoldSummary> = Vec::new();
@@ -303,11 +316,7 @@ pub fn map_full(
     for (i, pod) in lan.pods.iter().enumerate() {
         let stats = node.marker(&format!("{}-sidecar.stats", pod.name));
         let ready = node.marker(&format!("{}-sidecar.ready", pod.name));
-        let args: Vec<String> = [
-            "--nofile",
-            &(shares[i] + FD_SLACK).to_string(),
-            "--uid",
-            "1337",
+        let args = [
             "sidecar",
             "--name",
             &pod.name,
@@ -319,11 +328,8 @@ pub fn map_full(
             &stats.display().to_string(),
             "--ready-file",
             &ready.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut p = node.spawn(&ctx.exe, Some(&pod.ns), &args);
+        ];
+        let mut p = spawn_client(ctx, &node, &pod.ns, shares[i] + FD_SLACK, 1337, &args);
         p.wait_for_file(&ready, Duration::from_secs(30));
         sidecars.push((p, stats));
     }
@@ -333,11 +339,7 @@ pub fn map_full(
     for (i, pod) in lan.pods.iter().enumerate() {
         let flooded = node.marker(&format!("{}-flooded.json", pod.name));
         let out = node.marker(&format!("{}-flood.json", pod.name));
-        let args: Vec<String> = [
-            "--nofile",
-            &(shares[i] + FD_SLACK).to_string(),
-            "--uid",
-            "1000",
+        let args = [
             "flood",
             "--index",
             &i.to_string(),
@@ -349,11 +351,15 @@ pub fn map_full(
             &flooded.display().to_string(),
             "--out",
             &out.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        clients.push(node.spawn(&ctx.exe, Some(&pod.ns), &args));
+        ];
+        clients.push(spawn_client(
+            ctx,
+            &node,
+            &pod.ns,
+            shares[i] + FD_SLACK,
+            1000,
+            &args,
+        ));
         files.push((flooded, out));
     }
     let t0 = Instant::now();
