@@ -85,7 +85,7 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
     let v: Value = serde_json::from_str(stdin).map_err(|e| {
         fail(
             ERR_DECODE,
-            "weir-cni: the network configuration on stdin is not JSON",
+            "the network configuration on stdin is not JSON",
             e.to_string(),
         )
     })?;
@@ -94,7 +94,7 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
         return Err(fail(
             ERR_INCOMPATIBLE_VERSION,
             format!(
-                "weir-cni: cniVersion {cni_version:?} is not supported; use one of {}",
+                "cniVersion {cni_version:?} is not supported; use one of {}",
                 SUPPORTED.join(", ")
             ),
             "",
@@ -106,7 +106,7 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
         other => {
             return Err(fail(
                 ERR_INVALID_CONFIG,
-                "weir-cni: \"socket\" must be an absolute path",
+                "\"socket\" must be an absolute path",
                 format!("got {other}"),
             ));
         }
@@ -117,7 +117,7 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
         other => {
             return Err(fail(
                 ERR_INVALID_CONFIG,
-                "weir-cni: \"failOpen\" must be true or false",
+                "\"failOpen\" must be true or false",
                 format!("got {other}"),
             ));
         }
@@ -129,7 +129,7 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
             _ => {
                 return Err(fail(
                     ERR_INVALID_CONFIG,
-                    "weir-cni: \"timeoutSeconds\" must be a whole number from 1 to 600",
+                    "\"timeoutSeconds\" must be a whole number from 1 to 600",
                     format!("got {t}"),
                 ));
             }
@@ -219,7 +219,7 @@ fn required(env: Env, name: &str) -> Result<String, CniError> {
     env(name).filter(|v| !v.is_empty()).ok_or_else(|| {
         fail(
             ERR_INVALID_ENV,
-            format!("weir-cni: {name} is not set; the container runtime sets it"),
+            format!("{name} is not set; the container runtime sets it"),
             "",
         )
     })
@@ -247,7 +247,7 @@ fn passthrough(conf: &NetConf) -> Result<String, CniError> {
     let mut prev = conf.prev_result.clone().ok_or_else(|| {
         fail(
             ERR_INVALID_CONFIG,
-            "weir-cni: no prevResult; weir-cni is a chained plugin and must come after the plugin that sets up the pod's network in a .conflist",
+            "no prevResult; weir-cni is a chained plugin and must come after the plugin that sets up the pod's network in a .conflist",
             "",
         )
     })?;
@@ -257,24 +257,82 @@ fn passthrough(conf: &NetConf) -> Result<String, CniError> {
     Ok(prev.to_string())
 }
 
+/// The environment variables the specification requires for `command`
+/// (as libcni's `skel` checks them): an error naming every one missing.
+fn required_env(env: Env, command: &str) -> Result<(), CniError> {
+    let needed: &[&str] = match command {
+        "ADD" | "CHECK" => &["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"],
+        "DEL" => &["CNI_CONTAINERID", "CNI_IFNAME"],
+        _ => &[],
+    };
+    let missing: Vec<&str> = needed
+        .iter()
+        .copied()
+        .filter(|n| env(n).is_none_or(|v| v.is_empty()))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(fail(
+        ERR_INVALID_ENV,
+        format!(
+            "{} not set for {command}; the container runtime sets {}",
+            missing.join(", "),
+            if missing.len() == 1 { "it" } else { "them" }
+        ),
+        "",
+    ))
+}
+
+/// Whether `version` (one of [`SUPPORTED`]) is `min` or later.
+fn at_least(version: &str, min: &str) -> bool {
+    let at = |v: &str| SUPPORTED.iter().position(|s| *s == v);
+    at(version) >= at(min)
+}
+
+/// The answer to VERSION. The specification says to echo the `cniVersion`
+/// of the input; an input version this plugin does not speak (or none) is
+/// answered with the latest it does, as libcni's `skel` always answers, so
+/// the runtime never reads a claim to speak a version it cannot use.
+fn version_info(stdin: &str) -> String {
+    let v: Value = serde_json::from_str(stdin).unwrap_or(Value::Null);
+    let version = v["cniVersion"]
+        .as_str()
+        .filter(|v| SUPPORTED.contains(v))
+        .unwrap_or(LATEST);
+    json!({"cniVersion": version, "supportedVersions": SUPPORTED}).to_string()
+}
+
 fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
     let command = required(env, "CNI_COMMAND")?;
     if command == "VERSION" {
-        let v: Value = serde_json::from_str(stdin).unwrap_or(Value::Null);
-        let version = v["cniVersion"].as_str().unwrap_or(LATEST);
         return Ok(Done {
-            stdout: Some(
-                json!({"cniVersion": version, "supportedVersions": SUPPORTED}).to_string(),
-            ),
+            stdout: Some(version_info(stdin)),
             log: None,
         });
     }
+    required_env(env, &command)?;
     let conf = parse_conf(stdin)?;
+    // CHECK exists from 0.4.0, STATUS and GC from 1.1.0; a configuration
+    // of an older version must not be asked them.
+    let since = match command.as_str() {
+        "CHECK" => "0.4.0",
+        "STATUS" | "GC" => "1.1.0",
+        _ => "0.3.0",
+    };
+    if !at_least(&conf.cni_version, since) {
+        return Err(fail(
+            ERR_INCOMPATIBLE_VERSION,
+            format!(
+                "{command} needs cniVersion {since} or later; the configuration says {}",
+                conf.cni_version
+            ),
+            "",
+        ));
+    }
     let pod = pod_ref(&env("CNI_ARGS").unwrap_or_default());
     match command.as_str() {
         "ADD" => {
-            required(env, "CNI_CONTAINERID")?;
-            required(env, "CNI_NETNS")?;
             let out = passthrough(&conf)?;
             let Some(pod) = pod else {
                 // Not a Kubernetes pod: nothing weir knows about.
@@ -290,13 +348,13 @@ fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
                 Ok(Response::Ok { .. }) => None,
                 Ok(Response::Failed { message }) => Some(fail(
                     ERR_AGENT_REFUSED,
-                    format!("weir: pod {key} could not be enrolled for capture: {message}"),
+                    format!("pod {key} could not be enrolled for capture: {message}"),
                     "the pod's traffic would not reach its sidecar proxy, so its network set-up fails; the kubelet retries it",
                 )),
                 Err(e) => Some(fail(
                     ERR_TRY_AGAIN_LATER,
                     format!(
-                        "weir: the weir agent on this node is not reachable at {} ({e}); pod {key} cannot be enrolled for capture",
+                        "the weir agent on this node is not reachable at {} ({e}); pod {key} cannot be enrolled for capture",
                         conf.socket
                     ),
                     "check that the weir DaemonSet pod runs on this node (kubectl -n weir-system get pods -o wide); the kubelet retries the pod",
@@ -342,14 +400,14 @@ fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
             let problem = match agent(&conf.socket, &req, conf.timeout) {
                 Ok(Response::Failed { message }) => Some(fail(
                     ERR_AGENT_REFUSED,
-                    format!("weir: pod {key} is not enrolled as it should be: {message}"),
+                    format!("pod {key} is not enrolled as it should be: {message}"),
                     "",
                 )),
                 Ok(_) => None,
                 Err(e) => Some(fail(
                     ERR_TRY_AGAIN_LATER,
                     format!(
-                        "weir: the weir agent on this node is not reachable at {} ({e})",
+                        "the weir agent on this node is not reachable at {} ({e})",
                         conf.socket
                     ),
                     "",
@@ -368,13 +426,13 @@ fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
             match agent(&conf.socket, &req, conf.timeout) {
                 Ok(Response::Failed { message }) if !conf.fail_open => Err(fail(
                     ERR_NOT_AVAILABLE,
-                    format!("weir: the weir agent is not ready: {message}"),
+                    format!("the weir agent is not ready: {message}"),
                     "",
                 )),
                 Err(e) if !conf.fail_open => Err(fail(
                     ERR_NOT_AVAILABLE,
                     format!(
-                        "weir: the weir agent on this node is not reachable at {} ({e})",
+                        "the weir agent on this node is not reachable at {} ({e})",
                         conf.socket
                     ),
                     "",
@@ -392,7 +450,7 @@ fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
         other => Err(fail(
             ERR_INVALID_ENV,
             format!(
-                "weir-cni: unknown CNI_COMMAND {other:?}; expected ADD, DEL, CHECK, STATUS, GC or VERSION"
+                "unknown CNI_COMMAND {other:?}; expected ADD, DEL, CHECK, STATUS, GC or VERSION"
             ),
             "",
         )),
@@ -405,7 +463,7 @@ fn main() {
     let env = |k: &str| std::env::var(k).ok();
     let result = match read {
         Ok(_) => run(&env, &stdin, &ask),
-        Err(e) => Err(fail(ERR_IO, "weir-cni: cannot read stdin", e.to_string())),
+        Err(e) => Err(fail(ERR_IO, "cannot read stdin", e.to_string())),
     };
     match result {
         Ok(done) => {
@@ -526,6 +584,7 @@ mod tests {
             "CNI_COMMAND" => Some("ADD".into()),
             "CNI_CONTAINERID" => Some("c".into()),
             "CNI_NETNS" => Some("/var/run/netns/x".into()),
+            "CNI_IFNAME" => Some("eth0".into()),
             _ => None,
         };
         assert!(run(&env, &conf(""), &never).unwrap().stdout.is_some());
@@ -581,14 +640,142 @@ mod tests {
         let v: Value = serde_json::from_str(&done.stdout.unwrap()).unwrap();
         assert_eq!(v["cniVersion"], "0.4.0");
         assert!(v["supportedVersions"].as_array().unwrap().len() >= 4);
-        let e = run(&env_of("STATUS"), &conf(""), &down).err().unwrap();
+        let v11 = conf("").replacen("1.0.0", "1.1.0", 1);
+        let e = run(&env_of("STATUS"), &v11, &down).err().unwrap();
         assert_eq!(e.code, ERR_NOT_AVAILABLE);
+        assert!(run(&env_of("GC"), &v11, &down).unwrap().stdout.is_none());
+    }
+
+    fn without(cmd: &str, unset: &'static [&'static str]) -> impl Fn(&str) -> Option<String> {
+        let env = env_of(cmd);
+        move |k: &str| if unset.contains(&k) { None } else { env(k) }
+    }
+
+    #[test]
+    fn required_environment_per_command() {
+        let up = |_: &str, _: &Request, _: Duration| {
+            Ok(Response::Ok {
+                message: String::new(),
+            })
+        };
+        // CHECK without CNI_NETNS: invalid environment (4), naming it,
+        // before the agent is asked anything.
+        let e = run(&without("CHECK", &["CNI_NETNS"]), &conf(""), &up)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ERR_INVALID_ENV);
+        assert!(e.msg.contains("CNI_NETNS"), "{}", e.msg);
+        // Every missing variable is named.
+        let e = run(
+            &without("ADD", &["CNI_IFNAME", "CNI_CONTAINERID"]),
+            &conf(""),
+            &up,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.code, ERR_INVALID_ENV);
         assert!(
-            run(&env_of("GC"), &conf(""), &down)
-                .unwrap()
-                .stdout
-                .is_none()
+            e.msg.contains("CNI_IFNAME") && e.msg.contains("CNI_CONTAINERID"),
+            "{}",
+            e.msg
         );
+        // DEL does not need a netns (it may be gone), but a sandbox.
+        assert!(run(&without("DEL", &["CNI_NETNS"]), &conf(""), &up).is_ok());
+        let e = run(&without("DEL", &["CNI_CONTAINERID"]), &conf(""), &up)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ERR_INVALID_ENV);
+        // VERSION needs nothing but the command.
+        assert!(run(&without("VERSION", &["CNI_NETNS", "CNI_IFNAME"]), "", &up).is_ok());
+    }
+
+    #[test]
+    fn commands_are_refused_below_their_spec_version() {
+        let up = |_: &str, _: &Request, _: Duration| {
+            Ok(Response::Ok {
+                message: String::new(),
+            })
+        };
+        let with_version = |v: &str| {
+            conf("").replacen(
+                r#""cniVersion":"1.0.0""#,
+                &format!(r#""cniVersion":"{v}""#),
+                1,
+            )
+        };
+        for v in ["0.3.0", "0.3.1"] {
+            let e = run(&env_of("CHECK"), &with_version(v), &up).err().unwrap();
+            assert_eq!(e.code, ERR_INCOMPATIBLE_VERSION, "CHECK at {v}");
+            assert!(e.msg.contains("0.4.0"), "{}", e.msg);
+            // ADD and DEL are fine at those versions.
+            assert!(run(&env_of("ADD"), &with_version(v), &up).is_ok());
+            assert!(run(&env_of("DEL"), &with_version(v), &up).is_ok());
+        }
+        for v in ["0.4.0", "1.0.0", "1.1.0"] {
+            assert!(run(&env_of("CHECK"), &with_version(v), &up).is_ok(), "{v}");
+        }
+        for cmd in ["STATUS", "GC"] {
+            let e = run(&env_of(cmd), &with_version("1.0.0"), &up)
+                .err()
+                .unwrap();
+            assert_eq!(e.code, ERR_INCOMPATIBLE_VERSION, "{cmd}");
+            assert!(run(&env_of(cmd), &with_version("1.1.0"), &up).is_ok());
+        }
+    }
+
+    #[test]
+    fn version_answers_with_a_version_it_speaks() {
+        let never = |_: &str, _: &Request, _: Duration| -> std::io::Result<Response> {
+            panic!("must not ask the agent")
+        };
+        let answer = |stdin: &str| -> Value {
+            let done = run(&env_of("VERSION"), stdin, &never).unwrap();
+            serde_json::from_str(&done.stdout.unwrap()).unwrap()
+        };
+        assert_eq!(answer(r#"{"cniVersion":"0.3.1"}"#)["cniVersion"], "0.3.1");
+        for unsupported in [
+            r#"{"cniVersion":"0.2.0"}"#,
+            r#"{"cniVersion":"9.9.9"}"#,
+            "",
+            "{",
+        ] {
+            assert_eq!(answer(unsupported)["cniVersion"], LATEST, "{unsupported}");
+        }
+    }
+
+    #[test]
+    fn messages_carry_no_prefix_of_their_own() {
+        // stderr adds "weir-cni: " once; the messages must not repeat it.
+        let down = |_: &str, _: &Request, _: Duration| -> std::io::Result<Response> {
+            Err(std::io::ErrorKind::ConnectionRefused.into())
+        };
+        let mut errors = vec![
+            run(&env_of("ADD"), &conf(""), &down).err().unwrap(),
+            run(&env_of("ADD"), "{", &down).err().unwrap(),
+            run(&env_of("FROB"), &conf(""), &down).err().unwrap(),
+            run(&env_of("ADD"), &conf(r#","socket":"x""#), &down)
+                .err()
+                .unwrap(),
+            run(&without("ADD", &["CNI_NETNS"]), &conf(""), &down)
+                .err()
+                .unwrap(),
+        ];
+        errors.push(
+            run(
+                &env_of("ADD"),
+                r#"{"cniVersion":"1.0.0","name":"n","type":"weir-cni"}"#,
+                &down,
+            )
+            .err()
+            .unwrap(),
+        );
+        for e in errors {
+            assert!(
+                !e.msg.starts_with("weir-cni:") && !e.msg.starts_with("weir:"),
+                "{}",
+                e.msg
+            );
+        }
     }
 
     #[test]

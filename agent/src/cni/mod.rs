@@ -218,6 +218,23 @@ impl Lookup {
     }
 }
 
+/// Why the network namespace at `p` (the agent's view) cannot be used, if
+/// it cannot: missing, or not reachable (the real error, e.g. permission
+/// denied, is named: it is not the same fix).
+fn netns_problem(p: &Path) -> Option<String> {
+    match std::fs::metadata(p) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
+            "network namespace {} does not exist in the agent's view; mount the host's /var/run/netns into the agent at the same path with mountPropagation: HostToContainer",
+            p.display()
+        )),
+        Err(e) => Some(format!(
+            "network namespace {} cannot be opened by the agent: {e}; the agent runs as root with the host's /var/run/netns mounted (check its securityContext and the mount)",
+            p.display()
+        )),
+    }
+}
+
 /// What the server works with.
 pub struct Server {
     rec: Arc<Mutex<Reconciler>>,
@@ -274,13 +291,7 @@ impl Server {
             return Err(format!("CNI_NETNS {:?} is not an absolute path", req.netns));
         }
         let p = agent_view_of(&self.host_proc, p);
-        if !p.exists() {
-            return Err(format!(
-                "network namespace {} does not exist in the agent's view; mount the host's /var/run/netns into the agent at the same path with mountPropagation: HostToContainer",
-                p.display()
-            ));
-        }
-        Ok(p)
+        netns_problem(&p).map_or(Ok(p), Err)
     }
 
     async fn add(&self, req: Request) -> Response {
@@ -618,5 +629,32 @@ async fn keep_installed(conf_dir: PathBuf, bin_dir: Option<PathBuf>, entry: inst
             }
             Err(e) => warn!("CNI install task: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::testutil::TempDir;
+
+    #[test]
+    fn netns_problems_name_the_real_error() {
+        let d = TempDir::new("netnsp");
+        let file = d.path().join("ns");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(netns_problem(&file), None);
+        let missing = netns_problem(&d.path().join("gone")).unwrap();
+        assert!(missing.contains("does not exist"), "{missing}");
+        // Not "missing": a path the agent cannot traverse (here ENOTDIR;
+        // EACCES for a non-root agent) says what the kernel said.
+        let blocked = netns_problem(&file.join("below")).unwrap();
+        assert!(
+            !blocked.contains("does not exist") && blocked.contains("cannot be opened"),
+            "{blocked}"
+        );
+        assert!(
+            blocked.contains(&std::io::Error::from_raw_os_error(libc::ENOTDIR).to_string()),
+            "{blocked}"
+        );
     }
 }
