@@ -99,8 +99,8 @@ pub fn preflight(args: &Args, bpffs: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// A client from --kubeconfig, else the usual inference.
-pub async fn client(args: &Args) -> Result<Client> {
+/// The client configuration from --kubeconfig, else the usual inference.
+pub async fn config(args: &Args) -> Result<kube::Config> {
     let config = match &args.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -114,6 +114,11 @@ pub async fn client(args: &Args) -> Result<Client> {
         )?,
     };
     info!("Kubernetes API at {}", config.cluster_url);
+    Ok(config)
+}
+
+/// A client from [`config`]'s configuration.
+pub fn client(config: kube::Config) -> Result<Client> {
     // No retries inside the client: the watcher's backoff (0.8 s doubling
     // to 30 s, like client-go's reflector) decides when to try again and
     // reports each failure, and a CNI request should fail fast so the
@@ -183,7 +188,8 @@ pub async fn run(
         .node_name
         .clone()
         .context("--kubernetes needs --node-name or NODE_NAME")?;
-    let client = client(args).await?;
+    let kube_config = config(args).await?;
+    let client = client(kube_config.clone())?;
     let store = Arc::new(Mutex::new(PodStore::new()));
     let registry = Arc::new(Mutex::new(Registry::default()));
     let wake = Arc::new(Notify::new());
@@ -197,7 +203,8 @@ pub async fn run(
         args.host_proc.clone(),
         Some(registry.clone()),
         Some(wake.clone()),
-    );
+    )
+    .with_plugin_kubeconfig(kube_config);
     crate::cni::start(cni, cni.socket(true), server).await?;
 
     let api: Api<Pod> = Api::all(client);
