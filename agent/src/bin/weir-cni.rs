@@ -23,14 +23,32 @@
 //!   is unreachable; 100 when it refused) and the kubelet retries the pod's
 //!   sandbox later: fail closed. `"failOpen": true` lets the pod start
 //!   anyway; the agent's watcher then enrolls it once it sees it.
+//!   When the agent is not reachable, two kinds of pods start anyway, as
+//!   no capture is lost on them: pods of `excludeNamespaces` (written by
+//!   the agent's installer, default `kube-system`), without asking
+//!   anything; and pods the Kubernetes API shows are not meshed, read with
+//!   the `kubeconfig` the agent writes next to the CNI configuration and
+//!   classified by the agent's own code (`k8s/classify.rs`). A meshed pod,
+//!   or one the API cannot tell about, fails as above.
 //! - DEL tells the agent, best effort, and always succeeds.
 //! - CHECK asks whether the pod is enrolled. STATUS (CNI 1.1) whether the
 //!   agent answers. GC has nothing to collect. VERSION lists the versions.
 //!
-//! Only std and serde: it is copied onto every node and runs for every pod.
+//! It is copied onto every node and runs for every pod: std and serde on
+//! the path with the agent up; the Kubernetes client (kube-rs) only runs
+//! when the agent is not reachable.
 
 #[path = "../cni/protocol.rs"]
 mod protocol;
+
+// The agent's pod classification, compiled in as is (with the policy
+// module it names), so the plugin decides "meshed" exactly as the agent.
+#[path = "../k8s/classify.rs"]
+#[allow(dead_code)]
+mod classify;
+#[path = "../policy.rs"]
+#[allow(dead_code)]
+mod policy;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -79,6 +97,8 @@ struct NetConf {
     fail_open: bool,
     timeout: Duration,
     prev_result: Option<Value>,
+    exclude_namespaces: Vec<String>,
+    kubeconfig: Option<String>,
 }
 
 fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
@@ -135,6 +155,31 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
             }
         },
     };
+    let exclude_namespaces = match &v["excludeNamespaces"] {
+        Value::Null => Vec::new(),
+        Value::Array(a) if a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(|n| n.as_str().map(str::to_string))
+            .collect(),
+        other => {
+            return Err(fail(
+                ERR_INVALID_CONFIG,
+                "\"excludeNamespaces\" must be a list of namespace names",
+                format!("got {other}"),
+            ));
+        }
+    };
+    let kubeconfig = match &v["kubeconfig"] {
+        Value::Null => None,
+        Value::String(s) if s.starts_with('/') => Some(s.clone()),
+        other => {
+            return Err(fail(
+                ERR_INVALID_CONFIG,
+                "\"kubeconfig\" must be an absolute path",
+                format!("got {other}"),
+            ));
+        }
+    };
     let prev_result = v.get("prevResult").filter(|p| !p.is_null()).cloned();
     Ok(NetConf {
         cni_version,
@@ -142,6 +187,8 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
         fail_open,
         timeout,
         prev_result,
+        exclude_namespaces,
+        kubeconfig,
     })
 }
 
@@ -210,10 +257,76 @@ fn ask(socket: &str, req: &Request, timeout: Duration) -> std::io::Result<Respon
     })
 }
 
+/// How long the plugin waits for the Kubernetes API when the agent is
+/// not reachable.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads pod `pod` from the Kubernetes API with the kubeconfig at `path`
+/// and classifies it as the agent does.
+fn read_pod(path: &str, pod: &PodRef) -> Result<classify::Verdict, String> {
+    use k8s_openapi::api::core::v1::Pod;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the API client: {e}"))?;
+    let key = format!("{}/{}", pod.namespace, pod.name);
+    rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| format!("kubeconfig {path}: {e}"))?;
+        let mut cfg =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {path}: {e}"))?;
+        cfg.connect_timeout = Some(API_TIMEOUT);
+        cfg.read_timeout = Some(API_TIMEOUT);
+        cfg.default_retry = false;
+        let client = kube::Client::try_from(cfg).map_err(|e| format!("kubeconfig {path}: {e}"))?;
+        let api: kube::Api<Pod> = kube::Api::namespaced(client, &pod.namespace);
+        let got = tokio::time::timeout(API_TIMEOUT, api.get_opt(&pod.name))
+            .await
+            .map_err(|_| format!("no answer within {} s", API_TIMEOUT.as_secs()))?
+            .map_err(|e| e.to_string())?;
+        let p = got.ok_or_else(|| format!("pod {key} is not in the API"))?;
+        let uid = p.metadata.uid.clone().unwrap_or_default();
+        if !pod.uid.is_empty() && uid != pod.uid {
+            return Err(format!(
+                "pod {key} in the API has UID {uid}, the runtime says {}",
+                pod.uid
+            ));
+        }
+        Ok(classify::verdict(&p))
+    })
+}
+
 /// The environment, as a function so tests can give their own.
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 /// The agent, likewise.
 type Agent<'a> = &'a dyn Fn(&str, &Request, Duration) -> std::io::Result<Response>;
+/// The Kubernetes API (kubeconfig, pod), likewise.
+type PodApi<'a> = &'a dyn Fn(&str, &PodRef) -> Result<classify::Verdict, String>;
+
+/// Whether a pod the agent cannot enroll now may start anyway because no
+/// capture is lost on it: `Ok(why)` to let it start, `Err(why not)`.
+fn starts_without_agent(conf: &NetConf, pod: &PodRef, api: PodApi) -> Result<String, String> {
+    if conf.exclude_namespaces.contains(&pod.namespace) {
+        return Ok(format!(
+            "namespace {} is in excludeNamespaces",
+            pod.namespace
+        ));
+    }
+    let Some(kc) = &conf.kubeconfig else {
+        return Err(
+            "no kubeconfig in weir-cni's configuration to tell whether it is meshed".into(),
+        );
+    };
+    match api(kc, pod) {
+        Ok(classify::Verdict::NotMeshed(why)) => Ok(format!("not meshed: {why}")),
+        Ok(classify::Verdict::Meshed(mesh)) => Err(format!("it is meshed ({mesh})")),
+        Err(e) => Err(format!(
+            "whether it is meshed is unknown: reading it from the Kubernetes API failed: {e}"
+        )),
+    }
+}
 
 fn required(env: Env, name: &str) -> Result<String, CniError> {
     env(name).filter(|v| !v.is_empty()).ok_or_else(|| {
@@ -304,6 +417,10 @@ fn version_info(stdin: &str) -> String {
 }
 
 fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
+    run_with(env, stdin, agent, &read_pod)
+}
+
+fn run_with(env: Env, stdin: &str, agent: Agent, api: PodApi) -> Result<Done, CniError> {
     let command = required(env, "CNI_COMMAND")?;
     if command == "VERSION" {
         return Ok(Done {
@@ -342,7 +459,8 @@ fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
                 });
             };
             let key = format!("{}/{}", pod.namespace, pod.name);
-            let req = request(env, Command::Add, &conf, pod);
+            let req = request(env, Command::Add, &conf, pod.clone());
+            let mut log = None;
             let refused = match agent(&conf.socket, &req, conf.timeout) {
                 Ok(Response::Enrolled { .. }) | Ok(Response::Skipped { .. }) => None,
                 Ok(Response::Ok { .. }) => None,
@@ -351,19 +469,28 @@ fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
                     format!("pod {key} could not be enrolled for capture: {message}"),
                     "the pod's traffic would not reach its sidecar proxy, so its network set-up fails; the kubelet retries it",
                 )),
-                Err(e) => Some(fail(
-                    ERR_TRY_AGAIN_LATER,
-                    format!(
-                        "the weir agent on this node is not reachable at {} ({e}); pod {key} cannot be enrolled for capture",
-                        conf.socket
-                    ),
-                    "check that the weir DaemonSet pod runs on this node (kubectl -n weir-system get pods -o wide); the kubelet retries the pod",
-                )),
+                Err(e) => match starts_without_agent(&conf, &pod, api) {
+                    Ok(why) => {
+                        log = Some(format!(
+                            "the weir agent is not reachable at {} ({e}); pod {key} starts: {why}",
+                            conf.socket
+                        ));
+                        None
+                    }
+                    Err(why_not) => Some(fail(
+                        ERR_TRY_AGAIN_LATER,
+                        format!(
+                            "the weir agent on this node is not reachable at {} ({e}); pod {key} cannot be enrolled for capture, and cannot start without it: {why_not}",
+                            conf.socket
+                        ),
+                        "check that the weir DaemonSet pod runs on this node (kubectl -n weir-system get pods -o wide); the kubelet retries the pod",
+                    )),
+                },
             };
             match refused {
                 None => Ok(Done {
                     stdout: Some(out),
-                    log: None,
+                    log,
                 }),
                 Some(e) if conf.fail_open => Ok(Done {
                     stdout: Some(out),
@@ -644,6 +771,103 @@ mod tests {
         let e = run(&env_of("STATUS"), &v11, &down).err().unwrap();
         assert_eq!(e.code, ERR_NOT_AVAILABLE);
         assert!(run(&env_of("GC"), &v11, &down).unwrap().stdout.is_none());
+    }
+
+    fn env_pod(cmd: &str, ns: &str, name: &str) -> impl Fn(&str) -> Option<String> {
+        let env = env_of(cmd);
+        let args = format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID=u-{name}");
+        move |k: &str| {
+            if k == "CNI_ARGS" {
+                Some(args.clone())
+            } else {
+                env(k)
+            }
+        }
+    }
+
+    #[test]
+    fn agent_down_lets_pods_start_that_lose_no_capture() {
+        use classify::Verdict;
+        let down = |_: &str, _: &Request, _: Duration| -> std::io::Result<Response> {
+            Err(std::io::ErrorKind::ConnectionRefused.into())
+        };
+        let asked = RefCell::new(Vec::new());
+        let api = |kc: &str, p: &PodRef| {
+            assert_eq!(kc, "/etc/cni/net.d/weir-kubeconfig");
+            assert_eq!(p.uid, format!("u-{}", p.name));
+            asked.borrow_mut().push(p.name.clone());
+            match p.name.as_str() {
+                "web" => Ok(Verdict::Meshed(policy::Mesh::Istio)),
+                "plain" => Ok(Verdict::NotMeshed("no sidecar".into())),
+                _ => Err("connection refused".to_string()),
+            }
+        };
+        let c = conf(
+            r#","excludeNamespaces":["kube-system"],"kubeconfig":"/etc/cni/net.d/weir-kubeconfig""#,
+        );
+        // Meshed: fails as before, saying why it cannot start.
+        let e = run_with(&env_pod("ADD", "default", "web"), &c, &down, &api)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ERR_TRY_AGAIN_LATER);
+        assert!(
+            e.msg.contains("not reachable") && e.msg.contains("meshed (istio)"),
+            "{}",
+            e.msg
+        );
+        // Clearly not meshed: starts, and says so on stderr.
+        let done = run_with(&env_pod("ADD", "default", "plain"), &c, &down, &api).unwrap();
+        assert!(done.stdout.is_some());
+        let log = done.log.unwrap();
+        assert!(
+            log.contains("default/plain starts: not meshed: no sidecar"),
+            "{log}"
+        );
+        // The API cannot tell: fails.
+        let e = run_with(&env_pod("ADD", "default", "other"), &c, &down, &api)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ERR_TRY_AGAIN_LATER);
+        assert!(
+            e.msg.contains("unknown") && e.msg.contains("connection refused"),
+            "{}",
+            e.msg
+        );
+        // Excluded namespace: starts without asking the API.
+        asked.borrow_mut().clear();
+        let done = run_with(&env_pod("ADD", "kube-system", "coredns-1"), &c, &down, &api).unwrap();
+        assert!(done.log.unwrap().contains("excludeNamespaces"));
+        assert!(asked.borrow().is_empty());
+        // Without a kubeconfig, only the excluded namespaces start.
+        let no_kc = conf(r#","excludeNamespaces":["kube-system"]"#);
+        let e = run_with(&env_pod("ADD", "default", "plain"), &no_kc, &down, &api)
+            .err()
+            .unwrap();
+        assert!(e.msg.contains("no kubeconfig"), "{}", e.msg);
+        assert!(run_with(&env_pod("ADD", "kube-system", "x"), &no_kc, &down, &api).is_ok());
+        // With the agent up, it decides; the API is never read.
+        asked.borrow_mut().clear();
+        let refused = |_: &str, _: &Request, _: Duration| {
+            Ok(Response::Failed {
+                message: "bad annotation".into(),
+            })
+        };
+        let e = run_with(&env_pod("ADD", "kube-system", "x"), &c, &refused, &api)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ERR_AGENT_REFUSED);
+        assert!(asked.borrow().is_empty());
+        // Bad settings are refused by name.
+        for (extra, key) in [
+            (r#","excludeNamespaces":"kube-system""#, "excludeNamespaces"),
+            (r#","kubeconfig":"relative""#, "kubeconfig"),
+        ] {
+            let e = run_with(&env_of("ADD"), &conf(extra), &down, &api)
+                .err()
+                .unwrap();
+            assert_eq!(e.code, ERR_INVALID_CONFIG);
+            assert!(e.msg.contains(key), "{}", e.msg);
+        }
     }
 
     fn without(cmd: &str, unset: &'static [&'static str]) -> impl Fn(&str) -> Option<String> {
