@@ -264,6 +264,7 @@ impl Lookup {
                     annotations: BTreeMap::new(),
                     verdict: Verdict::NotMeshed(why),
                     bad_ips: Vec::new(),
+                    ipv6_from_first_ip: false,
                 };
                 if parsed.invalid.contains(&key) {
                     return Err(format!(
@@ -410,7 +411,9 @@ impl Server {
             }
         }
         if !ips.is_empty() {
-            view.ips = ips;
+            // The ADD's own result: the API has no addresses yet for a new
+            // pod (the kubelet learns them from this very ADD).
+            view.set_ips(ips);
         }
         let spec = match spec_of(&view, netns.clone()) {
             Ok(s) => s,

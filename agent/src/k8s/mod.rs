@@ -347,8 +347,16 @@ impl Pass {
                 .collect();
             (s.meshed(), known)
         };
+        let mut meshed = meshed;
         let hints: BTreeMap<String, PathBuf> = {
             let reg = lock(registry);
+            for v in meshed.iter_mut().filter(|v| v.ips.is_empty()) {
+                // No status.podIPs yet: the addresses CNI ADD reported
+                // (and so the same policy the ADD enrolled).
+                if let Some(ips) = reg.ips(&v.key(), &v.uid) {
+                    v.set_ips(ips);
+                }
+            }
             meshed
                 .iter()
                 .filter_map(|v| reg.hint(&v.key(), &v.uid).map(|p| (v.key(), p)))
