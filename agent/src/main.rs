@@ -15,6 +15,8 @@ mod podsfile;
 mod policy;
 mod reconcile;
 mod routes;
+#[cfg(test)]
+mod rules_model_tests;
 mod status;
 mod sys;
 

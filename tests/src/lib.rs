@@ -24,6 +24,8 @@
 mod bpffs;
 mod cgroup;
 mod cmd;
+pub mod goldens;
+pub mod iptables_model;
 pub mod istio_iptables;
 pub mod kuma_iptables;
 pub mod linkerd_iptables;
