@@ -63,6 +63,18 @@ pub const MAP_NAMES: &[&str] = &[
     "VIRT_FLOWS",
 ];
 
+/// The CIDR maps (LPM tries keyed by cookie and prefix), every one sized
+/// by `--max-cidrs` (tries are not preallocated: the capacity is a cap,
+/// not memory taken up front).
+pub const CIDR_MAPS: &[&str] = &[
+    "CIDR_EXCLUDE",
+    "CIDR_INCLUDE",
+    "CIDR_DNS",
+    "CIDR_IFACE",
+    "CIDR_SKIP_SRC",
+    "SRC_ROUTES",
+];
+
 /// The tc programs of virtual interfaces, with their TCX attach types
 /// (`BPF_TCX_INGRESS`, `BPF_TCX_EGRESS`) and pin suffixes.
 const VIRT_PROGRAMS: &[(&str, u32, &str)] =
@@ -562,22 +574,22 @@ impl Datapath {
         for (bits, data) in &new.dns {
             self.cidr_dns
                 .insert(&Key::new(*bits, *data), 1, 0)
-                .context("CIDR_DNS full")?;
+                .context("CIDR_DNS full (raise --max-cidrs)")?;
         }
         for (bits, data) in &new.iface {
             self.cidr_iface
                 .insert(&Key::new(*bits, *data), 1, 0)
-                .context("CIDR_IFACE full")?;
+                .context("CIDR_IFACE full (raise --max-cidrs)")?;
         }
         for (bits, data) in &new.skip_src {
             self.cidr_skip_src
                 .insert(&Key::new(*bits, *data), 1, 0)
-                .context("CIDR_SKIP_SRC full")?;
+                .context("CIDR_SKIP_SRC full (raise --max-cidrs)")?;
         }
         for (bits, data, src) in &new.src {
             self.src_routes
                 .insert(&Key::new(*bits, *data), src, 0)
-                .context("SRC_ROUTES full")?;
+                .context("SRC_ROUTES full (raise --max-cidrs)")?;
         }
         for a in &new.addrs {
             self.pod_addrs
@@ -963,11 +975,15 @@ pub fn sum_pod<'a>(it: impl Iterator<Item = &'a PodCounters>) -> PodCounters {
         o.orig_dst_answered += c.orig_dst_answered;
         o.orig_dst_missed += c.orig_dst_missed;
         o.source_bind_failed += c.source_bind_failed;
-        o.dns_captured += c.dns_captured;
+        o.dns_tcp_captured += c.dns_tcp_captured;
         o.bypass_owner_group += c.bypass_owner_group;
         o.bypass_excluded_iface += c.bypass_excluded_iface;
         o.virt_captured += c.virt_captured;
         o.virt_dropped += c.virt_dropped;
+        o.dns_udp_connects_captured += c.dns_udp_connects_captured;
+        o.dns_udp_connects_bypassed += c.dns_udp_connects_bypassed;
+        o.dns_udp_datagrams_captured += c.dns_udp_datagrams_captured;
+        o.dns_udp_datagrams_bypassed += c.dns_udp_datagrams_bypassed;
     }
     o
 }
@@ -998,6 +1014,7 @@ pub fn sum_node<'a>(it: impl Iterator<Item = &'a NodeCounters>) -> NodeCounters 
         o.fast_bytes_redirected += c.fast_bytes_redirected;
         o.fast_msgs_passed += c.fast_msgs_passed;
         o.orig_dst_lost += c.orig_dst_lost;
+        o.dns_datagram_store_failed += c.dns_datagram_store_failed;
     }
     o
 }
@@ -1042,9 +1059,10 @@ fn configure_loader<'a>(
         .map_max_entries("LISTENERS", caps.pods.saturating_mul(4))
         .map_max_entries("PENDING_FLOWS", caps.pending_flows)
         .map_max_entries("PORT_RULES", caps.port_rules)
-        .map_max_entries("CIDR_EXCLUDE", caps.cidrs)
-        .map_max_entries("CIDR_INCLUDE", caps.cidrs)
         .map_max_entries("FAST_SOCKS", caps.fast_sockets);
+    for name in CIDR_MAPS {
+        loader.map_max_entries(name, caps.cidrs);
+    }
 }
 
 /// The fd of a loaded tc program of `obj`.

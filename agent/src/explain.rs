@@ -925,9 +925,7 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                             "{} (the proxy's DNS listener; replies appear to come from {dst})",
                             proxy_addr(dip, p.dns_port)
                         ),
-                        // The kernel counts these (`dns_captured`); no
-                        // Prometheus series exports them yet.
-                        None,
+                        captured("dns"),
                         if q.udp {
                             None
                         } else {
@@ -1041,6 +1039,22 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
         };
     let proxy_listening = listen.map(|(port, v6)| listening(view, port, v6));
     let mut counter = counter;
+    if q.udp && !q.inbound {
+        // UDP is counted in datagrams (sockets when connected), apart from
+        // TCP connections, and only to port 53.
+        counter = (d == 53).then(|| {
+            let result = if outcome.captured() {
+                "captured"
+            } else {
+                "bypassed"
+            };
+            notes.push(
+                "a UDP socket connect()ed to the server is counted once, in weir_dns_udp_sockets_total, instead"
+                    .into(),
+            );
+            format!("weir_dns_udp_datagrams_total{{{labels},result=\"{result}\"}}")
+        });
+    }
     if proxy_listening == Some(false) {
         let (port, _) = listen.unwrap_or_default();
         if q.inbound {
@@ -1475,20 +1489,33 @@ mod tests {
             Verdict::BypassExcludedInterface,
             Verdict::BypassNoRoute,
         ] {
-            for inbound in [false, true] {
-                let mut e = describe(
-                    &v,
-                    &q("198.18.0.1:80", 1000, inbound),
-                    Outcome::Decided(verdict),
-                );
+            for (inbound, udp) in [(false, false), (true, false), (false, true)] {
+                let query = Query {
+                    udp,
+                    ..q(
+                        if udp {
+                            "198.18.0.1:53"
+                        } else {
+                            "198.18.0.1:80"
+                        },
+                        1000,
+                        inbound,
+                    )
+                };
+                let mut e = describe(&v, &query, Outcome::Decided(verdict));
+                if udp {
+                    assert!(
+                        e.counter
+                            .as_deref()
+                            .is_some_and(|c| c.starts_with("weir_dns_udp_datagrams_total")),
+                        "{verdict:?}: {:?}",
+                        e.counter
+                    );
+                }
                 let mut counters: Vec<String> = e.counter.take().into_iter().collect();
                 let mut closed = v.clone();
                 closed.listeners.clear();
-                let e2 = describe(
-                    &closed,
-                    &q("198.18.0.1:80", 1000, inbound),
-                    Outcome::Decided(verdict),
-                );
+                let e2 = describe(&closed, &query, Outcome::Decided(verdict));
                 counters.extend(e2.counter);
                 for c in counters {
                     let (name, labels) = c.split_once('{').unwrap();

@@ -5,10 +5,13 @@ mod adopt;
 mod caps;
 mod cni;
 mod datapath;
+#[cfg(test)]
+mod datapath_tests;
 mod explain;
 #[cfg(test)]
 mod fuzz_tests;
 mod k8s;
+mod logging;
 mod metrics;
 mod netlink;
 mod podsfile;
@@ -19,6 +22,7 @@ mod routes;
 mod rules_model_tests;
 mod status;
 mod sys;
+mod version;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,10 +40,12 @@ use crate::reconcile::Reconciler;
 /// weir: transparent sidecar capture (Istio, Linkerd, Kuma) with eBPF
 /// instead of iptables.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version = version::LONG, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: logging::Args,
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,7 +111,8 @@ struct RunArgs {
     /// Capacity of the port-rule map (entries over all pods).
     #[arg(long, env = "WEIR_MAX_PORT_RULES", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     max_port_rules: u32,
-    /// Capacity of each CIDR map (entries over all pods).
+    /// Capacity of each CIDR map (entries over all pods): CIDR_EXCLUDE,
+    /// CIDR_INCLUDE, CIDR_DNS, CIDR_IFACE, CIDR_SKIP_SRC, SRC_ROUTES.
     #[arg(long, env = "WEIR_MAX_CIDRS", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     max_cidrs: u32,
     /// Capacity of the map of connections between connect() and accept().
@@ -201,15 +208,8 @@ impl ExplainArgs {
 }
 
 fn main() {
-    // Kernel records (target `weir_ebpf`) are filtered in the kernel by
-    // --kernel-log-level / `weir log-level`; let all of them through here
-    // unless RUST_LOG says otherwise about them.
-    let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
-    if !filter.contains("weir_ebpf") {
-        filter.push_str(",weir_ebpf=trace");
-    }
-    env_logger::Builder::new().parse_filters(&filter).init();
     let cli = Cli::parse();
+    logging::init(&cli.log);
     if !matches!(cli.command, Command::Run(_)) {
         // One-shot commands behave like other CLI tools when their output
         // pipe closes (`weir status | head`): end quietly instead of
@@ -250,6 +250,7 @@ fn uninstall(a: &BpffsArg) -> Result<()> {
 }
 
 fn run(a: RunArgs) -> Result<()> {
+    info!("{}", version::startup_line());
     // Checked before anything is loaded (WEIR_KUBERNETES=false counts as
     // "given" for clap).
     if !a.kube.kubernetes && a.pods_file.is_none() {
@@ -426,6 +427,7 @@ async fn watch_pods_file(
             Ok(p) => p,
             Err(e) => {
                 if changed {
+                    metrics::agent().reconcile_pass(None, Duration::ZERO);
                     error!("{e}; keeping the current pods");
                 }
                 last = Some(text);

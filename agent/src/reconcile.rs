@@ -92,6 +92,7 @@ impl Reconciler {
     /// Applies the desired pods. `keep` names pods whose desired entry was
     /// invalid this time: they keep their last good policy.
     pub fn apply(&mut self, desired: &[PodSpec], keep: &BTreeSet<String>) {
+        let started = std::time::Instant::now();
         self.proc_index = None;
         let mut want: BTreeMap<String, &PodSpec> = BTreeMap::new();
         for s in desired {
@@ -149,6 +150,7 @@ impl Reconciler {
             .collect();
         self.dp.sync_listen_ports(&ports);
         self.adopt_dns_proxies();
+        crate::metrics::agent().reconcile_pass(Some(self.failed), started.elapsed());
     }
 
     /// Records the DNS proxy socket (UDP, bound to loopback on the DNS

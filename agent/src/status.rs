@@ -54,7 +54,8 @@ pub struct Counters {
     pub outbound_to_inbound: u64,
     /// Inbound captured.
     pub inbound_captured: u64,
-    /// Outbound not captured (all reasons).
+    /// Outbound not captured (all reasons: the sum of
+    /// `weir_connections_bypassed_total{direction="outbound"}`).
     pub outbound_bypassed: u64,
     /// Inbound not captured.
     pub inbound_bypassed: u64,
@@ -62,8 +63,12 @@ pub struct Counters {
     pub fail_closed: u64,
     /// SO_ORIGINAL_DST answered.
     pub orig_dst_answered: u64,
-    /// DNS queries sent to the DNS port.
+    /// TCP connections to port 53 sent to the DNS port.
     pub dns_captured: u64,
+    /// UDP sockets connect()ed to port 53 pointed at the DNS port.
+    pub dns_udp_sockets_captured: u64,
+    /// Datagrams of unconnected UDP sockets sent to the DNS port.
+    pub dns_udp_datagrams_captured: u64,
     /// Connections from virtual interfaces sent to the outbound port.
     pub virt_captured: u64,
     /// Packets from virtual interfaces dropped (see `PodCounters`).
@@ -162,18 +167,16 @@ pub fn read(bpffs: &Path) -> Result<Status> {
                 outbound_captured: c.outbound_captured,
                 outbound_to_inbound: c.outbound_to_inbound,
                 inbound_captured: c.inbound_captured,
-                outbound_bypassed: c.bypass_excluded_port
-                    + c.bypass_passthrough
-                    + c.bypass_loopback
-                    + c.bypass_proxy
-                    + c.bypass_localhost
-                    + c.bypass_excluded_cidr
-                    + c.bypass_not_included
-                    + c.bypass_owner_group,
+                outbound_bypassed: crate::metrics::outbound_bypassed(&c)
+                    .iter()
+                    .map(|(_, v)| v)
+                    .sum(),
                 inbound_bypassed: c.inbound_bypass,
                 fail_closed: c.inbound_fail_closed + c.outbound_fail_closed,
                 orig_dst_answered: c.orig_dst_answered,
-                dns_captured: c.dns_captured,
+                dns_captured: c.dns_tcp_captured,
+                dns_udp_sockets_captured: c.dns_udp_connects_captured,
+                dns_udp_datagrams_captured: c.dns_udp_datagrams_captured,
                 virt_captured: c.virt_captured,
                 virt_dropped: c.virt_dropped,
             },

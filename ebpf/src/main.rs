@@ -198,7 +198,13 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
     let t = KernelTables { cookie };
     let verdict = decide_outbound(&policy, &q, &t);
-    bump_pod(cookie, |c| count_outbound(c, verdict));
+    bump_pod(cookie, |c| {
+        if udp {
+            count_udp_connect(c, verdict, dport)
+        } else {
+            count_outbound(c, verdict)
+        }
+    });
     klog!(
         trace,
         ctx,
@@ -397,8 +403,22 @@ fn count_outbound(c: &mut PodCounters, v: Verdict) {
         Verdict::BypassOwnerGroup => c.bypass_owner_group += 1,
         Verdict::BypassExcludedInterface => c.bypass_excluded_iface += 1,
         Verdict::BypassNoRoute => c.bypass_not_included += 1,
-        Verdict::RedirectDns => c.dns_captured += 1,
+        Verdict::RedirectDns => c.dns_tcp_captured += 1,
         Verdict::BypassTunnel | Verdict::BypassDisabled => {}
+    }
+}
+
+/// Counts a UDP socket's `connect()`: only those to port 53 (the only UDP
+/// weir ever captures), in sockets, apart from the TCP connections.
+#[inline(always)]
+fn count_udp_connect(c: &mut PodCounters, v: Verdict, dport: u16) {
+    if dport != 53 {
+        return;
+    }
+    if v == Verdict::RedirectDns {
+        c.dns_udp_connects_captured += 1;
+    } else {
+        c.dns_udp_connects_bypassed += 1;
     }
 }
 
@@ -461,8 +481,9 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
     let t = KernelTables { cookie };
     let verdict = decide_outbound(&policy, &q, &t);
-    bump_pod(cookie, |c| count_outbound(c, verdict));
+    // Datagrams, counted apart from connections.
     if verdict != Verdict::RedirectDns {
+        bump_pod(cookie, |c| c.dns_udp_datagrams_bypassed += 1);
         return 1;
     }
     // Remember the server, so that its answer (coming from the DNS port)
@@ -474,9 +495,10 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
         pod_id: policy.pod_id,
     };
     if !store_orig_dst((sk as *const bpf_sock).cast_mut(), od) {
-        bump_node(|c| c.orig_dst_store_failed += 1);
+        bump_node(|c| c.dns_datagram_store_failed += 1);
         return 1;
     }
+    bump_pod(cookie, |c| c.dns_udp_datagrams_captured += 1);
     // As with REDIRECT, the query leaves from the address the kernel
     // would pick for the server (the pod's), not from loopback.
     // Only the address matters: a per-message source is fine on a socket

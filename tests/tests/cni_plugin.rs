@@ -185,6 +185,18 @@ fn cni_add_enrolls_the_pod_before_it_returns() {
         .run();
     assert_eq!(del.code, 0, "{:?} {}", del.json, del.stderr);
     assert_eq!(del.json, Value::Null);
+
+    // The agent counted each request by command and result, with its
+    // latency.
+    let m = n.node.metrics();
+    for series in [
+        "weir_cni_requests_total{command=\"add\",result=\"enrolled\"} 2",
+        "weir_cni_requests_total{command=\"check\",result=\"ok\"} 1",
+        "weir_cni_requests_total{command=\"del\",result=\"ok\"} 1",
+        "weir_cni_request_duration_seconds_count{command=\"add\"} 2",
+    ] {
+        assert!(m.contains(series), "{series} not in:\n{m}");
+    }
 }
 
 #[test]

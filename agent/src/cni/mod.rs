@@ -614,14 +614,19 @@ async fn connection(mut stream: UnixStream, server: &Server) -> Result<()> {
         .await
         .context("no request within 10 s")?
         .context("reading the request")?;
-    let resp = match serde_json::from_slice::<Request>(&line) {
-        Ok(req) => server.handle(req).await,
-        Err(e) => Response::Failed {
-            message: format!(
-                "not a weir-cni request ({e}); is weir-cni the same version as the agent?"
-            ),
-        },
+    let started = std::time::Instant::now();
+    let (command, resp) = match serde_json::from_slice::<Request>(&line) {
+        Ok(req) => (Some(req.command), server.handle(req).await),
+        Err(e) => (
+            None,
+            Response::Failed {
+                message: format!(
+                    "not a weir-cni request ({e}); is weir-cni the same version as the agent?"
+                ),
+            },
+        ),
     };
+    crate::metrics::agent().cni_response(command, &resp, started.elapsed());
     let mut out = serde_json::to_vec(&resp)?;
     out.push(b'\n');
     wr.write_all(&out).await.context("writing the answer")?;
@@ -646,6 +651,7 @@ pub async fn start(args: &Args, socket: Option<PathBuf>, mut server: Server) -> 
                     for f in files {
                         info!("--cni-mode off: removed weir-cni from {}", f.display());
                     }
+                    crate::metrics::agent().cni_chain(None);
                 }
                 Err(e) => warn!("--cni-mode off: {e}"),
             }
@@ -716,6 +722,10 @@ async fn keep_installed(
                 if copied {
                     info!("copied weir-cni into the CNI binary directory");
                 }
+                crate::metrics::agent().cni_chain(match &installed {
+                    install::Installed::Written(p) | install::Installed::Unchanged(p) => Some(p),
+                    install::Installed::NoConfig => None,
+                });
                 match installed {
                     install::Installed::Written(p) => {
                         said_no_config = false;

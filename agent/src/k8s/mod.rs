@@ -237,6 +237,7 @@ pub async fn run(
             _ = tick.tick() => {}
         }
         if let Err(e) = pass.run(&store, &registry, &rec).await {
+            crate::metrics::agent().reconcile_pass(None, Duration::ZERO);
             error!("reconcile pass failed: {e:#}");
             continue;
         }
@@ -297,6 +298,7 @@ async fn watch(
                 }
             }
             Err(e) => {
+                crate::metrics::agent().watch_error();
                 let msg = e.to_string();
                 if failing.as_deref() != Some(msg.as_str()) {
                     warn!(

@@ -19,7 +19,7 @@ pub use decide::*;
 /// Layout version of every map below. The agent stores it in the pinned
 /// `WEIR_META` map and refuses to reuse pinned maps written with another
 /// version (bump it whenever a struct in this crate changes).
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// `AF_INET` as the kernel reports it in BPF contexts.
 pub const AF_INET: u32 = 2;
@@ -364,8 +364,10 @@ pub struct OrigDst {
     pub pod_id: u32,
 }
 
-/// Per-pod counters (a per-CPU hash keyed by netns cookie); every field is
-/// a count of connections. Read and summed by the agent on scrape.
+/// Per-pod counters (a per-CPU hash keyed by netns cookie). Read and summed
+/// by the agent on scrape. Each field counts one unit, said in its doc: TCP
+/// connections unless it says otherwise (the agent exports each unit as
+/// its own metric family, see agent/src/metrics.rs).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodCounters {
@@ -403,8 +405,8 @@ pub struct PodCounters {
     /// The pod's IP could not be bound as the redirected connection's
     /// source (the connection went on from loopback).
     pub source_bind_failed: u64,
-    /// DNS queries (TCP connections, UDP datagrams) sent to the DNS port.
-    pub dns_captured: u64,
+    /// TCP connections to port 53 sent to the DNS port.
+    pub dns_tcp_captured: u64,
     /// Not captured: the owner-group filter.
     pub bypass_owner_group: u64,
     /// Not captured: through an interface of `excludeInterfaces`.
@@ -417,16 +419,29 @@ pub struct PodCounters {
     /// drops it), a packet of a rerouted connection weir has no state for,
     /// or no free port to tell two connections apart.
     pub virt_dropped: u64,
+    /// UDP sockets whose `connect()` to port 53 was pointed at the DNS port
+    /// (sockets; their datagrams follow without further decisions).
+    pub dns_udp_connects_captured: u64,
+    /// UDP sockets `connect()`ed to port 53 and not captured (sockets).
+    pub dns_udp_connects_bypassed: u64,
+    /// Datagrams of unconnected UDP sockets to port 53 sent to the DNS
+    /// port (datagrams).
+    pub dns_udp_datagrams_captured: u64,
+    /// Datagrams of unconnected UDP sockets to port 53 not captured
+    /// (datagrams).
+    pub dns_udp_datagrams_bypassed: u64,
 }
 
-/// Node-wide counters (a one-slot per-CPU array).
+/// Node-wide counters (a one-slot per-CPU array). As with
+/// [`PodCounters`], each field's doc says its unit.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeCounters {
-    /// Connections from network namespaces that are not enrolled.
+    /// TCP connections from network namespaces that are not enrolled.
     pub not_enrolled: u64,
-    /// Redirected connections whose original destination could not be
-    /// stored (socket storage full or unavailable): refused (fail closed).
+    /// Redirected `connect()` calls (TCP connections, UDP sockets to a DNS
+    /// server) whose original destination could not be stored (socket
+    /// storage full or unavailable): refused (fail closed).
     pub orig_dst_store_failed: u64,
     /// `PENDING_FLOWS` insertions that failed.
     pub pending_insert_failed: u64,
@@ -452,6 +467,10 @@ pub struct NodeCounters {
     /// usual (the peer socket is not in the map, or the connection fell
     /// back to TCP for good; see [`FAST_FALLBACK`]).
     pub fast_msgs_passed: u64,
+    /// DNS datagrams of unconnected UDP sockets that were to be captured
+    /// but whose server could not be stored on the socket: sent to the
+    /// server asked, uncaptured (datagrams).
+    pub dns_datagram_store_failed: u64,
 }
 
 /// Key of the `FAST_SOCKS` sockhash: one established TCP socket of an
@@ -619,12 +638,12 @@ mod layout_tests {
         assert_eq!(size_of::<ListenerKey>(), 16);
         assert_eq!(size_of::<FlowKey>(), 8 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<OrigDst>(), 16 + 2 + 2 + 4);
-        assert_eq!(size_of::<PodCounters>(), 21 * 8);
+        assert_eq!(size_of::<PodCounters>(), 25 * 8);
         assert_eq!(size_of::<VirtKey>(), 16);
         assert_eq!(size_of::<VirtIface>(), 4 + 4 + 16 + 4 + 4);
         assert_eq!(size_of::<VirtFlowKey>(), 8 + 16 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<VirtFlow>(), 16 + 2 + 2 + 4);
-        assert_eq!(size_of::<NodeCounters>(), 11 * 8);
+        assert_eq!(size_of::<NodeCounters>(), 12 * 8);
         assert_eq!(size_of::<FastKey>(), 8 + 16 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<FastPeer>(), size_of::<FastKey>() + 4 + 4);
         assert_eq!(size_of::<PodMeta>(), 128);

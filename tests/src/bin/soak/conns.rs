@@ -165,7 +165,10 @@ pub fn concurrent(ctx: &Ctx, r: &mut ScenarioResult, n: u64) -> Result<()> {
     let node_events = |ev: &str| {
         metric(
             &metrics,
-            &format!("weir_node_events_total{{event=\"{ev}\"}}"),
+            &format!(
+                "weir_original_dst_failures_total{{reason=\"{}\"}}",
+                failure_reason(ev)
+            ),
         )
         .unwrap_or(0.0) as u64
     };
@@ -404,7 +407,14 @@ pub fn map_full(
     drop(sidecars);
 
     let ev = |text: &str, e: &str| {
-        metric(text, &format!("weir_node_events_total{{event=\"{e}\"}}")).unwrap_or(0.0) as u64
+        metric(
+            text,
+            &format!(
+                "weir_original_dst_failures_total{{reason=\"{}\"}}",
+                failure_reason(e)
+            ),
+        )
+        .unwrap_or(0.0) as u64
     };
     let insert_failed =
         ev(&metrics_after, "pending_insert_failed") - ev(&metrics_before, "pending_insert_failed");
@@ -523,4 +533,14 @@ pub fn map_full(
         "sidecars": sidecar_stats,
     });
     Ok(())
+}
+
+/// The `reason` of `weir_original_dst_failures_total` for the kernel's
+/// counter names used in this file's reports.
+fn failure_reason(counter: &str) -> &str {
+    match counter {
+        "orig_dst_store_failed" => "store_failed",
+        "orig_dst_lost" => "lost",
+        other => other,
+    }
 }
