@@ -356,8 +356,13 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
     }
     let Some(cookie) = found else {
         known.sort();
+        // The one kernel-dependent reason a pod is refused (the agent's
+        // log names the pod).
+        let refused = crate::sys::virt_unsupported()
+            .map(|why| format!("; if it has that annotation, it was refused: {why}"))
+            .unwrap_or_default();
         bail!(
-            "pod {} is not enrolled on this node (enrolled: {}); `weir status` lists the enrolled pods",
+            "pod {} is not enrolled on this node (enrolled: {}); `weir status` lists the enrolled pods{refused}",
             q.pod,
             if known.is_empty() {
                 "none".to_string()

@@ -259,6 +259,19 @@ impl Reconciler {
     }
 
     fn write_one(&mut self, key: &str, spec: &PodSpec, cookie: u64) -> Result<Applied> {
+        // A pod whose VM would go uncaptured is refused whole rather than
+        // reported enrolled (docs/kernels.md).
+        if !spec.rules.virt_ifaces.is_empty()
+            && let Some(why) = crate::sys::virt_unsupported()
+        {
+            if self.pods.contains_key(key) {
+                self.remove(key);
+            }
+            anyhow::bail!(
+                "{why}: the pod is refused, since its virtual interfaces' traffic would \
+                 not be captured; remove the annotation or run the node on Linux >= 6.6"
+            );
+        }
         if let Some(cur) = self.pods.get(key) {
             if cur.cookie == cookie {
                 if cur.spec == *spec {

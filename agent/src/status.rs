@@ -109,6 +109,9 @@ pub struct Status {
     pub pods: Vec<PodStatus>,
     /// The fast path (absent with maps of an older layout).
     pub fast_path: Option<FastPathStatus>,
+    /// Kernel features some annotations need and this kernel lacks, each
+    /// with what is refused because of it (empty: all there).
+    pub kernel_lacks: Vec<String>,
 }
 
 fn open(pins: &Pins, name: &str) -> Result<MapData> {
@@ -189,6 +192,7 @@ pub fn read(bpffs: &Path) -> Result<Status> {
         layout_version: wm.layout_version,
         links,
         pods,
+        kernel_lacks: kernel_lacks(),
         fast_path: fast_path(&pins).ok(),
     })
 }
@@ -215,6 +219,14 @@ fn fast_path(pins: &Pins) -> Result<FastPathStatus> {
 }
 
 /// Prints the status.
+/// What the kernel lacks (see [`Status::kernel_lacks`]).
+fn kernel_lacks() -> Vec<String> {
+    crate::sys::virt_unsupported()
+        .map(|why| format!("{why}: pods with that annotation are refused"))
+        .into_iter()
+        .collect()
+}
+
 pub fn print(bpffs: &Path, format: Format) -> Result<()> {
     let s = read(bpffs)?;
     match format {
@@ -225,6 +237,15 @@ pub fn print(bpffs: &Path, format: Format) -> Result<()> {
                 s.pin_dir, s.layout_version, s.ready
             );
             println!("links:  {}", s.links.join(", "));
+            println!(
+                "kernel: {} ({})",
+                crate::sys::kernel_release(),
+                if s.kernel_lacks.is_empty() {
+                    "every feature weir uses".to_string()
+                } else {
+                    s.kernel_lacks.join("; ")
+                }
+            );
             if let Some(f) = &s.fast_path {
                 println!(
                     "fast path: {}  sockets={} (added {}, add failed {})  redirected {} msgs / {} bytes, passed {} msgs",

@@ -10,6 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// `enum bpf_cmd` values (include/uapi/linux/bpf.h).
+const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -37,6 +38,16 @@ struct LinkCreateAttr {
     target_fd: u32,
     attach_type: u32,
     flags: u32,
+}
+
+/// `bpf_attr` for `BPF_PROG_LOAD` (the prefix up to the license).
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
 }
 
 /// `bpf_attr` for `BPF_LINK_UPDATE`.
@@ -114,6 +125,66 @@ pub fn link_create_tcx(
 ) -> io::Result<OwnedFd> {
     // `target_ifindex` shares its word with `target_fd`.
     link_create_raw(prog, ifindex, attach_type)
+}
+
+/// `BPF_TCX_INGRESS` (`enum bpf_attach_type`, Linux 6.6).
+pub const BPF_TCX_INGRESS: u32 = 46;
+
+/// Whether this kernel can attach tc programs as TCX links (Linux >= 6.6),
+/// which `reroute-virtual-interfaces` needs.
+///
+/// Loads a two-instruction `BPF_PROG_TYPE_SCHED_CLS` program and asks for
+/// a TCX link on an interface index no interface has: a kernel with TCX
+/// looks the interface up and answers `ENODEV`; an older one does not know
+/// the attach type and answers `EINVAL` (kernel/bpf/syscall.c,
+/// `link_create`). Nothing is ever attached.
+pub fn tcx_supported() -> io::Result<bool> {
+    // r0 = 0 (BPF_ALU64 | BPF_MOV | BPF_K); exit (BPF_JMP | BPF_EXIT).
+    let insns: [u64; 2] = [0xb7, 0x95];
+    let license = c"GPL";
+    let mut attr = ProgLoadAttr {
+        prog_type: 3, // BPF_PROG_TYPE_SCHED_CLS
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+    };
+    let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that we now own.
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    match link_create_raw(prog.as_fd(), i32::MAX as u32, BPF_TCX_INGRESS) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Why this kernel cannot reroute virtual interfaces, or `None` when it
+/// can (or the probe could not tell: then attaching reports its own
+/// error). Probed once per process.
+pub fn virt_unsupported() -> Option<String> {
+    static PROBE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    PROBE
+        .get_or_init(|| match tcx_supported() {
+            Ok(true) => None,
+            Ok(false) => Some(format!(
+                "this kernel (Linux {}) has no TCX links, which {} needs (Linux >= 6.6)",
+                kernel_release(),
+                crate::policy::keys::REROUTE_VIRTUAL_INTERFACES
+            )),
+            Err(e) => {
+                log::debug!("probing for TCX links: {e}");
+                None
+            }
+        })
+        .clone()
+}
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn link_create_raw(prog: BorrowedFd<'_>, target: u32, attach_type: u32) -> io::Result<OwnedFd> {
@@ -228,4 +299,27 @@ pub fn cgroup2_mount() -> io::Result<std::path::PathBuf> {
                 "no cgroup2 filesystem is mounted (weir needs cgroup v2); mount one or pass --cgroup",
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The TCX probe agrees with the kernel's version: TCX came in 6.6.
+    #[test]
+    fn tcx_probe_matches_the_kernel_version() {
+        let release = kernel_release();
+        let mut parts = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok());
+        let version = (parts.next().unwrap(), parts.next().unwrap());
+        match tcx_supported() {
+            Ok(has) => assert_eq!(has, version >= (6, 6), "Linux {release}"),
+            // Unprivileged: the program load itself is refused.
+            Err(e) => assert!(
+                !nix::unistd::geteuid().is_root(),
+                "probe failed as root on Linux {release}: {e}"
+            ),
+        }
+    }
 }

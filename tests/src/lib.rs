@@ -85,6 +85,41 @@ pub fn require_root() -> bool {
     false
 }
 
+/// Reports that something a test needs is missing (a tool, a kernel
+/// module): under `cargo xtask test` (`WEIR_REQUIRE_KERNEL_TESTS`) or CI
+/// that is a failure, so a suite never passes without having run; on a
+/// developer's machine the test is skipped with a `SKIPPED:` line.
+/// Returns only when skipping: the caller then returns.
+pub fn unavailable(what: &str) {
+    if std::env::var_os(REQUIRE_KERNEL_TESTS_ENV).is_some() || std::env::var_os("CI").is_some() {
+        panic!("{what} (a test may not skip under CI or `cargo xtask test`)");
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed>")
+        .to_owned();
+    eprintln!("SKIPPED: {test}: {what}");
+}
+
+/// The running kernel's (major, minor) version, from `uname -r`.
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    )
+}
+
+/// Whether the kernel has TCX links (Linux 6.6): weir's tc programs for
+/// `reroute-virtual-interfaces` need them, and the agent refuses pods with
+/// that annotation on older kernels.
+pub fn kernel_has_tcx() -> bool {
+    kernel_version() >= (6, 6)
+}
+
 /// Returns a short name that is unique on this machine while this process
 /// lives, usable for network namespaces, interfaces, cgroups and paths.
 ///

@@ -56,12 +56,17 @@ fn demo_runs_end_to_end_and_cleans_up() {
         );
     }
     assert!(!stdout.contains('✗'), "{stdout}");
-    assert!(
-        stdout.contains(
-            "iptables rules in the 7 network namespaces of the demo (iptables-save, ip6tables-save): 0"
-        ) || stdout.contains("iptables rules: not checked"),
-        "{stdout}"
-    );
+    if stdout.contains("iptables rules: not checked") {
+        // No iptables-save: fails under CI, skips the check elsewhere.
+        weir_tests::unavailable("iptables-save, to count the demo's iptables rules");
+    } else {
+        assert!(
+            stdout.contains(
+                "iptables rules in the 7 network namespaces of the demo (iptables-save, ip6tables-save): 0"
+            ),
+            "{stdout}"
+        );
+    }
 
     // Nothing left behind.
     assert_eq!(demo_netns(), Vec::<String>::new());

@@ -1899,7 +1899,24 @@ fn foreign_cgroup_programs(node: &Node) -> Option<String> {
             .args(["cgroup", "show"])
             .arg(d)
             .output();
-        let Ok(out) = out else { return None };
+        // Without bpftool the check cannot run: a failure under CI.
+        let out = match out {
+            Ok(out) if out.status.success() => out,
+            Ok(out) => {
+                weir_tests::unavailable(&format!(
+                    "`bpftool cgroup show {}` failed: {}",
+                    d.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+                return None;
+            }
+            Err(e) => {
+                weir_tests::unavailable(&format!(
+                    "bpftool, to look for foreign cgroup programs: {e}"
+                ));
+                return None;
+            }
+        };
         let text = String::from_utf8_lossy(&out.stdout);
         // Only the hooks weir uses can change these outcomes.
         let relevant: Vec<&str> = text

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use weir_tests::node::{ClientResult, Node, PodEntry, sidecar_log};
-use weir_tests::{NetNs, Veth, require_root, veth_named, wait_until};
+use weir_tests::{NetNs, Veth, kernel_has_tcx, require_root, veth_named, wait_until};
 
 const REROUTE: &str = "istio.io/reroute-virtual-interfaces";
 const SERVICE4: &str = "198.18.31.1:80";
@@ -110,13 +110,54 @@ fn records_for(log: &std::path::Path, n: usize) -> Vec<Value> {
 }
 
 /// Starts the agent with the pod enrolled and waits until the tc programs
-/// are on the virtual interface.
-fn enrolled_node(w: &World, annotations: &[(&str, &str)]) -> Node {
+/// are on the virtual interface. On a kernel without TCX links (before
+/// 6.6) checks instead that the pod is refused, by name and with the
+/// reason, and returns `None`: the test has nothing more to check there.
+fn enrolled_node(w: &World, annotations: &[(&str, &str)]) -> Option<Node> {
     let mut node = Node::with_agent();
+    if !kernel_has_tcx() {
+        node.write_pods_yaml(&[pod_entry(w, annotations)]);
+        assert_refused_without_tcx(&node, w);
+        return None;
+    }
     node.set_pods(&[pod_entry(w, annotations)]);
     node.wait_log("rerouting TCP from 1 virtual interface(s)");
+    assert_eq!(
+        node.status()["kernel_lacks"],
+        serde_json::json!([]),
+        "this kernel has TCX"
+    );
     node.echo(&w.srv, 80, "svc", 0);
-    node
+    Some(node)
+}
+
+/// Before Linux 6.6 (no TCX links) the agent refuses a pod listing virtual
+/// interfaces rather than enrolling it with its VM uncaptured: the log
+/// names the pod, the annotation and the kernel it needs, the pass counts
+/// it failed, `weir status` and `weir explain` say why, and the VM's
+/// traffic goes on, untouched.
+fn assert_refused_without_tcx(node: &Node, w: &World) {
+    let why = format!("has no TCX links, which {REROUTE} needs (Linux >= 6.6)");
+    node.wait_log(&format!("pod default/vmpod: not enrolled: this kernel (Linux "));
+    let logs = node.agent_logs();
+    assert!(logs.contains(&why), "{logs}");
+    assert!(logs.contains("0 pod(s) enrolled, 0 updated, 1 failed"), "{logs}");
+    assert!(!logs.contains("rerouting TCP"), "{logs}");
+    let status = node.status();
+    assert_eq!(status["pods"], serde_json::json!([]), "{status}");
+    let lacks = status["kernel_lacks"].to_string();
+    assert!(lacks.contains(&why) && lacks.contains("refused"), "{status}");
+    let explain = std::process::Command::new(weir_tests::weir_bin())
+        .args(["explain", "--pod", "default/vmpod", "--dst", SERVICE4, "--bpffs"])
+        .arg(node.bpffs.path())
+        .output()
+        .expect("running weir explain");
+    let err = String::from_utf8_lossy(&explain.stderr);
+    assert!(!explain.status.success(), "{err}");
+    assert!(err.contains("not enrolled") && err.contains(&why), "{err}");
+    // Nothing of weir's is on the VM's interface.
+    let progs = w.pod.exec_ok(&["bpftool", "prog", "show"]);
+    assert!(!progs.contains("weir_virt"), "{progs}");
 }
 
 #[test]
@@ -125,7 +166,9 @@ fn vm_connections_go_to_the_outbound_port_with_their_original_destination() {
         return;
     }
     let w = world();
-    let mut node = enrolled_node(&w, &[(REROUTE, "k6t0")]);
+    let Some(mut node) = enrolled_node(&w, &[(REROUTE, "k6t0")]) else {
+        return;
+    };
     let log = node.sidecar(&w.pod, "sidecar");
     let mut seen = 0;
     for (dst, vm_addr, pod_side) in [
@@ -213,7 +256,7 @@ fn only_included_ranges_are_captured_and_nothing_from_the_vm_is_inbound() {
         return;
     }
     let w = world();
-    let mut node = enrolled_node(
+    let Some(mut node) = enrolled_node(
         &w,
         &[
             (REROUTE, "k6t0"),
@@ -222,7 +265,9 @@ fn only_included_ranges_are_captured_and_nothing_from_the_vm_is_inbound() {
                 "198.18.99.0/24",
             ),
         ],
-    );
+    ) else {
+        return;
+    };
     let log = node.sidecar(&w.pod, "sidecar");
     node.echo(&w.pod, 8080, "app", 1000);
     // Not in the include ranges: forwarded, the service sees the VM.
@@ -246,7 +291,9 @@ fn a_vm_port_reused_towards_two_destinations_keeps_both_apart() {
     }
     let w = world();
     w.srv.ip(&["addr", "add", "198.18.31.2/32", "dev", "lo"]);
-    let mut node = enrolled_node(&w, &[(REROUTE, "k6t0")]);
+    let Some(mut node) = enrolled_node(&w, &[(REROUTE, "k6t0")]) else {
+        return;
+    };
     let log = node.sidecar(&w.pod, "sidecar");
     for (i, dst) in ["198.18.31.1:80", "198.18.31.2:80"].iter().enumerate() {
         let out = node.run_in_pod(
@@ -276,7 +323,9 @@ fn without_a_proxy_vm_connections_are_refused_not_forwarded() {
         return;
     }
     let w = world();
-    let node = enrolled_node(&w, &[(REROUTE, "k6t0")]);
+    let Some(node) = enrolled_node(&w, &[(REROUTE, "k6t0")]) else {
+        return;
+    };
     let r = from_vm(&node, &w, SERVICE4);
     assert!(
         !r.ok(),
@@ -294,7 +343,9 @@ fn restart_keeps_rerouting_and_removal_stops_it() {
         return;
     }
     let w = world();
-    let mut node = enrolled_node(&w, &[(REROUTE, "k6t0")]);
+    let Some(mut node) = enrolled_node(&w, &[(REROUTE, "k6t0")]) else {
+        return;
+    };
     let log = node.sidecar(&w.pod, "sidecar");
     node.kill_agent();
     // Pinned links and maps: capture goes on without the agent.
@@ -329,6 +380,12 @@ fn an_interface_that_appears_later_is_attached_on_a_later_pass() {
     }
     let w = world();
     let mut node = Node::with_agent();
+    if !kernel_has_tcx() {
+        // Refused although vm1 does not exist yet: it may appear any time.
+        node.write_pods_yaml(&[pod_entry(&w, &[(REROUTE, "vm1")])]);
+        assert_refused_without_tcx(&node, &w);
+        return;
+    }
     node.set_pods(&[pod_entry(&w, &[(REROUTE, "vm1")])]);
     wait_until(Duration::from_secs(15), "the pod to be enrolled", || {
         node.enrolled().iter().any(|p| p.ends_with("vmpod"))
@@ -368,7 +425,9 @@ fn virt_program_cost() {
         return;
     }
     let w = world();
-    let mut node = enrolled_node(&w, &[(REROUTE, "k6t0")]);
+    let Some(mut node) = enrolled_node(&w, &[(REROUTE, "k6t0")]) else {
+        return;
+    };
     let log = node.sidecar(&w.pod, "sidecar");
     let stats = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").unwrap();

@@ -10,6 +10,7 @@ mod bench;
 mod build;
 mod cmd;
 mod host;
+mod kernel;
 mod soak;
 mod test;
 mod toolchain;
@@ -66,7 +67,30 @@ enum Command {
         /// Everything but the kernel tests.
         #[arg(long)]
         unit_only: bool,
+        /// Also run the kernel-feature tests on these Linux series in a VM
+        /// (`cargo xtask kernel-test`); `none` for no VM.
+        #[arg(long = "kernel", value_name = "VERSION", default_value = "6.1")]
+        kernels: Vec<String>,
         /// Arguments for the test binaries, e.g. a test name filter.
+        #[arg(last = true, value_name = "TEST_ARGS")]
+        test_args: Vec<String>,
+    },
+    /// Run kernel tests on another Linux kernel in a qemu VM (TCG, slow):
+    /// downloads Debian's generic kernel of that series once (unpacked,
+    /// never installed), installs qemu and virtme-ng, exits non-zero on
+    /// any failed test (docs/kernels.md).
+    KernelTest {
+        /// A Linux series Debian has, e.g. 6.1 or 6.12.
+        version: String,
+        /// Test files (comma list of tests/tests/*.rs names), `features`
+        /// (the kernel-feature subset CI runs) or `all` (everything but the
+        /// differential).
+        #[arg(long, value_delimiter = ',', default_value = "features")]
+        tests: Vec<String>,
+        /// Give up on the VM after this many minutes.
+        #[arg(long, default_value_t = 75)]
+        timeout_min: u64,
+        /// Arguments for every test executable, e.g. a test name filter.
         #[arg(last = true, value_name = "TEST_ARGS")]
         test_args: Vec<String>,
     },
@@ -180,14 +204,31 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Test {
             kernel_only,
             unit_only,
+            kernels,
             test_args,
         } => {
             let options = test::Options {
                 kernel_only,
                 unit_only,
+                kernels: kernels.into_iter().filter(|k| k != "none").collect(),
                 test_args,
             };
             test::run(&root, &options)?;
+        }
+        Command::KernelTest {
+            version,
+            tests,
+            timeout_min,
+            test_args,
+        } => {
+            let object = build_ebpf(&root)?;
+            let options = kernel::Options {
+                version,
+                tests: kernel::Options::test_files(&tests),
+                test_args,
+                timeout: std::time::Duration::from_secs(timeout_min * 60),
+            };
+            kernel::run(&root, &object, &options)?;
         }
         Command::Run { args } => return run_demo(&root, &args),
         Command::Bench {

@@ -22,6 +22,9 @@ pub struct Options {
     pub kernel_only: bool,
     /// Everything but the kernel tests (for machines without BPF rights).
     pub unit_only: bool,
+    /// Linux series whose kernel-feature tests run in a VM after the
+    /// host's kernel tests (`kernel-matrix` step); empty for none.
+    pub kernels: Vec<String>,
     /// Passed to the test binaries after `--` (e.g. a test name filter).
     pub test_args: Vec<String>,
 }
@@ -36,11 +39,12 @@ enum Step {
     Manifests,
     BuildAgent,
     KernelTests,
+    KernelMatrix,
 }
 
 impl Step {
     /// In the order they run: each step relies on the ones before it.
-    const ALL: [Step; 8] = [
+    const ALL: [Step; 9] = [
         Step::Setup,
         Step::Fmt,
         Step::BuildEbpf,
@@ -49,6 +53,7 @@ impl Step {
         Step::Manifests,
         Step::BuildAgent,
         Step::KernelTests,
+        Step::KernelMatrix,
     ];
 
     fn name(self) -> &'static str {
@@ -61,6 +66,7 @@ impl Step {
             Step::Manifests => "manifests",
             Step::BuildAgent => "build-agent",
             Step::KernelTests => "kernel-tests",
+            Step::KernelMatrix => "kernel-matrix",
         }
     }
 
@@ -70,7 +76,10 @@ impl Step {
             Step::Fmt | Step::Clippy | Step::UnitTests | Step::Manifests if options.kernel_only => {
                 Some("--kernel-only")
             }
-            Step::BuildAgent | Step::KernelTests if options.unit_only => Some("--unit-only"),
+            Step::BuildAgent | Step::KernelTests | Step::KernelMatrix if options.unit_only => {
+                Some("--unit-only")
+            }
+            Step::KernelMatrix if options.kernels.is_empty() => Some("--kernel none"),
             _ => None,
         }
     }
@@ -163,6 +172,7 @@ impl Suite<'_> {
             Step::Manifests => manifests(self.root),
             Step::BuildAgent => self.build_agent(),
             Step::KernelTests => self.kernel_tests(),
+            Step::KernelMatrix => self.kernel_matrix(),
         }
     }
 
@@ -218,6 +228,24 @@ impl Suite<'_> {
             .env("WEIR_REQUIRE_KERNEL_TESTS", "1")
             .dir(self.root)
             .run()
+    }
+}
+
+impl Suite<'_> {
+    /// The kernel-feature tests on each older kernel, in a VM, one kernel
+    /// after the other (TCG needs both CPUs).
+    fn kernel_matrix(&self) -> Result<()> {
+        for version in &self.options.kernels {
+            let options = crate::kernel::Options {
+                version: version.clone(),
+                tests: crate::kernel::Options::test_files(&[]),
+                test_args: self.options.test_args.clone(),
+                timeout: Duration::from_secs(45 * 60),
+            };
+            crate::kernel::run(self.root, self.object()?, &options)
+                .with_context(|| format!("kernel tests on Linux {version}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -312,18 +340,31 @@ mod tests {
 
     #[test]
     fn full_suite_runs_every_step() {
-        assert_eq!(planned(&Options::default()).len(), Step::ALL.len());
+        let options = Options {
+            kernels: vec!["6.1".into()],
+            ..Options::default()
+        };
+        assert_eq!(planned(&options).len(), Step::ALL.len());
+        // `--kernel none`: no VM.
+        assert!(!planned(&Options::default()).contains(&"kernel-matrix"));
     }
 
     #[test]
     fn kernel_only_keeps_the_builds_and_kernel_tests() {
         let options = Options {
             kernel_only: true,
+            kernels: vec!["6.1".into()],
             ..Options::default()
         };
         assert_eq!(
             planned(&options),
-            ["setup", "build-ebpf", "build-agent", "kernel-tests"]
+            [
+                "setup",
+                "build-ebpf",
+                "build-agent",
+                "kernel-tests",
+                "kernel-matrix"
+            ]
         );
     }
 

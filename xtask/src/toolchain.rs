@@ -358,7 +358,7 @@ fn missing_debian_packages<'a>(packages: &[&'a str]) -> Vec<&'a str> {
 static APT_UPDATED: AtomicBool = AtomicBool::new(false);
 
 /// Installs Debian packages with apt-get, through sudo when not root.
-fn apt_install(packages: &[&str]) -> Result<()> {
+pub(crate) fn apt_install(packages: &[&str]) -> Result<()> {
     let list = packages.join(" ");
     say(&format!("installing Debian packages {list} (apt-get)..."));
     let how_to_fix = || {

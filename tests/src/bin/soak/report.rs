@@ -8,14 +8,14 @@ use serde_json::Value;
 use crate::common::{ScenarioResult, Severity};
 
 fn mark(r: &ScenarioResult) -> &'static str {
-    if r.passed() {
-        if r.complete {
-            "PASS"
-        } else {
-            "PASS (cut short)"
-        }
-    } else {
+    if !r.passed() {
         "FAIL"
+    } else if r.complete {
+        "PASS"
+    } else {
+        // Its checks held as far as it got, but it did not run to its
+        // size: not a pass (the run exits non-zero).
+        "INCOMPLETE"
     }
 }
 

@@ -169,6 +169,19 @@ pub fn run(args: RunArgs) -> Result<()> {
     if !results.iter().all(ScenarioResult::passed) {
         bail!("soak failed: see the checks marked FAIL above");
     }
+    let short: Vec<&str> = results
+        .iter()
+        .filter(|r| !r.complete)
+        .map(|r| r.key.as_str())
+        .collect();
+    if !short.is_empty() {
+        bail!(
+            "soak incomplete: {} cut short by --time-limit-s {} before reaching the size asked for; \
+             raise --time-limit-s or lower the sizes",
+            short.join(", "),
+            args.time_limit_s
+        );
+    }
     Ok(())
 }
 

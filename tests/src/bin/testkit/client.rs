@@ -29,11 +29,19 @@ pub(crate) struct ClientArgs {
     /// Pause between connections, in ms.
     #[arg(long, default_value_t = 100)]
     interval_ms: u64,
+    /// Stop (after the connection in progress) once this file exists, even
+    /// before `--count` connections: traffic that lasts as long as a test
+    /// needs it, however slow the machine.
+    #[arg(long)]
+    until_file: Option<std::path::PathBuf>,
 }
 
 pub(crate) fn run(args: ClientArgs) -> Result<()> {
     let timeout = Duration::from_millis(args.timeout_ms);
     for i in 0..args.count {
+        if args.until_file.as_deref().is_some_and(|f| f.exists()) {
+            break;
+        }
         if i > 0 {
             std::thread::sleep(Duration::from_millis(args.interval_ms));
         }
