@@ -32,8 +32,21 @@ use weir_common::*;
 use crate::policy::{PodEntries, PodRules};
 use crate::sys;
 
-/// The kernel object, built by `cargo xtask build-ebpf` and embedded here.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEIR_EBPF_OBJECT"));
+/// The kernel object, built by `cargo xtask build-ebpf` and embedded here
+/// (`build.rs` says from where; empty when the agent was built without it).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("WEIR_EBPF_OBJECT_PATH"));
+
+/// The embedded kernel object, or an error saying how to build a `weir`
+/// that has one.
+pub fn kernel_object() -> Result<&'static [u8]> {
+    anyhow::ensure!(
+        !EBPF_OBJECT.is_empty(),
+        "this weir binary was built without its kernel object (WEIR_EBPF_OBJECT was not \
+         set when it was compiled, e.g. by a plain `cargo build`); build it with \
+         `cargo xtask build`"
+    );
+    Ok(EBPF_OBJECT)
+}
 
 /// Every map of the object, all pinned under `weir/maps/`.
 pub const MAP_NAMES: &[&str] = &[
@@ -235,7 +248,7 @@ impl Datapath {
         // them: a program verified against a map of another value size
         // would be refused with a confusing verifier error, or misread.
         check_pinned_layout(&pins, bpffs)?;
-        let mut ebpf = loader.load(EBPF_OBJECT).context(
+        let mut ebpf = loader.load(kernel_object()?).context(
             "loading weir's kernel object failed (needs Linux >= 5.15 with BTF, root or CAP_BPF+CAP_NET_ADMIN; \
              if pinned maps from another weir version exist, run `weir uninstall` first)",
         )?;
@@ -478,7 +491,7 @@ impl Datapath {
         configure_loader(&mut loader, &paths, &self.caps);
         loader.override_global("VIRT_NETNS_COOKIE", &cookie, true);
         let mut obj = loader
-            .load(EBPF_OBJECT)
+            .load(kernel_object()?)
             .context("loading weir's kernel object for the pod's virtual interfaces")?;
         for (name, _, _) in VIRT_PROGRAMS {
             let prog: &mut SchedClassifier = obj

@@ -12,7 +12,7 @@ const LPM_TRIE: u32 = 11;
 /// else is.
 #[test]
 fn max_cidrs_sizes_every_cidr_map_of_the_object() {
-    let object = aya::include_bytes_aligned!(env!("WEIR_EBPF_OBJECT"));
+    let object = crate::datapath::kernel_object().expect("the agent embeds its kernel object");
     let obj = aya_obj::Object::parse(object).expect("the embedded kernel object parses");
     let tries: BTreeSet<&str> = obj
         .maps

@@ -2,8 +2,9 @@
 //! `.cargo/config.toml`).
 //!
 //! The kernel programs need a different compiler setup from the rest of the
-//! workspace (see [`toolchain`]), so plain `cargo build` cannot build weir on
-//! its own; these commands put the two builds together, and `test` is what
+//! workspace (see [`toolchain`]), so plain `cargo build` cannot build a
+//! runnable weir on its own (it type-checks, with an empty kernel object:
+//! `agent/build.rs`); these commands put the two builds together, and `test` is what
 //! CI runs (`.ci/run`).
 
 mod bench;
