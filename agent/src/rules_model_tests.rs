@@ -89,7 +89,9 @@ fn conn() -> impl Strategy<Value = Conn> {
         80u16, 53, 3306, 8080, 9090, 7070, 15001, 15006, 15008, 15020, 15021, 15090, 4140, 4143,
         4190, 4567, 9001, 9902,
     ]);
-    let ids = select(vec![1000u32, 1337, 1338, 3, 4, 1, 2, 0, 2000, 2102, 2103, 3000, 5678]);
+    let ids = select(vec![
+        1000u32, 1337, 1338, 3, 4, 1, 2, 0, 2000, 2102, 2103, 3000, 5678,
+    ]);
     let peers = select(vec!["198.18.0.2", "198.18.100.2", "10.0.0.5", "2001:2::2"]);
     (
         any::<bool>(),
@@ -266,7 +268,8 @@ fn istio_config() -> impl Strategy<Value = CaptureConfig> {
     let gids = select(vec!["", "1337", "1,2", "1337,3000"]);
     let groups = prop_oneof![
         Just(("*".to_string(), String::new())),
-        list(vec!["1000", "3000"]).prop_map(|g| (if g.is_empty() { "*".into() } else { g }, String::new())),
+        list(vec!["1000", "3000"])
+            .prop_map(|g| (if g.is_empty() { "*".into() } else { g }, String::new())),
         list(vec!["2000", "3000", "1000"]).prop_map(|g| ("*".to_string(), g)),
     ];
     let dns = (
