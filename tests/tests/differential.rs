@@ -275,6 +275,18 @@ impl MeshPod {
                         .and_then(|u| u.parse().ok())
                         .unwrap_or(1337);
                     let mut a = self.weir_annotations();
+                    // One proxy UID is the istio-proxy container's
+                    // runAsUser (and istio-init's -u), its GID the same or
+                    // PROXY_GID from the environment: no weir annotation.
+                    // Only a list of UIDs needs weir.dev/proxy-uids.
+                    let gids_from_pod = match self {
+                        MeshPod::IstioGolden(c) => c.config.effective_gids() == uid,
+                        _ => true,
+                    };
+                    if !uid.contains(',') && gids_from_pod {
+                        a.remove(keys::WEIR_PROXY_UIDS);
+                        a.remove(keys::WEIR_PROXY_GIDS);
+                    }
                     a.insert(
                         "sidecar.istio.io/status".into(),
                         r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["istio-envoy"],"revision":"default"}"#.into(),
