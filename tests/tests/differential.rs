@@ -1071,6 +1071,9 @@ fn matrix(m: &MeshPorts, vm: bool) -> Vec<Conn> {
         }
         add_any("g", Pod, proxy, None, "127.1.2.3:8080", None);
         add_any("g", Pod, GID1, None, "198.18.10.1:80", None);
+        // A proxy GID's DNS over TCP to a resolver on loopback (with DNS
+        // capture Istio's GID rule sends it inbound; see decide.rs).
+        add_any("g", Pod, GID1, None, "127.0.0.53:53", None);
         for dst in [
             "198.18.0.1:4000",
             "198.18.0.1:5000",
