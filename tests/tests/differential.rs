@@ -11,9 +11,17 @@
 //!   the pod ([`IstioPod::capture_config`], [`LinkerdPod::proxy_init`],
 //!   [`KumaPod::config`], and their `restore()`) and its processes run
 //!   outside weir's cgroup;
-//! - in the **weir** world the pod is enrolled with the mesh (`mesh:`) and
-//!   the equivalent annotations (`weir_annotations()`) and its processes
-//!   run in the node cgroup weir is attached to.
+//! - in the **weir** world the pod is a Pod object as the mesh's injector
+//!   writes it (`MeshPod::pod_object`: the mesh's containers, their
+//!   environment, the annotations), served by a fake API server to
+//!   `weir run --kubernetes`, so it goes through the agent's
+//!   classification; its processes run in the pod's cgroup under the node
+//!   cgroup weir is attached to (`WEIR_DIFF_PODS_FILE=1`: the pods file
+//!   with `mesh:` and `weir_annotations()` instead).
+//!
+//! Besides the configurations written for weir, the meshes' own golden
+//! rule sets (`../shared/reference/peers/`) are applied as they are in the
+//! iptables world ([`golden_cases`]).
 //!
 //! Both worlds run the same sidecar (the mesh's proxy UID and ports:
 //! Istio 1337, 15001/15006; Linkerd 2102, 4140/4143; Kuma 5678,
@@ -101,7 +109,7 @@ enum MeshPod {
     /// One of Istio's golden files (istio-sidecar/NAME.golden) applied as
     /// it is: the iptables world gets the golden's rules, weir the pod
     /// whose annotations give `istio-iptables` the golden's flags.
-    IstioGolden(IstioCase),
+    IstioGolden(Box<IstioCase>),
     /// Kuma's golden files (IPv4, IPv6) applied as they are, and the Kuma
     /// pod (annotations and ConfigMap) with the same configuration.
     KumaGolden(KumaPod, &'static str, &'static str),
@@ -756,7 +764,7 @@ fn golden_cases() -> Vec<Case> {
                 name,
                 ipv6: c.config.enable_ipv6,
                 sidecar_uid: golden_proxy_uid(&c),
-                pod: MeshPod::IstioGolden(c),
+                pod: MeshPod::IstioGolden(Box::new(c)),
                 status,
             }
         })
