@@ -82,6 +82,16 @@ impl Cgroup {
         Cgroup::create(&self.path, prefix)
     }
 
+    /// Creates a cgroup nested in this one with exactly the name `name`
+    /// (a path as the kubelet lays them out, e.g. `pod<uid>`, which the
+    /// agent parses). The caller keeps names unique.
+    pub fn child_named(&self, name: &str) -> Cgroup {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        Cgroup { path }
+    }
+
     fn create(parent: &Path, prefix: &str) -> Cgroup {
         let path = parent.join(format!("weir-test-{}", unique_name(prefix)));
         std::fs::create_dir(&path)

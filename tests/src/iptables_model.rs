@@ -233,10 +233,26 @@ const BUILTIN_TARGETS: &[&str] = &[
     "TOS",
 ];
 
+/// Options of the targets the meshes use (each takes one value).
+const TARGET_OPTIONS: &[&str] = &[
+    "--to-ports",
+    "--to-port",
+    "--zone",
+    "--on-port",
+    "--on-ip",
+    "--tproxy-mark",
+    "--set-mark",
+    "--set-xmark",
+    "--reject-with",
+    "--to-destination",
+    "--to-source",
+];
+
 /// Parses one `-A CHAIN ...` line (without `-A CHAIN`).
 fn parse_rule(text: &str, tokens: &[String]) -> Result<Rule, String> {
     let mut matches = Vec::new();
-    let mut target = None;
+    let mut target_name: Option<String> = None;
+    let mut target_opts: Vec<String> = Vec::new();
     let mut not = false;
     let mut i = 0;
     let val = |i: usize| -> Result<&str, String> {
@@ -302,26 +318,12 @@ fn parse_rule(text: &str, tokens: &[String]) -> Result<Rule, String> {
             // Modules are implied by their options; comments change nothing.
             "-m" | "--match" | "--comment" => {}
             "-j" | "--jump" => {
-                let name = val(i)?;
-                let rest: Vec<&str> = tokens[i + 2..].iter().map(String::as_str).collect();
-                target = Some(match name {
-                    "RETURN" => Target::Return,
-                    "ACCEPT" => Target::Accept,
-                    "REDIRECT" => {
-                        let port = rest
-                            .iter()
-                            .position(|o| *o == "--to-ports" || *o == "--to-port")
-                            .and_then(|p| rest.get(p + 1))
-                            .and_then(|p| p.parse().ok())
-                            .ok_or_else(|| format!("REDIRECT without --to-ports in {text:?}"))?;
-                        Target::Redirect(port)
-                    }
-                    n if BUILTIN_TARGETS.contains(&n) || !rest.is_empty() => {
-                        Target::Other(format!("{n} {}", rest.join(" ")).trim().to_string())
-                    }
-                    n => Target::Jump(n.to_string()),
-                });
-                break;
+                // The target's own options are taken below; matches may
+                // still follow (linkerd-init writes `-j RETURN -s NET`).
+                target_name = Some(val(i)?.to_string());
+            }
+            o if TARGET_OPTIONS.contains(&o) => {
+                target_opts.push(format!("{o} {}", val(i)?));
             }
             other if other.starts_with('-') => {
                 // An unknown option and its values (up to the next option).
@@ -342,7 +344,28 @@ fn parse_rule(text: &str, tokens: &[String]) -> Result<Rule, String> {
         not = false;
         i += take;
     }
-    let target = target.ok_or_else(|| format!("rule without -j: {text:?}"))?;
+    let name = target_name.ok_or_else(|| format!("rule without -j: {text:?}"))?;
+    let opt = |names: &[&str]| {
+        target_opts.iter().find_map(|o| {
+            let (k, v) = o.split_once(' ')?;
+            names.contains(&k).then(|| v.to_string())
+        })
+    };
+    let target = match name.as_str() {
+        "RETURN" => Target::Return,
+        "ACCEPT" => Target::Accept,
+        "REDIRECT" => Target::Redirect(
+            opt(&["--to-ports", "--to-port"])
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| format!("REDIRECT without --to-ports in {text:?}"))?,
+        ),
+        n if BUILTIN_TARGETS.contains(&n) || !target_opts.is_empty() => {
+            let mut o = target_opts.clone();
+            o.sort();
+            Target::Other(format!("{n} {}", o.join(" ")).trim().to_string())
+        }
+        n => Target::Jump(n.to_string()),
+    };
     matches.sort();
     Ok(Rule {
         matches,

@@ -210,6 +210,24 @@ fn istio_dual_stack(pod: &Pod, annotations: &BTreeMap<String, String>) -> Option
     Some(on)
 }
 
+/// The identity Istio's injector gave the proxy: `istio-proxy`'s
+/// `securityContext.runAsUser`, the UID it also passes to `istio-init -u`
+/// (1337, or the namespace's UID range on OpenShift), and the GID
+/// `istio-init -g` gets: `PROXY_GID` from the container's environment,
+/// else the same number.
+fn istio_proxy_ids(pod: &Pod) -> Option<(i64, String)> {
+    let c = all_containers(pod).find(|c| c.name == ISTIO_PROXY)?;
+    let uid = c.security_context.as_ref()?.run_as_user?;
+    let gid = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "PROXY_GID")
+        .and_then(|e| e.value.clone())
+        .unwrap_or_else(|| uid.to_string());
+    Some((uid, gid))
+}
+
 /// Decides whether (and how) weir captures `pod`.
 pub fn verdict(pod: &Pod) -> Verdict {
     let not = |why: &str| Verdict::NotMeshed(why.to_string());
@@ -340,6 +358,17 @@ pub fn view(pod: &Pod) -> Result<PodView, PodError> {
     let ipv6_from_first_ip = verdict == Verdict::Meshed(Mesh::Istio)
         && !annotations.contains_key(keys::CAPTURE_IPV6)
         && istio_dual_stack(pod, &annotations) == Some(false);
+    // The proxy's identity: weir's own annotations win, else what the
+    // injector wrote (a proxy UID weir did not know would have its own
+    // connections captured, a loop).
+    if verdict == Verdict::Meshed(Mesh::Istio)
+        && !annotations.contains_key(keys::PROXY_UIDS)
+        && let Some((uid, gid)) = istio_proxy_ids(pod)
+        && uid >= 0
+    {
+        annotations.insert(keys::PROXY_UIDS.into(), uid.to_string());
+        annotations.entry(keys::PROXY_GIDS.into()).or_insert(gid);
+    }
     let mut v = PodView {
         verdict,
         namespace,
@@ -491,6 +520,34 @@ pub(crate) mod tests {
         let mut p = istio();
         p["status"]["phase"] = "Succeeded".into();
         assert!(not_meshed(p).contains("finished"));
+    }
+
+    #[test]
+    fn istio_proxy_identity_from_the_injected_container() {
+        // The sample pod: runAsUser 1337, no PROXY_GID.
+        let v = view(&pod(ISTIO_POD)).unwrap();
+        assert_eq!(v.annotations[keys::PROXY_UIDS], "1337");
+        assert_eq!(v.annotations[keys::PROXY_GIDS], "1337");
+        // Another UID (OpenShift's range), PROXY_GID from the environment.
+        let mut p = istio();
+        p["spec"]["containers"][1]["securityContext"]["runAsUser"] = 1000650000.into();
+        p["spec"]["containers"][1]["env"] =
+            serde_json::json!([{"name": "PROXY_GID", "value": "1337,3000"}]);
+        let v = view(&serde_json::from_value(p).unwrap()).unwrap();
+        assert_eq!(v.annotations[keys::PROXY_UIDS], "1000650000");
+        assert_eq!(v.annotations[keys::PROXY_GIDS], "1337,3000");
+        // weir's annotations win; no securityContext: weir's defaults.
+        let mut p = istio();
+        p["metadata"]["annotations"][keys::PROXY_UIDS] = "1337,1338".into();
+        let v = view(&serde_json::from_value(p).unwrap()).unwrap();
+        assert_eq!(v.annotations[keys::PROXY_UIDS], "1337,1338");
+        let mut p = istio();
+        p["spec"]["containers"][1]
+            .as_object_mut()
+            .unwrap()
+            .remove("securityContext");
+        let v = view(&serde_json::from_value(p).unwrap()).unwrap();
+        assert!(!v.annotations.contains_key(keys::PROXY_UIDS));
     }
 
     #[test]

@@ -271,11 +271,23 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
         if on_lo && is_passthrough_source(&q.src) {
             return Verdict::BypassPassthrough;
         }
-        let rule3 = !q.udp
+        let rule3_gid = !q.udp
             && on_lo
             && !is_localhost(&q.dst)
-            && (p.tunnel_port == 0 || q.dport != p.tunnel_port)
-            && !(dns_lo && q.dport == 53);
+            && (p.tunnel_port == 0 || q.dport != p.tunnel_port);
+        // With DNS capture istio-iptables spares port 53 in the UIDs'
+        // rule 3 only (`! --dports 53,15008`); the GIDs' rule 3 names the
+        // tunnel port alone.
+        let rule3_uid = rule3_gid && !(dns_lo && q.dport == 53);
+        // Rule 3 of the identity the process matches first (UIDs come
+        // before GIDs), then its rule 5.
+        let rule3_or_5 = |by_uid: bool| {
+            if (by_uid && rule3_uid) || (!by_uid && rule3_gid) {
+                Verdict::RedirectInbound
+            } else {
+                Verdict::BypassProxy
+            }
+        };
         // With DNS capture, rule 4 only returns TCP to ports other than 53.
         let rule4 = on_lo && (!dns_lo || (!q.udp && q.dport != 53));
         if p.lo_id_kind != ID_KIND_NONE {
@@ -284,23 +296,20 @@ pub fn decide_outbound<T: PodTables>(p: &PodPolicy, q: &OutboundQuery, t: &T) ->
             if p.flags & POLICY_INCLUDE_HAS_LOOPBACK == 0 {
                 if is_first {
                     // 3., else 5. for the first identity.
-                    return if rule3 {
-                        Verdict::RedirectInbound
-                    } else {
-                        Verdict::BypassProxy
-                    };
+                    return rule3_or_5(p.lo_id_kind == ID_KIND_UID);
                 }
                 // 4.
                 if rule4 {
                     return Verdict::BypassLoopback;
                 }
+                // Rule 4 let it through (port 53 with DNS capture): the
+                // later identities reach their own rule 3.
+                if proxy {
+                    return rule3_or_5(t.has_id(IDKEY_UID, q.uid));
+                }
             } else if proxy {
                 // Without rule 4 every identity reaches its own rule 3.
-                return if rule3 {
-                    Verdict::RedirectInbound
-                } else {
-                    Verdict::BypassProxy
-                };
+                return rule3_or_5(t.has_id(IDKEY_UID, q.uid));
             }
         }
     }
@@ -592,6 +601,59 @@ mod tests {
         assert_eq!(
             decide_outbound(&p, &q(v4(127, 0, 0, 1), 80, 1000), &t),
             Verdict::BypassLoopback
+        );
+    }
+
+    #[test]
+    fn dns_over_tcp_to_loopback_from_a_proxy_gid() {
+        // istio-iptables with DNS capture (dns-uid-gid.golden): the UIDs'
+        // loopback rule spares port 53, the GIDs' does not, and the first
+        // UID's "other processes on lo" rule lets port 53 through, so a
+        // process that is the proxy by its GID only is sent inbound when
+        // it calls a resolver on loopback over TCP (found by the property
+        // test against the rules, agent/src/rules_model_tests.rs).
+        let (mut p, mut t) = istio();
+        p.flags |= POLICY_CAPTURE_DNS | POLICY_DNS_ALL_SERVERS;
+        t.ids.push((IDKEY_GID, 3000));
+        let by_gid = |gid| OutboundQuery {
+            gid,
+            ..q(v4(127, 0, 0, 53), 53, 1000)
+        };
+        assert_eq!(
+            decide_outbound(&p, &by_gid(1337), &t),
+            Verdict::RedirectInbound
+        );
+        assert_eq!(
+            decide_outbound(&p, &by_gid(3000), &t),
+            Verdict::RedirectInbound
+        );
+        // The UIDs' rule spares it; other ports are returned by rule 4.
+        assert_eq!(
+            decide_outbound(&p, &q(v4(127, 0, 0, 53), 53, 1337), &t),
+            Verdict::BypassProxy
+        );
+        assert_eq!(
+            decide_outbound(
+                &p,
+                &OutboundQuery {
+                    dport: 80,
+                    ..by_gid(3000)
+                },
+                &t
+            ),
+            Verdict::BypassLoopback
+        );
+        // 127.0.0.1 is never sent inbound.
+        assert_eq!(
+            decide_outbound(
+                &p,
+                &OutboundQuery {
+                    dst: v4(127, 0, 0, 1),
+                    ..by_gid(3000)
+                },
+                &t
+            ),
+            Verdict::BypassProxy
         );
     }
 
