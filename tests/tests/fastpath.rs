@@ -592,7 +592,9 @@ fn known_limitations_of_socket_redirects_still_exist() {
         &["--bytes", "10000"],
     );
     if r["server"]["first_recv"].as_i64().unwrap_or(0) >= 10000 {
-        fixed.push(format!("recv(MSG_WAITALL) now waits for all the bytes: {r}"));
+        fixed.push(format!(
+            "recv(MSG_WAITALL) now waits for all the bytes: {r}"
+        ));
     }
     let r = client(
         &f.node,

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use weir_tests::node::{Node, PodEntry, sidecar_log};
-use weir_tests::{
-    NetNs, require_root, spawn_in, testkit_command, veth_pair, wait_until, weir_bin,
-};
+use weir_tests::{NetNs, require_root, spawn_in, testkit_command, veth_pair, wait_until, weir_bin};
 
 struct TwoPods {
     client: NetNs,

@@ -450,6 +450,9 @@ done
 export WEIR_BIN={weir}
 export WEIR_REQUIRE_KERNEL_TESTS=1
 export RUST_BACKTRACE=0
+# Emulation is 10-30x slower: the tests wait longer for what must happen
+# (an agent's start, a log line); what they check is unchanged.
+export WEIR_TEST_TIMEOUT_SCALE=5
 # Cargo runs tests from their package's directory.
 cd {tests}
 while read -r name exe; do
