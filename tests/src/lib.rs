@@ -165,9 +165,24 @@ fn base36(mut v: u64) -> String {
     String::from_utf8(out).expect("base-36 digits are ASCII")
 }
 
+/// `timeout` times `$WEIR_TEST_TIMEOUT_SCALE` (default 1): how long to
+/// wait for something that will happen, on a slow machine. `cargo xtask
+/// kernel-test` sets it for its emulated kernels, where starting the agent
+/// takes seconds. Only patience changes: what is checked stays the same.
+pub fn patience(timeout: Duration) -> Duration {
+    let scale = std::env::var("WEIR_TEST_TIMEOUT_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .filter(|s| *s >= 1)
+        .unwrap_or(1);
+    timeout * scale
+}
+
 /// Polls `f` every 10 ms until it returns `true`; panics with
-/// "timed out after … waiting for {what}" when `timeout` passes first.
+/// "timed out after … waiting for {what}" when `timeout` (times
+/// [`patience`]) passes first.
 pub fn wait_until(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let timeout = patience(timeout);
     let deadline = Instant::now() + timeout;
     loop {
         if f() {

@@ -121,7 +121,7 @@ impl Proc {
     /// Waits up to `timeout` for the process to end; returns its status, or
     /// `None` if it is still running.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::patience(timeout);
         loop {
             if let Some(status) = self.try_status() {
                 return Some(status);
@@ -205,6 +205,7 @@ impl Proc {
     }
 
     fn wait_for(&mut self, timeout: Duration, what: &str, mut done: impl FnMut(&Proc) -> bool) {
+        let timeout = crate::patience(timeout);
         let deadline = Instant::now() + timeout;
         loop {
             if done(self) {

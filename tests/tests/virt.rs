@@ -138,15 +138,11 @@ fn enrolled_node(w: &World, annotations: &[(&str, &str)]) -> Option<Node> {
 /// traffic goes on, untouched.
 fn assert_refused_without_tcx(node: &Node, w: &World) {
     let why = format!("has no TCX links, which {REROUTE} needs (Linux >= 6.6)");
-    node.wait_log(&format!(
-        "pod default/vmpod: not enrolled: this kernel (Linux "
-    ));
+    node.wait_log("pod default/vmpod: not enrolled: this kernel (Linux ");
+    // The pass's closing line comes after the pod's.
+    node.wait_log("0 pod(s) enrolled, 0 updated, 1 failed");
     let logs = node.agent_logs();
     assert!(logs.contains(&why), "{logs}");
-    assert!(
-        logs.contains("0 pod(s) enrolled, 0 updated, 1 failed"),
-        "{logs}"
-    );
     assert!(!logs.contains("rerouting TCP"), "{logs}");
     let status = node.status();
     assert_eq!(status["pods"], serde_json::json!([]), "{status}");
@@ -248,13 +244,6 @@ fn vm_connections_go_to_the_outbound_port_with_their_original_destination() {
     assert!(
         metrics.contains("direction=\"virtual_interface\""),
         "metrics lack the virtual_interface series:\n{metrics}"
-    );
-    // Dropped packets have their own family (packets, not connections).
-    assert!(
-        metrics.contains(
-            "weir_virtual_interface_dropped_packets_total{namespace=\"default\",pod=\"vmpod\"} 0"
-        ),
-        "{metrics}"
     );
     // Two entries per connection (both directions), counted on scrape.
     let flows = metrics

@@ -150,6 +150,10 @@ pub fn run(root: &Path, object: &Path, options: &Options) -> Result<()> {
     );
     let vm_started = Instant::now();
     // vng's exit code is not the guest's: read the verdict from `out`.
+    // vng starts its helpers (virtme-run) by name: the venv goes on PATH.
+    let venv_bin = vng.parent().context("vng has no directory")?;
+    let path =
+        host::path_with(venv_bin).unwrap_or_else(|| std::env::var_os("PATH").unwrap_or_default());
     let status = Cmd::new("timeout")
         .args(["-k", "30"])
         .arg(options.timeout.as_secs().to_string())
@@ -168,6 +172,7 @@ pub fn run(root: &Path, object: &Path, options: &Options) -> Result<()> {
         .arg(&out)
         .arg("--exec")
         .arg(format!("bash {}", shell_quote(&script.to_string_lossy())))
+        .env("PATH", path)
         .dir(root)
         .status()
         .context("running virtme-ng")?;
@@ -224,6 +229,10 @@ fn ensure_tools() -> Result<PathBuf> {
     }
     if host::find_program("lz4", &[]).is_none() {
         missing.push("lz4");
+    }
+    // virtme-ng builds the guest's initramfs around a static busybox.
+    if host::find_program("busybox", &[]).is_none() {
+        missing.push("busybox-static");
     }
     if host::find_program("timeout", &[]).is_none() {
         missing.push("coreutils");
@@ -441,6 +450,9 @@ done
 export WEIR_BIN={weir}
 export WEIR_REQUIRE_KERNEL_TESTS=1
 export RUST_BACKTRACE=0
+# Emulation is 10-30x slower: the tests wait longer for what must happen
+# (an agent's start, a log line); what they check is unchanged.
+export WEIR_TEST_TIMEOUT_SCALE=5
 # Cargo runs tests from their package's directory.
 cd {tests}
 while read -r name exe; do

@@ -22,8 +22,12 @@ use weir_tests::net;
 
 use crate::JsonLog;
 
-/// How long one read or write may block before the stream counts as hung.
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one read or write may block before the stream counts as hung
+/// (10 s, times `WEIR_TEST_TIMEOUT_SCALE` on an emulated kernel, where a
+/// test's agent restart between two rounds takes longer than that).
+fn io_timeout() -> Duration {
+    weir_tests::patience(Duration::from_secs(10))
+}
 
 /// Reads the way event-loop programs (Envoy) do: wait for readability
 /// with poll(2), then read, and go back to waiting on `EAGAIN`. On the fast
@@ -35,7 +39,7 @@ struct Polled<'a>(&'a TcpStream);
 
 impl Read for Polled<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let deadline = Instant::now() + IO_TIMEOUT;
+        let deadline = Instant::now() + io_timeout();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if !wait_readable(self.0, left)? {
@@ -156,10 +160,10 @@ fn read_line(s: &TcpStream) -> io::Result<String> {
     }
 }
 
-/// Writes never block longer than [`IO_TIMEOUT`]; reads are bounded by
+/// Writes never block longer than [`io_timeout`]; reads are bounded by
 /// [`Polled`].
 fn timeouts(s: &TcpStream) -> io::Result<()> {
-    s.set_write_timeout(Some(IO_TIMEOUT))
+    s.set_write_timeout(Some(io_timeout()))
 }
 
 /// Payload bytes TCP itself carried on `s`: `(received, acked)`, from
@@ -287,7 +291,7 @@ fn serve_one(mut s: TcpStream) -> Value {
                 // One recv(MSG_WAITALL) of `arg` bytes: it must not return
                 // before all of them are there.
                 let want = (arg as usize).min(buf.len());
-                let _ = s.set_read_timeout(Some(IO_TIMEOUT));
+                let _ = s.set_read_timeout(Some(io_timeout()));
                 // SAFETY: recv writes at most `want` bytes into `buf`.
                 let n = unsafe {
                     libc::recv(
@@ -348,7 +352,7 @@ fn serve_one(mut s: TcpStream) -> Value {
 }
 
 /// Reads the socket with splice(2) into a pipe (as splice-based proxies
-/// do) until EOF, an error, or nothing for [`IO_TIMEOUT`].
+/// do) until EOF, an error, or nothing for [`io_timeout`].
 fn splice_read_all(s: &TcpStream, buf: &mut [u8], c: &mut Checker) -> String {
     let (rd, wr) = match pipe() {
         Ok(p) => p,
@@ -362,7 +366,7 @@ fn splice_read_all(s: &TcpStream, buf: &mut [u8], c: &mut Checker) -> String {
             revents: 0,
         };
         // SAFETY: one live pollfd, its count passed with it.
-        let rc = unsafe { libc::poll(&mut pfd, 1, IO_TIMEOUT.as_millis() as i32) };
+        let rc = unsafe { libc::poll(&mut pfd, 1, io_timeout().as_millis() as i32) };
         if rc == 0 {
             return "timeout".into();
         }
@@ -446,7 +450,7 @@ pub(crate) struct FastClientArgs {
 
 pub(crate) fn client(args: FastClientArgs) -> Result<()> {
     let started = Instant::now();
-    let mut s = net::connect_timeout(None, args.connect, IO_TIMEOUT)
+    let mut s = net::connect_timeout(None, args.connect, io_timeout())
         .with_context(|| format!("connecting to {}", args.connect))?;
     timeouts(&s)?;
     let local = s.local_addr().ok().map(net::fmt_addr);
