@@ -39,7 +39,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Find or install the eBPF compiler, bpf-linker and the test tools
-    /// (ip, bpftool, iptables).
+    /// (ip, bpftool, iptables, containerd, runc, the CNI plugins, protoc).
     ///
     /// The eBPF compiler is the first of: $WEIR_BPF_RUSTC; rustup nightly
     /// with rust-src; /usr/bin/rustc with a bpfel-unknown-none core library;
