@@ -566,6 +566,26 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
     };
     let mut notes = Vec::new();
     let untouched = format!("{dst} (untouched)");
+    // Why capture is off altogether: the pod's policy has no address of a
+    // family its mesh captures (an IPv6-only pod without IPv6 rules), or
+    // interceptionMode NONE (which keeps the pod's addresses).
+    let (off_rule, off_istio): (String, String) =
+        if p.flags & (POLICY_HAS_IP4 | POLICY_HAS_IP6) == 0 {
+            (
+                "capture is off for this pod: it has no address of a family its mesh captures \
+                 (an IPv6-only pod whose mesh writes no IPv6 rules: Istio without ISTIO_DUAL_STACK \
+                 when its first address is IPv4, Linkerd without IPv6, Kuma's ipv4 mode, \
+                 weir.dev/capture-ipv6: \"false\"; or interceptionMode NONE on a pod listed \
+                 without addresses)"
+                    .into(),
+                "none: istio-iptables writes no rules of the pod's family".into(),
+            )
+        } else {
+            (
+                "capture is off for this pod (sidecar.istio.io/interceptionMode: NONE)".into(),
+                "none: istio-iptables writes no capture rules for interceptionMode NONE".into(),
+            )
+        };
     let (rule, istio, target, counter, listen): (String, String, String, Option<String>, _) =
         match (q.inbound, outcome) {
             (_, Outcome::NotPodAddress) => (
@@ -928,8 +948,8 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     None,
                 ),
                 Verdict::BypassTunnel | Verdict::BypassDisabled => (
-                    "capture is off for this pod (sidecar.istio.io/interceptionMode: NONE)".into(),
-                    "none: istio-iptables writes no capture rules for interceptionMode NONE".into(),
+                    off_rule,
+                    off_istio,
                     untouched,
                     None,
                     None,
@@ -1011,8 +1031,8 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     None,
                 ),
                 _ => (
-                    "capture is off for this pod (sidecar.istio.io/interceptionMode: NONE)".into(),
-                    "none: istio-iptables writes no capture rules for interceptionMode NONE".into(),
+                    off_rule,
+                    off_istio,
                     untouched,
                     bypassed("inbound", "port_rule"),
                     None,
@@ -1498,6 +1518,32 @@ mod tests {
         assert_eq!(e.verdict, "bypass_disabled");
         assert!(e.rule.contains("NONE"));
         assert_eq!(e.counter, None);
+    }
+
+    #[test]
+    fn ipv6_only_pod_without_ipv6_rules_is_not_blamed_on_interception_mode() {
+        // An Istio pod without dual stack whose only address is IPv6 but
+        // enrolled with capture-ipv6 false: nothing of its family captured.
+        let ann: BTreeMap<String, String> = [("weir.dev/capture-ipv6", "false")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let r = pod_rules(Mesh::Istio, &["2001:2::1".parse().unwrap()], &ann).unwrap();
+        let mut v = view(&[]);
+        v.policy = r.policy;
+        let e = run(&v, &q("[2001:2::2]:80", 1000, false));
+        assert_eq!(e.verdict, "bypass_disabled");
+        assert!(
+            e.rule.contains("no address of a family its mesh captures")
+                && e.rule.contains("capture-ipv6"),
+            "{}",
+            e.rule
+        );
+        assert!(
+            !e.rule.starts_with("capture is off for this pod (sidecar"),
+            "{}",
+            e.rule
+        );
     }
 
     #[test]

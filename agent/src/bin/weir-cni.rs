@@ -23,14 +23,32 @@
 //!   is unreachable; 100 when it refused) and the kubelet retries the pod's
 //!   sandbox later: fail closed. `"failOpen": true` lets the pod start
 //!   anyway; the agent's watcher then enrolls it once it sees it.
+//!   When the agent is not reachable, two kinds of pods start anyway, as
+//!   no capture is lost on them: pods of `excludeNamespaces` (written by
+//!   the agent's installer, default `kube-system`), without asking
+//!   anything; and pods the Kubernetes API shows are not meshed, read with
+//!   the `kubeconfig` the agent writes next to the CNI configuration and
+//!   classified by the agent's own code (`k8s/classify.rs`). A meshed pod,
+//!   or one the API cannot tell about, fails as above.
 //! - DEL tells the agent, best effort, and always succeeds.
 //! - CHECK asks whether the pod is enrolled. STATUS (CNI 1.1) whether the
 //!   agent answers. GC has nothing to collect. VERSION lists the versions.
 //!
-//! Only std and serde: it is copied onto every node and runs for every pod.
+//! It is copied onto every node and runs for every pod: std and serde on
+//! the path with the agent up; the Kubernetes client (kube-rs) only runs
+//! when the agent is not reachable.
 
 #[path = "../cni/protocol.rs"]
 mod protocol;
+
+// The agent's pod classification, compiled in as is (with the policy
+// module it names), so the plugin decides "meshed" exactly as the agent.
+#[path = "../k8s/classify.rs"]
+#[allow(dead_code)]
+mod classify;
+#[path = "../policy.rs"]
+#[allow(dead_code)]
+mod policy;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -79,13 +97,15 @@ struct NetConf {
     fail_open: bool,
     timeout: Duration,
     prev_result: Option<Value>,
+    exclude_namespaces: Vec<String>,
+    kubeconfig: Option<String>,
 }
 
 fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
     let v: Value = serde_json::from_str(stdin).map_err(|e| {
         fail(
             ERR_DECODE,
-            "weir-cni: the network configuration on stdin is not JSON",
+            "the network configuration on stdin is not JSON",
             e.to_string(),
         )
     })?;
@@ -94,7 +114,7 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
         return Err(fail(
             ERR_INCOMPATIBLE_VERSION,
             format!(
-                "weir-cni: cniVersion {cni_version:?} is not supported; use one of {}",
+                "cniVersion {cni_version:?} is not supported; use one of {}",
                 SUPPORTED.join(", ")
             ),
             "",
@@ -106,7 +126,7 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
         other => {
             return Err(fail(
                 ERR_INVALID_CONFIG,
-                "weir-cni: \"socket\" must be an absolute path",
+                "\"socket\" must be an absolute path",
                 format!("got {other}"),
             ));
         }
@@ -117,7 +137,7 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
         other => {
             return Err(fail(
                 ERR_INVALID_CONFIG,
-                "weir-cni: \"failOpen\" must be true or false",
+                "\"failOpen\" must be true or false",
                 format!("got {other}"),
             ));
         }
@@ -129,11 +149,36 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
             _ => {
                 return Err(fail(
                     ERR_INVALID_CONFIG,
-                    "weir-cni: \"timeoutSeconds\" must be a whole number from 1 to 600",
+                    "\"timeoutSeconds\" must be a whole number from 1 to 600",
                     format!("got {t}"),
                 ));
             }
         },
+    };
+    let exclude_namespaces = match &v["excludeNamespaces"] {
+        Value::Null => Vec::new(),
+        Value::Array(a) if a.iter().all(Value::is_string) => a
+            .iter()
+            .filter_map(|n| n.as_str().map(str::to_string))
+            .collect(),
+        other => {
+            return Err(fail(
+                ERR_INVALID_CONFIG,
+                "\"excludeNamespaces\" must be a list of namespace names",
+                format!("got {other}"),
+            ));
+        }
+    };
+    let kubeconfig = match &v["kubeconfig"] {
+        Value::Null => None,
+        Value::String(s) if s.starts_with('/') => Some(s.clone()),
+        other => {
+            return Err(fail(
+                ERR_INVALID_CONFIG,
+                "\"kubeconfig\" must be an absolute path",
+                format!("got {other}"),
+            ));
+        }
     };
     let prev_result = v.get("prevResult").filter(|p| !p.is_null()).cloned();
     Ok(NetConf {
@@ -142,6 +187,8 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
         fail_open,
         timeout,
         prev_result,
+        exclude_namespaces,
+        kubeconfig,
     })
 }
 
@@ -210,16 +257,82 @@ fn ask(socket: &str, req: &Request, timeout: Duration) -> std::io::Result<Respon
     })
 }
 
+/// How long the plugin waits for the Kubernetes API when the agent is
+/// not reachable.
+const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads pod `pod` from the Kubernetes API with the kubeconfig at `path`
+/// and classifies it as the agent does.
+fn read_pod(path: &str, pod: &PodRef) -> Result<classify::Verdict, String> {
+    use k8s_openapi::api::core::v1::Pod;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the API client: {e}"))?;
+    let key = format!("{}/{}", pod.namespace, pod.name);
+    rt.block_on(async {
+        let kc = kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| format!("kubeconfig {path}: {e}"))?;
+        let mut cfg =
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {path}: {e}"))?;
+        cfg.connect_timeout = Some(API_TIMEOUT);
+        cfg.read_timeout = Some(API_TIMEOUT);
+        cfg.default_retry = false;
+        let client = kube::Client::try_from(cfg).map_err(|e| format!("kubeconfig {path}: {e}"))?;
+        let api: kube::Api<Pod> = kube::Api::namespaced(client, &pod.namespace);
+        let got = tokio::time::timeout(API_TIMEOUT, api.get_opt(&pod.name))
+            .await
+            .map_err(|_| format!("no answer within {} s", API_TIMEOUT.as_secs()))?
+            .map_err(|e| e.to_string())?;
+        let p = got.ok_or_else(|| format!("pod {key} is not in the API"))?;
+        let uid = p.metadata.uid.clone().unwrap_or_default();
+        if !pod.uid.is_empty() && uid != pod.uid {
+            return Err(format!(
+                "pod {key} in the API has UID {uid}, the runtime says {}",
+                pod.uid
+            ));
+        }
+        Ok(classify::verdict(&p))
+    })
+}
+
 /// The environment, as a function so tests can give their own.
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 /// The agent, likewise.
 type Agent<'a> = &'a dyn Fn(&str, &Request, Duration) -> std::io::Result<Response>;
+/// The Kubernetes API (kubeconfig, pod), likewise.
+type PodApi<'a> = &'a dyn Fn(&str, &PodRef) -> Result<classify::Verdict, String>;
+
+/// Whether a pod the agent cannot enroll now may start anyway because no
+/// capture is lost on it: `Ok(why)` to let it start, `Err(why not)`.
+fn starts_without_agent(conf: &NetConf, pod: &PodRef, api: PodApi) -> Result<String, String> {
+    if conf.exclude_namespaces.contains(&pod.namespace) {
+        return Ok(format!(
+            "namespace {} is in excludeNamespaces",
+            pod.namespace
+        ));
+    }
+    let Some(kc) = &conf.kubeconfig else {
+        return Err(
+            "no kubeconfig in weir-cni's configuration to tell whether it is meshed".into(),
+        );
+    };
+    match api(kc, pod) {
+        Ok(classify::Verdict::NotMeshed(why)) => Ok(format!("not meshed: {why}")),
+        Ok(classify::Verdict::Meshed(mesh)) => Err(format!("it is meshed ({mesh})")),
+        Err(e) => Err(format!(
+            "whether it is meshed is unknown: reading it from the Kubernetes API failed: {e}"
+        )),
+    }
+}
 
 fn required(env: Env, name: &str) -> Result<String, CniError> {
     env(name).filter(|v| !v.is_empty()).ok_or_else(|| {
         fail(
             ERR_INVALID_ENV,
-            format!("weir-cni: {name} is not set; the container runtime sets it"),
+            format!("{name} is not set; the container runtime sets it"),
             "",
         )
     })
@@ -247,7 +360,7 @@ fn passthrough(conf: &NetConf) -> Result<String, CniError> {
     let mut prev = conf.prev_result.clone().ok_or_else(|| {
         fail(
             ERR_INVALID_CONFIG,
-            "weir-cni: no prevResult; weir-cni is a chained plugin and must come after the plugin that sets up the pod's network in a .conflist",
+            "no prevResult; weir-cni is a chained plugin and must come after the plugin that sets up the pod's network in a .conflist",
             "",
         )
     })?;
@@ -257,24 +370,86 @@ fn passthrough(conf: &NetConf) -> Result<String, CniError> {
     Ok(prev.to_string())
 }
 
+/// The environment variables the specification requires for `command`
+/// (as libcni's `skel` checks them): an error naming every one missing.
+fn required_env(env: Env, command: &str) -> Result<(), CniError> {
+    let needed: &[&str] = match command {
+        "ADD" | "CHECK" => &["CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"],
+        "DEL" => &["CNI_CONTAINERID", "CNI_IFNAME"],
+        _ => &[],
+    };
+    let missing: Vec<&str> = needed
+        .iter()
+        .copied()
+        .filter(|n| env(n).is_none_or(|v| v.is_empty()))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(fail(
+        ERR_INVALID_ENV,
+        format!(
+            "{} not set for {command}; the container runtime sets {}",
+            missing.join(", "),
+            if missing.len() == 1 { "it" } else { "them" }
+        ),
+        "",
+    ))
+}
+
+/// Whether `version` (one of [`SUPPORTED`]) is `min` or later.
+fn at_least(version: &str, min: &str) -> bool {
+    let at = |v: &str| SUPPORTED.iter().position(|s| *s == v);
+    at(version) >= at(min)
+}
+
+/// The answer to VERSION. The specification says to echo the `cniVersion`
+/// of the input; an input version this plugin does not speak (or none) is
+/// answered with the latest it does, as libcni's `skel` always answers, so
+/// the runtime never reads a claim to speak a version it cannot use.
+fn version_info(stdin: &str) -> String {
+    let v: Value = serde_json::from_str(stdin).unwrap_or(Value::Null);
+    let version = v["cniVersion"]
+        .as_str()
+        .filter(|v| SUPPORTED.contains(v))
+        .unwrap_or(LATEST);
+    json!({"cniVersion": version, "supportedVersions": SUPPORTED}).to_string()
+}
+
 fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
+    run_with(env, stdin, agent, &read_pod)
+}
+
+fn run_with(env: Env, stdin: &str, agent: Agent, api: PodApi) -> Result<Done, CniError> {
     let command = required(env, "CNI_COMMAND")?;
     if command == "VERSION" {
-        let v: Value = serde_json::from_str(stdin).unwrap_or(Value::Null);
-        let version = v["cniVersion"].as_str().unwrap_or(LATEST);
         return Ok(Done {
-            stdout: Some(
-                json!({"cniVersion": version, "supportedVersions": SUPPORTED}).to_string(),
-            ),
+            stdout: Some(version_info(stdin)),
             log: None,
         });
     }
+    required_env(env, &command)?;
     let conf = parse_conf(stdin)?;
+    // CHECK exists from 0.4.0, STATUS and GC from 1.1.0; a configuration
+    // of an older version must not be asked them.
+    let since = match command.as_str() {
+        "CHECK" => "0.4.0",
+        "STATUS" | "GC" => "1.1.0",
+        _ => "0.3.0",
+    };
+    if !at_least(&conf.cni_version, since) {
+        return Err(fail(
+            ERR_INCOMPATIBLE_VERSION,
+            format!(
+                "{command} needs cniVersion {since} or later; the configuration says {}",
+                conf.cni_version
+            ),
+            "",
+        ));
+    }
     let pod = pod_ref(&env("CNI_ARGS").unwrap_or_default());
     match command.as_str() {
         "ADD" => {
-            required(env, "CNI_CONTAINERID")?;
-            required(env, "CNI_NETNS")?;
             let out = passthrough(&conf)?;
             let Some(pod) = pod else {
                 // Not a Kubernetes pod: nothing weir knows about.
@@ -284,28 +459,38 @@ fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
                 });
             };
             let key = format!("{}/{}", pod.namespace, pod.name);
-            let req = request(env, Command::Add, &conf, pod);
+            let req = request(env, Command::Add, &conf, pod.clone());
+            let mut log = None;
             let refused = match agent(&conf.socket, &req, conf.timeout) {
                 Ok(Response::Enrolled { .. }) | Ok(Response::Skipped { .. }) => None,
                 Ok(Response::Ok { .. }) => None,
                 Ok(Response::Failed { message }) => Some(fail(
                     ERR_AGENT_REFUSED,
-                    format!("weir: pod {key} could not be enrolled for capture: {message}"),
+                    format!("pod {key} could not be enrolled for capture: {message}"),
                     "the pod's traffic would not reach its sidecar proxy, so its network set-up fails; the kubelet retries it",
                 )),
-                Err(e) => Some(fail(
-                    ERR_TRY_AGAIN_LATER,
-                    format!(
-                        "weir: the weir agent on this node is not reachable at {} ({e}); pod {key} cannot be enrolled for capture",
-                        conf.socket
-                    ),
-                    "check that the weir DaemonSet pod runs on this node (kubectl -n weir-system get pods -o wide); the kubelet retries the pod",
-                )),
+                Err(e) => match starts_without_agent(&conf, &pod, api) {
+                    Ok(why) => {
+                        log = Some(format!(
+                            "the weir agent is not reachable at {} ({e}); pod {key} starts: {why}",
+                            conf.socket
+                        ));
+                        None
+                    }
+                    Err(why_not) => Some(fail(
+                        ERR_TRY_AGAIN_LATER,
+                        format!(
+                            "the weir agent on this node is not reachable at {} ({e}); pod {key} cannot be enrolled for capture, and cannot start without it: {why_not}",
+                            conf.socket
+                        ),
+                        "check that the weir DaemonSet pod runs on this node (kubectl -n weir-system get pods -o wide); the kubelet retries the pod",
+                    )),
+                },
             };
             match refused {
                 None => Ok(Done {
                     stdout: Some(out),
-                    log: None,
+                    log,
                 }),
                 Some(e) if conf.fail_open => Ok(Done {
                     stdout: Some(out),
@@ -342,14 +527,14 @@ fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
             let problem = match agent(&conf.socket, &req, conf.timeout) {
                 Ok(Response::Failed { message }) => Some(fail(
                     ERR_AGENT_REFUSED,
-                    format!("weir: pod {key} is not enrolled as it should be: {message}"),
+                    format!("pod {key} is not enrolled as it should be: {message}"),
                     "",
                 )),
                 Ok(_) => None,
                 Err(e) => Some(fail(
                     ERR_TRY_AGAIN_LATER,
                     format!(
-                        "weir: the weir agent on this node is not reachable at {} ({e})",
+                        "the weir agent on this node is not reachable at {} ({e})",
                         conf.socket
                     ),
                     "",
@@ -368,13 +553,13 @@ fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
             match agent(&conf.socket, &req, conf.timeout) {
                 Ok(Response::Failed { message }) if !conf.fail_open => Err(fail(
                     ERR_NOT_AVAILABLE,
-                    format!("weir: the weir agent is not ready: {message}"),
+                    format!("the weir agent is not ready: {message}"),
                     "",
                 )),
                 Err(e) if !conf.fail_open => Err(fail(
                     ERR_NOT_AVAILABLE,
                     format!(
-                        "weir: the weir agent on this node is not reachable at {} ({e})",
+                        "the weir agent on this node is not reachable at {} ({e})",
                         conf.socket
                     ),
                     "",
@@ -392,7 +577,7 @@ fn run(env: Env, stdin: &str, agent: Agent) -> Result<Done, CniError> {
         other => Err(fail(
             ERR_INVALID_ENV,
             format!(
-                "weir-cni: unknown CNI_COMMAND {other:?}; expected ADD, DEL, CHECK, STATUS, GC or VERSION"
+                "unknown CNI_COMMAND {other:?}; expected ADD, DEL, CHECK, STATUS, GC or VERSION"
             ),
             "",
         )),
@@ -405,7 +590,7 @@ fn main() {
     let env = |k: &str| std::env::var(k).ok();
     let result = match read {
         Ok(_) => run(&env, &stdin, &ask),
-        Err(e) => Err(fail(ERR_IO, "weir-cni: cannot read stdin", e.to_string())),
+        Err(e) => Err(fail(ERR_IO, "cannot read stdin", e.to_string())),
     };
     match result {
         Ok(done) => {
@@ -526,6 +711,7 @@ mod tests {
             "CNI_COMMAND" => Some("ADD".into()),
             "CNI_CONTAINERID" => Some("c".into()),
             "CNI_NETNS" => Some("/var/run/netns/x".into()),
+            "CNI_IFNAME" => Some("eth0".into()),
             _ => None,
         };
         assert!(run(&env, &conf(""), &never).unwrap().stdout.is_some());
@@ -581,14 +767,239 @@ mod tests {
         let v: Value = serde_json::from_str(&done.stdout.unwrap()).unwrap();
         assert_eq!(v["cniVersion"], "0.4.0");
         assert!(v["supportedVersions"].as_array().unwrap().len() >= 4);
-        let e = run(&env_of("STATUS"), &conf(""), &down).err().unwrap();
+        let v11 = conf("").replacen("1.0.0", "1.1.0", 1);
+        let e = run(&env_of("STATUS"), &v11, &down).err().unwrap();
         assert_eq!(e.code, ERR_NOT_AVAILABLE);
-        assert!(
-            run(&env_of("GC"), &conf(""), &down)
-                .unwrap()
-                .stdout
-                .is_none()
+        assert!(run(&env_of("GC"), &v11, &down).unwrap().stdout.is_none());
+    }
+
+    fn env_pod(cmd: &str, ns: &str, name: &str) -> impl Fn(&str) -> Option<String> {
+        let env = env_of(cmd);
+        let args = format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID=u-{name}");
+        move |k: &str| {
+            if k == "CNI_ARGS" {
+                Some(args.clone())
+            } else {
+                env(k)
+            }
+        }
+    }
+
+    #[test]
+    fn agent_down_lets_pods_start_that_lose_no_capture() {
+        use classify::Verdict;
+        let down = |_: &str, _: &Request, _: Duration| -> std::io::Result<Response> {
+            Err(std::io::ErrorKind::ConnectionRefused.into())
+        };
+        let asked = RefCell::new(Vec::new());
+        let api = |kc: &str, p: &PodRef| {
+            assert_eq!(kc, "/etc/cni/net.d/weir-kubeconfig");
+            assert_eq!(p.uid, format!("u-{}", p.name));
+            asked.borrow_mut().push(p.name.clone());
+            match p.name.as_str() {
+                "web" => Ok(Verdict::Meshed(policy::Mesh::Istio)),
+                "plain" => Ok(Verdict::NotMeshed("no sidecar".into())),
+                _ => Err("connection refused".to_string()),
+            }
+        };
+        let c = conf(
+            r#","excludeNamespaces":["kube-system"],"kubeconfig":"/etc/cni/net.d/weir-kubeconfig""#,
         );
+        // Meshed: fails as before, saying why it cannot start.
+        let e = run_with(&env_pod("ADD", "default", "web"), &c, &down, &api)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ERR_TRY_AGAIN_LATER);
+        assert!(
+            e.msg.contains("not reachable") && e.msg.contains("meshed (istio)"),
+            "{}",
+            e.msg
+        );
+        // Clearly not meshed: starts, and says so on stderr.
+        let done = run_with(&env_pod("ADD", "default", "plain"), &c, &down, &api).unwrap();
+        assert!(done.stdout.is_some());
+        let log = done.log.unwrap();
+        assert!(
+            log.contains("default/plain starts: not meshed: no sidecar"),
+            "{log}"
+        );
+        // The API cannot tell: fails.
+        let e = run_with(&env_pod("ADD", "default", "other"), &c, &down, &api)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ERR_TRY_AGAIN_LATER);
+        assert!(
+            e.msg.contains("unknown") && e.msg.contains("connection refused"),
+            "{}",
+            e.msg
+        );
+        // Excluded namespace: starts without asking the API.
+        asked.borrow_mut().clear();
+        let done = run_with(&env_pod("ADD", "kube-system", "coredns-1"), &c, &down, &api).unwrap();
+        assert!(done.log.unwrap().contains("excludeNamespaces"));
+        assert!(asked.borrow().is_empty());
+        // Without a kubeconfig, only the excluded namespaces start.
+        let no_kc = conf(r#","excludeNamespaces":["kube-system"]"#);
+        let e = run_with(&env_pod("ADD", "default", "plain"), &no_kc, &down, &api)
+            .err()
+            .unwrap();
+        assert!(e.msg.contains("no kubeconfig"), "{}", e.msg);
+        assert!(run_with(&env_pod("ADD", "kube-system", "x"), &no_kc, &down, &api).is_ok());
+        // With the agent up, it decides; the API is never read.
+        asked.borrow_mut().clear();
+        let refused = |_: &str, _: &Request, _: Duration| {
+            Ok(Response::Failed {
+                message: "bad annotation".into(),
+            })
+        };
+        let e = run_with(&env_pod("ADD", "kube-system", "x"), &c, &refused, &api)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ERR_AGENT_REFUSED);
+        assert!(asked.borrow().is_empty());
+        // Bad settings are refused by name.
+        for (extra, key) in [
+            (r#","excludeNamespaces":"kube-system""#, "excludeNamespaces"),
+            (r#","kubeconfig":"relative""#, "kubeconfig"),
+        ] {
+            let e = run_with(&env_of("ADD"), &conf(extra), &down, &api)
+                .err()
+                .unwrap();
+            assert_eq!(e.code, ERR_INVALID_CONFIG);
+            assert!(e.msg.contains(key), "{}", e.msg);
+        }
+    }
+
+    fn without(cmd: &str, unset: &'static [&'static str]) -> impl Fn(&str) -> Option<String> {
+        let env = env_of(cmd);
+        move |k: &str| if unset.contains(&k) { None } else { env(k) }
+    }
+
+    #[test]
+    fn required_environment_per_command() {
+        let up = |_: &str, _: &Request, _: Duration| {
+            Ok(Response::Ok {
+                message: String::new(),
+            })
+        };
+        // CHECK without CNI_NETNS: invalid environment (4), naming it,
+        // before the agent is asked anything.
+        let e = run(&without("CHECK", &["CNI_NETNS"]), &conf(""), &up)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ERR_INVALID_ENV);
+        assert!(e.msg.contains("CNI_NETNS"), "{}", e.msg);
+        // Every missing variable is named.
+        let e = run(
+            &without("ADD", &["CNI_IFNAME", "CNI_CONTAINERID"]),
+            &conf(""),
+            &up,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(e.code, ERR_INVALID_ENV);
+        assert!(
+            e.msg.contains("CNI_IFNAME") && e.msg.contains("CNI_CONTAINERID"),
+            "{}",
+            e.msg
+        );
+        // DEL does not need a netns (it may be gone), but a sandbox.
+        assert!(run(&without("DEL", &["CNI_NETNS"]), &conf(""), &up).is_ok());
+        let e = run(&without("DEL", &["CNI_CONTAINERID"]), &conf(""), &up)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ERR_INVALID_ENV);
+        // VERSION needs nothing but the command.
+        assert!(run(&without("VERSION", &["CNI_NETNS", "CNI_IFNAME"]), "", &up).is_ok());
+    }
+
+    #[test]
+    fn commands_are_refused_below_their_spec_version() {
+        let up = |_: &str, _: &Request, _: Duration| {
+            Ok(Response::Ok {
+                message: String::new(),
+            })
+        };
+        let with_version = |v: &str| {
+            conf("").replacen(
+                r#""cniVersion":"1.0.0""#,
+                &format!(r#""cniVersion":"{v}""#),
+                1,
+            )
+        };
+        for v in ["0.3.0", "0.3.1"] {
+            let e = run(&env_of("CHECK"), &with_version(v), &up).err().unwrap();
+            assert_eq!(e.code, ERR_INCOMPATIBLE_VERSION, "CHECK at {v}");
+            assert!(e.msg.contains("0.4.0"), "{}", e.msg);
+            // ADD and DEL are fine at those versions.
+            assert!(run(&env_of("ADD"), &with_version(v), &up).is_ok());
+            assert!(run(&env_of("DEL"), &with_version(v), &up).is_ok());
+        }
+        for v in ["0.4.0", "1.0.0", "1.1.0"] {
+            assert!(run(&env_of("CHECK"), &with_version(v), &up).is_ok(), "{v}");
+        }
+        for cmd in ["STATUS", "GC"] {
+            let e = run(&env_of(cmd), &with_version("1.0.0"), &up)
+                .err()
+                .unwrap();
+            assert_eq!(e.code, ERR_INCOMPATIBLE_VERSION, "{cmd}");
+            assert!(run(&env_of(cmd), &with_version("1.1.0"), &up).is_ok());
+        }
+    }
+
+    #[test]
+    fn version_answers_with_a_version_it_speaks() {
+        let never = |_: &str, _: &Request, _: Duration| -> std::io::Result<Response> {
+            panic!("must not ask the agent")
+        };
+        let answer = |stdin: &str| -> Value {
+            let done = run(&env_of("VERSION"), stdin, &never).unwrap();
+            serde_json::from_str(&done.stdout.unwrap()).unwrap()
+        };
+        assert_eq!(answer(r#"{"cniVersion":"0.3.1"}"#)["cniVersion"], "0.3.1");
+        for unsupported in [
+            r#"{"cniVersion":"0.2.0"}"#,
+            r#"{"cniVersion":"9.9.9"}"#,
+            "",
+            "{",
+        ] {
+            assert_eq!(answer(unsupported)["cniVersion"], LATEST, "{unsupported}");
+        }
+    }
+
+    #[test]
+    fn messages_carry_no_prefix_of_their_own() {
+        // stderr adds "weir-cni: " once; the messages must not repeat it.
+        let down = |_: &str, _: &Request, _: Duration| -> std::io::Result<Response> {
+            Err(std::io::ErrorKind::ConnectionRefused.into())
+        };
+        let mut errors = vec![
+            run(&env_of("ADD"), &conf(""), &down).err().unwrap(),
+            run(&env_of("ADD"), "{", &down).err().unwrap(),
+            run(&env_of("FROB"), &conf(""), &down).err().unwrap(),
+            run(&env_of("ADD"), &conf(r#","socket":"x""#), &down)
+                .err()
+                .unwrap(),
+            run(&without("ADD", &["CNI_NETNS"]), &conf(""), &down)
+                .err()
+                .unwrap(),
+        ];
+        errors.push(
+            run(
+                &env_of("ADD"),
+                r#"{"cniVersion":"1.0.0","name":"n","type":"weir-cni"}"#,
+                &down,
+            )
+            .err()
+            .unwrap(),
+        );
+        for e in errors {
+            assert!(
+                !e.msg.starts_with("weir-cni:") && !e.msg.starts_with("weir:"),
+                "{}",
+                e.msg
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! `0600`, and every peer's credentials are checked (`SO_PEERCRED`).
 
 pub mod install;
+pub mod kubeconfig;
 pub mod protocol;
 pub mod registry;
 
@@ -69,6 +70,49 @@ pub struct Args {
     /// the weir-cni binary shipped next to `weir` is copied there.
     #[arg(long, env = "WEIR_CNI_BIN_DIR")]
     pub cni_bin_dir: Option<PathBuf>,
+    /// The host's path of --cni-conf-dir, written into weir-cni's entry
+    /// (the kubeconfig the plugin reads) [default: the same path].
+    #[arg(long, env = "WEIR_CNI_HOST_CONF_DIR")]
+    pub cni_host_conf_dir: Option<PathBuf>,
+    /// Namespaces (comma-separated) whose pods weir-cni lets start when the
+    /// agent is not reachable, without asking anything (as istio-cni's
+    /// excluded namespaces). With the agent up they are handled like any
+    /// other.
+    #[arg(
+        long,
+        env = "WEIR_CNI_EXCLUDE_NAMESPACES",
+        value_delimiter = ',',
+        default_value = "kube-system"
+    )]
+    pub cni_exclude_namespaces: Vec<String>,
+}
+
+/// Whether `name` is a namespace name (an RFC 1123 label).
+fn is_namespace_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// The namespace list of `--cni-exclude-namespaces`: blanks dropped, each
+/// checked.
+pub fn exclude_namespaces(raw: &[String]) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for n in raw.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        if !is_namespace_name(n) {
+            anyhow::bail!(
+                "--cni-exclude-namespaces: {n:?} is not a namespace name (lowercase letters, digits and '-', at most 63 characters); give a comma-separated list such as kube-system,kube-flannel"
+            );
+        }
+        if !out.iter().any(|o| o == n) {
+            out.push(n.to_string());
+        }
+    }
+    Ok(out)
 }
 
 impl Args {
@@ -108,6 +152,10 @@ enum CniAction {
         /// Let pods start when the agent cannot enroll them.
         #[arg(long)]
         fail_open: bool,
+        /// Namespaces (comma-separated) whose pods start when the agent is
+        /// not reachable.
+        #[arg(long, value_delimiter = ',', default_value = "kube-system")]
+        cni_exclude_namespaces: Vec<String>,
     },
     /// Remove weir-cni from every CNI configuration file (do this before
     /// removing weir from a node, or new pods there cannot start).
@@ -129,6 +177,7 @@ pub fn command(c: &CniCommand) -> Result<()> {
             cni_bin_dir,
             cni_socket,
             fail_open,
+            cni_exclude_namespaces,
         } => {
             let src = install::bundled_plugin()
                 .context("weir-cni is not next to the weir binary; install both together")?;
@@ -138,6 +187,10 @@ pub fn command(c: &CniCommand) -> Result<()> {
             let entry = install::Entry {
                 socket: cni_socket.clone(),
                 fail_open: *fail_open,
+                exclude_namespaces: exclude_namespaces(cni_exclude_namespaces)?,
+                // By hand there is no agent credential to hand on: pods
+                // outside the excluded namespaces wait for the agent.
+                kubeconfig: None,
             };
             match install::install_config(cni_conf_dir, &entry)? {
                 install::Installed::Written(p) => println!("chained weir-cni into {}", p.display()),
@@ -157,6 +210,9 @@ pub fn command(c: &CniCommand) -> Result<()> {
             for p in install::uninstall_config(cni_conf_dir)? {
                 println!("removed weir-cni from {}", p.display());
             }
+            if remove_plugin_kubeconfig(cni_conf_dir)? {
+                println!("removed {}", cni_conf_dir.join(kubeconfig::FILE).display());
+            }
             if let Some(dir) = cni_bin_dir {
                 let bin = dir.join(install::PLUGIN);
                 match std::fs::remove_file(&bin) {
@@ -168,6 +224,16 @@ pub fn command(c: &CniCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Removes the plugin's kubeconfig from `conf_dir`; whether there was one.
+fn remove_plugin_kubeconfig(conf_dir: &Path) -> Result<bool> {
+    let path = conf_dir.join(kubeconfig::FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
 }
 
 /// Where the server learns whether a pod is meshed, and its policy.
@@ -198,6 +264,7 @@ impl Lookup {
                     annotations: BTreeMap::new(),
                     verdict: Verdict::NotMeshed(why),
                     bad_ips: Vec::new(),
+                    ipv6_from_first_ip: false,
                 };
                 if parsed.invalid.contains(&key) {
                     return Err(format!(
@@ -218,6 +285,23 @@ impl Lookup {
     }
 }
 
+/// Why the network namespace at `p` (the agent's view) cannot be used, if
+/// it cannot: missing, or not reachable (the real error, e.g. permission
+/// denied, is named: it is not the same fix).
+fn netns_problem(p: &Path) -> Option<String> {
+    match std::fs::metadata(p) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(format!(
+            "network namespace {} does not exist in the agent's view; mount the host's /var/run/netns into the agent at the same path with mountPropagation: HostToContainer",
+            p.display()
+        )),
+        Err(e) => Some(format!(
+            "network namespace {} cannot be opened by the agent: {e}; the agent runs as root with the host's /var/run/netns mounted (check its securityContext and the mount)",
+            p.display()
+        )),
+    }
+}
+
 /// What the server works with.
 pub struct Server {
     rec: Arc<Mutex<Reconciler>>,
@@ -227,6 +311,9 @@ pub struct Server {
     registry: Option<Arc<Mutex<Registry>>>,
     /// Kubernetes mode: wakes the watcher's loop (after a DEL).
     wake: Option<Arc<Notify>>,
+    /// Kubernetes mode: the agent's client configuration, handed on to
+    /// the plugin as a kubeconfig ([`kubeconfig`]).
+    plugin_kube: Option<kube::Config>,
 }
 
 impl Server {
@@ -244,7 +331,16 @@ impl Server {
             host_proc,
             registry,
             wake,
+            plugin_kube: None,
         }
+    }
+
+    /// Lets the agent write a kubeconfig for the plugin from `config`
+    /// (with --cni-conf-dir), so the plugin can tell pods that are not
+    /// meshed while the agent is down.
+    pub fn with_plugin_kubeconfig(mut self, config: kube::Config) -> Self {
+        self.plugin_kube = Some(config);
+        self
     }
 
     /// Answers one request.
@@ -274,13 +370,7 @@ impl Server {
             return Err(format!("CNI_NETNS {:?} is not an absolute path", req.netns));
         }
         let p = agent_view_of(&self.host_proc, p);
-        if !p.exists() {
-            return Err(format!(
-                "network namespace {} does not exist in the agent's view; mount the host's /var/run/netns into the agent at the same path with mountPropagation: HostToContainer",
-                p.display()
-            ));
-        }
-        Ok(p)
+        netns_problem(&p).map_or(Ok(p), Err)
     }
 
     async fn add(&self, req: Request) -> Response {
@@ -321,7 +411,9 @@ impl Server {
             }
         }
         if !ips.is_empty() {
-            view.ips = ips;
+            // The ADD's own result: the API has no addresses yet for a new
+            // pod (the kubelet learns them from this very ADD).
+            view.set_ips(ips);
         }
         let spec = match spec_of(&view, netns.clone()) {
             Ok(s) => s,
@@ -538,7 +630,9 @@ async fn connection(mut stream: UnixStream, server: &Server) -> Result<()> {
 
 /// Starts the CNI side of the agent: the socket (unless off) and, with
 /// --cni-conf-dir, keeping the plugin chained (or removed when off).
-pub async fn start(args: &Args, socket: Option<PathBuf>, server: Server) -> Result<()> {
+pub async fn start(args: &Args, socket: Option<PathBuf>, mut server: Server) -> Result<()> {
+    let exclude = exclude_namespaces(&args.cni_exclude_namespaces)?;
+    let plugin_kube = server.plugin_kube.take();
     if let Some(path) = &socket {
         let listener = bind(path)?;
         info!("CNI socket {} ({:?} mode)", path.display(), args.cni_mode);
@@ -555,27 +649,55 @@ pub async fn start(args: &Args, socket: Option<PathBuf>, server: Server) -> Resu
                 }
                 Err(e) => warn!("--cni-mode off: {e}"),
             }
+            if let Err(e) = remove_plugin_kubeconfig(&conf_dir) {
+                warn!("--cni-mode off: {e:#}");
+            }
             return Ok(());
         }
+        let host_dir = args.cni_host_conf_dir.clone().unwrap_or(conf_dir.clone());
         let entry = install::Entry {
             socket: socket.unwrap_or_else(|| PathBuf::from(protocol::DEFAULT_SOCKET)),
             fail_open: args.cni_mode == Mode::FailOpen,
+            exclude_namespaces: exclude,
+            kubeconfig: plugin_kube
+                .is_some()
+                .then(|| host_dir.join(kubeconfig::FILE)),
         };
-        tokio::spawn(keep_installed(conf_dir, args.cni_bin_dir.clone(), entry));
+        tokio::spawn(keep_installed(
+            conf_dir,
+            args.cni_bin_dir.clone(),
+            entry,
+            plugin_kube,
+        ));
     }
     Ok(())
 }
 
 /// Keeps the plugin binary and its configuration entry in place, checking
 /// every 5 s (the network plugin may rewrite its configuration).
-async fn keep_installed(conf_dir: PathBuf, bin_dir: Option<PathBuf>, entry: install::Entry) {
+async fn keep_installed(
+    conf_dir: PathBuf,
+    bin_dir: Option<PathBuf>,
+    entry: install::Entry,
+    plugin_kube: Option<kube::Config>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let mut last_error = String::new();
     let mut said_no_config = false;
     loop {
         tick.tick().await;
         let (conf_dir, bin_dir, entry) = (conf_dir.clone(), bin_dir.clone(), entry.clone());
+        let plugin_kube = plugin_kube.clone();
         let res = tokio::task::spawn_blocking(move || -> Result<(bool, install::Installed)> {
+            // The kubeconfig first: the entry that names it comes after.
+            if let Some(cfg) = &plugin_kube {
+                let text = kubeconfig::for_plugin(cfg)
+                    .map_err(|e| anyhow::anyhow!("the kubeconfig for weir-cni: {e}"))?;
+                let path = conf_dir.join(kubeconfig::FILE);
+                if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                    install::write_atomic(&path, text.as_bytes(), 0o600)?;
+                }
+            }
             let copied = match &bin_dir {
                 Some(dir) => {
                     let src = install::bundled_plugin().context(
@@ -618,5 +740,49 @@ async fn keep_installed(conf_dir: PathBuf, bin_dir: Option<PathBuf>, entry: inst
             }
             Err(e) => warn!("CNI install task: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::testutil::TempDir;
+
+    #[test]
+    fn exclude_namespaces_are_checked() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            exclude_namespaces(&v(&["kube-system", " istio-system ", "", "kube-system"])).unwrap(),
+            ["kube-system", "istio-system"]
+        );
+        assert!(exclude_namespaces(&v(&[""])).unwrap().is_empty());
+        for bad in ["Kube", "a_b", "-a", "a-", &"x".repeat(64)] {
+            let e = exclude_namespaces(&v(&[bad])).unwrap_err().to_string();
+            assert!(
+                e.contains("--cni-exclude-namespaces") && e.contains(bad),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn netns_problems_name_the_real_error() {
+        let d = TempDir::new("netnsp");
+        let file = d.path().join("ns");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(netns_problem(&file), None);
+        let missing = netns_problem(&d.path().join("gone")).unwrap();
+        assert!(missing.contains("does not exist"), "{missing}");
+        // Not "missing": a path the agent cannot traverse (here ENOTDIR;
+        // EACCES for a non-root agent) says what the kernel said.
+        let blocked = netns_problem(&file.join("below")).unwrap();
+        assert!(
+            !blocked.contains("does not exist") && blocked.contains("cannot be opened"),
+            "{blocked}"
+        );
+        assert!(
+            blocked.contains(&std::io::Error::from_raw_os_error(libc::ENOTDIR).to_string()),
+            "{blocked}"
+        );
     }
 }

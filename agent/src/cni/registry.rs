@@ -9,6 +9,7 @@
 //! when its network namespace path disappears.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use log::debug;
@@ -83,6 +84,16 @@ impl Registry {
             .get(key)
             .filter(|p| p.uid == uid && p.netns.exists())
             .map(|p| p.netns.clone())
+    }
+
+    /// The addresses CNI ADD reported for pod `key` / `uid`: the watcher
+    /// uses them while the API has none for the pod (until the kubelet
+    /// reports its status).
+    pub fn ips(&self, key: &str, uid: &str) -> Option<Vec<IpAddr>> {
+        self.pods
+            .get(key)
+            .filter(|p| p.uid == uid && !p.spec.ips.is_empty())
+            .map(|p| p.spec.ips.clone())
     }
 
     /// Number of entries.
@@ -202,6 +213,10 @@ mod tests {
         assert_eq!(r.len(), 4, "the entry whose netns is gone is dropped");
         assert_eq!(r.hint("bookinfo/new", "u-new"), Some(d.path().join("new")));
         assert_eq!(r.hint("bookinfo/new", "u-other"), None);
+        // The addresses the ADD reported, for this incarnation only.
+        let ips = r.ips("bookinfo/new", "u-new").unwrap();
+        assert_eq!(ips, view(&pod(ISTIO_POD)).unwrap().ips);
+        assert_eq!(r.ips("bookinfo/new", "u-other"), None);
         assert_eq!(r.remove_container("sandbox-new"), ["bookinfo/new"]);
         r.remove_pod("bookinfo/known", "u-other");
         assert_eq!(r.len(), 3);

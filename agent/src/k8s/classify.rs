@@ -84,12 +84,30 @@ pub struct PodView {
     /// Addresses in `status.podIPs` that are not IP addresses (reported,
     /// never fatal).
     pub bad_ips: Vec<String>,
+    /// An Istio pod without dual stack and without `weir.dev/capture-ipv6`:
+    /// istio-iptables writes IPv6 rules exactly when the pod's first
+    /// address is IPv6, so that annotation is derived from `ips` (again
+    /// whenever they change: [`PodView::set_ips`]).
+    pub ipv6_from_first_ip: bool,
 }
 
 impl PodView {
     /// `namespace/name`, the reconciler's key.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Sets the pod's addresses, and what depends on them. The API has no
+    /// addresses for a pod before the kubelet reports them, which it does
+    /// only after the CNI ADD that gave them: the CNI server and the
+    /// watcher's passes set the ones the ADD reported until then.
+    pub fn set_ips(&mut self, ips: Vec<IpAddr>) {
+        if self.ipv6_from_first_ip {
+            let first_v6 = ips.first().is_some_and(IpAddr::is_ipv6);
+            self.annotations
+                .insert(keys::CAPTURE_IPV6.into(), first_v6.to_string());
+        }
+        self.ips = ips;
     }
 
     /// The mesh, when meshed.
@@ -319,23 +337,22 @@ pub fn view(pod: &Pod) -> Result<PodView, PodError> {
     // istio-iptables writes IPv6 rules only with ISTIO_DUAL_STACK or when
     // the pod's first address is IPv6; a proxy without dual stack listens
     // on IPv4 only, so capturing IPv6 would refuse those connections.
-    if verdict == Verdict::Meshed(Mesh::Istio)
+    let ipv6_from_first_ip = verdict == Verdict::Meshed(Mesh::Istio)
         && !annotations.contains_key(keys::CAPTURE_IPV6)
-        && istio_dual_stack(pod, &annotations) == Some(false)
-    {
-        let first_v6 = ips.first().is_some_and(IpAddr::is_ipv6);
-        annotations.insert(keys::CAPTURE_IPV6.into(), first_v6.to_string());
-    }
-    Ok(PodView {
+        && istio_dual_stack(pod, &annotations) == Some(false);
+    let mut v = PodView {
         verdict,
         namespace,
         name,
         uid,
         cgroup_uid,
-        ips,
+        ips: Vec::new(),
         annotations,
         bad_ips,
-    })
+        ipv6_from_first_ip,
+    };
+    v.set_ips(ips);
+    Ok(v)
 }
 
 #[cfg(test)]
@@ -517,6 +534,35 @@ pub(crate) mod tests {
         // The pod's own proxy config decides (read by the policy).
         let cfg = "proxyMetadata:\n  ISTIO_DUAL_STACK: \"true\"\n";
         assert_eq!(dual(&v4_first, None, Some(cfg)), None);
+    }
+
+    #[test]
+    fn ipv6_decision_follows_addresses_set_later() {
+        // As at CNI ADD: the API has no podIPs yet.
+        let mut p = istio();
+        p["status"] = serde_json::json!({"phase": "Pending"});
+        let mut v = view(&pod(&p.to_string())).unwrap();
+        assert!(v.ips.is_empty() && v.ipv6_from_first_ip);
+        let ipv6 = |v: &PodView| v.annotations[keys::CAPTURE_IPV6].clone();
+        for (ips, want) in [
+            (&["2001:2::1"][..], "true"),
+            (&["2001:2::1", "198.18.0.1"][..], "true"),
+            (&["198.18.0.1", "2001:2::1"][..], "false"),
+            (&["198.18.0.1"][..], "false"),
+        ] {
+            v.set_ips(ips.iter().map(|i| i.parse().unwrap()).collect());
+            assert_eq!(ipv6(&v), want, "{ips:?}");
+            // The same as the API's view once it has those addresses.
+            let mut q = istio();
+            q["status"]["podIPs"] = ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect();
+            assert_eq!(view(&pod(&q.to_string())).unwrap(), v, "{ips:?}");
+        }
+        // An explicit setting is the pod's own: addresses do not change it.
+        p["metadata"]["annotations"][keys::CAPTURE_IPV6] = "false".into();
+        let mut v = view(&pod(&p.to_string())).unwrap();
+        assert!(!v.ipv6_from_first_ip);
+        v.set_ips(vec!["2001:2::1".parse().unwrap()]);
+        assert_eq!(ipv6(&v), "false");
     }
 
     #[test]

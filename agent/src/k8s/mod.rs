@@ -99,8 +99,8 @@ pub fn preflight(args: &Args, bpffs: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// A client from --kubeconfig, else the usual inference.
-pub async fn client(args: &Args) -> Result<Client> {
+/// The client configuration from --kubeconfig, else the usual inference.
+pub async fn config(args: &Args) -> Result<kube::Config> {
     let config = match &args.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -114,6 +114,11 @@ pub async fn client(args: &Args) -> Result<Client> {
         )?,
     };
     info!("Kubernetes API at {}", config.cluster_url);
+    Ok(config)
+}
+
+/// A client from [`config`]'s configuration.
+pub fn client(config: kube::Config) -> Result<Client> {
     // No retries inside the client: the watcher's backoff (0.8 s doubling
     // to 30 s, like client-go's reflector) decides when to try again and
     // reports each failure, and a CNI request should fail fast so the
@@ -183,7 +188,8 @@ pub async fn run(
         .node_name
         .clone()
         .context("--kubernetes needs --node-name or NODE_NAME")?;
-    let client = client(args).await?;
+    let kube_config = config(args).await?;
+    let client = client(kube_config.clone())?;
     let store = Arc::new(Mutex::new(PodStore::new()));
     let registry = Arc::new(Mutex::new(Registry::default()));
     let wake = Arc::new(Notify::new());
@@ -197,7 +203,8 @@ pub async fn run(
         args.host_proc.clone(),
         Some(registry.clone()),
         Some(wake.clone()),
-    );
+    )
+    .with_plugin_kubeconfig(kube_config);
     crate::cni::start(cni, cni.socket(true), server).await?;
 
     let api: Api<Pod> = Api::all(client);
@@ -340,8 +347,16 @@ impl Pass {
                 .collect();
             (s.meshed(), known)
         };
+        let mut meshed = meshed;
         let hints: BTreeMap<String, PathBuf> = {
             let reg = lock(registry);
+            for v in meshed.iter_mut().filter(|v| v.ips.is_empty()) {
+                // No status.podIPs yet: the addresses CNI ADD reported
+                // (and so the same policy the ADD enrolled).
+                if let Some(ips) = reg.ips(&v.key(), &v.uid) {
+                    v.set_ips(ips);
+                }
+            }
             meshed
                 .iter()
                 .filter_map(|v| reg.hint(&v.key(), &v.uid).map(|p| (v.key(), p)))
