@@ -395,6 +395,16 @@ impl CriNode {
             envs.push((k.into(), v.into()));
         };
         set("WEIR_CNI_SOCKET", &socket.to_string_lossy());
+        // Likewise the configuration directory's host path, which names
+        // the plugin's kubeconfig in its entry.
+        assert!(
+            envs.contains(&("WEIR_CNI_HOST_CONF_DIR".into(), "/etc/cni/net.d".into())),
+            "the DaemonSet must tell the agent the host path of the CNI configuration: {envs:?}"
+        );
+        set(
+            "WEIR_CNI_HOST_CONF_DIR",
+            &self.dir("cni/conf").to_string_lossy(),
+        );
         set("KUBECONFIG", "/etc/weir-test/kubeconfig");
         set("RUST_LOG", "info");
         for (k, v) in extra_env {
@@ -875,7 +885,9 @@ impl CriNode {
     fn set_cni_conf(&self, file: &str, conf: &Value) {
         let dir = self.dir("cni/conf");
         for e in std::fs::read_dir(&dir).unwrap().flatten() {
-            std::fs::remove_file(e.path()).unwrap();
+            if is_cni_conf(&e.path()) {
+                std::fs::remove_file(e.path()).unwrap();
+            }
         }
         let tmp = dir.join(format!(".{file}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec_pretty(conf).unwrap()).unwrap();
@@ -887,7 +899,7 @@ impl CriNode {
         let mut v: Vec<(String, Value)> = std::fs::read_dir(self.dir("cni/conf"))
             .unwrap()
             .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter(|e| is_cni_conf(&e.path()))
             .map(|e| {
                 (
                     e.file_name().to_string_lossy().into_owned(),
@@ -910,6 +922,17 @@ impl CriNode {
                     .is_some_and(|p| p["type"] == "weir-cni")
         })
     }
+}
+
+/// A file the runtime reads as network configuration.
+fn is_cni_conf(path: &Path) -> bool {
+    !path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        && matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("conf" | "conflist" | "json")
+        )
 }
 
 fn node_namespaces() -> cri::NamespaceOption {
@@ -1203,7 +1226,16 @@ fn cri_node_runs_the_agent_from_its_image() {
         started,
     );
     let system = n.run_pod("dns", "kube-system", false);
-    let system_ok = system.is_ok();
+    let system_ok = system
+        .as_ref()
+        .map(|_| ())
+        .map_err(|e| e.message().to_string());
+    // A pod the API shows is not meshed: the plugin asks the API itself.
+    let plain2 = n.run_pod("plain2", "default", false);
+    let plain2_ok = plain2
+        .as_ref()
+        .map(|_| ())
+        .map_err(|e| e.message().to_string());
 
     // The agent is back: the kubelet's retry enrolls the pod.
     n.start_agent(&[]);
@@ -1365,9 +1397,12 @@ fn cri_node_runs_the_agent_from_its_image() {
         std::panic::resume_unwind(p);
     }
     assert!(
-        system_ok,
-        "a kube-system pod must start while the agent is down: {:?}",
-        system.err()
+        system_ok.is_ok(),
+        "a kube-system pod must start while the agent is down: {system_ok:?}"
+    );
+    assert!(
+        plain2_ok.is_ok(),
+        "a pod that is not meshed must start while the agent is down: {plain2_ok:?}"
     );
     eprintln!(
         "cri_node: all checks passed in {:.1}s",
