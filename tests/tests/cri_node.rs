@@ -390,6 +390,10 @@ impl CriNode {
             };
             envs.push((name, value));
         }
+        assert!(
+            envs.contains(&("WEIR_CNI_HOST_CONF_DIR".into(), "/etc/cni/net.d".into())),
+            "the DaemonSet must tell the agent the host path of the CNI configuration: {envs:?}"
+        );
         let mut set = |k: &str, v: &str| {
             envs.retain(|(n, _)| n != k);
             envs.push((k.into(), v.into()));
@@ -397,10 +401,6 @@ impl CriNode {
         set("WEIR_CNI_SOCKET", &socket.to_string_lossy());
         // Likewise the configuration directory's host path, which names
         // the plugin's kubeconfig in its entry.
-        assert!(
-            envs.contains(&("WEIR_CNI_HOST_CONF_DIR".into(), "/etc/cni/net.d".into())),
-            "the DaemonSet must tell the agent the host path of the CNI configuration: {envs:?}"
-        );
         set(
             "WEIR_CNI_HOST_CONF_DIR",
             &self.dir("cni/conf").to_string_lossy(),
