@@ -110,6 +110,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   disable_apparmor = true
+  # Not below containerd's own score: lowering it (the sandbox's -998)
+  # needs CAP_SYS_RESOURCE, which test machines may not have.
+  restrict_oom_score_adj = true
   enable_selinux = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
@@ -429,7 +432,11 @@ impl CriNode {
             let host_path = match host.as_str() {
                 "/sys/fs/bpf" => self.bpffs.path().to_path_buf(),
                 "/sys/fs/cgroup" => self.cgroup.path().to_path_buf(),
-                "/var/run/netns" => PathBuf::from("/var/run/netns"),
+                // The real directory (the runtime creates the pods'
+                // namespaces there); its resolved path, which is the
+                // shared mount `ip netns` makes (/var/run is a symlink,
+                // and / is not shared on every test machine).
+                "/var/run/netns" => std::fs::canonicalize("/var/run/netns").unwrap(),
                 "/opt/cni/bin" => self.dir("cni/bin"),
                 "/etc/cni/net.d" => self.dir("cni/conf"),
                 "/var/run/weir" => {
@@ -586,7 +593,9 @@ impl CriNode {
                 namespace: "weir-system".into(),
                 attempt: 0,
             }),
-            hostname: NODE.into(),
+            // The node's own UTS namespace: containerd 1.6 (runc) refuses
+            // a hostname there.
+            hostname: String::new(),
             log_directory: self.dir("pods/weir").to_string_lossy().into_owned(),
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: self
@@ -715,6 +724,8 @@ impl CriNode {
             .apply(self.pod_object(name, namespace, &uid, meshed, &ip_refs));
         let log_dir = self.dir(&format!("pods/{name}/files"));
         std::fs::create_dir_all(&log_dir).unwrap();
+        // The sidecar writes its ready file as UID 1337.
+        std::fs::set_permissions(&log_dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
         let mut pod = Pod {
             name: name.into(),
             sandbox,
@@ -740,9 +751,16 @@ impl CriNode {
                 ],
             );
             let ready = pod.log_dir.join("ready");
-            self.wait(Duration::from_secs(10), "the sidecar listening", |_| {
-                ready.exists()
-            });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !ready.exists() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{name}: the sidecar did not listen; its log:\n{}",
+                    std::fs::read_to_string(self.dir(&format!("pods/{name}/istio-proxy.log")))
+                        .unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         self.container(&mut pod, &config, "app", &["pause"]);
         self.log(

@@ -65,11 +65,13 @@ const RUNTIME_TOOLS: &[(&str, &str)] = &[
     ("/usr/lib/cni/host-local", "containernetworking-plugins"),
     ("/usr/lib/cni/loopback", "containernetworking-plugins"),
     ("protoc", "protobuf-compiler"),
+    // Copied into weir's image (`cargo xtask image`).
+    ("/etc/ssl/certs/ca-certificates.crt", "ca-certificates"),
 ];
 
 fn find_tool(binary: &str) -> Option<PathBuf> {
     if binary.starts_with('/') {
-        return Some(PathBuf::from(binary)).filter(|p| host::is_executable(p));
+        return Some(PathBuf::from(binary)).filter(|p| p.is_file());
     }
     host::find_admin_program(binary)
 }
