@@ -672,6 +672,11 @@ impl CriNode {
         };
         let mut pod = pod_json(name, uid, ips, containers, &ann);
         pod["metadata"]["namespace"] = namespace.into();
+        if meshed {
+            // A dual-stack mesh: the injector sets this on the proxy.
+            pod["spec"]["containers"][1]["env"] =
+                json!([{"name": "ISTIO_DUAL_STACK", "value": "true"}]);
+        }
         pod["spec"]["nodeName"] = NODE.into();
         pod
     }
