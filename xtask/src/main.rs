@@ -11,6 +11,7 @@ mod bench;
 mod build;
 mod cmd;
 mod host;
+mod image;
 mod kernel;
 mod soak;
 mod test;
@@ -40,7 +41,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Find or install the eBPF compiler, bpf-linker and the test tools
-    /// (ip, bpftool, iptables).
+    /// (ip, bpftool, iptables, containerd, runc, the CNI plugins, protoc).
     ///
     /// The eBPF compiler is the first of: $WEIR_BPF_RUSTC; rustup nightly
     /// with rust-src; /usr/bin/rustc with a bpfel-unknown-none core library;
@@ -161,6 +162,22 @@ enum Command {
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<OsString>,
     },
+    /// Build weir's OCI image archive with no daemon and no registry:
+    /// `weir` and `weir-cni` (release, kernel object embedded), bpftool, and
+    /// the libraries they link, as ghcr.io/weir-dev/weir:<version> in
+    /// target/image/weir-<version>.oci.tar (load it with `ctr images
+    /// import`, `podman load`; publish it with `skopeo copy
+    /// oci-archive:FILE docker://REGISTRY/weir:TAG`). Reproducible: set
+    /// SOURCE_DATE_EPOCH (default: the last commit's time).
+    Image {
+        /// Write the archive here instead.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the real-runtime test's images (pause, tools) to
+        /// target/image/test/.
+        #[arg(long)]
+        test_images: bool,
+    },
     /// Run clippy on the host crates (builds the kernel object first, which
     /// the agent embeds).
     Clippy,
@@ -271,6 +288,21 @@ fn run(command: Command) -> Result<ExitCode> {
                 args,
             };
             return soak::run(&root, &options);
+        }
+        Command::Image { out, test_images } => {
+            let bin_dir = build_all(&root, Profile::Release)?;
+            let out = out.unwrap_or_else(|| image::default_archive(&root));
+            let written = image::weir_image(&root, &bin_dir, &out)?;
+            println!(
+                "weir image: {} {} ({} KiB compressed) -> {}",
+                image::weir_image_name(),
+                written.manifest_digest,
+                written.layer_size / 1024,
+                out.display()
+            );
+            if test_images {
+                image::test_images(&root, &bin_dir, &image::test_images_dir(&root))?;
+            }
         }
         Command::Clippy => {
             let object = build_ebpf(&root)?;

