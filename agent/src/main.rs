@@ -40,6 +40,9 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the `run` variant (its many
+// optional flags) costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Load the programs and keep the pods of this node captured.
