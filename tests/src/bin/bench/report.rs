@@ -308,6 +308,17 @@ fn targets(m: &Measured, rows: &[Row]) -> Vec<Target> {
         }
         None => t.push(not_measured("weir's kernel memory ≤ 8 MB at 110 pods")),
     }
+    let p99 = row("rr_sidecar_p99").and_then(|r| r.ratio(Mode::Weir, Mode::Iptables));
+    let name = "weir (no fast path): p99 app → sidecar ≤ 0.9× iptables";
+    t.push(match p99 {
+        Some(s) => Target {
+            name: name.into(),
+            measured: format!("{:.3}× ({:.3}–{:.3})", s.median, s.min, s.max),
+            pass: Some(s.median <= 0.9),
+            value: Some(s.median),
+        },
+        None => not_measured(name),
+    });
     for (key, name, limit) in [
         (
             "rr_sidecar_p99",
