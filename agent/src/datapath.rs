@@ -163,29 +163,58 @@ pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
 }
 
 /// Map capacities (set at first load; pinned maps keep theirs).
-#[derive(Clone, Debug)]
+///
+/// Only the bucket arrays of hash maps (16 bytes a slot), the LRU maps
+/// and the socket maps' buckets cost kernel memory up front; hash map
+/// entries and LPM trie nodes are allocated when inserted. So these are
+/// limits sized from the node's pod capacity ([`Capacities::for_pods`]),
+/// not reservations.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capacities {
     /// Pods per node.
     pub pods: u32,
-    /// Redirected connections between connect() and accept().
+    /// Redirected connections between connect() and the end of their
+    /// handshake with the proxy (an LRU map: preallocated).
     pub pending_flows: u32,
     /// Port entries over all pods.
     pub port_rules: u32,
-    /// CIDR entries over all pods, per list.
+    /// CIDR entries over all pods, per list (LPM tries: nothing up front).
     pub cidrs: u32,
-    /// Sockets on the fast path at once (two per local connection).
+    /// Sockets on the fast path at once (two per local connection); the
+    /// map is this large only while the fast path is on.
     pub fast_sockets: u32,
+    /// Entries of `VIRT_FLOWS` (two per connection rerouted from a
+    /// virtual interface; an LRU map, created when a pod first needs it).
+    pub virt_flows: u32,
+}
+
+impl Capacities {
+    /// Pods per node when neither `--max-pods` nor the Kubernetes node's
+    /// `status.capacity.pods` says (Kubernetes' default is 110; managed
+    /// clusters go up to 250).
+    pub const DEFAULT_PODS: u32 = 256;
+
+    /// The capacities of a node that runs at most `pods` pods.
+    pub fn for_pods(pods: u32) -> Self {
+        Self {
+            pods,
+            // Entries live only while a handshake is under way (a few
+            // microseconds on loopback): 32 concurrent connects per pod.
+            pending_flows: pods.saturating_mul(32).max(4096),
+            // 64 ports a pod (lists of inbound/outbound ports), at least
+            // room for one pod with thousands.
+            port_rules: pods.saturating_mul(64).max(8192),
+            // LPM tries cost nothing until used: a plain limit.
+            cidrs: 262_144,
+            fast_sockets: pods.saturating_mul(64).max(1024),
+            virt_flows: 32768,
+        }
+    }
 }
 
 impl Default for Capacities {
     fn default() -> Self {
-        Self {
-            pods: 16384,
-            pending_flows: 65536,
-            port_rules: 262_144,
-            cidrs: 262_144,
-            fast_sockets: 65536,
-        }
+        Self::for_pods(Self::DEFAULT_PODS)
     }
 }
 
@@ -241,9 +270,12 @@ impl Datapath {
                 format!("cannot create {} (is --bpffs writable?)", dir.display())
             })?;
         }
+        if fast_path {
+            grow_fast_socks(&pins, caps.fast_sockets)?;
+        }
         let mut loader = EbpfLoader::new();
         let map_paths = map_paths(&pins);
-        configure_loader(&mut loader, &map_paths, caps);
+        configure_loader(&mut loader, &map_paths, caps, Some(fast_path));
         // Refuse pinned maps of another layout *before* the loader reuses
         // them: a program verified against a map of another value size
         // would be refused with a confusing verifier error, or misread.
@@ -488,7 +520,7 @@ impl Datapath {
     fn load_virt_programs(&self, cookie: u64) -> Result<Ebpf> {
         let paths = map_paths(&self.pins);
         let mut loader = EbpfLoader::new();
-        configure_loader(&mut loader, &paths, &self.caps);
+        configure_loader(&mut loader, &paths, &self.caps, None);
         loader.override_global("VIRT_NETNS_COOKIE", &cookie, true);
         let mut obj = loader
             .load(kernel_object()?)
@@ -549,6 +581,7 @@ impl Datapath {
         let new = rules.entries(cookie);
         let mut policy = rules.policy;
         policy.pod_id = pod_id;
+        new.describe_in(&mut policy);
         for p in &rules.listen_ports {
             self.listen_ports
                 .insert(p, 1, 0)
@@ -1054,28 +1087,82 @@ fn map_paths(pins: &Pins) -> Vec<(&'static str, PathBuf)> {
 }
 
 /// Points `loader` at the pinned maps and sets the capacities of maps it
-/// creates.
+/// creates. `fast_path` is `Some(on)` for the agent's own object, whose
+/// `FAST_SOCKS` is as large as `--max-fast-sockets` only with the fast
+/// path on, and whose `VIRT_FLOWS` is a private one-entry stand-in (its
+/// programs never use it); `None` for the per-pod objects of virtual
+/// interfaces, which create the pinned `VIRT_FLOWS` when the first pod
+/// needs it.
 fn configure_loader<'a>(
     loader: &mut EbpfLoader<'a>,
     map_paths: &'a [(&'static str, PathBuf)],
     caps: &Capacities,
+    fast_path: Option<bool>,
 ) {
+    let main_object = fast_path.is_some();
     for (name, path) in map_paths {
+        if main_object && *name == "VIRT_FLOWS" {
+            continue;
+        }
         loader.map_pin_path(name, path.as_path());
     }
+    let pods = caps.pods;
     loader
-        .map_max_entries("POD_POLICY", caps.pods)
-        .map_max_entries("POD_COUNTERS", caps.pods)
-        .map_max_entries("POD_META", caps.pods)
-        .map_max_entries("POD_ADDRS", caps.pods.saturating_mul(4))
-        .map_max_entries("PROXY_IDS", caps.pods.saturating_mul(4))
-        .map_max_entries("LISTENERS", caps.pods.saturating_mul(4))
+        .map_max_entries("POD_POLICY", pods)
+        .map_max_entries("POD_COUNTERS", pods)
+        .map_max_entries("POD_META", pods)
+        .map_max_entries("POD_ADDRS", pods.saturating_mul(4))
+        .map_max_entries("PROXY_IDS", pods.saturating_mul(4))
+        .map_max_entries("LISTENERS", pods.saturating_mul(4))
+        .map_max_entries("VIRT_IFACES", pods.saturating_mul(4))
+        .map_max_entries("LISTEN_PORTS", 1024)
         .map_max_entries("PENDING_FLOWS", caps.pending_flows)
         .map_max_entries("PORT_RULES", caps.port_rules)
-        .map_max_entries("FAST_SOCKS", caps.fast_sockets);
+        .map_max_entries(
+            "FAST_SOCKS",
+            match fast_path {
+                Some(false) => FAST_SOCKS_OFF,
+                _ => caps.fast_sockets,
+            },
+        )
+        .map_max_entries("VIRT_FLOWS", if main_object { 1 } else { caps.virt_flows });
     for name in CIDR_MAPS {
         loader.map_max_entries(name, caps.cidrs);
     }
+}
+
+/// Capacity of `FAST_SOCKS` created while the fast path is off (the
+/// kernel wants at least one slot; nothing joins it).
+const FAST_SOCKS_OFF: u32 = 2;
+
+/// Before a load with the fast path on: a pinned `FAST_SOCKS` smaller
+/// than `want` (made while the fast path was off) is unpinned so the load
+/// creates a full-size one, if it holds no socket. One that holds sockets
+/// is kept (taking them out would cut their connections' bytes in
+/// flight); the fast path then has its smaller capacity until `weir
+/// uninstall`, and sockets beyond it use TCP.
+fn grow_fast_socks(pins: &Pins, want: u32) -> Result<()> {
+    let path = pins.maps().join("FAST_SOCKS");
+    if !path.exists() {
+        return Ok(());
+    }
+    let md = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    let have = md.info().map(|i| i.max_entries()).unwrap_or(want);
+    if have >= want {
+        return Ok(());
+    }
+    let map: SockHash<MapData, FastKey> = SockHash::try_from(aya::maps::Map::SockHash(md))
+        .with_context(|| format!("{} is not weir's FAST_SOCKS map", path.display()))?;
+    if map.keys().next().is_some() {
+        warn!(
+            "FAST_SOCKS holds sockets and has {have} slots (fewer than --max-fast-sockets {want}): \
+             kept; run `weir uninstall` to resize it"
+        );
+        return Ok(());
+    }
+    info!("FAST_SOCKS made while the fast path was off ({have} slots): replaced by one of {want}");
+    remove_pin(&path);
+    Ok(())
 }
 
 /// The fd of a loaded tc program of `obj`.

@@ -105,19 +105,31 @@ struct RunArgs {
     /// How often every pod's network namespace is re-checked, in seconds.
     #[arg(long, env = "WEIR_RESYNC_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     resync_secs: u64,
-    /// Capacity of the per-pod maps (pods per node).
-    #[arg(long, env = "WEIR_MAX_PODS", default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
-    max_pods: u32,
-    /// Capacity of the port-rule map (entries over all pods).
-    #[arg(long, env = "WEIR_MAX_PORT_RULES", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
-    max_port_rules: u32,
-    /// Capacity of each CIDR map (entries over all pods): CIDR_EXCLUDE,
-    /// CIDR_INCLUDE, CIDR_DNS, CIDR_IFACE, CIDR_SKIP_SRC, SRC_ROUTES.
+    /// Pods this node runs at most: sizes the per-pod maps [default: the
+    /// Kubernetes node's status.capacity.pods with --kubernetes, else
+    /// 256]. Maps keep the size they were created with until `weir
+    /// uninstall`.
+    #[arg(long, env = "WEIR_MAX_PODS", value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_pods: Option<u32>,
+    /// Capacity of the port-rule map (entries over all pods) [default:
+    /// 64 per pod, at least 8192].
+    #[arg(long, env = "WEIR_MAX_PORT_RULES", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    max_port_rules: Option<u32>,
+    /// Capacity of each CIDR map (entries over all pods; allocated as
+    /// entries are added): CIDR_EXCLUDE, CIDR_INCLUDE, CIDR_DNS,
+    /// CIDR_IFACE, CIDR_SKIP_SRC, SRC_ROUTES.
     #[arg(long, env = "WEIR_MAX_CIDRS", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     max_cidrs: u32,
-    /// Capacity of the map of connections between connect() and accept().
-    #[arg(long, env = "WEIR_MAX_PENDING", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
-    max_pending: u32,
+    /// Capacity of the map of connections between connect() and the end
+    /// of their handshake with the proxy (preallocated, about 120 bytes an
+    /// entry) [default: 32 per pod, at least 4096].
+    #[arg(long, env = "WEIR_MAX_PENDING", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    max_pending: Option<u32>,
+    /// Capacity of the map of connections rerouted from virtual
+    /// interfaces (two entries a connection; preallocated, created when a
+    /// pod first needs it).
+    #[arg(long, env = "WEIR_MAX_VIRT_FLOWS", default_value_t = 32768, value_parser = clap::value_parser!(u32).range(2..=16_777_216))]
+    max_virt_flows: u32,
     /// The socket-level fast path: established TCP connections between two
     /// sockets of this node's enrolled pods (an application and its
     /// sidecar over loopback, or two pods' sidecars) move their bytes
@@ -126,9 +138,10 @@ struct RunArgs {
     #[arg(long, env = "WEIR_FAST_PATH")]
     fast_path: bool,
     /// Capacity of the fast path's socket map (two entries per local
-    /// connection; sockets beyond it simply use TCP).
-    #[arg(long, env = "WEIR_MAX_FAST_SOCKETS", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(2..=16_777_216))]
-    max_fast_sockets: u32,
+    /// connection; sockets beyond it simply use TCP) [default: 64 per
+    /// pod, at least 1024].
+    #[arg(long, env = "WEIR_MAX_FAST_SOCKETS", value_parser = clap::value_parser!(u32).range(2..=16_777_216))]
+    max_fast_sockets: Option<u32>,
     /// Kernel log level (aya-log records from the programs, printed by the
     /// agent through RUST_LOG's logger). `trace` logs every capture
     /// decision: for debugging, not for production.
@@ -269,16 +282,31 @@ fn run(a: RunArgs) -> Result<()> {
         Some(c) => c.clone(),
         None => sys::cgroup2_mount()?,
     };
-    let caps = Capacities {
-        pods: a.max_pods,
-        pending_flows: a.max_pending,
-        port_rules: a.max_port_rules,
-        cidrs: a.max_cidrs,
-        fast_sockets: a.max_fast_sockets,
-    };
     if a.kube.kubernetes {
         k8s::preflight(&a.kube, &a.bpffs.bpffs)?;
     }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let pods = match a.max_pods {
+        Some(p) => p,
+        None if a.kube.kubernetes => rt.block_on(k8s::node_pod_capacity(&a.kube)),
+        None => Capacities::DEFAULT_PODS,
+    };
+    let mut caps = Capacities::for_pods(pods);
+    caps.cidrs = a.max_cidrs;
+    caps.virt_flows = a.max_virt_flows;
+    if let Some(v) = a.max_port_rules {
+        caps.port_rules = v;
+    }
+    if let Some(v) = a.max_pending {
+        caps.pending_flows = v;
+    }
+    if let Some(v) = a.max_fast_sockets {
+        caps.fast_sockets = v;
+    }
+    info!("map capacities for {pods} pods: {caps:?}");
     let mut dp = Datapath::load(&a.bpffs.bpffs, &cgroup, &caps, a.fast_path)?;
     dp.set_kernel_log_level(a.kernel_log_level as u32)?;
     let kernel_logger = dp.take_logger();
@@ -292,10 +320,6 @@ fn run(a: RunArgs) -> Result<()> {
     ));
     let ready = Arc::new(AtomicBool::new(false));
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     rt.block_on(async move {
         if let Some(logger) = kernel_logger {
             tokio::spawn(read_kernel_logs(logger));

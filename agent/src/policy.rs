@@ -976,6 +976,54 @@ pub struct PodEntries {
     pub virt: BTreeMap<VirtKey, VirtIface>,
 }
 
+impl PodEntries {
+    /// Sets the [`PodPolicy::tables`] bits of `p` from these entries, and
+    /// its single proxy UID / GID when there is exactly one.
+    pub fn describe_in(&self, p: &mut PodPolicy) {
+        p.tables = self.tables();
+        p.one_uid = 0;
+        p.one_gid = 0;
+        for (kind, bit) in [(IDKEY_UID, TABLE_ONE_UID), (IDKEY_GID, TABLE_ONE_GID)] {
+            let mut of_kind = self.ids.iter().filter(|k| k.kind == kind);
+            if let (Some(only), None) = (of_kind.next(), of_kind.next()) {
+                p.tables |= bit;
+                if kind == IDKEY_UID {
+                    p.one_uid = only.id;
+                } else {
+                    p.one_gid = only.id;
+                }
+            }
+        }
+    }
+
+    /// The [`PodPolicy::tables`] bits of these entries: which lists have
+    /// any.
+    pub fn tables(&self) -> u32 {
+        let mut t = 0;
+        for k in &self.ports {
+            t |= table_of_ports(k.kind);
+        }
+        for k in &self.ids {
+            t |= table_of_ids(k.kind);
+        }
+        for (list, keys) in [
+            (CidrList::OutboundExclude, &self.exclude),
+            (CidrList::OutboundInclude, &self.include),
+            (CidrList::DnsServers, &self.dns),
+            (CidrList::ExcludedInterfaceRoutes, &self.iface),
+            (CidrList::InboundSkipSources, &self.skip_src),
+        ] {
+            if !keys.is_empty() {
+                t |= table_of_cidrs(list);
+            }
+        }
+        if !self.src.is_empty() {
+            t |= TABLE_SRC_ROUTES;
+        }
+        t
+    }
+}
+
 impl PodRules {
     /// The map entries of this pod when enrolled with `cookie`.
     pub fn entries(&self, cookie: u64) -> PodEntries {
@@ -1051,6 +1099,7 @@ impl PodRules {
             src: self
                 .src_routes
                 .iter()
+                .filter(|(n, ip)| !self.src_route_is_default(n, ip))
                 .flat_map(|(n, ip)| {
                     cidr_keys(cookie, n)
                         .into_iter()
@@ -1078,6 +1127,29 @@ impl PodRules {
                 })
                 .collect(),
         }
+    }
+
+    /// Whether the source route `net -> ip` answers what the kernel
+    /// programs answer without it: `ip` is the pod's primary address of
+    /// its family, and no route to another address lies inside `net`
+    /// (which this one, shorter, would otherwise shadow once removed).
+    /// Such routes are left out of `SRC_ROUTES`: a pod with one interface
+    /// then costs its connections no trie lookup.
+    fn src_route_is_default(&self, net: &IpNet, ip: &IpAddr) -> bool {
+        let p = &self.policy;
+        let primary = match ip {
+            IpAddr::V4(v4) => {
+                p.flags & POLICY_HAS_IP4 != 0 && p.pod_ip4 == u32::from_ne_bytes(v4.octets())
+            }
+            IpAddr::V6(v6) => {
+                p.flags & POLICY_HAS_IP6 != 0 && p.pod_ip6 == addr_from_octets(v6.octets())
+            }
+        };
+        primary
+            && !self
+                .src_routes
+                .iter()
+                .any(|(n, a)| a != ip && n.prefix_len() > net.prefix_len() && net.contains(n))
     }
 
     /// In-memory tables for [`decide_outbound`]/[`decide_inbound`].

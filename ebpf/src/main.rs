@@ -196,7 +196,12 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         gid: (ids >> 32) as u32,
         udp,
     };
-    let t = KernelTables { cookie };
+    let mut t = KernelTables::of(cookie, &policy);
+    // Asked by the rules (is it a loopback route?) and below (bind the
+    // pod's own address?): one lookup for both.
+    if !is_loopback_addr(&dst) {
+        t.learn_pod_addr(&dst);
+    }
     let verdict = decide_outbound(&policy, &q, &t);
     bump_pod(cookie, |c| {
         if udp {
@@ -325,7 +330,9 @@ struct SockaddrIn6 {
 /// interface), else its primary address of that family.
 #[inline(always)]
 fn source_for(p: &PodPolicy, dst: &Addr, cookie: u64) -> Option<Addr> {
-    if let Some(a) = source_route(cookie, dst) {
+    if p.tables & TABLE_SRC_ROUTES != 0
+        && let Some(a) = source_route(cookie, dst)
+    {
         return Some(a);
     }
     if is_v4_mapped(dst) {
@@ -479,7 +486,7 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
         gid: (ids >> 32) as u32,
         udp: true,
     };
-    let t = KernelTables { cookie };
+    let t = KernelTables::of(cookie, &policy);
     let verdict = decide_outbound(&policy, &q, &t);
     // Datagrams, counted apart from connections.
     if verdict != Verdict::RedirectDns {
@@ -616,7 +623,7 @@ fn recvmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     // From the DNS port on loopback, or on one of the pod's addresses (a
     // connected socket's queries, see `connect`).
-    if !is_localhost(&from) && !(KernelTables { cookie }).is_pod_addr(&from) {
+    if !is_localhost(&from) && !(KernelTables::bare(cookie)).is_pod_addr(&from) {
         return 1;
     }
     if v6 {
@@ -825,9 +832,7 @@ fn on_passive_established(ctx: &SockOpsContext) {
         // `PENDING_FLOWS` (an LRU map) evicted under pressure. Mark the
         // proxy's socket so `SO_ORIGINAL_DST` fails (ENOENT) rather than
         // answering the proxy's own address, and count it.
-        let t = KernelTables {
-            cookie: key.netns_cookie,
-        };
+        let t = KernelTables::bare(key.netns_cookie);
         if t.is_pod_addr(&key.peer_addr) {
             bump_node(|c| c.orig_dst_lost += 1);
             let sk = ops_sk(ctx);
@@ -1143,7 +1148,7 @@ pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
     let Some(policy) = pod_policy(cookie) else {
         return sk_action::SK_PASS;
     };
-    let t = KernelTables { cookie };
+    let t = KernelTables::of(cookie, &policy);
     // Connections made inside the pod itself (from 127.0.0.0/8, ::1, ::6 or
     // the pod's own addresses) never pass iptables' PREROUTING either; they
     // are the outbound rules' business. `ingress_ifindex` cannot tell: for
@@ -1379,7 +1384,7 @@ fn virt_in(ctx: &TcContext) -> i32 {
     let Some(policy) = pod_policy(cookie) else {
         return TC_ACT_OK;
     };
-    let t = KernelTables { cookie };
+    let t = KernelTables::of(cookie, &policy);
     if decide_virt(&policy, &p.dst, &t) != Verdict::RedirectOutbound {
         return TC_ACT_OK;
     }
@@ -1591,7 +1596,7 @@ fn dns_to_proxy(ctx: &SkLookupContext, l: &aya_ebpf::bindings::bpf_sk_lookup) ->
     } else {
         read_words(&l.remote_ip6)
     };
-    let t = KernelTables { cookie };
+    let t = KernelTables::bare(cookie);
     if !t.is_pod_addr(&remote) {
         return sk_action::SK_PASS;
     }

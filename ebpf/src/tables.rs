@@ -2,9 +2,19 @@
 //!
 //! All maps are BTF-defined (`#[btf_map]`), so `bpftool map dump name X`
 //! prints field names. Sizes here are defaults: the agent sets the real
-//! capacities at load time (`--max-pods` and friends).
+//! capacities at load time, from the node's pod capacity (`--max-pods`
+//! and friends).
+//!
+//! Kernel memory grows with use, not with the capacities: hash maps are
+//! `BPF_F_NO_PREALLOC` (an entry is allocated when it is inserted; only
+//! the bucket array, 16 bytes per slot, is allocated up front) and LPM
+//! tries always allocate on demand. The two LRU maps cannot be
+//! `NO_PREALLOC` (the kernel refuses it): `PENDING_FLOWS` is sized for
+//! connections in their handshake only, and `VIRT_FLOWS` is created
+//! (pinned) only when a pod first needs virtual interfaces.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{
         Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, SkStorage, SockHash,
         lpm_trie::Key,
@@ -13,21 +23,24 @@ use aya_ebpf::{
 };
 use weir_common::*;
 
+/// Map flags of hash maps: entries allocated on insert.
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
 /// Per-pod policy, keyed by netns cookie.
 #[btf_map]
-pub static POD_POLICY: HashMap<u64, PodPolicy, 16384> = HashMap::new();
+pub static POD_POLICY: HashMap<u64, PodPolicy, 16384, NO_PREALLOC> = HashMap::new();
 
 /// Every address of every enrolled pod -> the pod's netns cookie.
 #[btf_map]
-pub static POD_ADDRS: HashMap<Addr, u64, 65536> = HashMap::new();
+pub static POD_ADDRS: HashMap<Addr, u64, 65536, NO_PREALLOC> = HashMap::new();
 
 /// Port lists (outbound/inbound include/exclude) of every pod.
 #[btf_map]
-pub static PORT_RULES: HashMap<PortKey, u32, 262144> = HashMap::new();
+pub static PORT_RULES: HashMap<PortKey, u32, 262144, NO_PREALLOC> = HashMap::new();
 
 /// Proxy UIDs and GIDs of every pod.
 #[btf_map]
-pub static PROXY_IDS: HashMap<IdKey, u32, 65536> = HashMap::new();
+pub static PROXY_IDS: HashMap<IdKey, u32, 65536, NO_PREALLOC> = HashMap::new();
 
 /// `excludeOutboundIPRanges` of every pod (cookie-prefixed keys).
 #[btf_map]
@@ -78,7 +91,7 @@ pub static LISTENERS: SockHash<ListenerKey, 65536> = SockHash::new();
 /// Ports whose listeners are recorded in `LISTENERS` (every capture port
 /// of every enrolled pod).
 #[btf_map]
-pub static LISTEN_PORTS: HashMap<u16, u32, 1024> = HashMap::new();
+pub static LISTEN_PORTS: HashMap<u16, u32, 1024, NO_PREALLOC> = HashMap::new();
 
 /// Original destinations of redirected connections between the
 /// application's `connect()` and the proxy's accept.
@@ -191,7 +204,7 @@ pub fn store_fast_peer(sk: *mut aya_ebpf::bindings::bpf_sock, mut fp: FastPeer) 
 /// The interfaces of `istio.io/reroute-virtual-interfaces` of every pod,
 /// with the addresses their TCP connections are redirected to.
 #[btf_map]
-pub static VIRT_IFACES: HashMap<VirtKey, VirtIface, 4096> = HashMap::new();
+pub static VIRT_IFACES: HashMap<VirtKey, VirtIface, 4096, NO_PREALLOC> = HashMap::new();
 
 /// Connections rerouted from virtual interfaces: two mirrored entries per
 /// connection (the way in, the way back), as `REDIRECT`'s conntrack entry
@@ -201,7 +214,7 @@ pub static VIRT_FLOWS: LruHashMap<VirtFlowKey, VirtFlow, 131072> = LruHashMap::n
 
 /// Per-pod counters.
 #[btf_map]
-pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters, 16384> = PerCpuHashMap::new();
+pub static POD_COUNTERS: PerCpuHashMap<u64, PodCounters, 16384, NO_PREALLOC> = PerCpuHashMap::new();
 
 /// Node-wide counters.
 #[btf_map]
@@ -209,7 +222,7 @@ pub static NODE_COUNTERS: PerCpuArray<NodeCounters, 1> = PerCpuArray::new();
 
 /// Pod names for operators (not read by the programs).
 #[btf_map]
-pub static POD_META: HashMap<u64, PodMeta, 16384> = HashMap::new();
+pub static POD_META: HashMap<u64, PodMeta, 16384, NO_PREALLOC> = HashMap::new();
 
 /// Kernel log level: 0 off (the default), 1 error, 2 warn, 3 info,
 /// 4 debug, 5 trace (aya-log levels). Set by `weir run
@@ -259,14 +272,84 @@ pub fn bump_node(f: impl FnOnce(&mut NodeCounters)) {
 }
 
 /// One pod's tables, backed by the maps above.
-pub struct KernelTables {
+pub struct KernelTables<'a> {
     /// The pod's netns cookie.
     pub cookie: u64,
+    /// The pod's policy: its `tables` bits say which lists have entries
+    /// (a lookup in an empty list is answered without touching its map),
+    /// and its single proxy UID/GID, if any.
+    pub policy: &'a PodPolicy,
+    /// A destination whose `POD_ADDRS` answer is already known (the
+    /// connect hook asks twice)...
+    pub known_addr: Addr,
+    /// ...and the answer: `KNOWN_NONE`, `KNOWN_NO` or `KNOWN_YES`.
+    pub known: u32,
 }
 
-impl PodTables for KernelTables {
+/// The policy of [`KernelTables::bare`]: every list looked up.
+static BARE_POLICY: PodPolicy = PodPolicy {
+    pod_id: 0,
+    flags: 0,
+    outbound_port: 0,
+    inbound_port: 0,
+    tunnel_port: 0,
+    dns_port: 0,
+    lo_id: 0,
+    lo_id_kind: 0,
+    pod_ip4: 0,
+    pod_ip6: [0; 4],
+    tables: !(TABLE_ONE_UID | TABLE_ONE_GID),
+    one_uid: 0,
+    one_gid: 0,
+};
+
+/// [`KernelTables::known`]: no answer known.
+pub const KNOWN_NONE: u32 = 0;
+/// [`KernelTables::known`]: `known_addr` is not the pod's.
+pub const KNOWN_NO: u32 = 1;
+/// [`KernelTables::known`]: `known_addr` is the pod's.
+pub const KNOWN_YES: u32 = 2;
+
+impl<'a> KernelTables<'a> {
+    /// The tables of the pod `cookie` whose policy is `p`.
+    #[inline(always)]
+    pub fn of(cookie: u64, p: &'a PodPolicy) -> Self {
+        Self {
+            cookie,
+            policy: p,
+            known_addr: [0; 4],
+            known: KNOWN_NONE,
+        }
+    }
+
+    /// The tables of the pod `cookie`, every list looked up (only
+    /// `is_pod_addr` is asked of these).
+    #[inline(always)]
+    pub fn bare(cookie: u64) -> KernelTables<'static> {
+        KernelTables {
+            cookie,
+            policy: &BARE_POLICY,
+            known_addr: [0; 4],
+            known: KNOWN_NONE,
+        }
+    }
+
+    /// Remembers whether `addr` is one of the pod's addresses (one lookup
+    /// now, none when the rules ask again).
+    #[inline(always)]
+    pub fn learn_pod_addr(&mut self, addr: &Addr) {
+        let yes = self.is_pod_addr(addr);
+        self.known_addr = *addr;
+        self.known = if yes { KNOWN_YES } else { KNOWN_NO };
+    }
+}
+
+impl PodTables for KernelTables<'_> {
     #[inline(always)]
     fn has_port(&self, kind: u16, port: u16) -> bool {
+        if self.policy.tables & table_of_ports(kind) == 0 {
+            return false;
+        }
         let k = PortKey {
             netns_cookie: self.cookie,
             port,
@@ -278,6 +361,16 @@ impl PodTables for KernelTables {
 
     #[inline(always)]
     fn has_id(&self, kind: u32, id: u32) -> bool {
+        let p = self.policy;
+        if p.tables & table_of_ids(kind) == 0 {
+            return false;
+        }
+        if kind == IDKEY_UID && p.tables & TABLE_ONE_UID != 0 {
+            return id == p.one_uid;
+        }
+        if kind == IDKEY_GID && p.tables & TABLE_ONE_GID != 0 {
+            return id == p.one_gid;
+        }
         let k = IdKey {
             netns_cookie: self.cookie,
             id,
@@ -288,6 +381,9 @@ impl PodTables for KernelTables {
 
     #[inline(always)]
     fn in_cidrs(&self, list: CidrList, addr: &Addr) -> bool {
+        if self.policy.tables & table_of_cidrs(list) == 0 {
+            return false;
+        }
         let key = Key::new(
             CIDR_COOKIE_BITS + 128,
             CidrData {
@@ -306,6 +402,16 @@ impl PodTables for KernelTables {
 
     #[inline(always)]
     fn is_pod_addr(&self, addr: &Addr) -> bool {
+        let k = &self.known_addr;
+        // Word by word: a slice comparison would become a `bcmp` call.
+        if self.known != KNOWN_NONE
+            && k[0] == addr[0]
+            && k[1] == addr[1]
+            && k[2] == addr[2]
+            && k[3] == addr[3]
+        {
+            return self.known == KNOWN_YES;
+        }
         match POD_ADDRS.get_ptr(addr) {
             // SAFETY: pointer from a successful lookup.
             Some(c) => (unsafe { *c }) == self.cookie,

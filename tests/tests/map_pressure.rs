@@ -119,3 +119,88 @@ fn full_maps_refuse_the_pod_that_does_not_fit_and_spare_the_others() {
     assert_eq!(map_gauge(&node, "weir_map_entries", "POD_POLICY"), 3);
     captured(&node);
 }
+
+/// bpftool's description of the map pinned as `name` (its `max_entries`,
+/// `flags`, `bytes_memlock`), or None when nothing is pinned there.
+fn pinned_map(node: &Node, name: &str) -> Option<serde_json::Value> {
+    let path = node.bpffs.join(format!("weir/maps/{name}"));
+    if !path.exists() {
+        return None;
+    }
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("running bpftool");
+    assert!(out.status.success(), "bpftool map show pinned {name}");
+    Some(serde_json::from_slice(&out.stdout).expect("bpftool's JSON"))
+}
+
+fn memlock(node: &Node, name: &str) -> u64 {
+    pinned_map(node, name).unwrap()["bytes_memlock"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn maps_are_sized_for_the_node_and_allocated_as_used() {
+    if !require_root() {
+        return;
+    }
+    let ns = NetNs::new("mga");
+    let mut node = Node::new();
+    node.start_agent_with(&["--max-pods", "110"]);
+    // Hash maps: sized from the pod count, entries allocated on insert
+    // (BPF_F_NO_PREALLOC, flag 1).
+    for (name, cap) in [
+        ("POD_POLICY", 110),
+        ("POD_COUNTERS", 110),
+        ("POD_META", 110),
+        ("POD_ADDRS", 440),
+        ("PROXY_IDS", 440),
+        ("VIRT_IFACES", 440),
+        ("PORT_RULES", 8192),
+        ("LISTEN_PORTS", 1024),
+    ] {
+        let m = pinned_map(&node, name).unwrap();
+        assert_eq!(m["max_entries"], cap, "{name}: {m}");
+        assert_eq!(m["flags"].as_u64().unwrap() & 1, 1, "{name}: {m}");
+    }
+    // The preallocated LRU map is sized for handshakes in flight; the
+    // fast path's map has two slots while it is off; VIRT_FLOWS waits for
+    // a pod with virtual interfaces.
+    assert_eq!(
+        pinned_map(&node, "PENDING_FLOWS").unwrap()["max_entries"],
+        4096
+    );
+    assert_eq!(pinned_map(&node, "FAST_SOCKS").unwrap()["max_entries"], 2);
+    assert!(pinned_map(&node, "VIRT_FLOWS").is_none());
+
+    // Enrolling a pod allocates its entries: the maps grow with it.
+    let before: u64 = ["POD_POLICY", "PORT_RULES", "PROXY_IDS", "POD_ADDRS"]
+        .iter()
+        .map(|m| memlock(&node, m))
+        .sum();
+    node.set_pods(&[PodEntry::new("grow", &ns, &["198.18.7.1"])]);
+    let after: u64 = ["POD_POLICY", "PORT_RULES", "PROXY_IDS", "POD_ADDRS"]
+        .iter()
+        .map(|m| memlock(&node, m))
+        .sum();
+    assert!(after > before, "memlock {before} -> {after} with one pod");
+
+    // An agent started with the fast path replaces the empty two-slot map
+    // with one of --max-fast-sockets; the pod stays enrolled.
+    node.stop_agent();
+    node.start_agent_with(&[
+        "--max-pods",
+        "110",
+        "--fast-path",
+        "--max-fast-sockets",
+        "4096",
+    ]);
+    assert_eq!(
+        pinned_map(&node, "FAST_SOCKS").unwrap()["max_entries"],
+        4096
+    );
+    assert_eq!(node.enrolled(), ["grow".to_string()]);
+}

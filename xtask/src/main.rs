@@ -145,7 +145,7 @@ enum Command {
         #[arg(long)]
         flood: Option<u64>,
         /// PENDING_FLOWS capacity, the agent's --max-pending [default: the
-        /// agent's, 65,536].
+        /// agent's, 32 per pod, at least 4,096].
         #[arg(long)]
         max_pending: Option<u32>,
         /// Sidecar restarts under traffic [default: 20].

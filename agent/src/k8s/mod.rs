@@ -129,6 +129,72 @@ pub fn client(config: kube::Config) -> Result<Client> {
     Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// The pods this node can run (`status.capacity.pods` of the Node named
+/// `--node-name`), to size the maps; [`Capacities::DEFAULT_PODS`] with a
+/// warning when the API does not say (no permission to read nodes, no
+/// answer within 10 s, a malformed quantity).
+///
+/// [`Capacities::DEFAULT_PODS`]: crate::datapath::Capacities::DEFAULT_PODS
+pub async fn node_pod_capacity(args: &Args) -> u32 {
+    let node = args.node_name.clone().unwrap_or_default();
+    let read = async {
+        let client = client(args).await?;
+        read_pod_capacity(client, &node).await
+    };
+    pod_capacity_or_default(&node, tokio::time::timeout(GET_TIMEOUT, read).await)
+}
+
+/// `status.capacity.pods` of node `node`.
+async fn read_pod_capacity(client: Client, node: &str) -> Result<u32> {
+    let api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client);
+    let n = api
+        .get(node)
+        .await
+        .with_context(|| format!("reading node {node}"))?;
+    let q = n
+        .status
+        .and_then(|s| s.capacity)
+        .and_then(|c| c.get("pods").cloned())
+        .with_context(|| format!("node {node} has no status.capacity.pods"))?;
+    parse_pod_capacity(&q.0).with_context(|| format!("node {node}: status.capacity.pods {:?}", q.0))
+}
+
+/// The capacity read, or the default with a warning saying how to size
+/// the maps.
+fn pod_capacity_or_default(
+    node: &str,
+    read: Result<Result<u32>, tokio::time::error::Elapsed>,
+) -> u32 {
+    let fallback = crate::datapath::Capacities::DEFAULT_PODS;
+    match read {
+        Ok(Ok(p)) => {
+            info!("node {node} runs at most {p} pods (status.capacity.pods): maps sized for it");
+            p
+        }
+        Ok(Err(e)) => {
+            warn!(
+                "{e:#}: maps sized for {fallback} pods; pass --max-pods (or grant `get nodes`) to size them for this node"
+            );
+            fallback
+        }
+        Err(_) => {
+            warn!(
+                "reading node {node}: no answer within {} s: maps sized for {fallback} pods; pass --max-pods to size them",
+                GET_TIMEOUT.as_secs()
+            );
+            fallback
+        }
+    }
+}
+
+/// A pod count as the API writes it (a plain integer quantity, e.g.
+/// `"110"`), within `--max-pods`' range.
+fn parse_pod_capacity(q: &str) -> Result<u32> {
+    let n: u32 = q.trim().parse().context("not a plain integer quantity")?;
+    anyhow::ensure!((1..=1_048_576).contains(&n), "{n} is not in 1..=1048576");
+    Ok(n)
+}
+
 /// Finds pods for the CNI server: the watcher's store, else the API.
 #[derive(Clone)]
 pub struct Lookup {

@@ -90,10 +90,33 @@ async fn one_pod(State(s): State<Shared>, Path((ns, name)): Path<(String, String
     }
 }
 
+/// Nodes: node-a with 110 pods, node-b with a malformed count, node-c
+/// without a status; any other is not found.
+async fn one_node(Path(name): Path<String>) -> Response {
+    let status = match name.as_str() {
+        "node-a" => json!({"capacity": {"pods": "110", "cpu": "2"}}),
+        "node-b" => json!({"capacity": {"pods": "1k"}}),
+        "node-c" => json!({}),
+        _ => {
+            return (
+                StatusCode::NOT_FOUND,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "reason": "NotFound", "code": 404, "message": "nodes not found"})
+                .to_string(),
+            )
+                .into_response();
+        }
+    };
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "status": status})
+        .to_string()
+        .into_response()
+}
+
 async fn fake_api(script: Shared) -> Client {
     let app = Router::new()
         .route("/api/v1/pods", get(pods))
         .route("/api/v1/namespaces/{ns}/pods/{name}", get(one_pod))
+        .route("/api/v1/nodes/{name}", get(one_node))
         .with_state(script);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -402,4 +425,39 @@ async fn cni_lookup_uses_the_store_then_the_api() {
         e.contains("default/missing is not in the Kubernetes API"),
         "{e}"
     );
+}
+
+#[tokio::test]
+async fn maps_are_sized_from_the_node_pod_capacity() {
+    let client = fake_api(Shared::default()).await;
+    assert_eq!(
+        read_pod_capacity(client.clone(), "node-a").await.unwrap(),
+        110
+    );
+    let e = read_pod_capacity(client.clone(), "node-b")
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("status.capacity.pods \"1k\""),
+        "{e:#}"
+    );
+    let e = read_pod_capacity(client.clone(), "node-c")
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("no status.capacity.pods"),
+        "{e:#}"
+    );
+    let e = read_pod_capacity(client.clone(), "node-z")
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("reading node node-z"), "{e:#}");
+    // Whatever went wrong, the default capacity.
+    let default = crate::datapath::Capacities::DEFAULT_PODS;
+    let failed = read_pod_capacity(client, "node-z").await;
+    assert_eq!(pod_capacity_or_default("node-z", Ok(failed)), default);
+    assert_eq!(pod_capacity_or_default("node-a", Ok(Ok(110))), 110);
+    assert_eq!(parse_pod_capacity(" 250 ").unwrap(), 250);
+    assert!(parse_pod_capacity("0").is_err());
+    assert!(parse_pod_capacity("2000000").is_err());
 }

@@ -18,8 +18,12 @@ pub use decide::*;
 
 /// Layout version of every map below. The agent stores it in the pinned
 /// `WEIR_META` map and refuses to reuse pinned maps written with another
-/// version (bump it whenever a struct in this crate changes).
-pub const LAYOUT_VERSION: u32 = 8;
+/// version (bump it whenever a struct in this crate changes, or a map's
+/// type, flags or sizing rule). v9: `PodCounters` with one unit a field
+/// (DNS split by protocol, connects vs datagrams); hash maps
+/// `BPF_F_NO_PREALLOC`, sizes from the node's pod capacity, `VIRT_FLOWS`
+/// created on first use.
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// `AF_INET` as the kernel reports it in BPF contexts.
 pub const AF_INET: u32 = 2;
@@ -157,8 +161,84 @@ pub struct PodPolicy {
     pub pod_ip4: u32,
     /// The pod's primary IPv6 address.
     pub pod_ip6: Addr,
-    /// Reserved, zero.
-    pub _reserved: u32,
+    /// `TABLE_*` bits: which of the pod's lists have entries in the maps.
+    /// Set by the agent from what it writes (never by the rules
+    /// themselves); the kernel skips the lookups of empty lists.
+    pub tables: u32,
+    /// The pod's only proxy UID, when `tables` has [`TABLE_ONE_UID`].
+    pub one_uid: u32,
+    /// The pod's only proxy GID, when `tables` has [`TABLE_ONE_GID`].
+    pub one_gid: u32,
+}
+
+/// [`PodPolicy::tables`] bit: `PORT_RULES` has `PORT_OUT_INCLUDE` entries.
+pub const TABLE_OUT_INCLUDE_PORTS: u32 = 1 << 0;
+/// [`PodPolicy::tables`] bit: `PORT_RULES` has `PORT_OUT_EXCLUDE` entries.
+pub const TABLE_OUT_EXCLUDE_PORTS: u32 = 1 << 1;
+/// [`PodPolicy::tables`] bit: `PORT_RULES` has `PORT_IN_INCLUDE` entries.
+pub const TABLE_IN_INCLUDE_PORTS: u32 = 1 << 2;
+/// [`PodPolicy::tables`] bit: `PORT_RULES` has `PORT_IN_EXCLUDE` entries.
+pub const TABLE_IN_EXCLUDE_PORTS: u32 = 1 << 3;
+/// [`PodPolicy::tables`] bit: `CIDR_EXCLUDE` has entries.
+pub const TABLE_CIDR_EXCLUDE: u32 = 1 << 4;
+/// [`PodPolicy::tables`] bit: `CIDR_INCLUDE` has entries.
+pub const TABLE_CIDR_INCLUDE: u32 = 1 << 5;
+/// [`PodPolicy::tables`] bit: `CIDR_DNS` has entries.
+pub const TABLE_CIDR_DNS: u32 = 1 << 6;
+/// [`PodPolicy::tables`] bit: `CIDR_IFACE` has entries.
+pub const TABLE_CIDR_IFACE: u32 = 1 << 7;
+/// [`PodPolicy::tables`] bit: `CIDR_SKIP_SRC` has entries.
+pub const TABLE_CIDR_SKIP_SRC: u32 = 1 << 8;
+/// [`PodPolicy::tables`] bit: `SRC_ROUTES` has entries.
+pub const TABLE_SRC_ROUTES: u32 = 1 << 9;
+/// [`PodPolicy::tables`] bit: `PROXY_IDS` has `IDKEY_UID` entries.
+pub const TABLE_UIDS: u32 = 1 << 10;
+/// [`PodPolicy::tables`] bit: `PROXY_IDS` has `IDKEY_GID` entries.
+pub const TABLE_GIDS: u32 = 1 << 11;
+/// [`PodPolicy::tables`] bit: `PROXY_IDS` has `IDKEY_OWNER_GROUP` entries.
+pub const TABLE_OWNER_GROUPS: u32 = 1 << 12;
+/// [`PodPolicy::tables`] bit: `PROXY_IDS` has `IDKEY_EXCLUDED_IFINDEX`
+/// entries.
+pub const TABLE_EXCLUDED_IFINDEXES: u32 = 1 << 13;
+
+/// [`PodPolicy::tables`] bit: the pod has exactly one proxy UID,
+/// [`PodPolicy::one_uid`] (no `PROXY_IDS` lookup needed for UIDs).
+pub const TABLE_ONE_UID: u32 = 1 << 14;
+/// [`PodPolicy::tables`] bit: the pod has exactly one proxy GID,
+/// [`PodPolicy::one_gid`].
+pub const TABLE_ONE_GID: u32 = 1 << 15;
+
+/// The [`PodPolicy::tables`] bit of port list `kind` (`PORT_*`).
+pub const fn table_of_ports(kind: u16) -> u32 {
+    match kind {
+        PORT_OUT_INCLUDE => TABLE_OUT_INCLUDE_PORTS,
+        PORT_OUT_EXCLUDE => TABLE_OUT_EXCLUDE_PORTS,
+        PORT_IN_INCLUDE => TABLE_IN_INCLUDE_PORTS,
+        PORT_IN_EXCLUDE => TABLE_IN_EXCLUDE_PORTS,
+        _ => 0,
+    }
+}
+
+/// The [`PodPolicy::tables`] bit of identity list `kind` (`IDKEY_*`).
+pub const fn table_of_ids(kind: u32) -> u32 {
+    match kind {
+        IDKEY_UID => TABLE_UIDS,
+        IDKEY_GID => TABLE_GIDS,
+        IDKEY_OWNER_GROUP => TABLE_OWNER_GROUPS,
+        IDKEY_EXCLUDED_IFINDEX => TABLE_EXCLUDED_IFINDEXES,
+        _ => 0,
+    }
+}
+
+/// The [`PodPolicy::tables`] bit of CIDR list `list`.
+pub const fn table_of_cidrs(list: CidrList) -> u32 {
+    match list {
+        CidrList::OutboundExclude => TABLE_CIDR_EXCLUDE,
+        CidrList::OutboundInclude => TABLE_CIDR_INCLUDE,
+        CidrList::DnsServers => TABLE_CIDR_DNS,
+        CidrList::ExcludedInterfaceRoutes => TABLE_CIDR_IFACE,
+        CidrList::InboundSkipSources => TABLE_CIDR_SKIP_SRC,
+    }
 }
 
 /// Kinds of entries in the `PORT_RULES` map.

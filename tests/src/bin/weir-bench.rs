@@ -41,6 +41,8 @@ mod enroll;
 mod load;
 #[path = "bench/machine.rs"]
 mod machine;
+#[path = "bench/memory.rs"]
+mod memory;
 #[path = "bench/node.rs"]
 mod node;
 #[path = "bench/plot.rs"]

@@ -37,7 +37,7 @@ use crate::node::weir_status;
 use crate::stats::Summary;
 
 /// How long one apply may take before the bench gives up.
-const APPLY_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const APPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the enrollment benchmark measured.
 #[derive(Debug, Serialize)]
@@ -67,12 +67,12 @@ pub struct EnrollResult {
 
 /// Network namespaces bind-mounted on files of one directory; unmounted
 /// (and so freed, once nothing else holds them) on drop.
-struct NetnsSet {
-    files: Vec<PathBuf>,
+pub(crate) struct NetnsSet {
+    pub(crate) files: Vec<PathBuf>,
 }
 
 impl NetnsSet {
-    fn create(dir: &Path, n: usize, interrupted: &AtomicBool) -> Result<NetnsSet> {
+    pub(crate) fn create(dir: &Path, n: usize, interrupted: &AtomicBool) -> Result<NetnsSet> {
         std::fs::create_dir_all(dir)?;
         let dir = dir.to_path_buf();
         // A scoped thread: unshare() moves only this thread into each new
@@ -115,7 +115,7 @@ impl Drop for NetnsSet {
 }
 
 /// The agent, killed on drop.
-struct Agent(Child);
+pub(crate) struct Agent(pub(crate) Child);
 
 impl Drop for Agent {
     fn drop(&mut self) {
@@ -125,7 +125,7 @@ impl Drop for Agent {
 }
 
 /// The pods file listing every namespace of `set`.
-fn pods_yaml(set: &NetnsSet) -> String {
+pub(crate) fn pods_yaml(set: &NetnsSet) -> String {
     let mut y = String::with_capacity(set.files.len() * 120);
     y.push_str("pods:\n");
     for (i, f) in set.files.iter().enumerate() {
@@ -139,14 +139,14 @@ fn pods_yaml(set: &NetnsSet) -> String {
 }
 
 /// Pod `i`'s address, in 198.18.128.0/17 (apart from the traffic nodes).
-fn pod_ip(i: usize) -> Ipv4Addr {
+pub(crate) fn pod_ip(i: usize) -> Ipv4Addr {
     let n = i + 1;
     Ipv4Addr::new(198, 18, 128 + (n / 256) as u8, (n % 256) as u8)
 }
 
 /// Replaces `path` with `text` in one rename, so the agent never reads a
 /// half-written file.
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)?;
@@ -154,21 +154,25 @@ fn write_atomically(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Follows the agent's log from a byte offset.
-struct LogTail {
-    path: PathBuf,
-    offset: u64,
+pub(crate) struct LogTail {
+    pub(crate) path: PathBuf,
+    pub(crate) offset: u64,
 }
 
 impl LogTail {
     /// Skips everything logged so far.
-    fn mark(&mut self) -> Result<()> {
+    pub(crate) fn mark(&mut self) -> Result<()> {
         self.offset = std::fs::metadata(&self.path)?.len();
         Ok(())
     }
 
     /// Waits for the next `pods file applied in N ms` line after the mark;
     /// returns N and the time it was seen, and moves the mark past it.
-    fn wait_applied(&mut self, agent: &mut Agent, timeout: Duration) -> Result<(u64, Instant)> {
+    pub(crate) fn wait_applied(
+        &mut self,
+        agent: &mut Agent,
+        timeout: Duration,
+    ) -> Result<(u64, Instant)> {
         let deadline = Instant::now() + timeout;
         let needle = "pods file applied in ";
         let mut text = String::new();
@@ -246,7 +250,7 @@ fn rss_kib(pid: u32) -> (u64, u64) {
 }
 
 /// Sum of `memlock` over the distinct BPF maps `pid` has open, KiB.
-fn bpf_map_kib(pid: u32) -> u64 {
+pub(crate) fn bpf_map_kib(pid: u32) -> u64 {
     let mut seen = std::collections::BTreeSet::new();
     let mut bytes = 0u64;
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
@@ -302,6 +306,11 @@ pub fn run(
         .arg(bpffs.path())
         .args(["--metrics-addr", "off"])
         .arg(format!("--reload-ms={reload_ms}"))
+        // A node that runs this many pods says so (status.capacity.pods).
+        .arg(format!(
+            "--max-pods={}",
+            pods.max(crate::memory::NODE_CAPACITY)
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

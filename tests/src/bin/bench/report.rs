@@ -287,6 +287,38 @@ fn targets(m: &Measured, rows: &[Row]) -> Vec<Target> {
             t.push(not_measured("agent RSS ≤ 30 MB"));
         }
     }
+    match &m.memory {
+        Some(mem) => {
+            for r in mem
+                .rows
+                .iter()
+                .filter(|r| r.pods == crate::memory::NODE_CAPACITY)
+            {
+                let mb = r.weir_maps_bytes as f64 / 1e6;
+                t.push(Target {
+                    name: format!("weir's kernel memory ≤ 8 MB at {} pods", r.pods),
+                    measured: format!(
+                        "{mb:.2} MB of maps (iptables' rules: {:.2} MB)",
+                        r.iptables_kmem_bytes as f64 / 1e6
+                    ),
+                    pass: Some(mb <= 8.0),
+                    value: Some(mb),
+                });
+            }
+        }
+        None => t.push(not_measured("weir's kernel memory ≤ 8 MB at 110 pods")),
+    }
+    let p99 = row("rr_sidecar_p99").and_then(|r| r.ratio(Mode::Weir, Mode::Iptables));
+    let name = "weir (no fast path): p99 app → sidecar ≤ 0.9× iptables";
+    t.push(match p99 {
+        Some(s) => Target {
+            name: name.into(),
+            measured: format!("{:.3}× ({:.3}–{:.3})", s.median, s.min, s.max),
+            pass: Some(s.median <= 0.9),
+            value: Some(s.median),
+        },
+        None => not_measured(name),
+    });
     for (key, name, limit) in [
         (
             "rr_sidecar_p99",
@@ -502,6 +534,9 @@ fn markdown(m: &Measured, rows: &[Row], targets: &[Target]) -> String {
             e.bpf_map_kib as f64 * 1024.0 / 1e6
         );
     }
+    if let Some(mem) = &m.memory {
+        memory_table(&mut s, mem);
+    }
     if let Some((costs, run)) = &m.bpf_cost {
         let total: f64 = costs.iter().map(|c| c.ns_per_conn).sum();
         let _ = writeln!(
@@ -668,6 +703,7 @@ pub fn write(out: &Path, m: &Measured) -> Result<String> {
         "duration_s": m.duration_s,
         "figures": figures,
         "enrollment": m.enroll,
+        "memory": m.memory,
         "targets": targets.iter().map(|t| json!({
             "target": t.name,
             "measured": t.measured,
@@ -691,6 +727,67 @@ pub fn write(out: &Path, m: &Measured) -> Result<String> {
     )
     .context("writing results.json")?;
     Ok(md)
+}
+
+/// The kernel memory table: weir's maps and iptables' rules per node
+/// size, then weir's largest maps at the node capacity.
+fn memory_table(s: &mut String, mem: &crate::memory::MemoryResult) {
+    let mb = |b: u64| format!("{:.2} MB", b as f64 / 1e6);
+    let _ = writeln!(
+        s,
+        "Kernel memory (weir: `memlock` of the agent's BPF maps, and everything charged to the \
+         agent's memory cgroup; iptables: what writing Istio's rules into every pod charged to \
+         a memory cgroup, read from {}):\n",
+        mem.kmem_source
+    );
+    let _ = writeln!(
+        s,
+        "| pods | weir --max-pods | weir maps | weir agent kernel memory | iptables rules (rules) | weir maps ÷ iptables |"
+    );
+    let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|");
+    for r in &mem.rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} ({}) | {:.2}× |",
+            thousands(r.pods as f64, 0),
+            thousands(r.max_pods as f64, 0),
+            mb(r.weir_maps_bytes),
+            mb(r.weir_kmem_bytes),
+            mb(r.iptables_kmem_bytes),
+            thousands(r.iptables_rules as f64, 0),
+            r.weir_maps_bytes as f64 / r.iptables_kmem_bytes.max(1) as f64
+        );
+    }
+    if let Some(b) = mem.conntrack_entry_bytes {
+        let _ = writeln!(
+            s,
+            "\nEach connection adds one conntrack entry with iptables ({b} bytes, `nf_conntrack` \
+             in /proc/slabinfo; it stays for the TIME_WAIT timeout after the close); with weir, \
+             a redirected connection's entry in `PENDING_FLOWS` (preallocated, above) lives only \
+             through the handshake, and its original destination is stored on its two sockets \
+             and freed with them."
+        );
+    }
+    if let Some(r) = mem
+        .rows
+        .iter()
+        .find(|r| r.pods == crate::memory::NODE_CAPACITY)
+    {
+        let mut maps: Vec<(&String, &u64)> = r.weir_maps.iter().collect();
+        maps.sort_by(|a, b| b.1.cmp(a.1));
+        let list: Vec<String> = maps
+            .iter()
+            .take(8)
+            .map(|(n, b)| format!("{n} {:.0} KB", **b as f64 / 1e3))
+            .collect();
+        let _ = writeln!(
+            s,
+            "\nweir's largest maps at {} pods: {}.",
+            r.pods,
+            list.join(", ")
+        );
+    }
+    s.push('\n');
 }
 
 #[cfg(test)]

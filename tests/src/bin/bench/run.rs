@@ -21,6 +21,7 @@ use crate::bpfstats::{self, ProgCost};
 use crate::cpu::CpuMeter;
 use crate::enroll::{self, EnrollResult};
 use crate::machine::{self, Machine};
+use crate::memory::{self, MemoryResult};
 use crate::node::{Mode, Node, NodeSettings, Route};
 use crate::report;
 
@@ -42,7 +43,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub reps: Option<usize>,
     /// Workloads to run (comma list) [default: all]: crr, crr-upstream,
-    /// rr-sidecar, rr-full, bulk, scale, enroll.
+    /// rr-sidecar, rr-full, bulk, scale, enroll, memory.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Concurrent connections of the connection-rate loops.
@@ -228,6 +229,8 @@ pub struct Measured {
     pub samples: BTreeMap<&'static str, BTreeMap<Mode, Vec<u32>>>,
     /// The enrollment benchmark, when it ran.
     pub enroll: Option<EnrollResult>,
+    /// Kernel memory at 10, 110 and 1,000 pods, when it ran.
+    pub memory: Option<MemoryResult>,
     /// Sidecar and server counters at the end: mode -> pod/process -> JSON.
     pub counters: BTreeMap<Mode, BTreeMap<String, Value>>,
     /// Problems found by the checks (empty when every check passed).
@@ -283,7 +286,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let settings = Settings::from_args(&args);
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     for o in &args.only {
-        let known = workloads().iter().any(|(n, _)| n == o) || o == "enroll";
+        let known = workloads().iter().any(|(n, _)| n == o) || o == "enroll" || o == "memory";
         if !known {
             bail!("--only {o}: unknown workload");
         }
@@ -308,6 +311,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         raw: BTreeMap::new(),
         samples: BTreeMap::new(),
         enroll: None,
+        memory: None,
         counters: BTreeMap::new(),
         problems: Vec::new(),
         foreign: Vec::new(),
@@ -336,6 +340,10 @@ pub fn run(args: RunArgs) -> Result<()> {
             settings.nice,
             &INTERRUPTED,
         )?);
+    }
+    if wanted("memory") {
+        check_interrupted()?;
+        m.memory = Some(memory::run(&weir, &INTERRUPTED)?);
     }
     m.duration_s = started.elapsed().as_secs_f64();
     let table = report::write(&args.out, &m)?;

@@ -34,7 +34,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub flood: Option<u64>,
     /// Scenario 3 (map full): the agent's --max-pending (PENDING_FLOWS
-    /// capacity) [default: the agent's, 65536].
+    /// capacity) [default: the agent's, 32 per pod, at least 4096].
     #[arg(long)]
     pub max_pending: Option<u32>,
     /// Scenario 4: sidecar restarts under traffic.
