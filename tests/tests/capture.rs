@@ -593,6 +593,13 @@ fn excluded_interface_is_not_captured() {
     assert_eq!(r.reply()["peer"], Value::String(r.local()));
     std::thread::sleep(Duration::from_millis(200));
     assert!(records(&slog).is_empty(), "{:?}", records(&slog));
+    // Counted, and `weir status`'s outbound_bypassed (all reasons)
+    // includes it.
+    let c = node.counters("server");
+    assert_eq!(c["outbound_bypassed"], 1, "{c}");
+    let m = node.metrics();
+    let line = "weir_connections_bypassed_total{direction=\"outbound\",namespace=\"default\",pod=\"server\",reason=\"excluded_interface\"} 1";
+    assert!(m.contains(line), "{line} not in:\n{m}");
     // The other interface is captured as usual, both ways.
     let r = node.client(&p.server, APP_UID, "198.18.1.1:8080");
     assert!(r.ok(), "{:?}", r.json);
