@@ -46,7 +46,7 @@ enum Step {
 
 impl Step {
     /// In the order they run: each step relies on the ones before it.
-    const ALL: [Step; 9] = [
+    const ALL: [Step; 10] = [
         Step::Setup,
         Step::Fmt,
         Step::BuildEbpf,

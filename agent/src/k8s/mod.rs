@@ -138,7 +138,7 @@ pub fn client(config: kube::Config) -> Result<Client> {
 pub async fn node_pod_capacity(args: &Args) -> u32 {
     let node = args.node_name.clone().unwrap_or_default();
     let read = async {
-        let client = client(args).await?;
+        let client = client(config(args).await?)?;
         read_pod_capacity(client, &node).await
     };
     pod_capacity_or_default(&node, tokio::time::timeout(GET_TIMEOUT, read).await)
