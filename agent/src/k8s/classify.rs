@@ -224,6 +224,9 @@ fn istio_proxy_ids(pod: &Pod) -> Option<(i64, String)> {
         .flatten()
         .find(|e| e.name == "PROXY_GID")
         .and_then(|e| e.value.clone())
+        // Only a list of numbers is taken (istio-init would fail on
+        // anything else); weir's proxy-gids annotation is for the rest.
+        .filter(|v| v.split(',').all(|i| i.trim().parse::<u32>().is_ok()))
         .unwrap_or_else(|| uid.to_string());
     Some((uid, gid))
 }
@@ -536,6 +539,12 @@ pub(crate) mod tests {
         let v = view(&serde_json::from_value(p).unwrap()).unwrap();
         assert_eq!(v.annotations[keys::PROXY_UIDS], "1000650000");
         assert_eq!(v.annotations[keys::PROXY_GIDS], "1337,3000");
+        // A PROXY_GID that is not a list of numbers is not taken.
+        let mut p = istio();
+        p["spec"]["containers"][1]["env"] =
+            serde_json::json!([{"name": "PROXY_GID", "value": "istio"}]);
+        let v = view(&serde_json::from_value(p).unwrap()).unwrap();
+        assert_eq!(v.annotations[keys::PROXY_GIDS], "1337");
         // weir's annotations win; no securityContext: weir's defaults.
         let mut p = istio();
         p["metadata"]["annotations"][keys::PROXY_UIDS] = "1337,1338".into();
