@@ -237,7 +237,12 @@ fn json_log_lines_and_the_version_line() {
     node.start_agent_with(&["--log-format", "json", "--log-level", "debug"]);
     node.set_pods(&[PodEntry::new("j", &ns, &["198.18.8.17"])]);
     let logs = node.agent_logs();
-    let records: Vec<serde_json::Value> = logs
+    // The agent logs on stderr (the harness's section of the output).
+    let stderr = logs
+        .split_once("--- stderr ---\n")
+        .map(|(_, e)| e.trim_end().trim_end_matches("-----"))
+        .unwrap_or_else(|| panic!("no stderr section in {logs}"));
+    let records: Vec<serde_json::Value> = stderr
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
