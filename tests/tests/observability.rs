@@ -263,3 +263,37 @@ fn json_log_lines_and_the_version_line() {
     );
     assert!(records.iter().any(|r| r["level"] == "DEBUG"), "{logs}");
 }
+
+/// The agent keeps weir-cni chained in the node's CNI configuration and
+/// says so per file (`weir_cni_chain_installed`).
+#[test]
+fn cni_chain_gauge_follows_the_configuration_file() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new();
+    let conf_dir = node.dir.join("net.d");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let conf = conf_dir.join("10-test.conflist");
+    std::fs::write(
+        &conf,
+        r#"{"cniVersion":"1.0.0","name":"test","plugins":[{"type":"bridge"}]}"#,
+    )
+    .unwrap();
+    let socket = node.dir.join("run/cni.sock");
+    node.start_agent_with(&[
+        "--cni-socket",
+        socket.to_str().unwrap(),
+        "--cni-conf-dir",
+        conf_dir.to_str().unwrap(),
+    ]);
+    node.wait_log("chained weir-cni into");
+    let series = format!("weir_cni_chain_installed{{file=\"{}\"}} 1", conf.display());
+    wait_until(std::time::Duration::from_secs(10), "chain gauge", || {
+        node.metrics().contains(&series)
+    });
+    assert!(
+        std::fs::read_to_string(&conf).unwrap().contains("weir-cni"),
+        "the file was not changed"
+    );
+}
