@@ -237,7 +237,12 @@ fn json_log_lines_and_the_version_line() {
     node.start_agent_with(&["--log-format", "json", "--log-level", "debug"]);
     node.set_pods(&[PodEntry::new("j", &ns, &["198.18.8.17"])]);
     let logs = node.agent_logs();
-    let records: Vec<serde_json::Value> = logs
+    // The agent logs on stderr (the harness's section of the output).
+    let stderr = logs
+        .split_once("--- stderr ---\n")
+        .map(|(_, e)| e.trim_end().trim_end_matches("-----"))
+        .unwrap_or_else(|| panic!("no stderr section in {logs}"));
+    let records: Vec<serde_json::Value> = stderr
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
@@ -257,4 +262,38 @@ fn json_log_lines_and_the_version_line() {
         "{first}"
     );
     assert!(records.iter().any(|r| r["level"] == "DEBUG"), "{logs}");
+}
+
+/// The agent keeps weir-cni chained in the node's CNI configuration and
+/// says so per file (`weir_cni_chain_installed`).
+#[test]
+fn cni_chain_gauge_follows_the_configuration_file() {
+    if !require_root() {
+        return;
+    }
+    let mut node = Node::new();
+    let conf_dir = node.dir.join("net.d");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let conf = conf_dir.join("10-test.conflist");
+    std::fs::write(
+        &conf,
+        r#"{"cniVersion":"1.0.0","name":"test","plugins":[{"type":"bridge"}]}"#,
+    )
+    .unwrap();
+    let socket = node.dir.join("run/cni.sock");
+    node.start_agent_with(&[
+        "--cni-socket",
+        socket.to_str().unwrap(),
+        "--cni-conf-dir",
+        conf_dir.to_str().unwrap(),
+    ]);
+    node.wait_log("chained weir-cni into");
+    let series = format!("weir_cni_chain_installed{{file=\"{}\"}} 1", conf.display());
+    wait_until(std::time::Duration::from_secs(10), "chain gauge", || {
+        node.metrics().contains(&series)
+    });
+    assert!(
+        std::fs::read_to_string(&conf).unwrap().contains("weir-cni"),
+        "the file was not changed"
+    );
 }
