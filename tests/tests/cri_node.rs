@@ -730,7 +730,11 @@ impl CriNode {
         let log_dir = self.dir(&format!("pods/{name}/files"));
         std::fs::create_dir_all(&log_dir).unwrap();
         // The sidecar writes its ready file as UID 1337.
-        std::fs::set_permissions(&log_dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+        std::fs::set_permissions(
+            &log_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+        )
+        .unwrap();
         let mut pod = Pod {
             name: name.into(),
             sandbox,
@@ -1373,6 +1377,8 @@ fn cri_node_runs_the_agent_from_its_image() {
         .arg(&n.ctd.socket)
         .args(["-n", "k8s.io", "run", "--rm", "--net-host", "--cgroup"])
         .arg(n.cgroup_rel().join("uninstall"))
+        .arg("--runc-root")
+        .arg(n.dir("runc"))
         .arg("--mount")
         .arg(format!(
             "type=bind,src={},dst=/host/etc/cni/net.d,options=rbind:rw",
