@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Load the programs and keep the pods of this node captured.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show attached programs and enrolled pods (reads the pinned maps).
     Status(StatusArgs),
     /// Explain what weir does with one connection of a pod and which rule
@@ -222,7 +222,7 @@ fn main() {
         }
     }
     let res = match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::Status(a) => status::print(&a.bpffs.bpffs, a.output),
         Command::Explain(a) => explain::print(&a.bpffs.bpffs, &a.query(), a.output),
         Command::Uninstall(a) => uninstall(&a),

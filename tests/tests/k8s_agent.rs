@@ -283,6 +283,11 @@ fn k8s_api_outage_and_expired_watches_do_not_disturb_enrolled_pods() {
 
 /// `weir run --kubernetes` against the node's kubeconfig.
 fn spawn_agent(node: &Node, socket: &std::path::Path) -> Proc {
+    spawn_agent_with(node, socket, &[])
+}
+
+/// The same with extra arguments.
+fn spawn_agent_with(node: &Node, socket: &std::path::Path, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(weir_bin());
     cmd.env("RUST_LOG", "info")
         .env_remove("KUBECONFIG")
@@ -302,7 +307,8 @@ fn spawn_agent(node: &Node, socket: &std::path::Path) -> Proc {
         .arg(format!("127.0.0.1:{}", node.metrics_port))
         .args(["--resync-secs", "1"])
         .arg("--cni-socket")
-        .arg(socket);
+        .arg(socket)
+        .args(extra);
     let mut p = spawn_in(None, None, cmd);
     p.wait_for_output("watching the pods of node node-a", TIMEOUT);
     p
@@ -394,4 +400,270 @@ fn k8s_cni_add_enrolls_pods_the_watcher_has_not_seen() {
     assert_eq!(del.code, 0);
     k.api.delete("fresh");
     k.wait_enrolled("fresh removed", &[]);
+}
+
+const UID_V4: &str = "6f1e2d3c-0000-4000-8000-00000000f104";
+const UID_V6: &str = "6f1e2d3c-0000-4000-8000-00000000f106";
+const UID_DUAL: &str = "6f1e2d3c-0000-4000-8000-00000000f146";
+
+/// An Istio pod (no dual stack) with `ips` in its status.
+fn istio_ips(name: &str, uid: &str, ips: &[&str]) -> Value {
+    pod_json(
+        name,
+        uid,
+        ips,
+        &["app", "istio-proxy"],
+        &[(
+            "sidecar.istio.io/status",
+            r#"{"containers":["istio-proxy"]}"#,
+        )],
+    )
+}
+
+/// As the kubelet does it: the pod is in the API without addresses, CNI
+/// ADD gives them, and only later does the kubelet write status.podIPs.
+/// Capture follows the ADD's addresses from the moment ADD returns, the
+/// watcher's passes in between never take it away (its view has no
+/// addresses), and the status update changes nothing. IPv4-only,
+/// IPv6-only (Istio captures IPv6 for an IPv6-first pod) and dual stack
+/// (IPv4 first: Istio without ISTIO_DUAL_STACK captures IPv4 only).
+#[test]
+fn k8s_cni_add_addresses_decide_capture_until_the_api_has_them() {
+    if !require_root() {
+        return;
+    }
+    let mut k = K8sNode::start();
+    struct Case {
+        name: &'static str,
+        uid: &'static str,
+        ips: &'static [&'static str],
+        cidrs: &'static [&'static str],
+        up: &'static [&'static str],
+        /// Destination and whether the sidecar sees it.
+        conns: &'static [(&'static str, bool)],
+    }
+    let cases = [
+        Case {
+            name: "v4only",
+            uid: UID_V4,
+            ips: &["198.18.9.1"],
+            cidrs: &["198.18.9.1/24"],
+            up: &["198.18.9.254/24"],
+            conns: &[("198.18.9.254:8080", true)],
+        },
+        Case {
+            name: "v6only",
+            uid: UID_V6,
+            ips: &["2001:2:0:9::1"],
+            cidrs: &["2001:2:0:9::1/64"],
+            up: &["2001:2:0:9::fe/64"],
+            conns: &[("[2001:2:0:9::fe]:8080", true)],
+        },
+        Case {
+            name: "dual",
+            uid: UID_DUAL,
+            ips: &["198.18.10.1", "2001:2:0:10::1"],
+            cidrs: &["198.18.10.1/24", "2001:2:0:10::1/64"],
+            up: &["198.18.10.254/24", "2001:2:0:10::fe/64"],
+            conns: &[
+                ("198.18.10.254:8080", true),
+                ("[2001:2:0:10::fe]:8080", false),
+            ],
+        },
+    ];
+    let mut pods = Vec::new();
+    for c in &cases {
+        let ns = NetNs::new(&format!("k8s{}", &c.name[..4]));
+        let up = NetNs::new("k8sup");
+        let veth = veth_pair(&ns, c.cidrs, &up, c.up);
+        k.node.echo(&up, 8080, "upstream", 1000);
+        // Scheduled: in the API (and the watcher's store), no addresses.
+        k.api.apply(istio_ips(c.name, c.uid, &[]));
+        pods.push((ns, up, veth));
+    }
+    for c in &cases {
+        wait_until(TIMEOUT, "the watcher has the pods", || {
+            k.logs().contains(&format!(
+                "pod default/{}: meshed, but no network namespace",
+                c.name
+            ))
+        });
+    }
+    let mut logs = Vec::new();
+    for (c, (ns, _, _)) in cases.iter().zip(&pods) {
+        // The runtime's order: netns, CNI ADD, then the sandbox's process.
+        let out = CniCall::add(c.name, c.uid, ns.path(), &k.socket, c.ips).run();
+        assert_eq!(out.code, 0, "{}: {:?} {}", c.name, out.json, out.stderr);
+        k.pod_process(ns, c.uid);
+        logs.push(k.node.sidecar(ns, &format!("{}-sidecar", c.name)));
+    }
+    let check = |k: &K8sNode, when: &str| {
+        for ((c, (ns, _, _)), log) in cases.iter().zip(&pods).zip(&logs) {
+            for (dst, captured) in c.conns {
+                let before = sidecar_log(log).len();
+                let r = k.node.client(ns, 1000, dst);
+                assert!(r.ok(), "{when}: {} -> {dst}: {:?}", c.name, r.json);
+                let recs = sidecar_log(log);
+                if *captured {
+                    assert_eq!(
+                        recs.len(),
+                        before + 1,
+                        "{when}: {} -> {dst} not captured\n{}",
+                        c.name,
+                        k.logs()
+                    );
+                    assert_eq!(recs[before]["orig_dst"], *dst, "{when}: {}", c.name);
+                } else {
+                    assert_eq!(recs.len(), before, "{when}: {} -> {dst} captured", c.name);
+                }
+            }
+        }
+    };
+    check(&k, "right after ADD");
+    // Watcher passes (every second) with no podIPs in the API.
+    std::thread::sleep(Duration::from_secs(3));
+    check(&k, "after watcher passes without podIPs");
+    // The kubelet reports the addresses.
+    for c in &cases {
+        k.api.apply(istio_ips(c.name, c.uid, c.ips));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    check(&k, "after the status update");
+    let mut want: Vec<(&str, u64, u64)> = cases
+        .iter()
+        .zip(&pods)
+        .map(|(c, (ns, _, _))| (c.name, ns.cookie(), 15001))
+        .collect();
+    want.sort();
+    k.wait_enrolled("all three", &want);
+}
+
+/// With the agent down only new meshed pods wait: pods of the excluded
+/// namespaces and pods the API shows are not meshed start, through the
+/// entry and kubeconfig the agent installed. Once the agent is back, the
+/// kubelet's retry of the meshed pod enrolls it.
+#[test]
+fn k8s_agent_down_only_meshed_pods_wait() {
+    if !require_root() {
+        return;
+    }
+    let mut k = K8sNode::start();
+    // The agent again, now installing weir-cni into a node's CNI
+    // configuration (bridge + host-local, as on the real node).
+    let conf_dir = k.node.dir.join("net.d");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let bridge = serde_json::json!({"cniVersion": "1.0.0", "name": "weir-test", "plugins": [
+        {"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local", "ranges": [[{"subnet": "198.18.11.0/24"}]]}},
+        {"type": "portmap", "capabilities": {"portMappings": true}}]});
+    let list_path = conf_dir.join("10-bridge.conflist");
+    std::fs::write(&list_path, bridge.to_string()).unwrap();
+    let conf_arg = conf_dir.to_string_lossy().into_owned();
+    let restart = |k: &mut K8sNode| {
+        if let Some(mut p) = k.agent.take() {
+            p.signal(nix::sys::signal::Signal::SIGTERM);
+            p.wait_timeout(Duration::from_secs(10)).unwrap();
+        }
+        k.agent = Some(spawn_agent_with(
+            &k.node,
+            &k.socket,
+            &["--cni-conf-dir", &conf_arg],
+        ));
+    };
+    restart(&mut k);
+    let kubeconfig = conf_dir.join("weir-kubeconfig");
+    wait_until(TIMEOUT, "weir-cni chained", || {
+        std::fs::read_to_string(&list_path).is_ok_and(|t| t.contains("weir-cni"))
+            && kubeconfig.exists()
+    });
+    let list: Value = serde_json::from_str(&std::fs::read_to_string(&list_path).unwrap()).unwrap();
+    let entry = list["plugins"][2].clone();
+    assert_eq!(entry["type"], "weir-cni");
+    assert_eq!(
+        entry["excludeNamespaces"],
+        serde_json::json!(["kube-system"])
+    );
+    assert_eq!(entry["kubeconfig"], kubeconfig.to_string_lossy().as_ref());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&kubeconfig).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let web_ns = NetNs::new("k8sweb");
+    let other_ns = NetNs::new("k8soth");
+    k.api.apply(istio("web", UID_APP, "", &[]));
+    k.api
+        .apply(pod_json("plain", UID_PLAIN, &[], &["nginx"], &[]));
+    let socket = k.socket.clone();
+    let call = |name: &str, uid: &str, ns: &NetNs, ip: &str| {
+        CniCall::add(name, uid, ns.path(), &socket, &[ip]).with_entry(&list, &entry)
+    };
+
+    // The agent is down.
+    if let Some(mut p) = k.agent.take() {
+        p.signal(nix::sys::signal::Signal::SIGTERM);
+        p.wait_timeout(Duration::from_secs(10)).unwrap();
+    }
+    let web = call("web", UID_APP, &web_ns, "198.18.11.2").run();
+    assert_eq!(web.code, 1, "{:?}", web.json);
+    assert_eq!(web.json["code"], 11, "{:?}", web.json);
+    let msg = web.json["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("not reachable")
+            && msg.contains("default/web")
+            && msg.contains("meshed (istio)"),
+        "{msg}"
+    );
+    assert!(
+        !web.stderr.contains("weir-cni: weir-cni:"),
+        "{}",
+        web.stderr
+    );
+    // Not meshed (read from the API): starts.
+    let plain = call("plain", UID_PLAIN, &other_ns, "198.18.11.3").run();
+    assert_eq!(plain.code, 0, "{:?} {}", plain.json, plain.stderr);
+    assert_eq!(
+        plain.json,
+        k8s_support::prev_result(other_ns.path(), &["198.18.11.3"])
+    );
+    assert!(plain.stderr.contains("not meshed"), "{}", plain.stderr);
+    // kube-system: starts without the API (CoreDNS is not in this API).
+    let dns = call("coredns-5d78c9869d-x2x7k", UID_B, &other_ns, "198.18.11.4")
+        .in_namespace("kube-system")
+        .run();
+    assert_eq!(dns.code, 0, "{:?} {}", dns.json, dns.stderr);
+    assert!(dns.stderr.contains("excludeNamespaces"), "{}", dns.stderr);
+    // The API away too: whether "plain" is meshed is unknown, so it waits.
+    k.api.set_down(true);
+    let unknown = call("plain", UID_PLAIN, &other_ns, "198.18.11.3").run();
+    assert_eq!(unknown.json["code"], 11, "{:?}", unknown.json);
+    assert!(
+        unknown.json["msg"].as_str().unwrap().contains("unknown"),
+        "{:?}",
+        unknown.json
+    );
+    k.api.set_down(false);
+    assert!(k.enrolled().is_empty());
+
+    // The agent is back: the kubelet's retry of the meshed pod enrolls it.
+    restart(&mut k);
+    let web = call("web", UID_APP, &web_ns, "198.18.11.2").run();
+    assert_eq!(web.code, 0, "{:?} {}", web.json, web.stderr);
+    assert_eq!(k.enrolled(), vec![("web".into(), web_ns.cookie(), 15001)]);
+
+    // `weir cni uninstall` leaves the node as it was.
+    if let Some(mut p) = k.agent.take() {
+        p.signal(nix::sys::signal::Signal::SIGTERM);
+        p.wait_timeout(Duration::from_secs(10)).unwrap();
+    }
+    let out = Command::new(weir_bin())
+        .args(["cni", "uninstall", "--cni-conf-dir", &conf_arg])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after: Value = serde_json::from_str(&std::fs::read_to_string(&list_path).unwrap()).unwrap();
+    assert_eq!(after, bridge);
+    assert!(!kubeconfig.exists());
 }

@@ -735,7 +735,7 @@ mod tests {
                     }
                     assert_eq!(names(dir).len(), 1, "{name}: {:?}", names(dir));
                     uninstall_config(dir).unwrap();
-                    assert_eq!(names(dir), [as_name.clone()], "{name}");
+                    assert_eq!(names(dir), std::slice::from_ref(&as_name), "{name}");
                     assert_eq!(
                         read(&path),
                         orig,
@@ -749,7 +749,7 @@ mod tests {
                     assert!(matches!(e, InstallError::BadConfig { .. }), "{name}: {msg}");
                     assert!(msg.contains(&as_name), "{name}: {msg}");
                     assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name} was touched");
-                    assert_eq!(names(dir), [as_name.clone()], "{name}");
+                    assert_eq!(names(dir), std::slice::from_ref(&as_name), "{name}");
                 }
             }
         }

@@ -97,6 +97,23 @@ impl CniCall {
         self
     }
 
+    /// The same call for a pod of namespace `ns`.
+    pub fn in_namespace(mut self, ns: &str) -> CniCall {
+        self.pod.0 = ns.into();
+        self
+    }
+
+    /// The network configuration the runtime passes for weir's entry
+    /// `entry` of the list `list` (the list's name and version, as libcni
+    /// sets them), without `prevResult`.
+    pub fn with_entry(mut self, list: &Value, entry: &Value) -> CniCall {
+        let mut conf = entry.clone();
+        conf["name"] = list["name"].clone();
+        conf["cniVersion"] = list["cniVersion"].clone();
+        self.conf = conf;
+        self
+    }
+
     /// Sets a configuration key.
     pub fn set(mut self, key: &str, value: Value) -> CniCall {
         self.conf[key] = value;
