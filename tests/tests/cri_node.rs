@@ -1408,11 +1408,14 @@ fn cri_node_runs_the_agent_from_its_image() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // The original file comes back as it was, and weir's files go.
     let confs = n.cni_confs();
-    assert!(
-        !serde_json::to_string(&confs).unwrap().contains("weir-cni"),
-        "{confs:?}"
+    assert_eq!(
+        confs,
+        [("10-weir-test.json".to_string(), single.clone())],
+        "the configuration after `weir cni uninstall`"
     );
+    assert!(!n.dir("cni/conf/weir-kubeconfig").exists());
     assert!(!n.dir("cni/bin/weir-cni").exists());
     let after = n
         .run_pod("after", "default", true)
