@@ -1377,6 +1377,8 @@ fn cri_node_runs_the_agent_from_its_image() {
         .arg(&n.ctd.socket)
         .args(["-n", "k8s.io", "run", "--rm", "--net-host", "--cgroup"])
         .arg(n.cgroup_rel().join("uninstall"))
+        .arg("--runc-root")
+        .arg(n.dir("runc"))
         .arg("--mount")
         .arg(format!(
             "type=bind,src={},dst=/host/etc/cni/net.d,options=rbind:rw",
@@ -1406,11 +1408,14 @@ fn cri_node_runs_the_agent_from_its_image() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // The original file comes back as it was, and weir's files go.
     let confs = n.cni_confs();
-    assert!(
-        !serde_json::to_string(&confs).unwrap().contains("weir-cni"),
-        "{confs:?}"
+    assert_eq!(
+        confs,
+        [("10-weir-test.json".to_string(), single.clone())],
+        "the configuration after `weir cni uninstall`"
     );
+    assert!(!n.dir("cni/conf/weir-kubeconfig").exists());
     assert!(!n.dir("cni/bin/weir-cni").exists());
     let after = n
         .run_pod("after", "default", true)
