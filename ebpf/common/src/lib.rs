@@ -690,7 +690,10 @@ mod layout_tests {
 
     #[test]
     fn structs_have_no_padding() {
-        assert_eq!(size_of::<PodPolicy>(), 4 + 4 + 2 * 4 + 4 + 4 + 4 + 16 + 4);
+        assert_eq!(
+            size_of::<PodPolicy>(),
+            4 + 4 + 2 * 4 + 4 + 4 + 4 + 16 + 4 + 4 + 4
+        );
         assert_eq!(size_of::<PortKey>(), 16);
         assert_eq!(size_of::<IdKey>(), 16);
         assert_eq!(size_of::<CidrData>(), 24);
