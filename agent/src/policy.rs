@@ -1131,10 +1131,10 @@ impl PodRules {
 
     /// Whether the source route `net -> ip` answers what the kernel
     /// programs answer without it: `ip` is the pod's primary address of
-    /// its family, and no route to another address lies inside `net`
-    /// (which this one, shorter, would otherwise shadow once removed).
-    /// Such routes are left out of `SRC_ROUTES`: a pod with one interface
-    /// then costs its connections no trie lookup.
+    /// its family, and no wider route to another address contains `net`
+    /// (which would answer for it once it is removed). Such routes are
+    /// left out of `SRC_ROUTES`: a pod with one interface then costs its
+    /// connections no trie lookup.
     fn src_route_is_default(&self, net: &IpNet, ip: &IpAddr) -> bool {
         let p = &self.policy;
         let primary = match ip {
@@ -1149,7 +1149,7 @@ impl PodRules {
             && !self
                 .src_routes
                 .iter()
-                .any(|(n, a)| a != ip && n.prefix_len() > net.prefix_len() && net.contains(n))
+                .any(|(n, a)| a != ip && n.prefix_len() < net.prefix_len() && n.contains(net))
     }
 
     /// In-memory tables for [`decide_outbound`]/[`decide_inbound`].
@@ -1422,6 +1422,49 @@ mod tests {
         )
         .unwrap();
         assert_ne!(r.policy.flags & POLICY_INCLUDE_HAS_LOOPBACK, 0);
+    }
+
+    #[test]
+    fn table_bits_follow_the_entries_written() {
+        let mut r = pod_rules(
+            Mesh::Istio,
+            &ips(&["198.18.0.1"]),
+            &ann(&[(keys::EXCLUDE_OUTBOUND_IP_RANGES, "198.18.5.0/24")]),
+        )
+        .unwrap();
+        // The pod's only subnet answers its primary address: no entry.
+        r.src_routes.insert(
+            "198.18.0.0/24".parse().unwrap(),
+            "198.18.0.1".parse().unwrap(),
+        );
+        let e = r.entries(7);
+        assert!(e.src.is_empty());
+        let mut p = r.policy;
+        e.describe_in(&mut p);
+        assert_ne!(p.tables & TABLE_CIDR_EXCLUDE, 0);
+        assert_eq!(p.tables & (TABLE_CIDR_INCLUDE | TABLE_SRC_ROUTES), 0);
+        assert_eq!(p.tables & TABLE_OUT_EXCLUDE_PORTS, 0);
+        // Istio's defaults: one proxy UID and one GID, 1337, inline.
+        assert_eq!(
+            p.tables & (TABLE_ONE_UID | TABLE_ONE_GID),
+            TABLE_ONE_UID | TABLE_ONE_GID
+        );
+        assert_eq!((p.one_uid, p.one_gid), (1337, 1337));
+        // A wider route to another address contains the primary's: the
+        // primary's must stay, or the wider one would answer for it.
+        r.src_routes.insert(
+            "198.0.0.0/8".parse().unwrap(),
+            "198.18.9.9".parse().unwrap(),
+        );
+        let e = r.entries(7);
+        assert_eq!(e.src.len(), 2, "{:?}", e.src);
+        e.describe_in(&mut p);
+        assert_ne!(p.tables & TABLE_SRC_ROUTES, 0);
+        // Two proxy UIDs: looked up in PROXY_IDS again.
+        r.uids.push(1338);
+        r.entries(7).describe_in(&mut p);
+        assert_eq!(p.tables & TABLE_ONE_UID, 0);
+        assert_ne!(p.tables & TABLE_UIDS, 0);
     }
 
     #[test]

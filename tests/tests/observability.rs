@@ -220,8 +220,9 @@ fn map_usage_is_exported_against_capacity() {
         "{m}"
     );
     assert_eq!(
+        // The default capacity without --max-pods (and no Kubernetes node).
         metric(&m, "weir_map_capacity", &[("map", "POD_POLICY")]),
-        Some(16384),
+        Some(256),
         "{m}"
     );
 }

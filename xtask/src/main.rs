@@ -58,7 +58,8 @@ enum Command {
         debug: bool,
     },
     /// Run the CI suite: setup, fmt, build-ebpf, clippy, unit tests, kernel
-    /// tests.
+    /// tests, then the kernel-feature tests on Linux 6.1 in a VM
+    /// (kernel-matrix; docs/kernels.md).
     ///
     /// The kernel tests run as WEIR_REQUIRE_KERNEL_TESTS=1: they fail rather
     /// than skip when they cannot load programs (not root, no BPF).
