@@ -168,7 +168,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     };
     // SAFETY: plain helper call on our own context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(policy) = pod_policy(cookie) else {
+    let Some(policy) = pod_policy_ref(cookie) else {
         if !udp {
             bump_node(|c| c.not_enrolled += 1);
         }
@@ -196,13 +196,13 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         gid: (ids >> 32) as u32,
         udp,
     };
-    let mut t = KernelTables::of(cookie, &policy);
+    let mut t = KernelTables::of(cookie, policy);
     // Asked by the rules (is it a loopback route?) and below (bind the
     // pod's own address?): one lookup for both.
     if !is_loopback_addr(&dst) {
         t.learn_pod_addr(&dst);
     }
-    let verdict = decide_outbound(&policy, &q, &t);
+    let verdict = decide_outbound(policy, &q, &t);
     bump_pod(cookie, |c| {
         if udp {
             count_udp_connect(c, verdict, dport)
@@ -258,7 +258,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         let on_lo_local = t.is_pod_addr(&dst);
         let remote = !on_lo_local && !is_loopback_addr(&dst);
         if on_lo_local || remote {
-            if bind_source(sa, &policy, &dst, v6, on_lo_local, cookie).is_err() {
+            if bind_source(sa, policy, &dst, v6, on_lo_local, cookie).is_err() {
                 bump_pod(cookie, |c| c.source_bind_failed += 1);
             }
         }
@@ -276,7 +276,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     // `LISTENERS` (it looks on every pass); until then, loopback.
     if verdict == Verdict::RedirectDns && udp && sk.src_port != 0 {
         if is_unspecified(&src) && !is_loopback_route(&dst, &t) {
-            if let Some(from) = source_for(&policy, &dst, cookie) {
+            if let Some(from) = source_for(policy, &dst, cookie) {
                 let family_ok = v6 || is_v4_mapped(&from);
                 if family_ok && dns_proxy_known(cookie, &from, policy.dns_port) {
                     if v6 {

@@ -248,8 +248,19 @@ pub static WEIR_META: Array<WeirMeta, 1> = Array::new();
 /// The pod's policy, copied out of the map.
 #[inline(always)]
 pub fn pod_policy(cookie: u64) -> Option<PodPolicy> {
-    // SAFETY: pointer from a successful lookup, read once.
-    POD_POLICY.get_ptr(&cookie).map(|p| unsafe { *p })
+    pod_policy_ref(cookie).copied()
+}
+
+/// The policy of the pod `cookie`, in place: no copy on the stack (the
+/// connect hooks are within a few bytes of the verifier's 512-byte stack
+/// limit). The hash map is `BPF_F_NO_PREALLOC`, so the agent's update
+/// replaces the element rather than writing into it: a reader holding the
+/// old element sees it whole (RCU) until the program ends.
+#[inline(always)]
+pub fn pod_policy_ref(cookie: u64) -> Option<&'static PodPolicy> {
+    // SAFETY: pointer from a successful lookup into a map value, valid
+    // for the program's run (RCU).
+    POD_POLICY.get_ptr(&cookie).map(|p| unsafe { &*p })
 }
 
 /// Adds to a pod's counters on this CPU (no-op if the pod has none).
