@@ -244,9 +244,7 @@ impl Setup {
             }
         }
         if !missing_packages.is_empty() {
-            apt_install(&missing_packages)
-                .context("installing the tests' tools (ip, bpftool, iptables, npm) failed")?;
-            apt_install(&missing_packages).context("installing the kernel tests' tools failed")?;
+            apt_install(&missing_packages).context("installing the tests' tools failed")?;
             self.installed
                 .extend(missing_packages.iter().map(|p| p.to_string()));
             return self.ensure_runtime_tools_installed();
@@ -263,7 +261,7 @@ impl Setup {
                 bail!("installed the Debian package {package} but `{binary}` is still not found");
             }
         }
-        say("test tools: ip, bpftool, iptables, npm installed");
+        say("test tools installed");
         Ok(())
     }
 }
