@@ -2078,24 +2078,7 @@ impl WeirNode {
         let node = Node::new();
         let api = FakeApi::start();
         api.kubeconfig(&node.dir.join("kubeconfig"));
-        let mut cmd = Command::new(weir_tests::weir_bin());
-        cmd.env("RUST_LOG", "info")
-            .env_remove("KUBECONFIG")
-            .args([
-                "run",
-                "--kubernetes",
-                "--node-name",
-                "node-a",
-                "--kubeconfig",
-            ])
-            .arg(node.dir.join("kubeconfig"))
-            .arg("--cgroup")
-            .arg(node.cgroup.path())
-            .arg("--bpffs")
-            .arg(node.bpffs.path())
-            .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{}", node.metrics_port))
-            .args(["--resync-secs", "1"]);
+        let cmd = k8s_support::kubernetes_agent_command(&node);
         let mut agent = spawn_in(None, None, cmd);
         agent.wait_for_output("watching the pods of node node-a", Duration::from_secs(15));
         WeirNode {

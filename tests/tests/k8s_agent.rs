@@ -288,27 +288,8 @@ fn spawn_agent(node: &Node, socket: &std::path::Path) -> Proc {
 
 /// The same with extra arguments.
 fn spawn_agent_with(node: &Node, socket: &std::path::Path, extra: &[&str]) -> Proc {
-    let mut cmd = Command::new(weir_bin());
-    cmd.env("RUST_LOG", "info")
-        .env_remove("KUBECONFIG")
-        .args([
-            "run",
-            "--kubernetes",
-            "--node-name",
-            "node-a",
-            "--kubeconfig",
-        ])
-        .arg(node.dir.join("kubeconfig"))
-        .arg("--cgroup")
-        .arg(node.cgroup.path())
-        .arg("--bpffs")
-        .arg(node.bpffs.path())
-        .arg("--metrics-addr")
-        .arg(format!("127.0.0.1:{}", node.metrics_port))
-        .args(["--resync-secs", "1"])
-        .arg("--cni-socket")
-        .arg(socket)
-        .args(extra);
+    let mut cmd = k8s_support::kubernetes_agent_command(node);
+    cmd.arg("--cni-socket").arg(socket).args(extra);
     let mut p = spawn_in(None, None, cmd);
     p.wait_for_output("watching the pods of node node-a", TIMEOUT);
     p

@@ -15,6 +15,32 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use weir_tests::weir_bin;
 
+/// `weir run --kubernetes` for `node` as node `node-a`, with the
+/// kubeconfig [`FakeApi::kubeconfig`] wrote into the node's directory,
+/// its cgroup, bpffs and metrics port, resyncing every second; callers add
+/// their own flags.
+pub fn kubernetes_agent_command(node: &weir_tests::node::Node) -> Command {
+    let mut cmd = Command::new(weir_bin());
+    cmd.env("RUST_LOG", "info")
+        .env_remove("KUBECONFIG")
+        .args([
+            "run",
+            "--kubernetes",
+            "--node-name",
+            "node-a",
+            "--kubeconfig",
+        ])
+        .arg(node.dir.join("kubeconfig"))
+        .arg("--cgroup")
+        .arg(node.cgroup.path())
+        .arg("--bpffs")
+        .arg(node.bpffs.path())
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", node.metrics_port))
+        .args(["--resync-secs", "1"]);
+    cmd
+}
+
 /// The `weir-cni` binary: `WEIR_CNI_BIN`, else next to the agent.
 pub fn weir_cni_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("WEIR_CNI_BIN") {
