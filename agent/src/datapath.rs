@@ -21,15 +21,16 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, SockHash};
 use aya::programs::links::FdLink;
 use aya::programs::{SchedClassifier, SkLookup, SkMsg};
 use aya::{Ebpf, EbpfLoader};
 use log::{debug, info, warn};
+use weir_common::schema::{self, Sizing};
 use weir_common::*;
 
-use crate::policy::{PodEntries, PodRules};
+use crate::pod_tables::{PodEntries, PodMaps};
+use crate::policy::PodRules;
 use crate::sys;
 
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded here
@@ -48,45 +49,11 @@ pub fn kernel_object() -> Result<&'static [u8]> {
     Ok(EBPF_OBJECT)
 }
 
-/// Every map of the object, all pinned under `weir/maps/`.
-pub const MAP_NAMES: &[&str] = &[
-    "POD_POLICY",
-    "POD_ADDRS",
-    "PORT_RULES",
-    "PROXY_IDS",
-    "CIDR_EXCLUDE",
-    "CIDR_INCLUDE",
-    "CIDR_DNS",
-    "CIDR_IFACE",
-    "CIDR_SKIP_SRC",
-    "SRC_ROUTES",
-    "LISTENERS",
-    "LISTEN_PORTS",
-    "PENDING_FLOWS",
-    "ORIG_DST",
-    "POD_COUNTERS",
-    "NODE_COUNTERS",
-    "POD_META",
-    "WEIR_META",
-    "LOG_LEVEL",
-    "FAST_PATH",
-    "FAST_SOCKS",
-    "FAST_PEER",
-    "VIRT_IFACES",
-    "VIRT_FLOWS",
-];
-
-/// The CIDR maps (LPM tries keyed by cookie and prefix), every one sized
-/// by `--max-cidrs` (tries are not preallocated: the capacity is a cap,
-/// not memory taken up front).
-pub const CIDR_MAPS: &[&str] = &[
-    "CIDR_EXCLUDE",
-    "CIDR_INCLUDE",
-    "CIDR_DNS",
-    "CIDR_IFACE",
-    "CIDR_SKIP_SRC",
-    "SRC_ROUTES",
-];
+/// Every map of the object, all pinned under `weir/maps/`
+/// (`weir_common::schema` declares them).
+pub fn map_names() -> impl Iterator<Item = &'static str> {
+    schema::maps().map(|m| m.name)
+}
 
 /// The tc programs of virtual interfaces, with their TCX attach types
 /// (`BPF_TCX_INGRESS`, `BPF_TCX_EGRESS`) and pin suffixes.
@@ -223,15 +190,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     pins: Pins,
     pod_policy: HashMap<MapData, u64, PodPolicy>,
-    pod_addrs: HashMap<MapData, Addr, u64>,
-    port_rules: HashMap<MapData, PortKey, u32>,
-    proxy_ids: HashMap<MapData, IdKey, u32>,
-    cidr_exclude: LpmTrie<MapData, CidrData, u32>,
-    cidr_include: LpmTrie<MapData, CidrData, u32>,
-    cidr_dns: LpmTrie<MapData, CidrData, u32>,
-    cidr_skip_src: LpmTrie<MapData, CidrData, u32>,
-    cidr_iface: LpmTrie<MapData, CidrData, u32>,
-    src_routes: LpmTrie<MapData, CidrData, Addr>,
+    /// The per-pod tables (`weir_common::pod_tables!`).
+    tables: PodMaps,
     listen_ports: HashMap<MapData, u16, u32>,
     listeners: aya::maps::SockHash<MapData, ListenerKey>,
     pod_counters: PerCpuHashMap<MapData, u64, PodCounters>,
@@ -241,7 +201,6 @@ pub struct Datapath {
     log_level: Array<MapData, u32>,
     fast_path: Array<MapData, u32>,
     fast_socks: SockHash<MapData, FastKey>,
-    virt_ifaces: HashMap<MapData, VirtKey, VirtIface>,
     caps: Capacities,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -321,19 +280,10 @@ impl Datapath {
             log_level: take(&mut ebpf, "LOG_LEVEL")?,
             fast_path: take(&mut ebpf, "FAST_PATH")?,
             fast_socks: take(&mut ebpf, "FAST_SOCKS")?,
-            virt_ifaces: take(&mut ebpf, "VIRT_IFACES")?,
             caps: caps.clone(),
             logger,
             pod_policy: take(&mut ebpf, "POD_POLICY")?,
-            pod_addrs: take(&mut ebpf, "POD_ADDRS")?,
-            port_rules: take(&mut ebpf, "PORT_RULES")?,
-            proxy_ids: take(&mut ebpf, "PROXY_IDS")?,
-            cidr_exclude: take(&mut ebpf, "CIDR_EXCLUDE")?,
-            cidr_include: take(&mut ebpf, "CIDR_INCLUDE")?,
-            cidr_dns: take(&mut ebpf, "CIDR_DNS")?,
-            cidr_skip_src: take(&mut ebpf, "CIDR_SKIP_SRC")?,
-            cidr_iface: take(&mut ebpf, "CIDR_IFACE")?,
-            src_routes: take(&mut ebpf, "SRC_ROUTES")?,
+            tables: PodMaps::take(&mut ebpf)?,
             listen_ports: take(&mut ebpf, "LISTEN_PORTS")?,
             listeners: take(&mut ebpf, "LISTENERS")?,
             pod_counters: take(&mut ebpf, "POD_COUNTERS")?,
@@ -599,109 +549,25 @@ impl Datapath {
         self.pod_meta
             .insert(cookie, meta, 0)
             .context("POD_META full")?;
-        for k in &new.ports {
-            self.port_rules
-                .insert(k, 1, 0)
-                .context("PORT_RULES full (raise --max-port-rules)")?;
-        }
-        for k in &new.ids {
-            self.proxy_ids.insert(k, 1, 0).context("PROXY_IDS full")?;
-        }
-        for (bits, data) in &new.exclude {
-            self.cidr_exclude
-                .insert(&Key::new(*bits, *data), 1, 0)
-                .context("CIDR_EXCLUDE full (raise --max-cidrs)")?;
-        }
-        for (bits, data) in &new.include {
-            self.cidr_include
-                .insert(&Key::new(*bits, *data), 1, 0)
-                .context("CIDR_INCLUDE full (raise --max-cidrs)")?;
-        }
-        for (bits, data) in &new.dns {
-            self.cidr_dns
-                .insert(&Key::new(*bits, *data), 1, 0)
-                .context("CIDR_DNS full (raise --max-cidrs)")?;
-        }
-        for (bits, data) in &new.iface {
-            self.cidr_iface
-                .insert(&Key::new(*bits, *data), 1, 0)
-                .context("CIDR_IFACE full (raise --max-cidrs)")?;
-        }
-        for (bits, data) in &new.skip_src {
-            self.cidr_skip_src
-                .insert(&Key::new(*bits, *data), 1, 0)
-                .context("CIDR_SKIP_SRC full (raise --max-cidrs)")?;
-        }
-        for (bits, data, src) in &new.src {
-            self.src_routes
-                .insert(&Key::new(*bits, *data), src, 0)
-                .context("SRC_ROUTES full (raise --max-cidrs)")?;
-        }
-        for a in &new.addrs {
-            self.pod_addrs
-                .insert(a, cookie, 0)
-                .context("POD_ADDRS full")?;
-        }
-        for (k, v) in &new.virt {
-            self.virt_ifaces
-                .insert(k, v, 0)
-                .context("VIRT_IFACES full")?;
-        }
+        self.tables.write(&new)?;
         self.pod_policy
             .insert(cookie, policy, 0)
             .context("POD_POLICY full (raise --max-pods)")?;
         if let Some(old) = old {
-            self.remove_stale(cookie, old, &new);
+            self.remove_stale(old, &new);
         }
         Ok(new)
     }
 
-    fn remove_stale(&mut self, cookie: u64, old: &PodEntries, new: &PodEntries) {
-        for k in old.ports.difference(&new.ports) {
-            let _ = self.port_rules.remove(k);
-        }
-        for k in old.ids.difference(&new.ids) {
-            let _ = self.proxy_ids.remove(k);
-        }
-        for e in old.exclude.iter().filter(|e| !new.exclude.contains(e)) {
-            let _ = self.cidr_exclude.remove(&Key::new(e.0, e.1));
-        }
-        for e in old.include.iter().filter(|e| !new.include.contains(e)) {
-            let _ = self.cidr_include.remove(&Key::new(e.0, e.1));
-        }
-        for e in old.dns.iter().filter(|e| !new.dns.contains(e)) {
-            let _ = self.cidr_dns.remove(&Key::new(e.0, e.1));
-        }
-        for e in old.iface.iter().filter(|e| !new.iface.contains(e)) {
-            let _ = self.cidr_iface.remove(&Key::new(e.0, e.1));
-        }
-        for e in old.skip_src.iter().filter(|e| !new.skip_src.contains(e)) {
-            let _ = self.cidr_skip_src.remove(&Key::new(e.0, e.1));
-        }
-        for e in old
-            .src
-            .iter()
-            .filter(|e| !new.src.iter().any(|n| n.0 == e.0 && n.1 == e.1))
-        {
-            let _ = self.src_routes.remove(&Key::new(e.0, e.1));
-        }
-        for k in old.virt.keys().filter(|k| !new.virt.contains_key(k)) {
-            let _ = self.virt_ifaces.remove(k);
-        }
-        for a in old.addrs.iter().filter(|a| !new.addrs.contains(a)) {
-            // Only if the address still points at this pod (it may have
-            // moved to a new pod already).
-            if self.pod_addrs.get(a, 0).ok() == Some(cookie) {
-                let _ = self.pod_addrs.remove(a);
-            }
-        }
+    fn remove_stale(&mut self, old: &PodEntries, new: &PodEntries) {
+        self.tables.remove_stale(old, new);
     }
 
     /// Removes every entry of a pod. The policy goes first, so the
     /// programs stop capturing before the tables disappear.
     pub fn remove_pod(&mut self, cookie: u64, old: &PodEntries) {
         let _ = self.pod_policy.remove(&cookie);
-        self.remove_stale(cookie, old, &PodEntries::default());
+        self.remove_stale(old, &PodEntries::default());
         let _ = self.pod_meta.remove(&cookie);
         let _ = self.pod_counters.remove(&cookie);
         self.detach_netns(cookie);
@@ -710,68 +576,8 @@ impl Datapath {
     /// Removes every trace of a pod known only by its cookie (left over by
     /// an earlier agent): scans the keyed maps for that cookie.
     pub fn purge_cookie(&mut self, cookie: u64) {
-        let ports: Vec<PortKey> = self
-            .port_rules
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.netns_cookie == cookie)
-            .collect();
-        let ids: Vec<IdKey> = self
-            .proxy_ids
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.netns_cookie == cookie)
-            .collect();
-        let ex = cookie_keys(&self.cidr_exclude, cookie);
-        let inc = cookie_keys(&self.cidr_include, cookie);
-        let dns = cookie_keys(&self.cidr_dns, cookie);
-        let iface = cookie_keys(&self.cidr_iface, cookie);
-        let skip_src = cookie_keys(&self.cidr_skip_src, cookie);
-        let src = cookie_keys(&self.src_routes, cookie);
-        let addrs: Vec<Addr> = self
-            .pod_addrs
-            .iter()
-            .filter_map(|e| e.ok())
-            .filter(|(_, c)| *c == cookie)
-            .map(|(a, _)| a)
-            .collect();
-        let virt: Vec<VirtKey> = self
-            .virt_ifaces
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.netns_cookie == cookie)
-            .collect();
         let _ = self.pod_policy.remove(&cookie);
-        for k in &virt {
-            let _ = self.virt_ifaces.remove(k);
-        }
-        for k in &ports {
-            let _ = self.port_rules.remove(k);
-        }
-        for k in &ids {
-            let _ = self.proxy_ids.remove(k);
-        }
-        for k in &ex {
-            let _ = self.cidr_exclude.remove(k);
-        }
-        for k in &inc {
-            let _ = self.cidr_include.remove(k);
-        }
-        for k in &dns {
-            let _ = self.cidr_dns.remove(k);
-        }
-        for k in &iface {
-            let _ = self.cidr_iface.remove(k);
-        }
-        for k in &skip_src {
-            let _ = self.cidr_skip_src.remove(k);
-        }
-        for k in &src {
-            let _ = self.src_routes.remove(k);
-        }
-        for a in &addrs {
-            let _ = self.pod_addrs.remove(a);
-        }
+        self.tables.purge(cookie);
         let _ = self.pod_meta.remove(&cookie);
         let _ = self.pod_counters.remove(&cookie);
         self.detach_netns(cookie);
@@ -816,91 +622,21 @@ impl Datapath {
     /// and `weir_map_capacity` (counting keys costs one syscall per entry;
     /// it runs on scrape only).
     pub fn map_usage(&self) -> Vec<(&'static str, usize, u32)> {
-        let cap = |name: &str| -> u32 {
-            aya::maps::MapData::from_pin(self.pins.maps().join(name))
-                .and_then(|m| m.info())
-                .map(|i| i.max_entries())
-                .unwrap_or(0)
-        };
-        vec![
-            (
-                "POD_POLICY",
-                self.pod_policy.keys().count(),
-                cap("POD_POLICY"),
-            ),
-            ("POD_ADDRS", self.pod_addrs.keys().count(), cap("POD_ADDRS")),
-            (
-                "PORT_RULES",
-                self.port_rules.keys().count(),
-                cap("PORT_RULES"),
-            ),
-            ("PROXY_IDS", self.proxy_ids.keys().count(), cap("PROXY_IDS")),
-            (
-                "CIDR_EXCLUDE",
-                self.cidr_exclude.keys().count(),
-                cap("CIDR_EXCLUDE"),
-            ),
-            (
-                "CIDR_INCLUDE",
-                self.cidr_include.keys().count(),
-                cap("CIDR_INCLUDE"),
-            ),
-            ("CIDR_DNS", self.cidr_dns.keys().count(), cap("CIDR_DNS")),
-            (
-                "CIDR_IFACE",
-                self.cidr_iface.keys().count(),
-                cap("CIDR_IFACE"),
-            ),
-            (
-                "CIDR_SKIP_SRC",
-                self.cidr_skip_src.keys().count(),
-                cap("CIDR_SKIP_SRC"),
-            ),
-            (
-                "SRC_ROUTES",
-                self.src_routes.keys().count(),
-                cap("SRC_ROUTES"),
-            ),
-            (
-                "POD_COUNTERS",
-                self.pod_counters.keys().count(),
-                cap("POD_COUNTERS"),
-            ),
-            (
-                "FAST_SOCKS",
-                self.fast_socks.keys().count(),
-                cap("FAST_SOCKS"),
-            ),
-            (
-                "PENDING_FLOWS",
-                self.lru_len::<FlowKey, OrigDst>("PENDING_FLOWS"),
-                cap("PENDING_FLOWS"),
-            ),
-            (
-                "VIRT_IFACES",
-                self.virt_ifaces.keys().count(),
-                cap("VIRT_IFACES"),
-            ),
-            (
-                "VIRT_FLOWS",
-                self.lru_len::<VirtFlowKey, VirtFlow>("VIRT_FLOWS"),
-                cap("VIRT_FLOWS"),
-            ),
-        ]
-    }
-
-    /// Entries in the pinned LRU hash map `name` (aya opens LRU maps as
-    /// `HashMap`): `PENDING_FLOWS` (connections between the application's
-    /// `connect()` and the proxy's accept; near its capacity it evicts
-    /// in-flight entries, `orig_dst_lost`) and `VIRT_FLOWS` (two entries
-    /// per connection rerouted from a virtual interface).
-    fn lru_len<K: aya::Pod, V: aya::Pod>(&self, name: &str) -> usize {
-        aya::maps::MapData::from_pin(self.pins.maps().join(name))
-            .ok()
-            .and_then(|m| {
-                aya::maps::HashMap::<_, K, V>::try_from(aya::maps::Map::LruHashMap(m)).ok()
+        schema::maps()
+            .filter(|m| m.usage)
+            .map(|m| {
+                let (entries, capacity) =
+                    MapData::from_pin(self.pins.maps().join(m.name)).map_or((0, 0), |md| {
+                        let capacity = md.info().map(|i| i.max_entries()).unwrap_or(0);
+                        let entries = md
+                            .info()
+                            .and_then(|i| Ok(sys::map_key_count(md.fd().as_fd(), i.key_size())?))
+                            .unwrap_or(0);
+                        (entries, capacity)
+                    });
+                (m.name, entries, capacity)
             })
-            .map_or(0, |h| h.keys().count())
+            .collect()
     }
 
     /// Sets the kernel log level (0 off .. 5 trace).
@@ -1034,17 +770,6 @@ pub fn sum_pod<'a>(it: impl Iterator<Item = &'a PodCounters>) -> PodCounters {
     o
 }
 
-/// The keys of one pod (`cookie`) in a per-pod LPM trie.
-fn cookie_keys<V: aya::Pod>(
-    trie: &LpmTrie<MapData, CidrData, V>,
-    cookie: u64,
-) -> Vec<Key<CidrData>> {
-    trie.keys()
-        .filter_map(|k| k.ok())
-        .filter(|k| k.data().netns_cookie == cookie.to_ne_bytes())
-        .collect()
-}
-
 /// Sums per-CPU node counters.
 pub fn sum_node<'a>(it: impl Iterator<Item = &'a NodeCounters>) -> NodeCounters {
     let mut o = NodeCounters::default();
@@ -1080,10 +805,7 @@ fn update_pinned(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<Option
 
 /// Every map's pin path.
 fn map_paths(pins: &Pins) -> Vec<(&'static str, PathBuf)> {
-    MAP_NAMES
-        .iter()
-        .map(|n| (*n, pins.maps().join(n)))
-        .collect()
+    map_names().map(|n| (n, pins.maps().join(n))).collect()
 }
 
 /// Points `loader` at the pinned maps and sets the capacities of maps it
@@ -1106,28 +828,22 @@ fn configure_loader<'a>(
         }
         loader.map_pin_path(name, path.as_path());
     }
-    let pods = caps.pods;
-    loader
-        .map_max_entries("POD_POLICY", pods)
-        .map_max_entries("POD_COUNTERS", pods)
-        .map_max_entries("POD_META", pods)
-        .map_max_entries("POD_ADDRS", pods.saturating_mul(4))
-        .map_max_entries("PROXY_IDS", pods.saturating_mul(4))
-        .map_max_entries("LISTENERS", pods.saturating_mul(4))
-        .map_max_entries("VIRT_IFACES", pods.saturating_mul(4))
-        .map_max_entries("LISTEN_PORTS", 1024)
-        .map_max_entries("PENDING_FLOWS", caps.pending_flows)
-        .map_max_entries("PORT_RULES", caps.port_rules)
-        .map_max_entries(
-            "FAST_SOCKS",
-            match fast_path {
+    for m in schema::maps() {
+        let size = match m.sizing {
+            Sizing::Object => continue,
+            Sizing::PerPod(n) => caps.pods.saturating_mul(n),
+            Sizing::Fixed(n) => n,
+            Sizing::PortRules => caps.port_rules,
+            Sizing::Cidrs => caps.cidrs,
+            Sizing::PendingFlows => caps.pending_flows,
+            Sizing::FastSockets => match fast_path {
                 Some(false) => FAST_SOCKS_OFF,
                 _ => caps.fast_sockets,
             },
-        )
-        .map_max_entries("VIRT_FLOWS", if main_object { 1 } else { caps.virt_flows });
-    for name in CIDR_MAPS {
-        loader.map_max_entries(name, caps.cidrs);
+            Sizing::VirtFlows if main_object => 1,
+            Sizing::VirtFlows => caps.virt_flows,
+        };
+        loader.map_max_entries(m.name, size);
     }
 }
 

@@ -8,7 +8,6 @@
 //! inbound "is this one of the pod's addresses" and "does this come from
 //! inside the pod" tests of `weir_sk_lookup`) are reproduced here too.
 
-use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -16,13 +15,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, Map, MapData, MapError, SockHash};
+use aya::maps::lpm_trie::Key;
+use aya::maps::{Array, HashMap, Map, MapData, SockHash};
 use ipnet::IpNet;
 use serde::Serialize;
 use weir_common::*;
 
 use crate::datapath::Pins;
+use crate::pod_tables::{PodEntries, PodMaps};
 use crate::policy::{addr_of, ip_of};
 
 /// Output format of `weir explain`.
@@ -68,10 +68,6 @@ pub struct PodView {
     pub policy: PodPolicy,
     /// `PORT_RULES` entries as (`PORT_*` kind, port).
     pub ports: BTreeSet<(u16, u16)>,
-    /// Proxy UIDs (`PROXY_IDS`).
-    pub uids: BTreeSet<u32>,
-    /// Proxy GIDs (`PROXY_IDS`).
-    pub gids: BTreeSet<u32>,
     /// `CIDR_EXCLUDE` entries.
     pub exclude: Vec<IpNet>,
     /// `CIDR_INCLUDE` entries.
@@ -86,16 +82,57 @@ pub struct PodView {
     /// `CIDR_SKIP_SRC` entries (Linkerd's `skip-subnets`: inbound sources
     /// not captured).
     pub skip_sources: Vec<IpNet>,
-    /// Interface indexes of `excludeInterfaces` (`PROXY_IDS` entries of
-    /// kind `IDKEY_EXCLUDED_IFINDEX`).
-    pub excluded_ifindexes: BTreeSet<u32>,
     /// `POD_ADDRS` entries pointing at this pod.
     pub addrs: BTreeSet<IpAddr>,
     /// `LISTENERS` keys of this pod as (port, address family).
     pub listeners: BTreeSet<(u16, u16)>,
+    /// The pod's entries in the per-pod tables, as read back: what the
+    /// decision looks up (the fields above are their readable form).
+    pub entries: PodEntries,
 }
 
 impl PodView {
+    /// The view of pod `namespace/name` with policy `policy` and the
+    /// per-pod table entries `entries` (listeners left empty).
+    pub fn new(namespace: String, name: String, policy: PodPolicy, entries: PodEntries) -> Self {
+        let ids = |kind: u32| -> BTreeSet<u32> {
+            entries
+                .proxy_ids
+                .keys()
+                .filter(|k| k.kind == kind)
+                .map(|k| k.id)
+                .collect()
+        };
+        let nets = |keys: &std::collections::BTreeMap<(u32, CidrData), u32>| -> Vec<IpNet> {
+            let mut v: Vec<IpNet> = keys
+                .keys()
+                .filter_map(|(bits, data)| net_of_key(&Key::new(*bits, *data)))
+                .collect();
+            v.sort();
+            v
+        };
+        PodView {
+            namespace,
+            name,
+            cookie: entries.cookie,
+            policy,
+            ports: entries
+                .port_rules
+                .keys()
+                .map(|k| (k.kind, k.port))
+                .collect(),
+            owner_groups: ids(IDKEY_OWNER_GROUP),
+            exclude: nets(&entries.cidr_exclude),
+            include: nets(&entries.cidr_include),
+            dns: nets(&entries.cidr_dns),
+            iface_routes: nets(&entries.cidr_iface),
+            skip_sources: nets(&entries.cidr_skip_src),
+            addrs: entries.pod_addrs.keys().map(ip_of).collect(),
+            listeners: BTreeSet::new(),
+            entries,
+        }
+    }
+
     fn ports_of(&self, kind: u16) -> Vec<u16> {
         self.ports
             .iter()
@@ -105,85 +142,19 @@ impl PodView {
     }
 }
 
-/// In-memory lookups over the reconstructed tables. CIDR lookups go to the
-/// pinned tries instead when they are open (see [`PinnedTables`]).
+/// The pod's entries answer as the kernel's lookups in its maps do.
 impl PodTables for PodView {
     fn has_port(&self, kind: u16, port: u16) -> bool {
-        self.ports.contains(&(kind, port))
+        self.entries.has_port(kind, port)
     }
     fn has_id(&self, kind: u32, id: u32) -> bool {
-        match kind {
-            IDKEY_UID => self.uids.contains(&id),
-            IDKEY_GID => self.gids.contains(&id),
-            IDKEY_OWNER_GROUP => self.owner_groups.contains(&id),
-            IDKEY_EXCLUDED_IFINDEX => self.excluded_ifindexes.contains(&id),
-            _ => false,
-        }
+        self.entries.has_id(kind, id)
     }
     fn in_cidrs(&self, list: CidrList, addr: &Addr) -> bool {
-        let ip = ip_of(addr);
-        let nets = match list {
-            CidrList::OutboundExclude => &self.exclude,
-            CidrList::OutboundInclude => &self.include,
-            CidrList::DnsServers => &self.dns,
-            CidrList::ExcludedInterfaceRoutes => &self.iface_routes,
-            CidrList::InboundSkipSources => &self.skip_sources,
-        };
-        nets.iter().any(|n| n.contains(&ip))
+        self.entries.in_cidrs(list, addr)
     }
     fn is_pod_addr(&self, addr: &Addr) -> bool {
-        self.addrs.contains(&ip_of(addr))
-    }
-}
-
-/// [`PodTables`] as the kernel sees them: CIDR membership is a longest
-/// prefix match in the pinned `CIDR_EXCLUDE`/`CIDR_INCLUDE` tries with a
-/// full-length key, exactly like `KernelTables::in_cidrs`.
-struct PinnedTables<'a> {
-    view: &'a PodView,
-    exclude: &'a LpmTrie<MapData, CidrData, u32>,
-    include: &'a LpmTrie<MapData, CidrData, u32>,
-    dns: &'a LpmTrie<MapData, CidrData, u32>,
-    iface: &'a LpmTrie<MapData, CidrData, u32>,
-    skip_src: &'a LpmTrie<MapData, CidrData, u32>,
-    error: RefCell<Option<String>>,
-}
-
-impl PodTables for PinnedTables<'_> {
-    fn has_port(&self, kind: u16, port: u16) -> bool {
-        self.view.has_port(kind, port)
-    }
-    fn has_id(&self, kind: u32, id: u32) -> bool {
-        self.view.has_id(kind, id)
-    }
-    fn in_cidrs(&self, list: CidrList, addr: &Addr) -> bool {
-        let key = Key::new(
-            CIDR_COOKIE_BITS + 128,
-            CidrData {
-                netns_cookie: self.view.cookie.to_ne_bytes(),
-                addr: addr_octets(addr),
-            },
-        );
-        let (trie, name) = match list {
-            CidrList::OutboundExclude => (self.exclude, "CIDR_EXCLUDE"),
-            CidrList::OutboundInclude => (self.include, "CIDR_INCLUDE"),
-            CidrList::DnsServers => (self.dns, "CIDR_DNS"),
-            CidrList::ExcludedInterfaceRoutes => (self.iface, "CIDR_IFACE"),
-            CidrList::InboundSkipSources => (self.skip_src, "CIDR_SKIP_SRC"),
-        };
-        match trie.get(&key, 0) {
-            Ok(_) => true,
-            Err(MapError::KeyNotFound) => false,
-            Err(e) => {
-                self.error
-                    .borrow_mut()
-                    .get_or_insert_with(|| format!("looking up {name}: {e}"));
-                false
-            }
-        }
-    }
-    fn is_pod_addr(&self, addr: &Addr) -> bool {
-        self.view.is_pod_addr(addr)
+        self.entries.is_pod_addr(addr)
     }
 }
 
@@ -379,71 +350,8 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
         )
     })?;
 
-    let mut view = PodView {
-        namespace: want_ns,
-        name: want_name,
-        cookie,
-        policy: p,
-        ..Default::default()
-    };
-    let ports: HashMap<MapData, PortKey, u32> =
-        HashMap::try_from(Map::HashMap(open(&pins, "PORT_RULES")?))?;
-    for k in ports.keys() {
-        let k = k.context("reading PORT_RULES")?;
-        if k.netns_cookie == cookie {
-            view.ports.insert((k.kind, k.port));
-        }
-    }
-    let ids: HashMap<MapData, IdKey, u32> =
-        HashMap::try_from(Map::HashMap(open(&pins, "PROXY_IDS")?))?;
-    for k in ids.keys() {
-        let k = k.context("reading PROXY_IDS")?;
-        if k.netns_cookie != cookie {
-            continue;
-        }
-        match k.kind {
-            IDKEY_UID => view.uids.insert(k.id),
-            IDKEY_GID => view.gids.insert(k.id),
-            IDKEY_OWNER_GROUP => view.owner_groups.insert(k.id),
-            IDKEY_EXCLUDED_IFINDEX => view.excluded_ifindexes.insert(k.id),
-            _ => false,
-        };
-    }
-    let exclude: LpmTrie<MapData, CidrData, u32> =
-        LpmTrie::try_from(Map::LpmTrie(open(&pins, "CIDR_EXCLUDE")?))?;
-    let include: LpmTrie<MapData, CidrData, u32> =
-        LpmTrie::try_from(Map::LpmTrie(open(&pins, "CIDR_INCLUDE")?))?;
-    let dns: LpmTrie<MapData, CidrData, u32> =
-        LpmTrie::try_from(Map::LpmTrie(open(&pins, "CIDR_DNS")?))?;
-    let iface: LpmTrie<MapData, CidrData, u32> =
-        LpmTrie::try_from(Map::LpmTrie(open(&pins, "CIDR_IFACE")?))?;
-    let skip_src: LpmTrie<MapData, CidrData, u32> =
-        LpmTrie::try_from(Map::LpmTrie(open(&pins, "CIDR_SKIP_SRC")?))?;
-    for (trie, out, name) in [
-        (&exclude, &mut view.exclude, "CIDR_EXCLUDE"),
-        (&include, &mut view.include, "CIDR_INCLUDE"),
-        (&dns, &mut view.dns, "CIDR_DNS"),
-        (&iface, &mut view.iface_routes, "CIDR_IFACE"),
-        (&skip_src, &mut view.skip_sources, "CIDR_SKIP_SRC"),
-    ] {
-        for k in trie.keys() {
-            let k = k.with_context(|| format!("reading {name}"))?;
-            if k.data().netns_cookie == cookie.to_ne_bytes()
-                && let Some(n) = net_of_key(&k)
-            {
-                out.push(n);
-            }
-        }
-        out.sort();
-    }
-    let addrs: HashMap<MapData, Addr, u64> =
-        HashMap::try_from(Map::HashMap(open(&pins, "POD_ADDRS")?))?;
-    for e in addrs.iter() {
-        let (a, c) = e.context("reading POD_ADDRS")?;
-        if c == cookie {
-            view.addrs.insert(ip_of(&a));
-        }
-    }
+    let entries = PodMaps::open_pinned(&pins.maps())?.entries_of(cookie)?;
+    let mut view = PodView::new(want_ns, want_name, p, entries);
     let listeners: SockHash<MapData, ListenerKey> =
         SockHash::try_from(Map::SockHash(open(&pins, "LISTENERS")?))?;
     for k in listeners.keys() {
@@ -453,23 +361,11 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
         }
     }
 
-    let tables = PinnedTables {
-        view: &view,
-        exclude: &exclude,
-        include: &include,
-        dns: &dns,
-        iface: &iface,
-        skip_src: &skip_src,
-        error: RefCell::new(None),
-    };
     let outcome = if q.inbound {
-        decide_in(&view, q, &tables)
+        decide_in(&view, q, &view)
     } else {
-        Outcome::Decided(decide_outbound(&view.policy, &out_query(q), &tables))
+        Outcome::Decided(decide_outbound(&view.policy, &out_query(q), &view))
     };
-    if let Some(e) = tables.error.into_inner() {
-        bail!("{e}");
-    }
     Ok(describe(&view, q, outcome))
 }
 
@@ -1181,41 +1077,13 @@ mod tests {
             .collect();
         let ips: [IpAddr; 2] = ["198.18.0.1".parse().unwrap(), "2001:2::1".parse().unwrap()];
         let r = pod_rules(mesh, &ips, &ann).unwrap();
-        let e = r.entries(7);
-        let nets = |keys: &[(u32, CidrData)]| -> Vec<IpNet> {
-            keys.iter()
-                .map(|(bits, data)| net_of_key(&Key::new(*bits, *data)).unwrap())
-                .collect()
-        };
-        let ids = |kind: u32| -> BTreeSet<u32> {
-            e.ids
-                .iter()
-                .filter(|k| k.kind == kind)
-                .map(|k| k.id)
-                .collect()
-        };
         // Built from the map entries the agent writes, as `explain` reads
         // them back.
-        PodView {
-            namespace: "default".into(),
-            name: "app".into(),
-            cookie: 7,
-            policy: r.policy,
-            ports: e.ports.iter().map(|k| (k.kind, k.port)).collect(),
-            uids: ids(IDKEY_UID),
-            gids: ids(IDKEY_GID),
-            owner_groups: ids(IDKEY_OWNER_GROUP),
-            exclude: nets(&e.exclude),
-            include: nets(&e.include),
-            dns: nets(&e.dns),
-            iface_routes: Vec::new(),
-            skip_sources: nets(&e.skip_src),
-            excluded_ifindexes: BTreeSet::new(),
-            addrs: e.addrs.iter().map(ip_of).collect(),
-            listeners: [(15001, AF_INET as u16), (15006, AF_INET as u16)]
-                .into_iter()
-                .collect(),
-        }
+        let mut v = PodView::new("default".into(), "app".into(), r.policy, r.entries(7));
+        v.listeners = [(15001, AF_INET as u16), (15006, AF_INET as u16)]
+            .into_iter()
+            .collect();
+        v
     }
 
     fn q(dst: &str, uid: u32, inbound: bool) -> Query {

@@ -610,44 +610,45 @@ fn check_rules(
     let cookie = 0x0123_4567_89ab_cdef;
     let e = r.entries(cookie);
     prop_assert_eq!(
-        e.ports.len(),
+        e.port_rules.len(),
         r.out_include_ports.len()
             + r.out_exclude_ports.len()
             + r.in_include_ports.len()
             + r.in_exclude_ports.len()
     );
     prop_assert!(
-        e.ports
-            .iter()
+        e.port_rules
+            .keys()
             .all(|k| k.netns_cookie == cookie && k.port != 0)
     );
     prop_assert_eq!(
-        e.ids.len(),
+        e.proxy_ids.len(),
         r.uids.len() + r.gids.len() + r.owner_groups.len()
     );
-    prop_assert!(e.ids.iter().all(|k| k.netns_cookie == cookie));
+    prop_assert!(e.proxy_ids.keys().all(|k| k.netns_cookie == cookie));
     for (list, set) in [
-        (&e.exclude, &r.exclude_cidrs),
-        (&e.include, &r.include_cidrs),
+        (&e.cidr_exclude, &r.exclude_cidrs),
+        (&e.cidr_include, &r.include_cidrs),
     ] {
         // Each range gives the keys `cidr_keys` derives for it (one, or the
         // prefixes around the IPv4-mapped block for a wide IPv6 range,
         // checked against ipnet semantics in `policy::tests`).
-        let want: Vec<_> = set
+        let want: BTreeSet<_> = set
             .iter()
             .flat_map(|n| crate::policy::cidr_keys(cookie, n))
             .collect();
-        prop_assert_eq!(list, &want);
-        for (bits, d) in list {
+        let got: BTreeSet<_> = list.keys().copied().collect();
+        prop_assert_eq!(got, want);
+        for (bits, d) in list.keys() {
             prop_assert!(*bits <= 64 + 128);
             prop_assert_eq!(d.netns_cookie, cookie.to_ne_bytes());
         }
     }
-    prop_assert_eq!(e.dns.len(), r.dns_servers.len());
-    let distinct: BTreeSet<_> = e.dns.iter().map(|(b, d)| (*b, d.addr)).collect();
+    prop_assert_eq!(e.cidr_dns.len(), r.dns_servers.len());
+    let distinct: BTreeSet<_> = e.cidr_dns.keys().map(|(b, d)| (*b, d.addr)).collect();
     prop_assert_eq!(
         distinct.len(),
-        e.dns.len(),
+        e.cidr_dns.len(),
         "two DNS servers map to one key"
     );
     // Without IPv6 rules the pod's IPv6 addresses are not steered.
@@ -656,9 +657,9 @@ fn check_rules(
         .iter()
         .filter(|a| !(r.skip_ipv6 && a.to_canonical().is_ipv6()))
         .collect();
-    prop_assert_eq!(e.addrs.len(), steered.len());
     // 127.0.0.1 and ::ffff:127.0.0.1 are one address to the kernel.
-    let distinct: BTreeSet<_> = e.addrs.iter().collect();
+    let distinct: BTreeSet<_> = e.pod_addrs.keys().collect();
+    prop_assert!(e.pod_addrs.values().all(|c| *c == cookie));
     let canonical: BTreeSet<_> = steered.iter().map(|a| a.to_canonical()).collect();
     prop_assert_eq!(
         distinct.len(),
@@ -1288,7 +1289,7 @@ fn same_address_twice_is_one_map_entry() {
     ];
     let r = pod_rules(Mesh::Istio, &ips, &BTreeMap::new()).unwrap();
     let e = r.entries(1);
-    let distinct: BTreeSet<_> = e.addrs.iter().collect();
+    let distinct: BTreeSet<_> = e.pod_addrs.keys().collect();
     assert_eq!(distinct.len(), 1);
 }
 
@@ -1329,7 +1330,7 @@ fn ipv6_ranges_never_match_ipv4_destinations() {
     )
     .unwrap();
     let mapped = crate::policy::cidr_key(7, &"::ffff:0.0.0.0/96".parse().unwrap());
-    for (bits, data) in r.entries(7).exclude {
+    for (bits, data) in r.entries(7).cidr_exclude.into_keys() {
         // The key covers the mapped range when its prefix is no longer
         // than 64 + 96 bits and agrees with ::ffff:0:0 on those bits.
         let covers = bits <= mapped.0 && {

@@ -14,6 +14,7 @@ mod k8s;
 mod logging;
 mod metrics;
 mod netlink;
+mod pod_tables;
 mod podsfile;
 mod policy;
 mod reconcile;

@@ -951,191 +951,14 @@ pub fn cidr_keys(cookie: u64, net: &IpNet) -> Vec<(u32, CidrData)> {
         .collect()
 }
 
-/// Every map entry of one enrolled pod (besides `POD_POLICY`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodEntries {
-    /// `PORT_RULES` keys.
-    pub ports: BTreeSet<PortKey>,
-    /// `PROXY_IDS` keys.
-    pub ids: BTreeSet<IdKey>,
-    /// `CIDR_EXCLUDE` keys.
-    pub exclude: Vec<(u32, CidrData)>,
-    /// `CIDR_INCLUDE` keys.
-    pub include: Vec<(u32, CidrData)>,
-    /// `CIDR_DNS` keys.
-    pub dns: Vec<(u32, CidrData)>,
-    /// `CIDR_IFACE` keys.
-    pub iface: Vec<(u32, CidrData)>,
-    /// `CIDR_SKIP_SRC` keys.
-    pub skip_src: Vec<(u32, CidrData)>,
-    /// `SRC_ROUTES` entries.
-    pub src: Vec<(u32, CidrData, Addr)>,
-    /// `POD_ADDRS` keys.
-    pub addrs: Vec<Addr>,
-    /// `VIRT_IFACES` entries.
-    pub virt: BTreeMap<VirtKey, VirtIface>,
-}
-
-impl PodEntries {
-    /// Sets the [`PodPolicy::tables`] bits of `p` from these entries, and
-    /// its single proxy UID / GID when there is exactly one.
-    pub fn describe_in(&self, p: &mut PodPolicy) {
-        p.tables = self.tables();
-        p.one_uid = 0;
-        p.one_gid = 0;
-        for (kind, bit) in [(IDKEY_UID, TABLE_ONE_UID), (IDKEY_GID, TABLE_ONE_GID)] {
-            let mut of_kind = self.ids.iter().filter(|k| k.kind == kind);
-            if let (Some(only), None) = (of_kind.next(), of_kind.next()) {
-                p.tables |= bit;
-                if kind == IDKEY_UID {
-                    p.one_uid = only.id;
-                } else {
-                    p.one_gid = only.id;
-                }
-            }
-        }
-    }
-
-    /// The [`PodPolicy::tables`] bits of these entries: which lists have
-    /// any.
-    pub fn tables(&self) -> u32 {
-        let mut t = 0;
-        for k in &self.ports {
-            t |= table_of_ports(k.kind);
-        }
-        for k in &self.ids {
-            t |= table_of_ids(k.kind);
-        }
-        for (list, keys) in [
-            (CidrList::OutboundExclude, &self.exclude),
-            (CidrList::OutboundInclude, &self.include),
-            (CidrList::DnsServers, &self.dns),
-            (CidrList::ExcludedInterfaceRoutes, &self.iface),
-            (CidrList::InboundSkipSources, &self.skip_src),
-        ] {
-            if !keys.is_empty() {
-                t |= table_of_cidrs(list);
-            }
-        }
-        if !self.src.is_empty() {
-            t |= TABLE_SRC_ROUTES;
-        }
-        t
-    }
-}
-
 impl PodRules {
-    /// The map entries of this pod when enrolled with `cookie`.
-    pub fn entries(&self, cookie: u64) -> PodEntries {
-        let port = |kind, port| PortKey {
-            netns_cookie: cookie,
-            port,
-            kind,
-            _pad: 0,
-        };
-        let mut ports = BTreeSet::new();
-        ports.extend(
-            self.out_include_ports
-                .iter()
-                .map(|p| port(PORT_OUT_INCLUDE, *p)),
-        );
-        ports.extend(
-            self.out_exclude_ports
-                .iter()
-                .map(|p| port(PORT_OUT_EXCLUDE, *p)),
-        );
-        ports.extend(
-            self.in_include_ports
-                .iter()
-                .map(|p| port(PORT_IN_INCLUDE, *p)),
-        );
-        ports.extend(
-            self.in_exclude_ports
-                .iter()
-                .map(|p| port(PORT_IN_EXCLUDE, *p)),
-        );
-        let id = |kind, id| IdKey {
-            netns_cookie: cookie,
-            id,
-            kind,
-        };
-        let mut ids = BTreeSet::new();
-        ids.extend(self.uids.iter().map(|u| id(IDKEY_UID, *u)));
-        ids.extend(self.gids.iter().map(|g| id(IDKEY_GID, *g)));
-        ids.extend(self.owner_groups.iter().map(|g| id(IDKEY_OWNER_GROUP, *g)));
-        ids.extend(
-            self.excluded_ifindexes
-                .iter()
-                .map(|i| id(IDKEY_EXCLUDED_IFINDEX, *i)),
-        );
-        PodEntries {
-            ports,
-            ids,
-            exclude: self
-                .exclude_cidrs
-                .iter()
-                .flat_map(|n| cidr_keys(cookie, n))
-                .collect(),
-            include: self
-                .include_cidrs
-                .iter()
-                .flat_map(|n| cidr_keys(cookie, n))
-                .collect(),
-            dns: self
-                .dns_servers
-                .iter()
-                .map(|ip| cidr_key(cookie, &IpNet::from(*ip)))
-                .collect(),
-            iface: self
-                .iface_routes
-                .iter()
-                .flat_map(|n| cidr_keys(cookie, n))
-                .collect(),
-            skip_src: self
-                .inbound_skip_sources
-                .iter()
-                .flat_map(|n| cidr_keys(cookie, n))
-                .collect(),
-            src: self
-                .src_routes
-                .iter()
-                .filter(|(n, ip)| !self.src_route_is_default(n, ip))
-                .flat_map(|(n, ip)| {
-                    cidr_keys(cookie, n)
-                        .into_iter()
-                        .map(|(bits, data)| (bits, data, addr_of(*ip)))
-                })
-                .collect(),
-            addrs: self
-                .addrs
-                .iter()
-                .filter(|a| !(self.skip_ipv6 && a.to_canonical().is_ipv6()))
-                .map(|a| addr_of(*a))
-                .collect(),
-            virt: self
-                .virt
-                .iter()
-                .map(|(ifindex, v)| {
-                    (
-                        VirtKey {
-                            netns_cookie: cookie,
-                            ifindex: *ifindex,
-                            _pad: 0,
-                        },
-                        *v,
-                    )
-                })
-                .collect(),
-        }
-    }
-
     /// Whether the source route `net -> ip` answers what the kernel
     /// programs answer without it: `ip` is the pod's primary address of
     /// its family, and no wider route to another address contains `net`
     /// (which would answer for it once it is removed). Such routes are
     /// left out of `SRC_ROUTES`: a pod with one interface then costs its
     /// connections no trie lookup.
-    fn src_route_is_default(&self, net: &IpNet, ip: &IpAddr) -> bool {
+    pub fn src_route_is_default(&self, net: &IpNet, ip: &IpAddr) -> bool {
         let p = &self.policy;
         let primary = match ip {
             IpAddr::V4(v4) => {
@@ -1150,57 +973,6 @@ impl PodRules {
                 .src_routes
                 .iter()
                 .any(|(n, a)| a != ip && n.prefix_len() < net.prefix_len() && n.contains(net))
-    }
-
-    /// In-memory tables for [`decide_outbound`]/[`decide_inbound`].
-    #[cfg(test)]
-    pub fn tables(&self) -> UserTables<'_> {
-        UserTables { rules: self }
-    }
-}
-
-/// [`PodTables`] over a [`PodRules`] (checks the rules agree with the
-/// shared decision functions without a kernel).
-#[cfg(test)]
-pub struct UserTables<'a> {
-    rules: &'a PodRules,
-}
-
-#[cfg(test)]
-impl PodTables for UserTables<'_> {
-    fn has_port(&self, kind: u16, port: u16) -> bool {
-        let set = match kind {
-            PORT_OUT_INCLUDE => &self.rules.out_include_ports,
-            PORT_OUT_EXCLUDE => &self.rules.out_exclude_ports,
-            PORT_IN_INCLUDE => &self.rules.in_include_ports,
-            PORT_IN_EXCLUDE => &self.rules.in_exclude_ports,
-            _ => return false,
-        };
-        set.contains(&port)
-    }
-    fn has_id(&self, kind: u32, id: u32) -> bool {
-        match kind {
-            IDKEY_UID => self.rules.uids.contains(&id),
-            IDKEY_GID => self.rules.gids.contains(&id),
-            IDKEY_OWNER_GROUP => self.rules.owner_groups.contains(&id),
-            IDKEY_EXCLUDED_IFINDEX => self.rules.excluded_ifindexes.contains(&id),
-            _ => false,
-        }
-    }
-    fn in_cidrs(&self, list: CidrList, addr: &Addr) -> bool {
-        let ip = ip_of(addr);
-        let set = match list {
-            CidrList::OutboundExclude => &self.rules.exclude_cidrs,
-            CidrList::OutboundInclude => &self.rules.include_cidrs,
-            CidrList::DnsServers => return self.rules.dns_servers.contains(&ip),
-            CidrList::ExcludedInterfaceRoutes => &self.rules.iface_routes,
-            CidrList::InboundSkipSources => &self.rules.inbound_skip_sources,
-        };
-        set.iter().any(|n| n.contains(&ip))
-    }
-    fn is_pod_addr(&self, addr: &Addr) -> bool {
-        let ip = ip_of(addr);
-        self.rules.addrs.contains(&ip) && !(self.rules.skip_ipv6 && ip.is_ipv6())
     }
 }
 
@@ -1425,93 +1197,6 @@ mod tests {
     }
 
     #[test]
-    fn table_bits_follow_the_entries_written() {
-        let mut r = pod_rules(
-            Mesh::Istio,
-            &ips(&["198.18.0.1"]),
-            &ann(&[(keys::EXCLUDE_OUTBOUND_IP_RANGES, "198.18.5.0/24")]),
-        )
-        .unwrap();
-        // The pod's only subnet answers its primary address: no entry.
-        r.src_routes.insert(
-            "198.18.0.0/24".parse().unwrap(),
-            "198.18.0.1".parse().unwrap(),
-        );
-        let e = r.entries(7);
-        assert!(e.src.is_empty());
-        let mut p = r.policy;
-        e.describe_in(&mut p);
-        assert_ne!(p.tables & TABLE_CIDR_EXCLUDE, 0);
-        assert_eq!(p.tables & (TABLE_CIDR_INCLUDE | TABLE_SRC_ROUTES), 0);
-        assert_eq!(p.tables & TABLE_OUT_EXCLUDE_PORTS, 0);
-        // Istio's defaults: one proxy UID and one GID, 1337, inline.
-        assert_eq!(
-            p.tables & (TABLE_ONE_UID | TABLE_ONE_GID),
-            TABLE_ONE_UID | TABLE_ONE_GID
-        );
-        assert_eq!((p.one_uid, p.one_gid), (1337, 1337));
-        // A wider route to another address contains the primary's: the
-        // primary's must stay, or the wider one would answer for it.
-        r.src_routes.insert(
-            "198.0.0.0/8".parse().unwrap(),
-            "198.18.9.9".parse().unwrap(),
-        );
-        let e = r.entries(7);
-        assert_eq!(e.src.len(), 2, "{:?}", e.src);
-        e.describe_in(&mut p);
-        assert_ne!(p.tables & TABLE_SRC_ROUTES, 0);
-        // Two proxy UIDs: looked up in PROXY_IDS again.
-        r.uids.push(1338);
-        r.entries(7).describe_in(&mut p);
-        assert_eq!(p.tables & TABLE_ONE_UID, 0);
-        assert_ne!(p.tables & TABLE_UIDS, 0);
-    }
-
-    #[test]
-    fn entries_and_tables_agree() {
-        let r = pod_rules(
-            Mesh::Istio,
-            &ips(&["198.18.0.1", "2001:2::1"]),
-            &ann(&[(
-                keys::EXCLUDE_OUTBOUND_IP_RANGES,
-                "198.18.5.0/24,2001:2:5::/48",
-            )]),
-        )
-        .unwrap();
-        let e = r.entries(42);
-        assert_eq!(e.exclude.len(), 2);
-        assert!(e.exclude.contains(&(
-            64 + 96 + 24,
-            CidrData {
-                netns_cookie: 42u64.to_ne_bytes(),
-                addr: addr_octets(&addr_of("198.18.5.0".parse().unwrap())),
-            }
-        )));
-        assert_eq!(e.addrs.len(), 2);
-        let t = r.tables();
-        assert!(t.in_cidrs(
-            CidrList::OutboundExclude,
-            &addr_of("198.18.5.9".parse().unwrap())
-        ));
-        assert!(!t.in_cidrs(
-            CidrList::OutboundExclude,
-            &addr_of("198.18.6.9".parse().unwrap())
-        ));
-        let q = OutboundQuery {
-            dst: addr_of("2001:2:5::9".parse().unwrap()),
-            dport: 80,
-            src: [0; 4],
-            uid: 1000,
-            gid: 1000,
-            udp: false,
-        };
-        assert_eq!(
-            decide_outbound(&r.policy, &q, &t),
-            Verdict::BypassExcludedCidr
-        );
-    }
-
-    #[test]
     fn loopback_include_is_judged_as_written() {
         let r = pod_rules(
             Mesh::Istio,
@@ -1582,7 +1267,6 @@ mod tests {
         .unwrap();
         assert_eq!(r.policy.flags & POLICY_DNS_ALL_SERVERS, 0);
         assert_eq!(r.dns_servers.len(), 2);
-        assert_eq!(r.entries(7).dns.len(), 2);
         let e = pod_rules(Mesh::Istio, &[], &ann(&[(keys::DNS_CAPTURE, "maybe")])).unwrap_err();
         assert!(e.to_string().contains("not a boolean"), "{e}");
         let e = pod_rules(Mesh::Istio, &[], &ann(&[(keys::PROXY_CONFIG, "a: [")])).unwrap_err();
@@ -1695,20 +1379,6 @@ mod tests {
         assert!(r.skip_ipv6);
         assert_eq!(r.policy.flags & POLICY_HAS_IP6, 0);
         assert_ne!(r.policy.flags & POLICY_HAS_IP4, 0);
-        let e = r.entries(7);
-        assert_eq!(e.addrs, vec![addr_of("198.18.0.1".parse().unwrap())]);
-        let q = OutboundQuery {
-            dst: addr_of("2001:2::2".parse().unwrap()),
-            dport: 80,
-            src: [0; 4],
-            uid: 1000,
-            gid: 1000,
-            udp: false,
-        };
-        assert_eq!(
-            decide_outbound(&r.policy, &q, &r.tables()),
-            Verdict::BypassNoRoute
-        );
         // The annotations replace the default lists, not the proxy's ports.
         let r = pod_rules(
             Mesh::Linkerd,
@@ -1725,7 +1395,6 @@ mod tests {
         assert!(r.out_exclude_ports.is_empty());
         assert!(!r.skip_ipv6);
         assert_ne!(r.policy.flags & POLICY_HAS_IP6, 0);
-        assert_eq!(r.entries(7).addrs.len(), 2);
     }
 
     #[test]
@@ -1840,7 +1509,6 @@ mod tests {
             r.policy.flags & (POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND),
             0
         );
-        assert!(r.entries(7).addrs.is_empty());
     }
 
     /// The LPM keys of a range match exactly the addresses Istio's rules

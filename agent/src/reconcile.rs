@@ -16,8 +16,9 @@ use log::{debug, info, warn};
 use weir_common::PodMeta;
 
 use crate::datapath::Datapath;
+use crate::pod_tables::PodEntries;
 use crate::podsfile::PodSpec;
-use crate::policy::{PodEntries, PodRules};
+use crate::policy::PodRules;
 
 /// A pod weir has written into the maps.
 #[derive(Clone, Debug)]

@@ -10,6 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// `enum bpf_cmd` values (include/uapi/linux/bpf.h).
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -60,6 +61,16 @@ struct LinkUpdateAttr {
     old_prog_fd: u32,
 }
 
+/// `bpf_attr` for `BPF_MAP_GET_NEXT_KEY`.
+#[repr(C)]
+#[derive(Default)]
+struct MapNextKeyAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    next_key: u64,
+}
+
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, correctly laid out bpf_attr prefix of
     // `size_of::<T>()` bytes; the kernel zero-extends the rest.
@@ -75,6 +86,32 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
         Err(io::Error::last_os_error())
     } else {
         Ok(ret)
+    }
+}
+
+/// The number of keys in the map `map` (whose keys are `key_size`
+/// bytes), whatever their type: one `BPF_MAP_GET_NEXT_KEY` per key.
+pub fn map_key_count(map: BorrowedFd<'_>, key_size: u32) -> io::Result<usize> {
+    let size = key_size as usize;
+    let (mut key, mut next) = (vec![0u8; size], vec![0u8; size]);
+    let mut count = 0;
+    let mut first = true;
+    loop {
+        let mut attr = MapNextKeyAttr {
+            map_fd: map.as_raw_fd() as u32,
+            // NULL asks for the first key.
+            key: if first { 0 } else { key.as_ptr() as u64 },
+            next_key: next.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(count),
+            Err(e) => return Err(e),
+        }
+        count += 1;
+        first = false;
+        std::mem::swap(&mut key, &mut next);
     }
 }
 

@@ -26,48 +26,35 @@ use weir_common::*;
 /// Map flags of hash maps: entries allocated on insert.
 const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 
+/// The per-pod tables, as `weir_common::pod_tables!` declares them.
+macro_rules! kernel_pod_tables {
+    ($( $(#[$doc:meta])* $name:ident / $field:ident {
+        kind: $kind:ident, key: $key:ty, value: $value:ty, default: $default:literal,
+        sizing: $sizing:expr, cookie_in: $cookie_in:ident, list: $list:expr,
+        bits: |$bk:ident| $bits:expr $(,)?
+    })*) => {
+        $( kernel_pod_table!($(#[$doc])* $name, $kind, $key, $value, $default); )*
+    };
+}
+
+macro_rules! kernel_pod_table {
+    ($(#[$doc:meta])* $name:ident, Hash, $key:ty, $value:ty, $default:literal) => {
+        $(#[$doc])*
+        #[btf_map]
+        pub static $name: HashMap<$key, $value, $default, NO_PREALLOC> = HashMap::new();
+    };
+    ($(#[$doc:meta])* $name:ident, LpmTrie, $key:ty, $value:ty, $default:literal) => {
+        $(#[$doc])*
+        #[btf_map]
+        pub static $name: LpmTrie<$key, $value, $default> = LpmTrie::new();
+    };
+}
+
+weir_common::pod_tables!(kernel_pod_tables);
+
 /// Per-pod policy, keyed by netns cookie.
 #[btf_map]
 pub static POD_POLICY: HashMap<u64, PodPolicy, 16384, NO_PREALLOC> = HashMap::new();
-
-/// Every address of every enrolled pod -> the pod's netns cookie.
-#[btf_map]
-pub static POD_ADDRS: HashMap<Addr, u64, 65536, NO_PREALLOC> = HashMap::new();
-
-/// Port lists (outbound/inbound include/exclude) of every pod.
-#[btf_map]
-pub static PORT_RULES: HashMap<PortKey, u32, 262144, NO_PREALLOC> = HashMap::new();
-
-/// Proxy UIDs and GIDs of every pod.
-#[btf_map]
-pub static PROXY_IDS: HashMap<IdKey, u32, 65536, NO_PREALLOC> = HashMap::new();
-
-/// `excludeOutboundIPRanges` of every pod (cookie-prefixed keys).
-#[btf_map]
-pub static CIDR_EXCLUDE: LpmTrie<CidrData, u32, 262144> = LpmTrie::new();
-
-/// `includeOutboundIPRanges` of every pod, unless `*`.
-#[btf_map]
-pub static CIDR_INCLUDE: LpmTrie<CidrData, u32, 262144> = LpmTrie::new();
-
-/// The pod's DNS servers (`/128` keys), when DNS capture is on and not
-/// for every server.
-#[btf_map]
-pub static CIDR_DNS: LpmTrie<CidrData, u32, 65536> = LpmTrie::new();
-
-/// Sources whose inbound connections are not captured (Linkerd's
-/// `skip-subnets`; value unused).
-#[btf_map]
-pub static CIDR_SKIP_SRC: LpmTrie<CidrData, u32, 65536> = LpmTrie::new();
-
-/// Subnets reached through the pod's `excludeInterfaces` (value unused).
-#[btf_map]
-pub static CIDR_IFACE: LpmTrie<CidrData, u32, 65536> = LpmTrie::new();
-
-/// The pod's connected subnets -> its address on each (the source the
-/// kernel picks for a destination there).
-#[btf_map]
-pub static SRC_ROUTES: LpmTrie<CidrData, Addr, 65536> = LpmTrie::new();
 
 /// The pod's own source address for `dst`, if `dst` is on one of its
 /// connected subnets.
@@ -200,11 +187,6 @@ pub fn store_fast_peer(sk: *mut aya_ebpf::bindings::bpf_sock, mut fp: FastPeer) 
     unsafe { *p = fp };
     true
 }
-
-/// The interfaces of `istio.io/reroute-virtual-interfaces` of every pod,
-/// with the addresses their TCP connections are redirected to.
-#[btf_map]
-pub static VIRT_IFACES: HashMap<VirtKey, VirtIface, 4096, NO_PREALLOC> = HashMap::new();
 
 /// Connections rerouted from virtual interfaces: two mirrored entries per
 /// connection (the way in, the way back), as `REDIRECT`'s conntrack entry

@@ -13,6 +13,7 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod decide;
+pub mod schema;
 
 pub use decide::*;
 
@@ -364,7 +365,7 @@ pub struct IdKey {
 /// address, so one trie serves every pod (prefix length = 64 + address
 /// prefix, IPv4 prefixes counted in their IPv4-mapped form).
 #[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CidrData {
     /// The pod's network-namespace cookie, as bytes (native order; always
     /// fully covered by the prefix, so its byte order does not matter).
