@@ -664,13 +664,13 @@ impl Datapath {
     /// One pod's counters summed over CPUs.
     pub fn pod_counters(&self, cookie: u64) -> Option<PodCounters> {
         let v = self.pod_counters.get(&cookie, 0).ok()?;
-        Some(sum_pod(v.iter()))
+        Some(PodCounters::sum(v.iter()))
     }
 
     /// Node counters summed over CPUs.
     pub fn node_counters(&self) -> NodeCounters {
         match self.node_counters.get(&0, 0) {
-            Ok(v) => sum_node(v.iter()),
+            Ok(v) => NodeCounters::sum(v.iter()),
             Err(_) => NodeCounters::default(),
         }
     }
@@ -735,59 +735,6 @@ fn check_pinned_layout(pins: &Pins, bpffs: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Sums per-CPU pod counters.
-pub fn sum_pod<'a>(it: impl Iterator<Item = &'a PodCounters>) -> PodCounters {
-    let mut o = PodCounters::default();
-    for c in it {
-        o.outbound_captured += c.outbound_captured;
-        o.outbound_to_inbound += c.outbound_to_inbound;
-        o.bypass_excluded_port += c.bypass_excluded_port;
-        o.bypass_passthrough += c.bypass_passthrough;
-        o.bypass_loopback += c.bypass_loopback;
-        o.bypass_proxy += c.bypass_proxy;
-        o.bypass_localhost += c.bypass_localhost;
-        o.bypass_excluded_cidr += c.bypass_excluded_cidr;
-        o.bypass_not_included += c.bypass_not_included;
-        o.inbound_captured += c.inbound_captured;
-        o.inbound_bypass += c.inbound_bypass;
-        o.inbound_fail_closed += c.inbound_fail_closed;
-        o.outbound_fail_closed += c.outbound_fail_closed;
-        o.orig_dst_answered += c.orig_dst_answered;
-        o.orig_dst_missed += c.orig_dst_missed;
-        o.source_bind_failed += c.source_bind_failed;
-        o.dns_tcp_captured += c.dns_tcp_captured;
-        o.bypass_owner_group += c.bypass_owner_group;
-        o.bypass_excluded_iface += c.bypass_excluded_iface;
-        o.virt_captured += c.virt_captured;
-        o.virt_dropped += c.virt_dropped;
-        o.dns_udp_connects_captured += c.dns_udp_connects_captured;
-        o.dns_udp_connects_bypassed += c.dns_udp_connects_bypassed;
-        o.dns_udp_datagrams_captured += c.dns_udp_datagrams_captured;
-        o.dns_udp_datagrams_bypassed += c.dns_udp_datagrams_bypassed;
-    }
-    o
-}
-
-/// Sums per-CPU node counters.
-pub fn sum_node<'a>(it: impl Iterator<Item = &'a NodeCounters>) -> NodeCounters {
-    let mut o = NodeCounters::default();
-    for c in it {
-        o.not_enrolled += c.not_enrolled;
-        o.orig_dst_store_failed += c.orig_dst_store_failed;
-        o.pending_insert_failed += c.pending_insert_failed;
-        o.listeners_recorded += c.listeners_recorded;
-        o.listeners_record_failed += c.listeners_record_failed;
-        o.fast_sockets_added += c.fast_sockets_added;
-        o.fast_add_failed += c.fast_add_failed;
-        o.fast_msgs_redirected += c.fast_msgs_redirected;
-        o.fast_bytes_redirected += c.fast_bytes_redirected;
-        o.fast_msgs_passed += c.fast_msgs_passed;
-        o.orig_dst_lost += c.orig_dst_lost;
-        o.dns_datagram_store_failed += c.dns_datagram_store_failed;
-    }
-    o
 }
 
 /// If a link is pinned at `pin`, swaps `prog` into it and returns Some.

@@ -22,6 +22,7 @@ use serde::Serialize;
 use weir_common::*;
 
 use crate::datapath::Pins;
+use crate::metrics;
 use crate::pod_tables::{PodEntries, PodMaps};
 use crate::policy::{addr_of, ip_of};
 
@@ -175,7 +176,7 @@ impl Outcome {
     /// Short machine-readable name (`redirect_outbound`, …).
     pub fn name(self) -> &'static str {
         match self {
-            Outcome::Decided(v) => verdict_name(v),
+            Outcome::Decided(v) => v.name(),
             Outcome::NotPodAddress => "pass_not_pod_address",
             Outcome::FromInsidePod => "pass_from_inside_pod",
         }
@@ -184,27 +185,6 @@ impl Outcome {
     /// Whether the connection goes to the proxy.
     pub fn captured(self) -> bool {
         matches!(self, Outcome::Decided(v) if v.captured())
-    }
-}
-
-/// Short machine-readable name of a verdict.
-pub fn verdict_name(v: Verdict) -> &'static str {
-    match v {
-        Verdict::RedirectOutbound => "redirect_outbound",
-        Verdict::RedirectInbound => "redirect_inbound",
-        Verdict::BypassExcludedPort => "bypass_excluded_port",
-        Verdict::BypassPassthrough => "bypass_passthrough",
-        Verdict::BypassLoopback => "bypass_loopback",
-        Verdict::BypassProxy => "bypass_proxy",
-        Verdict::BypassLocalhost => "bypass_localhost",
-        Verdict::BypassExcludedCidr => "bypass_excluded_cidr",
-        Verdict::BypassNotIncluded => "bypass_not_included",
-        Verdict::BypassTunnel => "bypass_tunnel",
-        Verdict::BypassDisabled => "bypass_disabled",
-        Verdict::BypassOwnerGroup => "bypass_owner_group",
-        Verdict::BypassExcludedInterface => "bypass_excluded_interface",
-        Verdict::BypassNoRoute => "bypass_no_route",
-        Verdict::RedirectDns => "redirect_dns",
     }
 }
 
@@ -455,15 +435,16 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
     let v6 = dip.is_ipv6() && !matches!(dip, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
     let (id_name, owner) = id_word(p.lo_id_kind);
     let labels = format!("namespace=\"{}\",pod=\"{}\"", view.namespace, view.name);
-    let bypassed = |dir: &str, reason: &str| {
-        Some(format!(
-            "weir_connections_bypassed_total{{{labels},direction=\"{dir}\",reason=\"{reason}\"}}"
-        ))
-    };
-    let captured = |dir: &str| {
-        Some(format!(
-            "weir_connections_captured_total{{{labels},direction=\"{dir}\"}}"
-        ))
+    // The series the kernel adds this connection to, named as /metrics
+    // exports it.
+    let series = |c: PodCounter| {
+        let (family, values) = c.series();
+        let mut s = format!("{family}{{{labels}");
+        for (name, value) in metrics::pod_label_names(family).iter().zip(values) {
+            let _ = write!(s, ",{name}=\"{value}\"");
+        }
+        s.push('}');
+        s
     };
     let mut notes = Vec::new();
     let untouched = format!("{dst} (untouched)");
@@ -487,7 +468,7 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                 "none: istio-iptables writes no capture rules for interceptionMode NONE".into(),
             )
         };
-    let (rule, istio, target, counter, listen): (String, String, String, Option<String>, _) =
+    let (rule, istio, target, listen): (String, String, String, _) =
         match (q.inbound, outcome) {
             (_, Outcome::NotPodAddress) => (
                 format!(
@@ -498,7 +479,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                 "none: istio-iptables' PREROUTING rules live in the pod's netns and see only its traffic"
                     .into(),
                 untouched,
-                None,
                 None,
             ),
             (_, Outcome::FromInsidePod) => (
@@ -511,7 +491,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                 "none: locally generated traffic does not traverse ISTIO_INBOUND".into(),
                 untouched,
                 None,
-                None,
             ),
             (false, Outcome::Decided(v)) => match v {
                 Verdict::BypassNoRoute if dip.is_ipv6() && p.flags & POLICY_HAS_IP4 != 0 => (
@@ -521,7 +500,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                         .to_string(),
                     "none: no ip6tables rule".into(),
                     untouched.clone(),
-                    bypassed("outbound", "not_included"),
                     None,
                 ),
                 Verdict::BypassNoRoute => (
@@ -532,7 +510,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     ),
                     "none: no route, so no iptables rule is reached".into(),
                     untouched.clone(),
-                    bypassed("outbound", "not_included"),
                     None,
                 ),
                 Verdict::BypassExcludedInterface => (
@@ -542,7 +519,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     ),
                     "-A OUTPUT -o <interface> -j RETURN (before ISTIO_OUTPUT)".into(),
                     untouched.clone(),
-                    bypassed("outbound", "excluded_interface"),
                     None,
                 ),
                 Verdict::RedirectOutbound => {
@@ -583,7 +559,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                              getpeername() still says {dst})",
                             proxy_addr(dip, p.outbound_port)
                         ),
-                        captured("outbound"),
                         Some((p.outbound_port, v6)),
                     )
                 }
@@ -612,7 +587,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                             "{} (the proxy's inbound listener; SO_ORIGINAL_DST says {dst})",
                             proxy_addr(dip, p.inbound_port)
                         ),
-                        captured("outbound_to_inbound"),
                         Some((p.inbound_port, v6)),
                     )
                 }
@@ -620,7 +594,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     format!("ISTIO_OUTPUT: port {d} is in excludeOutboundPorts"),
                     format!("-A ISTIO_OUTPUT -p tcp --dport {d} -j RETURN"),
                     untouched,
-                    bypassed("outbound", "excluded_port"),
                     None,
                 ),
                 Verdict::BypassPassthrough => (
@@ -634,7 +607,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                         if v6 { "::6/128" } else { "127.0.0.6/32" }
                     ),
                     untouched,
-                    bypassed("outbound", "inbound_passthrough"),
                     None,
                 ),
                 Verdict::BypassLoopback if p.flags & POLICY_LOOPBACK_SIMPLE != 0 => (
@@ -645,7 +617,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     ),
                     "-A PROXY_INIT_OUTPUT -o lo -j RETURN".into(),
                     untouched,
-                    bypassed("outbound", "loopback"),
                     None,
                 ),
                 Verdict::BypassLoopback => {
@@ -669,7 +640,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                             p.lo_id
                         ),
                         untouched,
-                        bypassed("outbound", "loopback"),
                         None,
                     )
                 }
@@ -697,7 +667,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                         ),
                         format!("-A ISTIO_OUTPUT -m owner {o} {id} -j RETURN"),
                         untouched,
-                        bypassed("outbound", "proxy_identity"),
                         None,
                     )
                 }
@@ -708,7 +677,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     ),
                     format!("-A ISTIO_OUTPUT -d {} -j RETURN", localhost_cidr(v6)),
                     untouched,
-                    bypassed("outbound", "localhost"),
                     None,
                 ),
                 Verdict::BypassExcludedCidr => {
@@ -723,7 +691,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                         format!("ISTIO_OUTPUT: {dip} is in excludeOutboundIPRanges ({net})"),
                         format!("-A ISTIO_OUTPUT -d {net} -j RETURN"),
                         untouched,
-                        bypassed("outbound", "excluded_cidr"),
                         None,
                     )
                 }
@@ -740,7 +707,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                         "-A OUTPUT -p tcp --dport 53 -m owner ! --uid-owner <proxy> -j RETURN"
                             .into(),
                         untouched,
-                        bypassed("outbound", "not_included"),
                         None,
                     )
                 }
@@ -757,7 +723,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     "none: istio-iptables only redirects UDP port 53 (-A OUTPUT -p udp --dport 53 … -j REDIRECT)"
                         .into(),
                     untouched,
-                    bypassed("outbound", "not_included"),
                     None,
                 ),
                 Verdict::BypassOwnerGroup => {
@@ -787,7 +752,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                         format!("ISTIO_OUTPUT owner-group filter: {why}"),
                         ist,
                         untouched,
-                        bypassed("outbound", "owner_group"),
                         None,
                     )
                 }
@@ -826,7 +790,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                             "{} (the proxy's DNS listener; replies appear to come from {dst})",
                             proxy_addr(dip, p.dns_port)
                         ),
-                        captured("dns"),
                         if q.udp {
                             None
                         } else {
@@ -843,14 +806,12 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     ),
                     "end of ISTIO_OUTPUT: the connection leaves the chain unchanged".into(),
                     untouched,
-                    bypassed("outbound", "not_included"),
                     None,
                 ),
                 Verdict::BypassTunnel | Verdict::BypassDisabled => (
                     off_rule,
                     off_istio,
                     untouched,
-                    None,
                     None,
                 ),
             },
@@ -859,7 +820,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     "the connection arrives through an interface of excludeInterfaces".into(),
                     "-A PREROUTING -i <interface> -j RETURN".into(),
                     untouched.clone(),
-                    bypassed("inbound", "port_rule"),
                     None,
                 ),
                 Verdict::RedirectInbound | Verdict::RedirectOutbound => {
@@ -885,7 +845,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                              which SO_ORIGINAL_DST reports)",
                             p.inbound_port
                         ),
-                        captured("inbound"),
                         Some((p.inbound_port, v6)),
                     )
                 }
@@ -895,7 +854,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     ),
                     format!("-A ISTIO_INBOUND -p tcp --dport {d} -j RETURN"),
                     untouched,
-                    bypassed("inbound", "port_rule"),
                     None,
                 ),
                 Verdict::BypassExcludedPort => (
@@ -905,7 +863,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     ),
                     format!("-A ISTIO_INBOUND -p tcp --dport {d} -j RETURN"),
                     untouched,
-                    bypassed("inbound", "port_rule"),
                     None,
                 ),
                 Verdict::BypassExcludedCidr => (
@@ -916,7 +873,6 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     ),
                     "-A PROXY_INIT_REDIRECT -s <subnet> -j RETURN".into(),
                     untouched,
-                    bypassed("inbound", "port_rule"),
                     None,
                 ),
                 Verdict::BypassNotIncluded => (
@@ -926,36 +882,32 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     ),
                     "end of ISTIO_INBOUND: the connection reaches the application directly".into(),
                     untouched,
-                    bypassed("inbound", "port_rule"),
                     None,
                 ),
                 _ => (
                     off_rule,
                     off_istio,
                     untouched,
-                    bypassed("inbound", "port_rule"),
                     None,
                 ),
             },
         };
     let proxy_listening = listen.map(|(port, v6)| listening(view, port, v6));
-    let mut counter = counter;
-    if q.udp && !q.inbound {
-        // UDP is counted in datagrams (sockets when connected), apart from
-        // TCP connections, and only to port 53.
-        counter = (d == 53).then(|| {
-            let result = if outcome.captured() {
-                "captured"
-            } else {
-                "bypassed"
-            };
-            notes.push(
-                "a UDP socket connect()ed to the server is counted once, in weir_dns_udp_sockets_total, instead"
-                    .into(),
-            );
-            format!("weir_dns_udp_datagrams_total{{{labels},result=\"{result}\"}}")
-        });
+    let mut counter = match outcome {
+        Outcome::Decided(v) if q.inbound => Some(v.inbound_counter()),
+        Outcome::Decided(v) if q.udp => {
+            if d == 53 {
+                notes.push(
+                    "a UDP socket connect()ed to the server is counted once, in weir_dns_udp_sockets_total, instead"
+                        .into(),
+                );
+            }
+            udp_datagram_counter(v, d)
+        }
+        Outcome::Decided(v) => v.outbound_counter(),
+        Outcome::NotPodAddress | Outcome::FromInsidePod => None,
     }
+    .map(series);
     if proxy_listening == Some(false) {
         let (port, _) = listen.unwrap_or_default();
         if q.inbound {
@@ -963,9 +915,7 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                 "no proxy listener on port {port} is recorded in LISTENERS for this pod: the connection \
                  is refused with RST (fail closed), never delivered to the application behind the proxy's back"
             ));
-            counter = Some(format!(
-                "weir_fail_closed_total{{{labels},direction=\"inbound\"}}"
-            ));
+            counter = Some(series(PodCounter::InboundFailClosed));
         } else {
             notes.push(format!(
                 "no proxy listener on port {port} is recorded in LISTENERS for this pod: if the proxy is \
@@ -1343,25 +1293,8 @@ mod tests {
     /// Every series `weir explain` names is one `/metrics` exports.
     #[test]
     fn counters_exist_in_metrics() {
-        let metrics = include_str!("metrics.rs");
         let v = view(&[]);
-        for verdict in [
-            Verdict::RedirectOutbound,
-            Verdict::RedirectInbound,
-            Verdict::BypassExcludedPort,
-            Verdict::BypassPassthrough,
-            Verdict::BypassLoopback,
-            Verdict::BypassProxy,
-            Verdict::BypassLocalhost,
-            Verdict::BypassExcludedCidr,
-            Verdict::BypassNotIncluded,
-            Verdict::BypassTunnel,
-            Verdict::BypassDisabled,
-            Verdict::BypassOwnerGroup,
-            Verdict::RedirectDns,
-            Verdict::BypassExcludedInterface,
-            Verdict::BypassNoRoute,
-        ] {
+        for verdict in Verdict::ALL.iter().copied() {
             for (inbound, udp) in [(false, false), (true, false), (false, true)] {
                 let query = Query {
                     udp,
@@ -1392,20 +1325,24 @@ mod tests {
                 counters.extend(e2.counter);
                 for c in counters {
                     let (name, labels) = c.split_once('{').unwrap();
+                    let family = crate::metrics::POD_FAMILIES
+                        .iter()
+                        .find(|f| f.name == name)
+                        .unwrap_or_else(|| panic!("{name} is not a family of /metrics"));
+                    let (names, values): (Vec<&str>, Vec<&str>) = labels
+                        .trim_end_matches('}')
+                        .split(',')
+                        .map(|kv| kv.split_once('=').unwrap())
+                        .filter(|(k, _)| *k != "namespace" && *k != "pod")
+                        .map(|(k, v)| (k, v.trim_matches('"')))
+                        .unzip();
+                    assert_eq!(names, family.labels, "{c}");
                     assert!(
-                        metrics.contains(&format!("\"{name}\"")),
-                        "{name} is not a metric of metrics.rs"
+                        PodCounter::ALL
+                            .iter()
+                            .any(|k| k.series() == (name, values.as_slice())),
+                        "{c} is no counter's series"
                     );
-                    for kv in labels.trim_end_matches('}').split(',') {
-                        let (k, val) = kv.split_once('=').unwrap();
-                        if k == "namespace" || k == "pod" {
-                            continue;
-                        }
-                        assert!(
-                            metrics.contains(val),
-                            "label {k}={val} of {name} does not appear in metrics.rs"
-                        );
-                    }
                 }
             }
         }
@@ -1449,23 +1386,7 @@ mod tests {
     #[test]
     fn every_verdict_has_a_name_and_text() {
         let v = view(&[]);
-        for verdict in [
-            Verdict::RedirectOutbound,
-            Verdict::RedirectInbound,
-            Verdict::BypassExcludedPort,
-            Verdict::BypassPassthrough,
-            Verdict::BypassLoopback,
-            Verdict::BypassProxy,
-            Verdict::BypassLocalhost,
-            Verdict::BypassExcludedCidr,
-            Verdict::BypassNotIncluded,
-            Verdict::BypassTunnel,
-            Verdict::BypassDisabled,
-            Verdict::BypassOwnerGroup,
-            Verdict::RedirectDns,
-            Verdict::BypassExcludedInterface,
-            Verdict::BypassNoRoute,
-        ] {
+        for verdict in Verdict::ALL.iter().copied() {
             for inbound in [false, true] {
                 let e = describe(
                     &v,

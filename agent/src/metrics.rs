@@ -31,7 +31,7 @@ use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use weir_common::{NodeCounters, PodCounters};
+use weir_common::{NodeCounter, NodeCounters, PodCounter, PodCounters, outbound_bypass_reason};
 
 use crate::cni::protocol::{Command, Response};
 use crate::reconcile::Reconciler;
@@ -200,133 +200,44 @@ pub type Series = (&'static str, Vec<&'static str>, u64);
 
 /// The outbound bypass reasons of a pod's counters, as the `reason` label
 /// values of `weir_connections_bypassed_total{direction="outbound"}`: the
-/// one list `/metrics` and `weir status` both use.
-pub fn outbound_bypassed(c: &PodCounters) -> [(&'static str, u64); 9] {
-    [
-        ("excluded_port", c.bypass_excluded_port),
-        ("inbound_passthrough", c.bypass_passthrough),
-        ("loopback", c.bypass_loopback),
-        ("proxy_identity", c.bypass_proxy),
-        ("localhost", c.bypass_localhost),
-        ("excluded_cidr", c.bypass_excluded_cidr),
-        ("not_included", c.bypass_not_included),
-        ("owner_group", c.bypass_owner_group),
-        ("excluded_interface", c.bypass_excluded_iface),
-    ]
+/// one list `/metrics` and `weir status` both use (from the counters'
+/// declaration, `weir_common::counters`).
+pub fn outbound_bypassed(c: &PodCounters) -> Vec<(&'static str, u64)> {
+    PodCounter::ALL
+        .iter()
+        .filter_map(|k| outbound_bypass_reason(*k).map(|r| (r, c.get(*k))))
+        .collect()
 }
 
-/// Every series of one pod's counters (each counter exactly once).
+/// Every series of one pod's counters (each counter exactly once, as
+/// `weir_common::counters` declares it).
 pub fn pod_series(c: &PodCounters) -> Vec<Series> {
-    const CAPTURED: &str = "weir_connections_captured_total";
-    const BYPASSED: &str = "weir_connections_bypassed_total";
-    const CLOSED: &str = "weir_fail_closed_total";
-    let mut s: Vec<Series> = vec![
-        (CAPTURED, vec!["outbound"], c.outbound_captured),
-        (CAPTURED, vec!["inbound"], c.inbound_captured),
-        (CAPTURED, vec!["outbound_to_inbound"], c.outbound_to_inbound),
-        (CAPTURED, vec!["dns"], c.dns_tcp_captured),
-        (CAPTURED, vec!["virtual_interface"], c.virt_captured),
-    ];
-    for (reason, v) in outbound_bypassed(c) {
-        s.push((BYPASSED, vec!["outbound", reason], v));
-    }
-    s.extend([
-        (BYPASSED, vec!["inbound", "port_rule"], c.inbound_bypass),
-        (CLOSED, vec!["inbound"], c.inbound_fail_closed),
-        (CLOSED, vec!["outbound"], c.outbound_fail_closed),
-        (
-            "weir_dns_udp_sockets_total",
-            vec!["captured"],
-            c.dns_udp_connects_captured,
-        ),
-        (
-            "weir_dns_udp_sockets_total",
-            vec!["bypassed"],
-            c.dns_udp_connects_bypassed,
-        ),
-        (
-            "weir_dns_udp_datagrams_total",
-            vec!["captured"],
-            c.dns_udp_datagrams_captured,
-        ),
-        (
-            "weir_dns_udp_datagrams_total",
-            vec!["bypassed"],
-            c.dns_udp_datagrams_bypassed,
-        ),
-        (
-            "weir_virtual_interface_dropped_packets_total",
-            vec![],
-            c.virt_dropped,
-        ),
-        (
-            "weir_original_dst_lookups_total",
-            vec!["answered"],
-            c.orig_dst_answered,
-        ),
-        (
-            "weir_original_dst_lookups_total",
-            vec!["missed"],
-            c.orig_dst_missed,
-        ),
-        (
-            "weir_source_bind_failed_total",
-            vec![],
-            c.source_bind_failed,
-        ),
-    ]);
-    s
+    PodCounter::ALL
+        .iter()
+        .map(|k| {
+            let (family, labels) = k.series();
+            (family, labels.to_vec(), c.get(*k))
+        })
+        .collect()
 }
 
 /// Every series of the node's counters (each counter exactly once).
 pub fn node_series(n: &NodeCounters) -> Vec<Series> {
-    const ORIG: &str = "weir_original_dst_failures_total";
-    vec![
-        ("weir_unenrolled_connections_total", vec![], n.not_enrolled),
-        (ORIG, vec!["store_failed"], n.orig_dst_store_failed),
-        (ORIG, vec!["pending_insert_failed"], n.pending_insert_failed),
-        (ORIG, vec!["lost"], n.orig_dst_lost),
-        (
-            "weir_dns_datagram_store_failed_total",
-            vec![],
-            n.dns_datagram_store_failed,
-        ),
-        (
-            "weir_proxy_listeners_total",
-            vec!["recorded"],
-            n.listeners_recorded,
-        ),
-        (
-            "weir_proxy_listeners_total",
-            vec!["record_failed"],
-            n.listeners_record_failed,
-        ),
-        (
-            "weir_fast_path_sockets_total",
-            vec!["added"],
-            n.fast_sockets_added,
-        ),
-        (
-            "weir_fast_path_sockets_total",
-            vec!["add_failed"],
-            n.fast_add_failed,
-        ),
-        (
-            "weir_fast_path_messages_total",
-            vec!["redirected"],
-            n.fast_msgs_redirected,
-        ),
-        (
-            "weir_fast_path_messages_total",
-            vec!["passed"],
-            n.fast_msgs_passed,
-        ),
-        (
-            "weir_fast_path_redirected_bytes_total",
-            vec![],
-            n.fast_bytes_redirected,
-        ),
-    ]
+    NodeCounter::ALL
+        .iter()
+        .map(|k| {
+            let (family, labels) = k.series();
+            (family, labels.to_vec(), n.get(*k))
+        })
+        .collect()
+}
+
+/// The label names of per-pod family `family` (after `namespace`, `pod`).
+pub fn pod_label_names(family: &str) -> &'static [&'static str] {
+    POD_FAMILIES
+        .iter()
+        .find(|f| f.name == family)
+        .map_or(&[], |f| f.labels)
 }
 
 fn counter_vecs(

@@ -8,7 +8,7 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, SockHa
 use serde::Serialize;
 use weir_common::*;
 
-use crate::datapath::{Pins, sum_node, sum_pod};
+use crate::datapath::Pins;
 use crate::policy::ip_of;
 
 /// Output format of `weir status`.
@@ -154,7 +154,7 @@ pub fn read(bpffs: &Path) -> Result<Status> {
         let m = meta.get(&cookie, 0).unwrap_or_default();
         let c = counters
             .get(&cookie, 0)
-            .map(|v| sum_pod(v.iter()))
+            .map(|v| PodCounters::sum(v.iter()))
             .unwrap_or_default();
         pods.push(PodStatus {
             namespace: cstr(&m.namespace),
@@ -205,7 +205,7 @@ fn fast_path(pins: &Pins) -> Result<FastPathStatus> {
         PerCpuArray::try_from(Map::PerCpuArray(open(pins, "NODE_COUNTERS")?))?;
     let n = node
         .get(&0, 0)
-        .map(|v| sum_node(v.iter()))
+        .map(|v| NodeCounters::sum(v.iter()))
         .unwrap_or_default();
     Ok(FastPathStatus {
         enabled: switch.get(&0, 0).is_ok_and(|v| v != 0),

@@ -106,7 +106,7 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     let verdict = decide_outbound(&policy, &q, &t);
     // Datagrams, counted apart from connections.
     if verdict != Verdict::RedirectDns {
-        bump_pod(cookie, |c| c.dns_udp_datagrams_bypassed += 1);
+        bump_pod(cookie, PodCounter::DnsUdpDatagramsBypassed);
         return 1;
     }
     // Remember the server, so that its answer (coming from the DNS port)
@@ -118,10 +118,10 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
         pod_id: policy.pod_id,
     };
     if !store_orig_dst((sk as *const bpf_sock).cast_mut(), od) {
-        bump_node(|c| c.dns_datagram_store_failed += 1);
+        bump_node(NodeCounter::DnsDatagramStoreFailed);
         return 1;
     }
-    bump_pod(cookie, |c| c.dns_udp_datagrams_captured += 1);
+    bump_pod(cookie, PodCounter::DnsUdpDatagramsCaptured);
     // As with REDIRECT, the query leaves from the address the kernel
     // would pick for the server (the pod's), not from loopback.
     // Only the address matters: a per-message source is fine on a socket

@@ -53,15 +53,15 @@ pub(crate) fn fast_path_join(ctx: &SockOpsContext) {
         _pad: 0,
     };
     if !store_fast_peer(sk, fp) {
-        bump_node(|c| c.fast_add_failed += 1);
+        bump_node(NodeCounter::FastAddFailed);
         return;
     }
     // SAFETY: `ops` is the valid context pointer of this program.
     let ops = unsafe { &mut *ctx.ops };
     if FAST_SOCKS.update(&mut key, ops, 0).is_ok() {
-        bump_node(|c| c.fast_sockets_added += 1);
+        bump_node(NodeCounter::FastSocketsAdded);
     } else {
-        bump_node(|c| c.fast_add_failed += 1);
+        bump_node(NodeCounter::FastAddFailed);
     }
 }
 
@@ -88,9 +88,9 @@ pub fn weir_fast_redirect(ctx: SkMsgContext) -> u32 {
             == i64::from(sk_action::SK_PASS)
         {
             let size = u64::from(ctx.size());
-            bump_node(|c| {
-                c.fast_msgs_redirected += 1;
-                c.fast_bytes_redirected += size;
+            bump_node_with(|c| {
+                c.bump(NodeCounter::FastMsgsRedirected);
+                c.add(NodeCounter::FastBytesRedirected, size);
             });
             return sk_action::SK_PASS;
         }
@@ -98,6 +98,6 @@ pub fn weir_fast_redirect(ctx: SkMsgContext) -> u32 {
         // one, to stay in order at the receiver.
         fp.flags |= FAST_FALLBACK;
     }
-    bump_node(|c| c.fast_msgs_passed += 1);
+    bump_node(NodeCounter::FastMsgsPassed);
     sk_action::SK_PASS
 }

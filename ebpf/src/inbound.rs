@@ -67,7 +67,7 @@ pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
     }
     let verdict = decide_inbound(&policy, l.local_port as u16, l.ingress_ifindex, &remote, &t);
     if !verdict.captured() {
-        bump_pod(cookie, |c| c.inbound_bypass += 1);
+        bump_pod(cookie, PodCounter::InboundBypass);
         return sk_action::SK_PASS;
     }
     let mut key = ListenerKey {
@@ -77,18 +77,18 @@ pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
         protocol: LISTENER_TCP,
     };
     if LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
-        bump_pod(cookie, |c| c.inbound_captured += 1);
+        bump_pod(cookie, PodCounter::InboundCaptured);
         return sk_action::SK_PASS;
     }
     if family == AF_INET {
         // A dual-stack [::] listener also takes IPv4 connections.
         key.family = AF_INET6 as u16;
         if LISTENERS.redirect_sk_lookup(&ctx, key, 0).is_ok() {
-            bump_pod(cookie, |c| c.inbound_captured += 1);
+            bump_pod(cookie, PodCounter::InboundCaptured);
             return sk_action::SK_PASS;
         }
     }
-    bump_pod(cookie, |c| c.inbound_fail_closed += 1);
+    bump_pod(cookie, PodCounter::InboundFailClosed);
     klog!(
         debug,
         ctx,

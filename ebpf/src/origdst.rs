@@ -88,7 +88,7 @@ pub fn weir_getsockopt(ctx: SockoptContext) -> i32 {
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(od) = original_dst(sk_ptr, cookie) else {
         if pod_policy(cookie).is_some() {
-            bump_pod(cookie, |c| c.orig_dst_missed += 1);
+            bump_pod(cookie, PodCounter::OrigDstMissed);
         }
         if so.optlen > PAGE_SIZE {
             so.optlen = 0;
@@ -136,7 +136,7 @@ pub fn weir_getsockopt(ctx: SockoptContext) -> i32 {
         so.optlen = size as i32;
     }
     so.retval = 0;
-    bump_pod(cookie, |c| c.orig_dst_answered += 1);
+    bump_pod(cookie, PodCounter::OrigDstAnswered);
     1
 }
 

@@ -42,7 +42,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let Some(policy) = pod_policy_ref(cookie) else {
         if !udp {
-            bump_node(|c| c.not_enrolled += 1);
+            bump_node(NodeCounter::NotEnrolled);
         }
         return 1;
     };
@@ -75,13 +75,14 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         t.learn_pod_addr(&dst);
     }
     let verdict = decide_outbound(policy, &q, &t);
-    bump_pod(cookie, |c| {
-        if udp {
-            count_udp_connect(c, verdict, dport)
-        } else {
-            count_outbound(c, verdict)
-        }
-    });
+    let counter = if udp {
+        udp_connect_counter(verdict, dport)
+    } else {
+        verdict.outbound_counter()
+    };
+    if let Some(c) = counter {
+        bump_pod(cookie, c);
+    }
     klog!(
         trace,
         ctx,
@@ -109,7 +110,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         pod_id: policy.pod_id,
     };
     if !store_orig_dst((sk as *const bpf_sock).cast_mut(), od) {
-        bump_node(|c| c.orig_dst_store_failed += 1);
+        bump_node(NodeCounter::OrigDstStoreFailed);
         klog!(
             warn,
             ctx,
@@ -131,7 +132,7 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         let remote = !on_lo_local && !is_loopback_addr(&dst);
         if on_lo_local || remote {
             if bind_source(sa, policy, &dst, v6, on_lo_local, cookie).is_err() {
-                bump_pod(cookie, |c| c.source_bind_failed += 1);
+                bump_pod(cookie, PodCounter::SourceBindFailed);
             }
         }
     }
@@ -248,38 +249,4 @@ fn bind_source(
         }
     };
     if ret == 0 { Ok(()) } else { Err(()) }
-}
-
-#[inline(always)]
-fn count_outbound(c: &mut PodCounters, v: Verdict) {
-    match v {
-        Verdict::RedirectOutbound => c.outbound_captured += 1,
-        Verdict::RedirectInbound => c.outbound_to_inbound += 1,
-        Verdict::BypassExcludedPort => c.bypass_excluded_port += 1,
-        Verdict::BypassPassthrough => c.bypass_passthrough += 1,
-        Verdict::BypassLoopback => c.bypass_loopback += 1,
-        Verdict::BypassProxy => c.bypass_proxy += 1,
-        Verdict::BypassLocalhost => c.bypass_localhost += 1,
-        Verdict::BypassExcludedCidr => c.bypass_excluded_cidr += 1,
-        Verdict::BypassNotIncluded => c.bypass_not_included += 1,
-        Verdict::BypassOwnerGroup => c.bypass_owner_group += 1,
-        Verdict::BypassExcludedInterface => c.bypass_excluded_iface += 1,
-        Verdict::BypassNoRoute => c.bypass_not_included += 1,
-        Verdict::RedirectDns => c.dns_tcp_captured += 1,
-        Verdict::BypassTunnel | Verdict::BypassDisabled => {}
-    }
-}
-
-/// Counts a UDP socket's `connect()`: only those to port 53 (the only UDP
-/// weir ever captures), in sockets, apart from the TCP connections.
-#[inline(always)]
-fn count_udp_connect(c: &mut PodCounters, v: Verdict, dport: u16) {
-    if dport != 53 {
-        return;
-    }
-    if v == Verdict::RedirectDns {
-        c.dns_udp_connects_captured += 1;
-    } else {
-        c.dns_udp_connects_bypassed += 1;
-    }
 }

@@ -102,7 +102,7 @@ pub(crate) fn on_listen(ctx: &SockOpsContext) {
     // SAFETY: `ops` is the valid context pointer of this program.
     let ops = unsafe { &mut *ctx.ops };
     if LISTENERS.update(&mut key, ops, 0).is_ok() {
-        bump_node(|c| c.listeners_recorded += 1);
+        bump_node(NodeCounter::ListenersRecorded);
         klog!(
             info,
             ctx,
@@ -111,7 +111,7 @@ pub(crate) fn on_listen(ctx: &SockOpsContext) {
             port
         );
     } else {
-        bump_node(|c| c.listeners_record_failed += 1);
+        bump_node(NodeCounter::ListenersRecordFailed);
         klog!(
             warn,
             ctx,
@@ -142,7 +142,7 @@ pub(crate) fn on_connect(ctx: &SockOpsContext) {
         _pad: 0,
     };
     if PENDING_FLOWS.insert(&key, &od, 0).is_err() {
-        bump_node(|c| c.pending_insert_failed += 1);
+        bump_node(NodeCounter::PendingInsertFailed);
     }
     // Watch the state of this socket to count connections refused because
     // the proxy was not listening (SYN_SENT -> CLOSE).
@@ -170,7 +170,7 @@ pub(crate) fn on_passive_established(ctx: &SockOpsContext) {
         // answering the proxy's own address, and count it.
         let t = KernelTables::bare(key.netns_cookie);
         if t.is_pod_addr(&key.peer_addr) {
-            bump_node(|c| c.orig_dst_lost += 1);
+            bump_node(NodeCounter::OrigDstLost);
             let sk = ops_sk(ctx);
             if !sk.is_null() {
                 let lost = OrigDst {
@@ -200,7 +200,7 @@ pub(crate) fn on_state(ctx: &SockOpsContext) {
         // A redirected connect was refused: nobody listens on the proxy
         // port (fail closed, as with iptables). Forget its pending entry.
         let cookie = ops_cookie(ctx);
-        bump_pod(cookie, |c| c.outbound_fail_closed += 1);
+        bump_pod(cookie, PodCounter::OutboundFailClosed);
         let key = FlowKey {
             netns_cookie: cookie,
             peer_addr: ops_local(ctx),

@@ -245,19 +245,26 @@ pub fn pod_policy_ref(cookie: u64) -> Option<&'static PodPolicy> {
     POD_POLICY.get_ptr(&cookie).map(|p| unsafe { &*p })
 }
 
-/// Adds to a pod's counters on this CPU (no-op if the pod has none).
+/// Adds one to a pod's counter `c` on this CPU (no-op if the pod has
+/// none).
 #[inline(always)]
-pub fn bump_pod(cookie: u64, f: impl FnOnce(&mut PodCounters)) {
+pub fn bump_pod(cookie: u64, c: PodCounter) {
     if let Some(p) = POD_COUNTERS.get_ptr_mut(&cookie) {
         // SAFETY: per-CPU value of this CPU; BPF programs do not preempt
         // each other on one CPU for these hooks.
-        f(unsafe { &mut *p });
+        unsafe { &mut *p }.bump(c);
     }
 }
 
-/// Adds to the node counters on this CPU.
+/// Adds one to the node counter `c` on this CPU.
 #[inline(always)]
-pub fn bump_node(f: impl FnOnce(&mut NodeCounters)) {
+pub fn bump_node(c: NodeCounter) {
+    bump_node_with(|n| n.bump(c));
+}
+
+/// Updates the node counters on this CPU (several with one lookup).
+#[inline(always)]
+pub fn bump_node_with(f: impl FnOnce(&mut NodeCounters)) {
     if let Some(p) = NODE_COUNTERS.get_ptr_mut(0) {
         // SAFETY: as in `bump_pod`.
         f(unsafe { &mut *p });

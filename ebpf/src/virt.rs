@@ -190,7 +190,7 @@ fn virt_in(ctx: &TcContext) -> i32 {
     }
     match virt_new_flow(&policy, &vi, &p, &key) {
         Some(flow) => {
-            bump_pod(cookie, |c| c.virt_captured += 1);
+            bump_pod(cookie, PodCounter::VirtCaptured);
             virt_rewrite(ctx, cookie, &p, true, &flow)
         }
         None => virt_drop(cookie),
@@ -237,7 +237,7 @@ fn virt_rewrite(ctx: &TcContext, cookie: u64, p: &TcpPacket, way_in: bool, flow:
 
 #[inline(always)]
 fn virt_drop(cookie: u64) -> i32 {
-    bump_pod(cookie, |c| c.virt_dropped += 1);
+    bump_pod(cookie, PodCounter::VirtDropped);
     TC_ACT_SHOT
 }
 
@@ -334,7 +334,7 @@ fn virt_new_flow(
         pod_id: policy.pod_id,
     };
     if PENDING_FLOWS.insert(&fk, &od, 0).is_err() {
-        bump_node(|c| c.pending_insert_failed += 1);
+        bump_node(NodeCounter::PendingInsertFailed);
     }
     Some(way_in)
 }

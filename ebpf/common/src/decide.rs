@@ -52,6 +52,80 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// Every verdict.
+    pub const ALL: &[Verdict] = &[
+        Verdict::RedirectOutbound,
+        Verdict::RedirectInbound,
+        Verdict::RedirectDns,
+        Verdict::BypassExcludedPort,
+        Verdict::BypassPassthrough,
+        Verdict::BypassLoopback,
+        Verdict::BypassProxy,
+        Verdict::BypassLocalhost,
+        Verdict::BypassExcludedCidr,
+        Verdict::BypassNotIncluded,
+        Verdict::BypassTunnel,
+        Verdict::BypassDisabled,
+        Verdict::BypassOwnerGroup,
+        Verdict::BypassExcludedInterface,
+        Verdict::BypassNoRoute,
+    ];
+
+    /// Short machine-readable name (`weir explain`'s `verdict`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::RedirectOutbound => "redirect_outbound",
+            Verdict::RedirectInbound => "redirect_inbound",
+            Verdict::RedirectDns => "redirect_dns",
+            Verdict::BypassExcludedPort => "bypass_excluded_port",
+            Verdict::BypassPassthrough => "bypass_passthrough",
+            Verdict::BypassLoopback => "bypass_loopback",
+            Verdict::BypassProxy => "bypass_proxy",
+            Verdict::BypassLocalhost => "bypass_localhost",
+            Verdict::BypassExcludedCidr => "bypass_excluded_cidr",
+            Verdict::BypassNotIncluded => "bypass_not_included",
+            Verdict::BypassTunnel => "bypass_tunnel",
+            Verdict::BypassDisabled => "bypass_disabled",
+            Verdict::BypassOwnerGroup => "bypass_owner_group",
+            Verdict::BypassExcludedInterface => "bypass_excluded_interface",
+            Verdict::BypassNoRoute => "bypass_no_route",
+        }
+    }
+
+    /// The per-pod counter an outbound TCP connection with this verdict
+    /// adds to at `connect()` (`None`: not counted).
+    #[inline(always)]
+    pub const fn outbound_counter(self) -> Option<PodCounter> {
+        Some(match self {
+            Verdict::RedirectOutbound => PodCounter::OutboundCaptured,
+            Verdict::RedirectInbound => PodCounter::OutboundToInbound,
+            Verdict::BypassExcludedPort => PodCounter::BypassExcludedPort,
+            Verdict::BypassPassthrough => PodCounter::BypassPassthrough,
+            Verdict::BypassLoopback => PodCounter::BypassLoopback,
+            Verdict::BypassProxy => PodCounter::BypassProxy,
+            Verdict::BypassLocalhost => PodCounter::BypassLocalhost,
+            Verdict::BypassExcludedCidr => PodCounter::BypassExcludedCidr,
+            Verdict::BypassNotIncluded => PodCounter::BypassNotIncluded,
+            Verdict::BypassOwnerGroup => PodCounter::BypassOwnerGroup,
+            Verdict::BypassExcludedInterface => PodCounter::BypassExcludedIface,
+            Verdict::BypassNoRoute => PodCounter::BypassNotIncluded,
+            Verdict::RedirectDns => PodCounter::DnsTcpCaptured,
+            Verdict::BypassTunnel | Verdict::BypassDisabled => return None,
+        })
+    }
+
+    /// The per-pod counter an inbound connection with this verdict adds
+    /// to at socket lookup (a captured one whose proxy is not listening
+    /// adds to `InboundFailClosed` instead).
+    #[inline(always)]
+    pub const fn inbound_counter(self) -> PodCounter {
+        if self.captured() {
+            PodCounter::InboundCaptured
+        } else {
+            PodCounter::InboundBypass
+        }
+    }
+
     /// Whether the connection is redirected to the proxy.
     #[inline(always)]
     pub const fn captured(self) -> bool {
@@ -60,6 +134,35 @@ impl Verdict {
             Verdict::RedirectOutbound | Verdict::RedirectInbound | Verdict::RedirectDns
         )
     }
+}
+
+/// The counter of a UDP socket's `connect()` with verdict `v`: only
+/// those to port 53 (the only UDP weir ever captures) count, in sockets,
+/// apart from TCP connections.
+#[inline(always)]
+pub const fn udp_connect_counter(v: Verdict, dport: u16) -> Option<PodCounter> {
+    if dport != 53 {
+        return None;
+    }
+    Some(if matches!(v, Verdict::RedirectDns) {
+        PodCounter::DnsUdpConnectsCaptured
+    } else {
+        PodCounter::DnsUdpConnectsBypassed
+    })
+}
+
+/// The counter of a datagram of an unconnected UDP socket with verdict
+/// `v`: only those to port 53 count, in datagrams.
+#[inline(always)]
+pub const fn udp_datagram_counter(v: Verdict, dport: u16) -> Option<PodCounter> {
+    if dport != 53 {
+        return None;
+    }
+    Some(if matches!(v, Verdict::RedirectDns) {
+        PodCounter::DnsUdpDatagramsCaptured
+    } else {
+        PodCounter::DnsUdpDatagramsBypassed
+    })
 }
 
 /// Lists of CIDRs a pod policy can hold.

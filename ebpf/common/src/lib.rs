@@ -12,9 +12,11 @@
 //! stored IPv4-mapped (`::ffff:a.b.c.d`). Ports are stored in host order.
 #![cfg_attr(not(test), no_std)]
 
+pub mod counters;
 pub mod decide;
 pub mod schema;
 
+pub use counters::*;
 pub use decide::*;
 
 /// Layout version of every map below. The agent stores it in the pinned
@@ -443,115 +445,6 @@ pub struct OrigDst {
     pub flags: u16,
     /// Pod number of the pod that made the connection.
     pub pod_id: u32,
-}
-
-/// Per-pod counters (a per-CPU hash keyed by netns cookie). Read and summed
-/// by the agent on scrape. Each field counts one unit, said in its doc: TCP
-/// connections unless it says otherwise (the agent exports each unit as
-/// its own metric family, see agent/src/metrics.rs).
-#[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct PodCounters {
-    /// Outbound connections sent to the outbound port.
-    pub outbound_captured: u64,
-    /// Proxy connections over loopback sent to the inbound port.
-    pub outbound_to_inbound: u64,
-    /// Not captured: excluded outbound port.
-    pub bypass_excluded_port: u64,
-    /// Not captured: from 127.0.0.6 / ::6 (inbound passthrough).
-    pub bypass_passthrough: u64,
-    /// Not captured: loopback traffic of a process that is not the proxy.
-    pub bypass_loopback: u64,
-    /// Not captured: the proxy's own connection.
-    pub bypass_proxy: u64,
-    /// Not captured: to 127.0.0.1 / ::1.
-    pub bypass_localhost: u64,
-    /// Not captured: excluded outbound CIDR.
-    pub bypass_excluded_cidr: u64,
-    /// Not captured: neither an included port nor an included CIDR.
-    pub bypass_not_included: u64,
-    /// Inbound connections delivered to the inbound port.
-    pub inbound_captured: u64,
-    /// Inbound connections not captured (tunnel, excluded or not included
-    /// port).
-    pub inbound_bypass: u64,
-    /// Inbound connections refused because the proxy was not listening.
-    pub inbound_fail_closed: u64,
-    /// Outbound connections refused because the proxy was not listening.
-    pub outbound_fail_closed: u64,
-    /// `SO_ORIGINAL_DST` answered by weir.
-    pub orig_dst_answered: u64,
-    /// `SO_ORIGINAL_DST` asked on a socket weir knows nothing about.
-    pub orig_dst_missed: u64,
-    /// The pod's IP could not be bound as the redirected connection's
-    /// source (the connection went on from loopback).
-    pub source_bind_failed: u64,
-    /// TCP connections to port 53 sent to the DNS port.
-    pub dns_tcp_captured: u64,
-    /// Not captured: the owner-group filter.
-    pub bypass_owner_group: u64,
-    /// Not captured: through an interface of `excludeInterfaces`.
-    pub bypass_excluded_iface: u64,
-    /// TCP connections from a virtual interface
-    /// (`istio.io/reroute-virtual-interfaces`) sent to the outbound port.
-    pub virt_captured: u64,
-    /// Packets from a virtual interface dropped: a connection to capture
-    /// while the interface has no address of its family (as `REDIRECT`
-    /// drops it), a packet of a rerouted connection weir has no state for,
-    /// or no free port to tell two connections apart.
-    pub virt_dropped: u64,
-    /// UDP sockets whose `connect()` to port 53 was pointed at the DNS port
-    /// (sockets; their datagrams follow without further decisions).
-    pub dns_udp_connects_captured: u64,
-    /// UDP sockets `connect()`ed to port 53 and not captured (sockets).
-    pub dns_udp_connects_bypassed: u64,
-    /// Datagrams of unconnected UDP sockets to port 53 sent to the DNS
-    /// port (datagrams).
-    pub dns_udp_datagrams_captured: u64,
-    /// Datagrams of unconnected UDP sockets to port 53 not captured
-    /// (datagrams).
-    pub dns_udp_datagrams_bypassed: u64,
-}
-
-/// Node-wide counters (a one-slot per-CPU array). As with
-/// [`PodCounters`], each field's doc says its unit.
-#[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeCounters {
-    /// TCP connections from network namespaces that are not enrolled.
-    pub not_enrolled: u64,
-    /// Redirected `connect()` calls (TCP connections, UDP sockets to a DNS
-    /// server) whose original destination could not be stored (socket
-    /// storage full or unavailable): refused (fail closed).
-    pub orig_dst_store_failed: u64,
-    /// `PENDING_FLOWS` insertions that failed.
-    pub pending_insert_failed: u64,
-    /// Listening sockets of proxies recorded in `LISTENERS`.
-    pub listeners_recorded: u64,
-    /// Listening sockets that could not be recorded (map full).
-    pub listeners_record_failed: u64,
-    /// Fast path: established local sockets added to `FAST_SOCKS`.
-    pub fast_sockets_added: u64,
-    /// Fast path: local sockets that could not be added (map full, or no
-    /// socket storage); they simply use TCP.
-    pub fast_add_failed: u64,
-    /// Fast path: messages (`sendmsg` calls, or parts of them) moved
-    /// straight into the peer socket.
-    pub fast_msgs_redirected: u64,
-    /// Fast path: bytes of those messages.
-    pub fast_bytes_redirected: u64,
-    /// Redirected connections accepted by the proxy whose original
-    /// destination had been evicted from `PENDING_FLOWS` (more handshakes
-    /// in flight than `--max-pending`): `SO_ORIGINAL_DST` fails for them.
-    pub orig_dst_lost: u64,
-    /// Fast path: messages of sockets in `FAST_SOCKS` sent through TCP as
-    /// usual (the peer socket is not in the map, or the connection fell
-    /// back to TCP for good; see [`FAST_FALLBACK`]).
-    pub fast_msgs_passed: u64,
-    /// DNS datagrams of unconnected UDP sockets that were to be captured
-    /// but whose server could not be stored on the socket: sent to the
-    /// server asked, uncaptured (datagrams).
-    pub dns_datagram_store_failed: u64,
 }
 
 /// Key of the `FAST_SOCKS` sockhash: one established TCP socket of an
