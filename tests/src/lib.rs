@@ -32,6 +32,7 @@ pub mod linkerd_iptables;
 pub mod net;
 mod netns;
 pub mod node;
+pub mod podsfile;
 mod proc;
 mod tempdir;
 
@@ -42,7 +43,7 @@ use std::time::{Duration, Instant};
 
 pub use bpffs::Bpffs;
 pub use cgroup::{Cgroup, cgroup2_mount};
-pub use netns::{NetNs, Veth, veth_named, veth_pair};
+pub use netns::{Bridge, NetNs, NsFile, Veth, veth_named, veth_pair};
 pub use proc::{Proc, spawn_in, spawn_in_netns_path};
 pub use tempdir::TempDir;
 

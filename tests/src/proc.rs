@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -163,6 +163,12 @@ impl Proc {
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.read_log("stderr")
+    }
+
+    /// The file the process's stderr goes to (to follow it from an
+    /// offset while it runs).
+    pub fn stderr_path(&self) -> PathBuf {
+        self.dir.join("stderr")
     }
 
     fn read_log(&self, name: &str) -> String {
