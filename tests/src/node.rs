@@ -330,6 +330,12 @@ impl Node {
         }
     }
 
+    /// Whether an agent was started and is still running (reaps it when
+    /// it has exited).
+    pub fn agent_is_running(&mut self) -> bool {
+        self.agent.as_mut().is_some_and(Proc::is_running)
+    }
+
     /// The running agent's process id.
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(Proc::pid)
