@@ -41,10 +41,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-pub use bpffs::Bpffs;
-pub use cgroup::{Cgroup, cgroup2_mount};
-pub use netns::{Bridge, NetNs, NsFile, Veth, veth_named, veth_pair};
-pub use proc::{Proc, spawn_in, spawn_in_netns_path};
+pub use bpffs::{Bpffs, mount_bpffs};
+pub use cgroup::{
+    Cgroup, cgroup2_mount, find_cgroup2_mount, is_mount_point, kill_subtree, remove_subtree,
+    subtree_pids,
+};
+pub use netns::{Bridge, NetNs, NsFile, Veth, run_in_netns, try_ip, veth_named, veth_pair};
+pub use proc::{Proc, join_before_exec, spawn_in, spawn_in_netns_path};
 pub use tempdir::TempDir;
 
 /// Environment variable that turns "skipped, not root" into a test failure.

@@ -109,18 +109,32 @@ impl NetNs {
     /// without a child process. The calling thread's namespace is never
     /// changed (only the short-lived helper thread's).
     pub fn run_in<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let file = self.open();
-        std::thread::scope(|s| {
-            let handle = s.spawn(move || {
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("setns into netns {}: {e}", self.name));
-                f()
-            });
-            handle
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))
-        })
+        run_in_netns(&self.path, f).unwrap_or_else(|e| panic!("entering netns {}: {e}", self.name))
     }
+}
+
+/// Runs `f` on a new thread that has joined the network namespace whose
+/// file is `netns` (`/var/run/netns/NAME`, `/proc/PID/ns/net`), and
+/// returns its result; a panic in `f` is passed on. The calling thread's
+/// namespace is never changed. Fails when the namespace cannot be
+/// opened or joined.
+pub fn run_in_netns<R: Send>(netns: &Path, f: impl FnOnce() -> R + Send) -> std::io::Result<R> {
+    let file = File::open(netns).map_err(|e| annotate(e, "opening netns file", netns))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| annotate(e.into(), "setns into", netns))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// Runs `ip args…`; the error quotes the command and its stderr (for
+/// callers that report rather than panic, such as the demo).
+pub fn try_ip(args: &[&str]) -> std::io::Result<String> {
+    cmd::try_run("ip", args)
 }
 
 impl NetNs {
