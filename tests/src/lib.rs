@@ -24,6 +24,7 @@
 mod bpffs;
 mod cgroup;
 mod cmd;
+pub mod fake_api;
 pub mod goldens;
 pub mod iptables_model;
 pub mod istio_iptables;
