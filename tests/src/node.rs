@@ -703,3 +703,17 @@ fn pod_counters(status: &Value, name: &str) -> Value {
         .map(|p| p["counters"].clone())
         .unwrap_or(Value::Null)
 }
+
+/// Whether a pod of a `weir status -o json` answer is captured both ways:
+/// outbound capture on and its inbound (`sk_lookup`) link attached.
+pub fn is_fully_captured(pod: &Value) -> bool {
+    pod["capture"] == true && pod["inbound_attached"] == true
+}
+
+/// How many pods of a `weir status -o json` answer are
+/// [fully captured](is_fully_captured).
+pub fn fully_captured(status: &Value) -> usize {
+    status["pods"]
+        .as_array()
+        .map_or(0, |p| p.iter().filter(|p| is_fully_captured(p)).count())
+}

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
-use weir_tests::node::{Node, PodEntry};
+use weir_tests::node::{Node, PodEntry, fully_captured};
 use weir_tests::podsfile::pods_yaml;
 use weir_tests::{NsFile, TempDir};
 
@@ -211,11 +211,7 @@ pub fn run(
         apply.push(ms as f64);
         rss = rss.max(rss_kib(pid).0);
         let status = node.try_status()?;
-        let captured = status["pods"].as_array().map_or(0, |p| {
-            p.iter()
-                .filter(|p| p["capture"] == true && p["inbound_attached"] == true)
-                .count()
-        });
+        let captured = fully_captured(&status);
         ensure!(
             captured == pods,
             "after the apply, weir status shows {captured} of {pods} pods captured"

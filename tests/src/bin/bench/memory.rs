@@ -38,7 +38,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
 use weir_tests::TempDir;
 use weir_tests::istio_iptables::{Family, IstioPod};
-use weir_tests::node::Node;
+use weir_tests::node::{Node, fully_captured};
 
 use crate::enroll::{self, NetnsSet};
 
@@ -251,11 +251,7 @@ fn measure_weir(
     node.write_pods_yaml(&enroll::pod_entries(set));
     node.wait_applied(enroll::APPLY_TIMEOUT)?;
     let status = node.try_status()?;
-    let captured = status["pods"].as_array().map_or(0, |p| {
-        p.iter()
-            .filter(|p| p["capture"] == true && p["inbound_attached"] == true)
-            .count()
-    });
+    let captured = fully_captured(&status);
     ensure!(
         captured == set.files.len(),
         "weir status shows {captured} of {} pods captured",

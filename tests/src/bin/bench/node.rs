@@ -32,7 +32,7 @@ use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use weir_tests::istio_iptables::{Family, IstioPod, keys};
-use weir_tests::node::PodEntry;
+use weir_tests::node::{PodEntry, is_fully_captured};
 use weir_tests::{Bridge, Cgroup, NetNs, Proc, Veth, spawn_in};
 
 /// UID (and GID) of the applications.
@@ -360,7 +360,7 @@ impl Node {
                 pods.iter()
                     .find(|p| p["name"] == pod.def.name && p["namespace"] == "bench")
             });
-            let ok = found.is_some_and(|p| p["capture"] == true && p["inbound_attached"] == true);
+            let ok = found.is_some_and(is_fully_captured);
             if !ok {
                 bail!(
                     "weir did not enroll pod {} (status: {found:?})\n{}",
