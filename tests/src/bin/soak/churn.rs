@@ -102,7 +102,7 @@ fn snapshot(node: &Node, sk_prog: u32) -> Result<Snapshot> {
 fn start_listener(ctx: &Ctx, node: &Node, ns: &Path, name: &str) -> Proc {
     let ready = node
         .dir
-        .join(&format!("{name}-listen-{}.ready", common::unique()));
+        .join(format!("{name}-listen-{}.ready", common::unique()));
     let mut cmd = Command::new(&ctx.exe);
     cmd.args([
         "--uid", "1337", "listen", "--port", "15001", "--port", "15006",

@@ -63,7 +63,7 @@ impl Ctx {
 /// Starts the soak sidecar of pod `pod` (UID 1337) and waits until it
 /// listens. `extra` goes after `sidecar`.
 pub fn sidecar(ctx: &Ctx, node: &Node, ns: &NetNs, pod: &str, extra: &[String]) -> Proc {
-    let ready = node.dir.join(&format!("{pod}-sidecar-{}.ready", unique()));
+    let ready = node.dir.join(format!("{pod}-sidecar-{}.ready", unique()));
     let mut args = vec![
         "--uid".to_string(),
         PROXY_UID.to_string(),
@@ -81,7 +81,7 @@ pub fn sidecar(ctx: &Ctx, node: &Node, ns: &NetNs, pod: &str, extra: &[String]) 
 
 /// Starts a server answering `direct` on `port` in `ns`.
 pub fn direct(ctx: &Ctx, node: &Node, ns: &NetNs, name: &str, port: u16) -> Proc {
-    let ready = node.dir.join(&format!("{name}-direct-{}.ready", unique()));
+    let ready = node.dir.join(format!("{name}-direct-{}.ready", unique()));
     let args: Vec<String> = [
         "--uid",
         &APP_UID.to_string(),
@@ -168,8 +168,8 @@ impl Load {
             pod,
         } = route;
         let n = unique();
-        let out = node.dir.join(&format!("load-{tag}-{n}.json"));
-        let events = node.dir.join(&format!("load-{tag}-{n}.events"));
+        let out = node.dir.join(format!("load-{tag}-{n}.json"));
+        let events = node.dir.join(format!("load-{tag}-{n}.events"));
         let mut args: Vec<String> = [
             "--uid",
             &APP_UID.to_string(),

@@ -86,8 +86,8 @@ pub fn concurrent(ctx: &Ctx, r: &mut ScenarioResult, n: u64) -> Result<()> {
     let mut clients = Vec::new();
     let mut outs = Vec::new();
     for (i, pod) in lan.pods.iter().enumerate() {
-        let stats = node.dir.join(&format!("{}-sidecar.stats", pod.name));
-        let ready = node.dir.join(&format!("{}-sidecar.ready", pod.name));
+        let stats = node.dir.join(format!("{}-sidecar.stats", pod.name));
+        let ready = node.dir.join(format!("{}-sidecar.ready", pod.name));
         let args = [
             "sidecar",
             "--name",
@@ -104,7 +104,7 @@ pub fn concurrent(ctx: &Ctx, r: &mut ScenarioResult, n: u64) -> Result<()> {
     }
     let t0 = Instant::now();
     for (i, pod) in lan.pods.iter().enumerate() {
-        let out = node.dir.join(&format!("{}-hold.json", pod.name));
+        let out = node.dir.join(format!("{}-hold.json", pod.name));
         let args = [
             "hold",
             "--index",
@@ -319,8 +319,8 @@ pub fn map_full(
     let trigger = node.dir.join("accept-now");
     let mut sidecars = Vec::new();
     for (i, pod) in lan.pods.iter().enumerate() {
-        let stats = node.dir.join(&format!("{}-sidecar.stats", pod.name));
-        let ready = node.dir.join(&format!("{}-sidecar.ready", pod.name));
+        let stats = node.dir.join(format!("{}-sidecar.stats", pod.name));
+        let ready = node.dir.join(format!("{}-sidecar.ready", pod.name));
         let args = [
             "sidecar",
             "--name",
@@ -342,8 +342,8 @@ pub fn map_full(
     let mut clients = Vec::new();
     let mut files = Vec::new();
     for (i, pod) in lan.pods.iter().enumerate() {
-        let flooded = node.dir.join(&format!("{}-flooded.json", pod.name));
-        let out = node.dir.join(&format!("{}-flood.json", pod.name));
+        let flooded = node.dir.join(format!("{}-flooded.json", pod.name));
+        let out = node.dir.join(format!("{}-flood.json", pod.name));
         let args = [
             "flood",
             "--index",
