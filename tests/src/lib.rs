@@ -17,7 +17,22 @@
 //! ([`testkit`] finds it).
 //!
 //! Helpers panic with a useful message instead of returning errors: a
-//! harness failure is a test failure.
+//! harness failure is a test failure. (The few that the benchmark, the
+//! soak and the demo need to report instead have a `try_` form.)
+//!
+//! One of each, shared by the kernel tests, `weir-bench`, `weir-soak` and
+//! the demo (`weir-testkit demo`):
+//! - [`node::Node`] (built with [`node::Node::builder`]): a cgroup, a
+//!   bpffs, a pods file and a `weir run` agent to start, kill, restart and
+//!   wait for (`pods file applied in N ms`);
+//! - [`podsfile`]: the pods file, serialized with serde and replaced by
+//!   rename;
+//! - [`fake_api::FakeApi`]: the fake Kubernetes API server, on the agent's
+//!   HTTP stack (axum), as a cluster or from a script;
+//! - guards and helpers for kernel objects: [`Cgroup`] (and
+//!   [`kill_subtree`]/[`remove_subtree`] for cgroups made by name),
+//!   [`NetNs`], [`Bridge`], [`NsFile`], [`veth_pair`], [`Bpffs`],
+//!   [`spawn_in`]/[`join_before_exec`], [`run_in_netns`].
 
 #![warn(missing_docs)]
 
