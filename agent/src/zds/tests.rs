@@ -349,3 +349,20 @@ fn open_netns_refuses_what_is_not_a_namespace() {
     assert!(e.to_string().contains("not a namespace file"), "{e}");
     assert!(open_netns(Path::new("/nonexistent")).is_err());
 }
+#[test]
+fn a_ztunnel_that_does_not_answer_is_disconnected() {
+    let (_rt, zds, _dir, path) = server();
+    zds.update([workload("a", Some(own_netns()))]);
+    let z = Fake::connect(&path);
+    let (req, fd) = z.next();
+    assert!(matches!(req, Request::Add(_)) && fd.is_some());
+    // No ack: after ACK_TIMEOUT the agent closes the connection.
+    z.timeout(ACK_TIMEOUT + Duration::from_secs(3));
+    let mut buf = [0u8; 16];
+    let n = nix::sys::socket::recv(z.fd.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+    assert_eq!(n, 0, "the agent gave up on the connection");
+    // A new connection gets a fresh snapshot.
+    let z2 = Fake::connect(&path);
+    z2.expect(add_of("a"));
+    z2.expect(snapshot_sent);
+}
