@@ -16,6 +16,7 @@ mod kernel;
 mod soak;
 mod test;
 mod toolchain;
+mod ztunnel;
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
