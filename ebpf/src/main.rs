@@ -35,6 +35,8 @@ macro_rules! klog {
     };
 }
 
+mod ambient;
+
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_F_INGRESS, bpf_sock, bpf_sock_addr, sk_action},
@@ -202,7 +204,11 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     if !is_loopback_addr(&dst) {
         t.learn_pod_addr(&dst);
     }
-    let verdict = decide_outbound(policy, &q, &t);
+    let verdict = if policy.flags & POLICY_AMBIENT != 0 {
+        ambient::outbound(policy, &q, sk, &t)
+    } else {
+        decide_outbound(policy, &q, &t)
+    };
     bump_pod(cookie, |c| {
         if udp {
             count_udp_connect(c, verdict, dport)
@@ -411,6 +417,7 @@ fn count_outbound(c: &mut PodCounters, v: Verdict) {
         Verdict::BypassExcludedInterface => c.bypass_excluded_iface += 1,
         Verdict::BypassNoRoute => c.bypass_not_included += 1,
         Verdict::RedirectDns => c.dns_tcp_captured += 1,
+        Verdict::BypassZtunnel => c.bypass_proxy += 1,
         Verdict::BypassTunnel | Verdict::BypassDisabled => {}
     }
 }
@@ -690,7 +697,10 @@ fn getpeer(ctx: &SockAddrContext, v6: bool) -> i32 {
 pub fn weir_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
-        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            on_connect(&ctx);
+            ambient::on_connect(&ctx, ops_cookie(&ctx), ops_sk(&ctx));
+        }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             on_passive_established(&ctx);
             fast_path_join(&ctx);
@@ -1172,7 +1182,13 @@ pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
     if VIRT_IFACES.get_ptr(&virt).is_some() {
         return sk_action::SK_PASS;
     }
-    let verdict = decide_inbound(&policy, l.local_port as u16, l.ingress_ifindex, &remote, &t);
+    let verdict = if policy.flags & POLICY_AMBIENT != 0 {
+        let rport = u16::from_be(l.remote_port);
+        let ztunnel = ambient::from_ztunnel(cookie, &remote, rport, l.local_port as u16);
+        decide_ambient_inbound(&policy, l.local_port as u16, &remote, ztunnel, &t)
+    } else {
+        decide_inbound(&policy, l.local_port as u16, l.ingress_ifindex, &remote, &t)
+    };
     if !verdict.captured() {
         bump_pod(cookie, |c| c.inbound_bypass += 1);
         return sk_action::SK_PASS;
