@@ -45,7 +45,7 @@ pub fn on_connect(ctx: &SockOpsContext, cookie: u64, sk: *mut bpf_sock) {
     if policy.flags & POLICY_AMBIENT == 0 {
         return;
     }
-    let remote = crate::ops_remote(ctx);
+    let remote = crate::sockops::ops_remote(ctx);
     let to_pod = POD_ADDRS
         .get_ptr(&remote)
         // SAFETY: pointer from a successful lookup.
@@ -75,9 +75,9 @@ pub fn on_connect(ctx: &SockOpsContext, cookie: u64, sk: *mut bpf_sock) {
     }
     let key = FlowKey {
         netns_cookie: cookie,
-        peer_addr: crate::ops_local(ctx),
+        peer_addr: crate::sockops::ops_local(ctx),
         peer_port: ctx.local_port() as u16,
-        local_port: crate::ops_remote_port(ctx),
+        local_port: crate::sockops::ops_remote_port(ctx),
         _pad: 0,
     };
     let od = OrigDst {

@@ -1,0 +1,216 @@
+//! sockops: proxy listeners and the hand-over of original destinations.
+
+use aya_ebpf::{
+    EbpfContext as _, bindings::bpf_sock, helpers::generated::bpf_get_netns_cookie,
+    macros::sock_ops, programs::SockOpsContext,
+};
+use weir_common::*;
+
+use crate::abi::*;
+use crate::fastpath::fast_path_join;
+use crate::tables::*;
+
+const TCP_SYN_SENT: u32 = 2;
+const TCP_CLOSE: u32 = 7;
+const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
+const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
+const BPF_SOCK_OPS_STATE_CB: u32 = 10;
+const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
+const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
+
+/// Records proxy listeners (`listen()` on a capture port) in `LISTENERS`,
+/// and moves a redirected connection's original destination from the
+/// application's socket to the proxy's accepted socket.
+#[sock_ops]
+pub fn weir_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            on_connect(&ctx);
+            crate::ambient::on_connect(&ctx, ops_cookie(&ctx), ops_sk(&ctx));
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            on_passive_established(&ctx);
+            fast_path_join(&ctx);
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // Connected: it was not refused, so stop the per-state
+            // callbacks that watch for a refusal (they would run for every
+            // later state change of the connection).
+            let flags = ctx.cb_flags() as i32;
+            if flags & BPF_SOCK_OPS_STATE_CB_FLAG != 0 {
+                let _ = ctx.set_cb_flags(flags & !BPF_SOCK_OPS_STATE_CB_FLAG);
+            }
+            fast_path_join(&ctx);
+        }
+        BPF_SOCK_OPS_STATE_CB => on_state(&ctx),
+        _ => {}
+    }
+    1
+}
+
+#[inline(always)]
+pub(crate) fn ops_cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: plain helper call on our own context.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+#[inline(always)]
+pub(crate) fn ops_local(ctx: &SockOpsContext) -> Addr {
+    if ctx.family() == AF_INET {
+        v4_mapped(ctx.local_ip4())
+    } else {
+        // SAFETY: field of the valid context.
+        read_words(unsafe { &(*ctx.ops).local_ip6 })
+    }
+}
+
+#[inline(always)]
+pub(crate) fn ops_remote(ctx: &SockOpsContext) -> Addr {
+    if ctx.family() == AF_INET {
+        v4_mapped(ctx.remote_ip4())
+    } else {
+        // SAFETY: field of the valid context.
+        read_words(unsafe { &(*ctx.ops).remote_ip6 })
+    }
+}
+
+/// `bpf_sock_ops.remote_port` holds the network-order port in the upper
+/// 16 bits on little-endian hosts (net/core/filter.c shifts it there), so
+/// `ntohl` of the whole word is the port in host order.
+#[inline(always)]
+pub(crate) fn ops_remote_port(ctx: &SockOpsContext) -> u16 {
+    u32::from_be(ctx.remote_port()) as u16
+}
+
+#[inline(always)]
+pub(crate) fn ops_sk(ctx: &SockOpsContext) -> *mut bpf_sock {
+    // SAFETY: reading the `sk` field of a valid context.
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk }
+}
+
+#[inline(always)]
+pub(crate) fn on_listen(ctx: &SockOpsContext) {
+    let port = ctx.local_port() as u16;
+    if LISTEN_PORTS.get_ptr(&port).is_none() {
+        return;
+    }
+    let mut key = ListenerKey {
+        netns_cookie: ops_cookie(ctx),
+        port,
+        family: ctx.family() as u16,
+        protocol: LISTENER_TCP,
+    };
+    // SAFETY: `ops` is the valid context pointer of this program.
+    let ops = unsafe { &mut *ctx.ops };
+    if LISTENERS.update(&mut key, ops, 0).is_ok() {
+        bump_node(|c| c.listeners_recorded += 1);
+        klog!(
+            info,
+            ctx,
+            "proxy listener recorded: netns {} port {}",
+            key.netns_cookie,
+            port
+        );
+    } else {
+        bump_node(|c| c.listeners_record_failed += 1);
+        klog!(
+            warn,
+            ctx,
+            "proxy listener NOT recorded (LISTENERS full?): netns {} port {}",
+            key.netns_cookie,
+            port
+        );
+    }
+}
+
+#[inline(always)]
+pub(crate) fn on_connect(ctx: &SockOpsContext) {
+    let sk = ops_sk(ctx);
+    if sk.is_null() {
+        return;
+    }
+    let Some(od) = orig_dst_of(sk) else {
+        return;
+    };
+    if od.flags & ORIG_APP_SIDE == 0 {
+        return;
+    }
+    let key = FlowKey {
+        netns_cookie: ops_cookie(ctx),
+        peer_addr: ops_local(ctx),
+        peer_port: ctx.local_port() as u16,
+        local_port: ops_remote_port(ctx),
+        _pad: 0,
+    };
+    if PENDING_FLOWS.insert(&key, &od, 0).is_err() {
+        bump_node(|c| c.pending_insert_failed += 1);
+    }
+    // Watch the state of this socket to count connections refused because
+    // the proxy was not listening (SYN_SENT -> CLOSE).
+    let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+#[inline(always)]
+pub(crate) fn on_passive_established(ctx: &SockOpsContext) {
+    let local_port = ctx.local_port() as u16;
+    if LISTEN_PORTS.get_ptr(&local_port).is_none() {
+        return;
+    }
+    let key = FlowKey {
+        netns_cookie: ops_cookie(ctx),
+        peer_addr: ops_remote(ctx),
+        peer_port: ops_remote_port(ctx),
+        local_port,
+        _pad: 0,
+    };
+    let Some(pending) = PENDING_FLOWS.get_ptr(&key) else {
+        // From one of this pod's own addresses to a capture port: a
+        // connection weir redirected (it bound that source), whose entry
+        // `PENDING_FLOWS` (an LRU map) evicted under pressure. Mark the
+        // proxy's socket so `SO_ORIGINAL_DST` fails (ENOENT) rather than
+        // answering the proxy's own address, and count it.
+        let t = KernelTables::bare(key.netns_cookie);
+        if t.is_pod_addr(&key.peer_addr) {
+            bump_node(|c| c.orig_dst_lost += 1);
+            let sk = ops_sk(ctx);
+            if !sk.is_null() {
+                let lost = OrigDst {
+                    flags: ORIG_PROXY_SIDE | ORIG_LOST,
+                    ..OrigDst::default()
+                };
+                let _ = store_orig_dst(sk, lost);
+            }
+        }
+        return;
+    };
+    // SAFETY: pointer returned by a successful lookup.
+    let mut od = unsafe { *pending };
+    od.flags = (od.flags & !ORIG_APP_SIDE) | ORIG_PROXY_SIDE;
+    let sk = ops_sk(ctx);
+    if sk.is_null() {
+        return;
+    }
+    if store_orig_dst(sk, od) {
+        let _ = PENDING_FLOWS.remove(&key);
+    }
+}
+
+#[inline(always)]
+pub(crate) fn on_state(ctx: &SockOpsContext) {
+    if ctx.arg(0) == TCP_SYN_SENT && ctx.arg(1) == TCP_CLOSE {
+        // A redirected connect was refused: nobody listens on the proxy
+        // port (fail closed, as with iptables). Forget its pending entry.
+        let cookie = ops_cookie(ctx);
+        bump_pod(cookie, |c| c.outbound_fail_closed += 1);
+        let key = FlowKey {
+            netns_cookie: cookie,
+            peer_addr: ops_local(ctx),
+            peer_port: ctx.local_port() as u16,
+            local_port: ops_remote_port(ctx),
+            _pad: 0,
+        };
+        let _ = PENDING_FLOWS.remove(&key);
+    }
+}
