@@ -2,6 +2,7 @@
 //! capture rules with eBPF programs.
 
 mod adopt;
+mod ambient;
 mod caps;
 mod cni;
 mod datapath;
@@ -24,6 +25,7 @@ mod rules_model_tests;
 mod status;
 mod sys;
 mod version;
+mod zds;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,7 +67,29 @@ enum Command {
     /// Put the weir-cni plugin into the node's CNI configuration, or take
     /// it out.
     Cni(cni::CniCommand),
+    /// Serve ztunnel's ZDS socket from a workloads file, without loading
+    /// any kernel program (for tests, and for trying ztunnel by hand; `weir
+    /// run --zds-socket` serves the node's ambient pods).
+    ZdsServe(ZdsServeArgs),
 }
+
+#[derive(clap::Args, Debug)]
+struct ZdsServeArgs {
+    /// The unix socket ztunnel connects to (its INPOD_UDS).
+    #[arg(long, env = "WEIR_ZDS_SOCKET", default_value = DEFAULT_ZDS_SOCKET)]
+    socket: PathBuf,
+    /// YAML file of the workloads to hand over (see `weir zds-serve` in
+    /// docs/ambient.md); re-read when it changes.
+    #[arg(long, env = "WEIR_ZDS_WORKLOADS")]
+    workloads: PathBuf,
+    /// How often the workloads file is checked for changes, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    reload_ms: u64,
+}
+
+/// Where ztunnel looks for its node agent by default (ztunnel's INPOD_UDS).
+const DEFAULT_ZDS_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
 
 #[derive(clap::Args, Debug, Clone)]
 struct BpffsArg {
@@ -96,6 +120,12 @@ struct RunArgs {
     cgroup: Option<PathBuf>,
     #[command(flatten)]
     bpffs: BpffsArg,
+    /// Serve ztunnel's ZDS socket at this path (Istio ambient mode: weir
+    /// hands the node's ambient pods and their network namespaces to
+    /// ztunnel, as istio-cni's node agent does; ztunnel's INPOD_UDS,
+    /// usually /var/run/ztunnel/ztunnel.sock) [default: off].
+    #[arg(long, env = "WEIR_ZDS_SOCKET")]
+    zds_socket: Option<PathBuf>,
     /// Address of the /metrics, /healthz and /readyz endpoints ("off" to
     /// disable).
     #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "127.0.0.1:9464")]
@@ -200,6 +230,11 @@ struct ExplainArgs {
     /// An outbound UDP datagram (weir captures only DNS) instead of TCP.
     #[arg(long, env = "WEIR_EXPLAIN_UDP", conflicts_with = "inbound")]
     udp: bool,
+    /// The socket's mark (ambient pods: 0x539 for ztunnel's sockets,
+    /// 0x111 for the application's side of ztunnel's connections into
+    /// the pod; inbound: 0x539 asks about ztunnel's own connection).
+    #[arg(long, env = "WEIR_EXPLAIN_MARK", value_parser = parse_mark, default_value = "0")]
+    mark: u32,
     #[command(flatten)]
     bpffs: BpffsArg,
     /// Output format.
@@ -217,8 +252,18 @@ impl ExplainArgs {
             src: self.src,
             inbound: self.inbound,
             udp: self.udp,
+            mark: self.mark,
         }
     }
+}
+
+/// A mark in decimal or `0x` hexadecimal.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a mark; use e.g. 0x539 or 1337"))
 }
 
 fn main() {
@@ -245,11 +290,72 @@ fn main() {
         Command::LogLevel(a) => datapath::set_pinned_log_level(&a.bpffs.bpffs, a.level)
             .map(|()| println!("kernel log level: {:?}", a.level)),
         Command::Cni(c) => cni::command(&c),
+        Command::ZdsServe(a) => zds_serve(&a),
     };
     if let Err(e) = res {
         error!("{e:#}");
         std::process::exit(1);
     }
+}
+
+/// `weir zds-serve`: the ZDS server fed from a workloads file until
+/// SIGTERM/SIGINT.
+fn zds_serve(a: &ZdsServeArgs) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    info!("{}", version::startup_line());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let server = zds::Zds::new();
+        server.listen(&a.socket)?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut tick = tokio::time::interval(Duration::from_millis(a.reload_ms));
+        let watch = podsfile::Watch::new(&a.workloads).ok();
+        let mut last: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+                _ = int.recv() => { info!("SIGINT: stopping"); break; }
+                _ = tick.tick() => {}
+                _ = async {
+                    match &watch {
+                        Some(w) => w.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            let text = match podsfile::read(&a.workloads).await {
+                Ok(t) => t,
+                Err(e) => {
+                    if last.take().is_some() {
+                        warn!(
+                            "workloads file {}: cannot read it ({e}); keeping the current workloads",
+                            a.workloads.display()
+                        );
+                    }
+                    continue;
+                }
+            };
+            if last.as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            match zds::workloads::parse(&a.workloads, &text) {
+                Ok(f) => {
+                    for e in &f.errors {
+                        error!("{e}");
+                    }
+                    let n = f.workloads.len();
+                    server.update(f.workloads);
+                    info!("workloads file applied: {n} workloads");
+                }
+                Err(e) => error!("{e}; keeping the current workloads"),
+            }
+            last = Some(text);
+        }
+        Ok(())
+    })
 }
 
 fn uninstall(a: &BpffsArg) -> Result<()> {
@@ -325,6 +431,14 @@ fn run(a: RunArgs) -> Result<()> {
         if let Some(logger) = kernel_logger {
             tokio::spawn(read_kernel_logs(logger));
         }
+        let _zds = match &a.zds_socket {
+            Some(path) => {
+                let server = zds::Zds::new();
+                server.listen(path)?;
+                Some(server)
+            }
+            None => None,
+        };
         if let Some(addr) = metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await

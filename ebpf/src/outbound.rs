@@ -74,7 +74,11 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     if !is_loopback_addr(&dst) {
         t.learn_pod_addr(&dst);
     }
-    let verdict = decide_outbound(policy, &q, &t);
+    let verdict = if policy.flags & POLICY_AMBIENT != 0 {
+        crate::ambient::outbound(policy, &q, sk, &t)
+    } else {
+        decide_outbound(policy, &q, &t)
+    };
     let counter = if udp {
         udp_connect_counter(verdict, dport)
     } else {

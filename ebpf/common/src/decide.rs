@@ -49,6 +49,10 @@ pub enum Verdict {
     /// iptables rule would have seen it; weir must not turn it into a
     /// working loopback connection.
     BypassNoRoute = 21,
+    /// Not captured: a socket of Istio's ztunnel (ambient mode: mark
+    /// 0x539/0xfff), or the application's side of a connection ztunnel
+    /// made into the pod (mark 0x111/0xfff).
+    BypassZtunnel = 22,
 }
 
 impl Verdict {
@@ -69,6 +73,7 @@ impl Verdict {
         Verdict::BypassOwnerGroup,
         Verdict::BypassExcludedInterface,
         Verdict::BypassNoRoute,
+        Verdict::BypassZtunnel,
     ];
 
     /// Short machine-readable name (`weir explain`'s `verdict`).
@@ -89,6 +94,7 @@ impl Verdict {
             Verdict::BypassOwnerGroup => "bypass_owner_group",
             Verdict::BypassExcludedInterface => "bypass_excluded_interface",
             Verdict::BypassNoRoute => "bypass_no_route",
+            Verdict::BypassZtunnel => "bypass_ztunnel",
         }
     }
 
@@ -110,6 +116,7 @@ impl Verdict {
             Verdict::BypassExcludedInterface => PodCounter::BypassExcludedIface,
             Verdict::BypassNoRoute => PodCounter::BypassNotIncluded,
             Verdict::RedirectDns => PodCounter::DnsTcpCaptured,
+            Verdict::BypassZtunnel => PodCounter::BypassProxy,
             Verdict::BypassTunnel | Verdict::BypassDisabled => return None,
         })
     }

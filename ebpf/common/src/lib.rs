@@ -12,10 +12,12 @@
 //! stored IPv4-mapped (`::ffff:a.b.c.d`). Ports are stored in host order.
 #![cfg_attr(not(test), no_std)]
 
+pub mod ambient;
 pub mod counters;
 pub mod decide;
 pub mod schema;
 
+pub use ambient::*;
 pub use counters::*;
 pub use decide::*;
 
@@ -432,6 +434,10 @@ pub const ORIG_DNS: u16 = 8;
 /// whose original destination was lost before the accept (`PENDING_FLOWS`
 /// evicted it): `SO_ORIGINAL_DST` fails with `ENOENT` (fail closed).
 pub const ORIG_LOST: u16 = 16;
+/// [`OrigDst`] flag: in `PENDING_FLOWS`, a connection ztunnel (ambient
+/// mode) made to the application from inside the pod; inbound capture
+/// leaves it alone (`addr`/`port`: the application's end).
+pub const ORIG_ZTUNNEL: u16 = 32;
 
 /// The destination an application dialled before weir redirected it.
 #[repr(C)]
