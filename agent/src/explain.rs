@@ -159,6 +159,9 @@ impl PodTables for PodView {
     fn is_pod_addr(&self, addr: &Addr) -> bool {
         self.entries.is_pod_addr(addr)
     }
+    fn is_virt_iface(&self, ifindex: u32) -> bool {
+        self.entries.is_virt_iface(ifindex)
+    }
 }
 
 /// What decided the connection's fate.
@@ -172,6 +175,9 @@ pub enum Outcome {
     /// Inbound: the source is inside the pod (loopback or a pod address);
     /// `weir_sk_lookup` leaves it to the outbound rules.
     FromInsidePod,
+    /// Inbound: it arrives through one of the pod's virtual interfaces
+    /// (`reroute-virtual-interfaces`); `weir_sk_lookup` passes it on.
+    VirtualInterface,
 }
 
 impl Outcome {
@@ -181,6 +187,7 @@ impl Outcome {
             Outcome::Decided(v) => v.name(),
             Outcome::NotPodAddress => "pass_not_pod_address",
             Outcome::FromInsidePod => "pass_from_inside_pod",
+            Outcome::VirtualInterface => "pass_virtual_interface",
         }
     }
 
@@ -378,10 +385,14 @@ fn decide_in<T: PodTables>(view: &PodView, q: &Query, t: &T) -> Outcome {
     if !view.addrs.contains(&ip_of(&addr_of(q.dst.ip()))) {
         return Outcome::NotPodAddress;
     }
-    if let Some(src) = q.src
-        && is_loopback_route(&addr_of(src), t)
-    {
-        return Outcome::FromInsidePod;
+    // The kernel's checks before the capture rules. The arriving
+    // interface is not asked for: 0 is none of the pod's interfaces.
+    if let Some(src) = q.src {
+        match inbound_pass(&addr_of(src), 0, t) {
+            Some(InboundPass::FromInsidePod) => return Outcome::FromInsidePod,
+            Some(InboundPass::VirtualInterface) => return Outcome::VirtualInterface,
+            None => {}
+        }
     }
     // The arriving interface is not asked for: 0 matches no
     // excludeInterfaces entry (it is reported in the notes instead).
@@ -502,6 +513,15 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                 "none: istio-iptables' PREROUTING rules live in the pod's netns and see only its traffic"
                     .into(),
                 untouched,
+                None,
+            ),
+            (_, Outcome::VirtualInterface) => (
+                "the connection arrives through one of the pod's virtual interfaces \
+                 (reroute-virtual-interfaces): never inbound traffic; its TCP connections were \
+                 redirected on the way in by weir_virt_in"
+                    .into(),
+                "-A ISTIO_INBOUND -i <interface> -j RETURN".into(),
+                untouched.clone(),
                 None,
             ),
             (_, Outcome::FromInsidePod) => (
@@ -950,7 +970,7 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
             udp_datagram_counter(v, d)
         }
         Outcome::Decided(v) => v.outbound_counter(),
-        Outcome::NotPodAddress | Outcome::FromInsidePod => None,
+        Outcome::NotPodAddress | Outcome::FromInsidePod | Outcome::VirtualInterface => None,
     }
     .map(series);
     if proxy_listening == Some(false) {

@@ -418,6 +418,13 @@ impl PodTables for PodEntries {
     fn is_pod_addr(&self, addr: &Addr) -> bool {
         self.pod_addrs.get(addr) == Some(&self.cookie)
     }
+    fn is_virt_iface(&self, ifindex: u32) -> bool {
+        self.virt_ifaces.contains_key(&VirtKey {
+            netns_cookie: self.cookie,
+            ifindex,
+            _pad: 0,
+        })
+    }
 }
 
 #[cfg(test)]
@@ -615,6 +622,37 @@ mod tests {
             7,
             &outside
         ));
+    }
+
+    /// The sk_lookup checks before the capture rules, over the entries the
+    /// agent writes: the pod's own address is inside the pod, and a
+    /// virtual interface's connections are never inbound traffic.
+    #[test]
+    fn inbound_passes_what_sk_lookup_passes() {
+        let mut e = PodEntries {
+            cookie: 7,
+            ..Default::default()
+        };
+        let own = v4_mapped(u32::from_ne_bytes([198, 18, 0, 1]));
+        let peer = v4_mapped(u32::from_ne_bytes([198, 18, 0, 9]));
+        e.pod_addrs.insert(own, 7);
+        e.virt_ifaces.insert(
+            VirtKey {
+                netns_cookie: 7,
+                ifindex: 5,
+                _pad: 0,
+            },
+            VirtIface::default(),
+        );
+        assert_eq!(inbound_pass(&own, 2, &e), Some(InboundPass::FromInsidePod));
+        assert_eq!(
+            inbound_pass(&peer, 5, &e),
+            Some(InboundPass::VirtualInterface)
+        );
+        assert_eq!(inbound_pass(&peer, 2, &e), None);
+        // Another pod's interface 5 is not this pod's.
+        e.cookie = 8;
+        assert_eq!(inbound_pass(&peer, 5, &e), None);
     }
 
     #[test]

@@ -42,27 +42,14 @@ pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
         return sk_action::SK_PASS;
     };
     let t = KernelTables::of(cookie, &policy);
-    // Connections made inside the pod itself (from 127.0.0.0/8, ::1, ::6 or
-    // the pod's own addresses) never pass iptables' PREROUTING either; they
-    // are the outbound rules' business. `ingress_ifindex` cannot tell: for
-    // local traffic to the pod IP it names the device holding that IP.
     let remote: Addr = if family == AF_INET {
         v4_mapped(l.remote_ip4)
     } else {
         read_words(&l.remote_ip6)
     };
-    if is_loopback_route(&remote, &t) {
-        return sk_action::SK_PASS;
-    }
-    // Istio's `-i IFACE -j RETURN` for `reroute-virtual-interfaces`: what
-    // arrives through a virtual interface is never inbound traffic (its
-    // captured connections were rewritten by `weir_virt_in`).
-    let virt = VirtKey {
-        netns_cookie: cookie,
-        ifindex: l.ingress_ifindex,
-        _pad: 0,
-    };
-    if VIRT_IFACES.get_ptr(&virt).is_some() {
+    // From inside the pod, or through a virtual interface: not inbound
+    // traffic (`inbound_pass`, shared with `weir explain`).
+    if inbound_pass(&remote, l.ingress_ifindex, &t).is_some() {
         return sk_action::SK_PASS;
     }
     let verdict = if policy.flags & POLICY_AMBIENT != 0 {

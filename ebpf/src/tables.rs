@@ -346,6 +346,16 @@ impl<'a> KernelTables<'a> {
 
 impl PodTables for KernelTables<'_> {
     #[inline(always)]
+    fn is_virt_iface(&self, ifindex: u32) -> bool {
+        let key = VirtKey {
+            netns_cookie: self.cookie,
+            ifindex,
+            _pad: 0,
+        };
+        VIRT_IFACES.get_ptr(&key).is_some()
+    }
+
+    #[inline(always)]
     fn has_port(&self, kind: u16, port: u16) -> bool {
         if self.policy.tables & table_of_ports(kind) == 0 {
             return false;

@@ -173,6 +173,9 @@ mod tests {
         skip: Vec<Addr>,
     }
     impl PodTables for T {
+        fn is_virt_iface(&self, _: u32) -> bool {
+            false
+        }
         fn has_port(&self, _: u16, _: u16) -> bool {
             false
         }

@@ -200,6 +200,45 @@ pub trait PodTables {
     fn in_cidrs(&self, list: CidrList, addr: &Addr) -> bool;
     /// Whether `addr` is an address of the pod itself (routed over `lo`).
     fn is_pod_addr(&self, addr: &Addr) -> bool;
+    /// Whether interface `ifindex` (inside the pod) is one of its virtual
+    /// interfaces (`istio.io/reroute-virtual-interfaces`, `VIRT_IFACES`).
+    fn is_virt_iface(&self, ifindex: u32) -> bool;
+}
+
+/// Why `weir_sk_lookup` lets an inbound TCP connection to one of the
+/// pod's addresses pass before any capture rule.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum InboundPass {
+    /// From inside the pod (127.0.0.0/8, `::1`, `::6` or one of its own
+    /// addresses): such connections never cross iptables' `PREROUTING`;
+    /// the outbound rules decided them at `connect()`.
+    FromInsidePod,
+    /// Arrived through one of the pod's virtual interfaces (Istio's
+    /// `-i IFACE -j RETURN` for `reroute-virtual-interfaces`): never
+    /// inbound traffic (its captured connections were rewritten by
+    /// `weir_virt_in`).
+    VirtualInterface,
+}
+
+/// `weir_sk_lookup`'s checks between finding the pod (the destination is
+/// one of its addresses) and its capture rules, for a connection from
+/// `remote` arriving through interface `ingress_ifindex`; shared with
+/// `weir explain`.
+#[inline(always)]
+pub fn inbound_pass<T: PodTables>(
+    remote: &Addr,
+    ingress_ifindex: u32,
+    t: &T,
+) -> Option<InboundPass> {
+    // `ingress_ifindex` cannot tell local traffic: for local traffic to
+    // the pod IP it names the device holding that IP.
+    if is_loopback_route(remote, t) {
+        return Some(InboundPass::FromInsidePod);
+    }
+    if t.is_virt_iface(ingress_ifindex) {
+        return Some(InboundPass::VirtualInterface);
+    }
+    None
 }
 
 /// One outbound TCP connection as seen at `connect()`.
@@ -592,6 +631,9 @@ mod tests {
         }
         fn is_pod_addr(&self, addr: &Addr) -> bool {
             self.pod_addrs.contains(addr)
+        }
+        fn is_virt_iface(&self, _: u32) -> bool {
+            false
         }
     }
 
