@@ -201,7 +201,7 @@ pub struct Datapath {
     log_level: Array<MapData, u32>,
     fast_path: Array<MapData, u32>,
     fast_socks: SockHash<MapData, FastKey>,
-    caps: Capacities,
+    capacities: Capacities,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -221,7 +221,12 @@ impl Datapath {
     /// loads the fast path's `sk_msg` program, attaches it to `FAST_SOCKS`
     /// and turns the fast path on; without, turns it off for new
     /// connections (connections already on it stay on it until they close).
-    pub fn load(bpffs: &Path, cgroup: &Path, caps: &Capacities, fast_path: bool) -> Result<Self> {
+    pub fn load(
+        bpffs: &Path,
+        cgroup: &Path,
+        capacities: &Capacities,
+        fast_path: bool,
+    ) -> Result<Self> {
         ensure_bpffs(bpffs)?;
         let pins = Pins::new(bpffs);
         for dir in [pins.maps(), pins.links()] {
@@ -230,11 +235,11 @@ impl Datapath {
             })?;
         }
         if fast_path {
-            grow_fast_socks(&pins, caps.fast_sockets)?;
+            grow_fast_socks(&pins, capacities.fast_sockets)?;
         }
         let mut loader = EbpfLoader::new();
         let map_paths = map_paths(&pins);
-        configure_loader(&mut loader, &map_paths, caps, Some(fast_path));
+        configure_loader(&mut loader, &map_paths, capacities, Some(fast_path));
         // Refuse pinned maps of another layout *before* the loader reuses
         // them: a program verified against a map of another value size
         // would be refused with a confusing verifier error, or misread.
@@ -280,7 +285,7 @@ impl Datapath {
             log_level: take(&mut ebpf, "LOG_LEVEL")?,
             fast_path: take(&mut ebpf, "FAST_PATH")?,
             fast_socks: take(&mut ebpf, "FAST_SOCKS")?,
-            caps: caps.clone(),
+            capacities: capacities.clone(),
             logger,
             pod_policy: take(&mut ebpf, "POD_POLICY")?,
             tables: PodMaps::take(&mut ebpf)?,
@@ -470,7 +475,7 @@ impl Datapath {
     fn load_virt_programs(&self, cookie: u64) -> Result<Ebpf> {
         let paths = map_paths(&self.pins);
         let mut loader = EbpfLoader::new();
-        configure_loader(&mut loader, &paths, &self.caps, None);
+        configure_loader(&mut loader, &paths, &self.capacities, None);
         loader.override_global("VIRT_NETNS_COOKIE", &cookie, true);
         let mut obj = loader
             .load(kernel_object()?)
@@ -765,7 +770,7 @@ fn map_paths(pins: &Pins) -> Vec<(&'static str, PathBuf)> {
 fn configure_loader<'a>(
     loader: &mut EbpfLoader<'a>,
     map_paths: &'a [(&'static str, PathBuf)],
-    caps: &Capacities,
+    capacities: &Capacities,
     fast_path: Option<bool>,
 ) {
     let main_object = fast_path.is_some();
@@ -778,17 +783,17 @@ fn configure_loader<'a>(
     for m in schema::maps() {
         let size = match m.sizing {
             Sizing::Object => continue,
-            Sizing::PerPod(n) => caps.pods.saturating_mul(n),
+            Sizing::PerPod(n) => capacities.pods.saturating_mul(n),
             Sizing::Fixed(n) => n,
-            Sizing::PortRules => caps.port_rules,
-            Sizing::Cidrs => caps.cidrs,
-            Sizing::PendingFlows => caps.pending_flows,
+            Sizing::PortRules => capacities.port_rules,
+            Sizing::Cidrs => capacities.cidrs,
+            Sizing::PendingFlows => capacities.pending_flows,
             Sizing::FastSockets => match fast_path {
                 Some(false) => FAST_SOCKS_OFF,
-                _ => caps.fast_sockets,
+                _ => capacities.fast_sockets,
             },
             Sizing::VirtFlows if main_object => 1,
-            Sizing::VirtFlows => caps.virt_flows,
+            Sizing::VirtFlows => capacities.virt_flows,
         };
         loader.map_max_entries(m.name, size);
     }

@@ -60,7 +60,7 @@ pub struct Query {
 
 /// One pod's tables, read back from the pinned maps.
 #[derive(Clone, Debug, Default)]
-pub struct PodView {
+pub struct EnrolledPod {
     /// Kubernetes namespace.
     pub namespace: String,
     /// Pod name.
@@ -94,7 +94,7 @@ pub struct PodView {
     pub entries: PodEntries,
 }
 
-impl PodView {
+impl EnrolledPod {
     /// The view of pod `namespace/name` with policy `policy` and the
     /// per-pod table entries `entries` (listeners left empty).
     pub fn new(namespace: String, name: String, policy: PodPolicy, entries: PodEntries) -> Self {
@@ -114,7 +114,7 @@ impl PodView {
             v.sort();
             v
         };
-        PodView {
+        EnrolledPod {
             namespace,
             name,
             cookie: entries.cookie,
@@ -146,7 +146,7 @@ impl PodView {
 }
 
 /// The pod's entries answer as the kernel's lookups in its maps do.
-impl PodTables for PodView {
+impl PodTables for EnrolledPod {
     fn has_port(&self, kind: u16, port: u16) -> bool {
         self.entries.has_port(kind, port)
     }
@@ -340,7 +340,7 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
     })?;
 
     let entries = PodMaps::open_pinned(&pins.maps())?.entries_of(cookie)?;
-    let mut view = PodView::new(want_ns, want_name, p, entries);
+    let mut view = EnrolledPod::new(want_ns, want_name, p, entries);
     let listeners: SockHash<MapData, ListenerKey> =
         SockHash::try_from(Map::SockHash(open(&pins, "LISTENERS")?))?;
     for k in listeners.keys() {
@@ -380,7 +380,7 @@ fn out_query(q: &Query) -> OutboundQuery {
 }
 
 /// `weir_sk_lookup`'s steps for an inbound connection.
-fn decide_in<T: PodTables>(view: &PodView, q: &Query, t: &T) -> Outcome {
+fn decide_in<T: PodTables>(view: &EnrolledPod, q: &Query, t: &T) -> Outcome {
     // As the kernel sees it: IPv4-mapped IPv6 is IPv4.
     if !view.addrs.contains(&ip_of(&addr_of(q.dst.ip()))) {
         return Outcome::NotPodAddress;
@@ -454,14 +454,14 @@ fn proxy_addr(dst: IpAddr, port: u16) -> SocketAddr {
     }
 }
 
-fn listening(view: &PodView, port: u16, v6: bool) -> bool {
+fn listening(view: &EnrolledPod, port: u16, v6: bool) -> bool {
     let fam = |f: u32| view.listeners.contains(&(port, f as u16));
     // A dual-stack [::] listener takes IPv4 connections too.
     fam(AF_INET6) || (!v6 && fam(AF_INET))
 }
 
 /// Puts the outcome into words. Pure: unit tested.
-pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
+pub fn describe(view: &EnrolledPod, q: &Query, outcome: Outcome) -> Explanation {
     let p = &view.policy;
     let dst = q.dst;
     let dip = dst.ip();
@@ -1081,11 +1081,11 @@ mod tests {
     use std::collections::BTreeMap;
 
     /// A view as the agent would write it for an Istio pod at 198.18.0.1.
-    fn view(annotations: &[(&str, &str)]) -> PodView {
+    fn view(annotations: &[(&str, &str)]) -> EnrolledPod {
         view_of(Mesh::Istio, annotations)
     }
 
-    fn view_of(mesh: Mesh, annotations: &[(&str, &str)]) -> PodView {
+    fn view_of(mesh: Mesh, annotations: &[(&str, &str)]) -> EnrolledPod {
         let ann: BTreeMap<String, String> = annotations
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1094,7 +1094,7 @@ mod tests {
         let r = pod_rules(mesh, &ips, &ann).unwrap();
         // Built from the map entries the agent writes, as `explain` reads
         // them back.
-        let mut v = PodView::new("default".into(), "app".into(), r.policy, r.entries(7));
+        let mut v = EnrolledPod::new("default".into(), "app".into(), r.policy, r.entries(7));
         v.listeners = [(15001, AF_INET as u16), (15006, AF_INET as u16)]
             .into_iter()
             .collect();
@@ -1115,7 +1115,7 @@ mod tests {
     }
 
     /// Runs the shared decision over the in-memory view and describes it.
-    fn run(v: &PodView, q: &Query) -> Explanation {
+    fn run(v: &EnrolledPod, q: &Query) -> Explanation {
         let outcome = if q.inbound {
             decide_in(v, q, v)
         } else {

@@ -45,7 +45,7 @@ impl Level {
 
 /// Log options of every `weir` command.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub struct LogArgs {
     /// Level of the agent's log [default: RUST_LOG's filter when set
     /// (env_logger syntax, e.g. info,weir::k8s=debug), else info]. The
     /// kernel programs' records have their own level (--kernel-log-level).
@@ -90,7 +90,7 @@ pub fn json_line(time: &str, level: log::Level, target: &str, message: &str) -> 
 }
 
 /// Installs the logger.
-pub fn init(args: &Args) {
+pub fn init(args: &LogArgs) {
     let rust_log = std::env::var("RUST_LOG").ok();
     let mut b = env_logger::Builder::new();
     b.parse_filters(&filter(args.log_level, rust_log.as_deref()));
@@ -150,7 +150,7 @@ mod tests {
         #[derive(clap::Parser)]
         struct T {
             #[command(flatten)]
-            log: Args,
+            log: LogArgs,
         }
         let t = T::try_parse_from(["t", "--log-format", "json", "--log-level", "debug"]).unwrap();
         assert_eq!(t.log.log_format, Format::Json);

@@ -15,6 +15,7 @@ mod k8s;
 mod logging;
 mod metrics;
 mod netlink;
+mod pod;
 mod pod_tables;
 mod podsfile;
 mod policy;
@@ -48,7 +49,7 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     #[command(flatten)]
-    log: logging::Args,
+    log: logging::LogArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -110,10 +111,10 @@ struct RunArgs {
     pods_file: Option<PathBuf>,
     // Kubernetes pod source (`--kubernetes`, `--node-name`, …): k8s/mod.rs.
     #[command(flatten)]
-    kube: k8s::Args,
+    kube: k8s::KubeArgs,
     // The weir-cni plugin's socket and installation: cni/mod.rs.
     #[command(flatten)]
-    cni: cni::Args,
+    cni: cni::CniArgs,
     /// cgroup v2 directory the socket programs attach to [default: the
     /// cgroup v2 root found in /proc/self/mounts].
     #[arg(long, env = "WEIR_CGROUP")]
@@ -401,20 +402,20 @@ fn run(a: RunArgs) -> Result<()> {
         None if a.kube.kubernetes => rt.block_on(k8s::node_pod_capacity(&a.kube)),
         None => Capacities::DEFAULT_PODS,
     };
-    let mut caps = Capacities::for_pods(pods);
-    caps.cidrs = a.max_cidrs;
-    caps.virt_flows = a.max_virt_flows;
+    let mut capacities = Capacities::for_pods(pods);
+    capacities.cidrs = a.max_cidrs;
+    capacities.virt_flows = a.max_virt_flows;
     if let Some(v) = a.max_port_rules {
-        caps.port_rules = v;
+        capacities.port_rules = v;
     }
     if let Some(v) = a.max_pending {
-        caps.pending_flows = v;
+        capacities.pending_flows = v;
     }
     if let Some(v) = a.max_fast_sockets {
-        caps.fast_sockets = v;
+        capacities.fast_sockets = v;
     }
-    info!("map capacities for {pods} pods: {caps:?}");
-    let mut dp = Datapath::load(&a.bpffs.bpffs, &cgroup, &caps, a.fast_path)?;
+    info!("map capacities for {pods} pods: {capacities:?}");
+    let mut dp = Datapath::load(&a.bpffs.bpffs, &cgroup, &capacities, a.fast_path)?;
     dp.set_kernel_log_level(a.kernel_log_level as u32)?;
     let kernel_logger = dp.take_logger();
     info!(
@@ -453,7 +454,7 @@ fn run(a: RunArgs) -> Result<()> {
         if let Some(pods_file) = &a.pods_file {
             let server = cni::Server::new(
                 rec.clone(),
-                cni::Lookup::PodsFile(pods_file.clone()),
+                cni::PodLookup::PodsFile(pods_file.clone()),
                 a.kube.host_proc.clone(),
                 None,
                 None,

@@ -23,7 +23,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::policy::{Mesh, PodRules, pod_rules};
+use crate::pod::PodSpec;
+use crate::policy::{Mesh, pod_rules};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,36 +65,6 @@ struct RawPod {
 
 fn default_namespace() -> String {
     "default".to_string()
-}
-
-/// One valid pod of the pods file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodSpec {
-    /// Kubernetes namespace.
-    pub namespace: String,
-    /// Pod name.
-    pub name: String,
-    /// Path of the pod's network namespace.
-    pub netns: PathBuf,
-    /// The pod's addresses.
-    pub ips: Vec<IpAddr>,
-    /// The pod's mesh.
-    pub mesh: Mesh,
-    /// The pod's annotations.
-    pub annotations: BTreeMap<String, String>,
-    /// Capture rules built from the above.
-    pub rules: PodRules,
-    /// Kubernetes pod UID (empty when unknown).
-    pub uid: String,
-    /// `spec.serviceAccountName` (`default` when the pod names none).
-    pub service_account: String,
-}
-
-impl PodSpec {
-    /// `namespace/name`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
 }
 
 /// What a pods file holds: the valid pods and one message per bad entry.

@@ -16,8 +16,8 @@ use log::{debug, info, warn};
 use weir_common::PodMeta;
 
 use crate::datapath::Datapath;
+use crate::pod::PodSpec;
 use crate::pod_tables::PodEntries;
-use crate::podsfile::PodSpec;
 use crate::policy::PodRules;
 
 /// A pod weir has written into the maps.

@@ -46,6 +46,9 @@ mod protocol;
 #[path = "../k8s/classify.rs"]
 #[allow(dead_code)]
 mod classify;
+#[path = "../pod.rs"]
+#[allow(dead_code)]
+mod pod;
 #[path = "../policy.rs"]
 #[allow(dead_code)]
 mod policy;
@@ -263,7 +266,7 @@ const API_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reads pod `pod` from the Kubernetes API with the kubeconfig at `path`
 /// and classifies it as the agent does.
-fn read_pod(path: &str, pod: &PodRef) -> Result<classify::Verdict, String> {
+fn read_pod(path: &str, pod: &PodRef) -> Result<classify::MeshVerdict, String> {
     use k8s_openapi::api::core::v1::Pod;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -303,7 +306,7 @@ type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 /// The agent, likewise.
 type Agent<'a> = &'a dyn Fn(&str, &Request, Duration) -> std::io::Result<Response>;
 /// The Kubernetes API (kubeconfig, pod), likewise.
-type PodApi<'a> = &'a dyn Fn(&str, &PodRef) -> Result<classify::Verdict, String>;
+type PodApi<'a> = &'a dyn Fn(&str, &PodRef) -> Result<classify::MeshVerdict, String>;
 
 /// Whether a pod the agent cannot enroll now may start anyway because no
 /// capture is lost on it: `Ok(why)` to let it start, `Err(why not)`.
@@ -320,8 +323,8 @@ fn starts_without_agent(conf: &NetConf, pod: &PodRef, api: PodApi) -> Result<Str
         );
     };
     match api(kc, pod) {
-        Ok(classify::Verdict::NotMeshed(why)) => Ok(format!("not meshed: {why}")),
-        Ok(classify::Verdict::Meshed(mesh)) => Err(format!("it is meshed ({mesh})")),
+        Ok(classify::MeshVerdict::NotMeshed(why)) => Ok(format!("not meshed: {why}")),
+        Ok(classify::MeshVerdict::Meshed(mesh)) => Err(format!("it is meshed ({mesh})")),
         Err(e) => Err(format!(
             "whether it is meshed is unknown: reading it from the Kubernetes API failed: {e}"
         )),
@@ -787,7 +790,7 @@ mod tests {
 
     #[test]
     fn agent_down_lets_pods_start_that_lose_no_capture() {
-        use classify::Verdict;
+        use classify::MeshVerdict;
         let down = |_: &str, _: &Request, _: Duration| -> std::io::Result<Response> {
             Err(std::io::ErrorKind::ConnectionRefused.into())
         };
@@ -797,8 +800,8 @@ mod tests {
             assert_eq!(p.uid, format!("u-{}", p.name));
             asked.borrow_mut().push(p.name.clone());
             match p.name.as_str() {
-                "web" => Ok(Verdict::Meshed(policy::Mesh::Istio)),
-                "plain" => Ok(Verdict::NotMeshed("no sidecar".into())),
+                "web" => Ok(MeshVerdict::Meshed(policy::Mesh::Istio)),
+                "plain" => Ok(MeshVerdict::NotMeshed("no sidecar".into())),
                 _ => Err("connection refused".to_string()),
             }
         };

@@ -30,9 +30,8 @@ use tokio::sync::Notify;
 
 use self::protocol::{Command, PodRef, Request, Response};
 use self::registry::{CniPod, Registry};
-use crate::k8s::classify::{PodView, Verdict};
 use crate::k8s::netns::agent_view_of;
-use crate::k8s::state::spec_of;
+use crate::pod::{MeshVerdict, PodSpec, PodView};
 use crate::reconcile::Reconciler;
 
 /// What the agent does about the CNI plugin.
@@ -51,7 +50,7 @@ pub enum Mode {
 /// `weir run` options for the CNI plugin.
 #[derive(clap::Args, Debug, Clone)]
 #[group(id = "cni_plugin")]
-pub struct Args {
+pub struct CniArgs {
     /// Unix socket the weir-cni plugin talks to [default with --kubernetes:
     /// /var/run/weir/cni.sock; without it, no socket unless given].
     #[arg(long, env = "WEIR_CNI_SOCKET")]
@@ -115,7 +114,7 @@ pub fn exclude_namespaces(raw: &[String]) -> Result<Vec<String>> {
     Ok(out)
 }
 
-impl Args {
+impl CniArgs {
     /// The socket to serve, if any.
     pub fn socket(&self, kubernetes: bool) -> Option<PathBuf> {
         if self.cni_mode == Mode::Off {
@@ -238,18 +237,18 @@ fn remove_plugin_kubeconfig(conf_dir: &Path) -> Result<bool> {
 
 /// Where the server learns whether a pod is meshed, and its policy.
 #[derive(Clone)]
-pub enum Lookup {
+pub enum PodLookup {
     /// Local mode: the pods file lists the meshed pods.
     PodsFile(PathBuf),
     /// The Kubernetes API (the watcher's store, then a GET).
-    Kubernetes(crate::k8s::Lookup),
+    Kubernetes(crate::k8s::ApiLookup),
 }
 
-impl Lookup {
+impl PodLookup {
     async fn find(&self, pod: &PodRef) -> Result<PodView, String> {
         match self {
-            Lookup::Kubernetes(k) => k.find(pod).await,
-            Lookup::PodsFile(path) => {
+            PodLookup::Kubernetes(k) => k.find(pod).await,
+            PodLookup::PodsFile(path) => {
                 let text = tokio::fs::read_to_string(path)
                     .await
                     .map_err(|e| format!("pods file {}: {e}", path.display()))?;
@@ -263,7 +262,7 @@ impl Lookup {
                     ips: Vec::new(),
                     annotations: BTreeMap::new(),
                     service_account: "default".into(),
-                    verdict: Verdict::NotMeshed(why),
+                    verdict: MeshVerdict::NotMeshed(why),
                     bad_ips: Vec::new(),
                     ipv6_from_first_ip: false,
                 };
@@ -281,7 +280,7 @@ impl Lookup {
                     uid: s.uid.clone(),
                     cgroup_uid: s.uid,
                     service_account: s.service_account,
-                    verdict: Verdict::Meshed(s.mesh),
+                    verdict: MeshVerdict::Meshed(s.mesh),
                     ..not(String::new())
                 })
             }
@@ -309,7 +308,7 @@ fn netns_problem(p: &Path) -> Option<String> {
 /// What the server works with.
 pub struct Server {
     rec: Arc<Mutex<Reconciler>>,
-    lookup: Lookup,
+    lookup: PodLookup,
     host_proc: PathBuf,
     /// Kubernetes mode: pods enrolled here, for the watcher's passes.
     registry: Option<Arc<Mutex<Registry>>>,
@@ -324,7 +323,7 @@ impl Server {
     /// A server over the reconciler.
     pub fn new(
         rec: Arc<Mutex<Reconciler>>,
-        lookup: Lookup,
+        lookup: PodLookup,
         host_proc: PathBuf,
         registry: Option<Arc<Mutex<Registry>>>,
         wake: Option<Arc<Notify>>,
@@ -394,13 +393,13 @@ impl Server {
             Err(e) => return failed(e),
         };
         let mesh = match &view.verdict {
-            Verdict::NotMeshed(why) => {
+            MeshVerdict::NotMeshed(why) => {
                 debug!("CNI ADD {key}: not meshed: {why}");
                 return Response::Skipped {
                     message: format!("{key}: not meshed: {why}"),
                 };
             }
-            Verdict::Meshed(m) => *m,
+            MeshVerdict::Meshed(m) => *m,
         };
         let mut ips = Vec::new();
         for s in &req.ips {
@@ -419,7 +418,7 @@ impl Server {
             // pod (the kubelet learns them from this very ADD).
             view.set_ips(ips);
         }
-        let spec = match spec_of(&view, netns.clone()) {
+        let spec = match PodSpec::of_view(&view, netns.clone()) {
             Ok(s) => s,
             Err(e) => return failed(e.to_string()),
         };
@@ -499,7 +498,7 @@ impl Server {
             Ok(v) => v,
             Err(e) => return Response::Failed { message: e },
         };
-        if let Verdict::NotMeshed(why) = view.verdict {
+        if let MeshVerdict::NotMeshed(why) = view.verdict {
             return Response::Ok {
                 message: format!("not meshed: {why}"),
             };
@@ -639,7 +638,7 @@ async fn connection(mut stream: UnixStream, server: &Server) -> Result<()> {
 
 /// Starts the CNI side of the agent: the socket (unless off) and, with
 /// --cni-conf-dir, keeping the plugin chained (or removed when off).
-pub async fn start(args: &Args, socket: Option<PathBuf>, mut server: Server) -> Result<()> {
+pub async fn start(args: &CniArgs, socket: Option<PathBuf>, mut server: Server) -> Result<()> {
     let exclude = exclude_namespaces(&args.cni_exclude_namespaces)?;
     let plugin_kube = server.plugin_kube.take();
     if let Some(path) = &socket {

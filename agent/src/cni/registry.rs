@@ -14,8 +14,8 @@ use std::path::PathBuf;
 
 use log::debug;
 
-use crate::k8s::state::Desired;
-use crate::podsfile::PodSpec;
+use crate::pod::Desired;
+use crate::pod::PodSpec;
 
 /// One pod enrolled by the plugin.
 #[derive(Clone, Debug)]
@@ -144,7 +144,6 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::k8s::classify::{tests::ISTIO_POD, tests::pod, view};
-    use crate::k8s::state::spec_of;
     use crate::k8s::testutil::TempDir;
 
     fn cni_pod(name: &str, uid: &str, netns: PathBuf) -> CniPod {
@@ -155,7 +154,7 @@ mod tests {
             uid: uid.into(),
             container_id: format!("sandbox-{name}"),
             netns: netns.clone(),
-            spec: spec_of(&v, netns).unwrap(),
+            spec: PodSpec::of_view(&v, netns).unwrap(),
         }
     }
 

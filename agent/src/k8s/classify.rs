@@ -14,11 +14,11 @@
 //! namespace) and finished pods (phase `Succeeded` or `Failed`).
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 
+pub use crate::pod::{MeshVerdict, PodView};
 use crate::policy::{Mesh, keys};
 
 /// Istio's sidecar container.
@@ -44,83 +44,6 @@ pub const KUMA_INJECTION: &str = "kuma.io/sidecar-injection";
 /// On a static pod's mirror: the UID the kubelet uses for the pod (and so
 /// in its cgroup path), which differs from the mirror's `metadata.uid`.
 pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
-
-/// Whether weir captures a pod, and why not.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Captured with this mesh's profile.
-    Meshed(Mesh),
-    /// Left alone; the reason is for logs and the CNI plugin's answer.
-    NotMeshed(String),
-}
-
-impl fmt::Display for Verdict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Verdict::Meshed(m) => write!(f, "meshed ({m})"),
-            Verdict::NotMeshed(why) => write!(f, "not meshed: {why}"),
-        }
-    }
-}
-
-/// What weir keeps of a pod object: small, and everything it needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PodView {
-    /// `metadata.namespace`.
-    pub namespace: String,
-    /// `metadata.name`.
-    pub name: String,
-    /// `metadata.uid`.
-    pub uid: String,
-    /// The UID in the pod's cgroup path: the mirror annotation of a static
-    /// pod, else `uid`.
-    pub cgroup_uid: String,
-    /// `status.podIPs` (or `status.podIP`), the ones that parse.
-    pub ips: Vec<IpAddr>,
-    /// `metadata.annotations`.
-    pub annotations: BTreeMap<String, String>,
-    /// `spec.serviceAccountName`, `default` when unset (as the API
-    /// server's admission fills it in).
-    pub service_account: String,
-    /// The decision.
-    pub verdict: Verdict,
-    /// Addresses in `status.podIPs` that are not IP addresses (reported,
-    /// never fatal).
-    pub bad_ips: Vec<String>,
-    /// An Istio pod without dual stack and without `weir.dev/capture-ipv6`:
-    /// istio-iptables writes IPv6 rules exactly when the pod's first
-    /// address is IPv6, so that annotation is derived from `ips` (again
-    /// whenever they change: [`PodView::set_ips`]).
-    pub ipv6_from_first_ip: bool,
-}
-
-impl PodView {
-    /// `namespace/name`, the reconciler's key.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-
-    /// Sets the pod's addresses, and what depends on them. The API has no
-    /// addresses for a pod before the kubelet reports them, which it does
-    /// only after the CNI ADD that gave them: the CNI server and the
-    /// watcher's passes set the ones the ADD reported until then.
-    pub fn set_ips(&mut self, ips: Vec<IpAddr>) {
-        if self.ipv6_from_first_ip {
-            let first_v6 = ips.first().is_some_and(IpAddr::is_ipv6);
-            self.annotations
-                .insert(keys::CAPTURE_IPV6.into(), first_v6.to_string());
-        }
-        self.ips = ips;
-    }
-
-    /// The mesh, when meshed.
-    pub fn mesh(&self) -> Option<Mesh> {
-        match self.verdict {
-            Verdict::Meshed(m) => Some(m),
-            Verdict::NotMeshed(_) => None,
-        }
-    }
-}
 
 /// A pod object weir cannot use at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -235,8 +158,8 @@ fn istio_proxy_ids(pod: &Pod) -> Option<(i64, String)> {
 }
 
 /// Decides whether (and how) weir captures `pod`.
-pub fn verdict(pod: &Pod) -> Verdict {
-    let not = |why: &str| Verdict::NotMeshed(why.to_string());
+pub fn verdict(pod: &Pod) -> MeshVerdict {
+    let not = |why: &str| MeshVerdict::NotMeshed(why.to_string());
     let spec = pod.spec.as_ref();
     if spec.and_then(|s| s.host_network) == Some(true) {
         return not("host network (the pod shares the node's network namespace)");
@@ -244,7 +167,7 @@ pub fn verdict(pod: &Pod) -> Verdict {
     if let Some(phase) = pod.status.as_ref().and_then(|s| s.phase.as_deref())
         && matches!(phase, "Succeeded" | "Failed")
     {
-        return Verdict::NotMeshed(format!("finished (phase {phase})"));
+        return MeshVerdict::NotMeshed(format!("finished (phase {phase})"));
     }
     let empty = BTreeMap::new();
     let ann = pod.metadata.annotations.as_ref().unwrap_or(&empty);
@@ -265,7 +188,7 @@ pub fn verdict(pod: &Pod) -> Verdict {
             if let Some(t) = istio_proxy_type(c)
                 && t != "sidecar"
             {
-                return Verdict::NotMeshed(format!(
+                return MeshVerdict::NotMeshed(format!(
                     "istio-proxy runs as {t:?}, not as a sidecar (a gateway)"
                 ));
             }
@@ -279,7 +202,7 @@ pub fn verdict(pod: &Pod) -> Verdict {
         {
             return not("sidecar.istio.io/interceptionMode is NONE");
         }
-        return Verdict::Meshed(Mesh::Istio);
+        return MeshVerdict::Meshed(Mesh::Istio);
     }
     if has(LINKERD_PROXY) {
         if has(LINKERD_INIT) {
@@ -291,7 +214,7 @@ pub fn verdict(pod: &Pod) -> Verdict {
         {
             return not("linkerd.io/inject is disabled");
         }
-        return Verdict::Meshed(Mesh::Linkerd);
+        return MeshVerdict::Meshed(Mesh::Linkerd);
     }
     if has(KUMA_SIDECAR) {
         if has(KUMA_INIT) {
@@ -303,7 +226,7 @@ pub fn verdict(pod: &Pod) -> Verdict {
         {
             return not("kuma.io/sidecar-injection is disabled");
         }
-        return Verdict::Meshed(Mesh::Kuma);
+        return MeshVerdict::Meshed(Mesh::Kuma);
     }
     not("no istio-proxy, linkerd-proxy or kuma-sidecar container")
 }
@@ -325,7 +248,7 @@ pub fn view(pod: &Pod) -> Result<PodView, PodError> {
     }
     let mut annotations: BTreeMap<String, String> = md.annotations.clone().unwrap_or_default();
     let verdict = verdict(pod);
-    if verdict == Verdict::Meshed(Mesh::Linkerd)
+    if verdict == MeshVerdict::Meshed(Mesh::Linkerd)
         && !annotations.contains_key(keys::CAPTURE_IPV6)
         && linkerd_ipv6(pod)
     {
@@ -361,13 +284,13 @@ pub fn view(pod: &Pod) -> Result<PodView, PodError> {
     // istio-iptables writes IPv6 rules only with ISTIO_DUAL_STACK or when
     // the pod's first address is IPv6; a proxy without dual stack listens
     // on IPv4 only, so capturing IPv6 would refuse those connections.
-    let ipv6_from_first_ip = verdict == Verdict::Meshed(Mesh::Istio)
+    let ipv6_from_first_ip = verdict == MeshVerdict::Meshed(Mesh::Istio)
         && !annotations.contains_key(keys::CAPTURE_IPV6)
         && istio_dual_stack(pod, &annotations) == Some(false);
     // The proxy's identity: weir's own annotations win, else what the
     // injector wrote (a proxy UID weir did not know would have its own
     // connections captured, a loop).
-    if verdict == Verdict::Meshed(Mesh::Istio)
+    if verdict == MeshVerdict::Meshed(Mesh::Istio)
         && !annotations.contains_key(keys::PROXY_UIDS)
         && let Some((uid, gid)) = istio_proxy_ids(pod)
         && uid >= 0
@@ -444,13 +367,13 @@ pub(crate) mod tests {
         serde_json::from_str(ISTIO_POD).unwrap()
     }
 
-    fn verdict_of(v: serde_json::Value) -> Verdict {
+    fn verdict_of(v: serde_json::Value) -> MeshVerdict {
         verdict(&serde_json::from_value(v).unwrap())
     }
 
     fn not_meshed(v: serde_json::Value) -> String {
         match verdict_of(v) {
-            Verdict::NotMeshed(why) => why,
+            MeshVerdict::NotMeshed(why) => why,
             other => panic!("expected not meshed, got {other}"),
         }
     }
@@ -458,7 +381,7 @@ pub(crate) mod tests {
     #[test]
     fn istio_sidecar_pod() {
         let v = view(&pod(ISTIO_POD)).unwrap();
-        assert_eq!(v.verdict, Verdict::Meshed(Mesh::Istio));
+        assert_eq!(v.verdict, MeshVerdict::Meshed(Mesh::Istio));
         assert_eq!(v.key(), "bookinfo/productpage-v1-6b746f74dc-9stvs");
         assert_eq!(v.cgroup_uid, "3f1c8f0e-5d2a-4b1e-9a53-0c6b1b0f7c11");
         assert_eq!(
@@ -487,10 +410,10 @@ pub(crate) mod tests {
             .as_array_mut()
             .unwrap()
             .push(proxy);
-        assert_eq!(verdict_of(p.clone()), Verdict::Meshed(Mesh::Istio));
+        assert_eq!(verdict_of(p.clone()), MeshVerdict::Meshed(Mesh::Istio));
         // The injector's annotation alone counts too.
         p["spec"]["initContainers"] = serde_json::json!([]);
-        assert_eq!(verdict_of(p), Verdict::Meshed(Mesh::Istio));
+        assert_eq!(verdict_of(p), MeshVerdict::Meshed(Mesh::Istio));
     }
 
     #[test]
@@ -515,7 +438,7 @@ pub(crate) mod tests {
         let mut p = istio();
         p["metadata"]["annotations"]["sidecar.istio.io/inject"] = "false".into();
         p["metadata"]["labels"]["sidecar.istio.io/inject"] = "true".into();
-        assert_eq!(verdict_of(p), Verdict::Meshed(Mesh::Istio));
+        assert_eq!(verdict_of(p), MeshVerdict::Meshed(Mesh::Istio));
 
         let mut p = istio();
         p["spec"]["containers"][1]["args"] = serde_json::json!(["proxy", "router"]);
@@ -648,7 +571,10 @@ pub(crate) mod tests {
                          "annotations": {"linkerd.io/proxy-version": "stable-2.14.10"}},
             "spec": {"containers": [{"name": "linkerd-proxy"}, {"name": "web-svc"}]}
         });
-        assert_eq!(verdict_of(linkerd.clone()), Verdict::Meshed(Mesh::Linkerd));
+        assert_eq!(
+            verdict_of(linkerd.clone()),
+            MeshVerdict::Meshed(Mesh::Linkerd)
+        );
         let mut l = linkerd.clone();
         l["spec"]["initContainers"] = serde_json::json!([{"name": "linkerd-init"}]);
         assert!(not_meshed(l).contains("linkerd-init"));
@@ -672,7 +598,7 @@ pub(crate) mod tests {
             "metadata": {"name": "demo", "namespace": "kuma-demo", "uid": "u2"},
             "spec": {"containers": [{"name": "demo-app"}, {"name": "kuma-sidecar"}]}
         });
-        assert_eq!(verdict_of(kuma.clone()), Verdict::Meshed(Mesh::Kuma));
+        assert_eq!(verdict_of(kuma.clone()), MeshVerdict::Meshed(Mesh::Kuma));
         let mut k = kuma;
         k["metadata"]["annotations"] = serde_json::json!({"kuma.io/sidecar-injection": "disabled"});
         assert!(not_meshed(k).contains("disabled"));
@@ -688,7 +614,7 @@ pub(crate) mod tests {
         // No spec, no status at all: not meshed, no panic.
         let bare: Pod =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
-        assert!(matches!(verdict(&bare), Verdict::NotMeshed(_)));
+        assert!(matches!(verdict(&bare), MeshVerdict::NotMeshed(_)));
         // Missing uid: refused with the field named.
         let e = view(&bare).unwrap_err().to_string();
         assert!(e.contains("metadata.namespace"), "{e}");
@@ -716,6 +642,6 @@ pub(crate) mod tests {
         p["status"] = serde_json::json!({"phase": "Pending"});
         let v = view(&serde_json::from_value(p).unwrap()).unwrap();
         assert!(v.ips.is_empty());
-        assert_eq!(v.verdict, Verdict::Meshed(Mesh::Istio));
+        assert_eq!(v.verdict, MeshVerdict::Meshed(Mesh::Istio));
     }
 }

@@ -47,7 +47,7 @@ use crate::reconcile::Reconciler;
 /// `weir run` options for the Kubernetes pod source.
 #[derive(clap::Args, Debug, Clone)]
 #[group(id = "kubernetes_source")]
-pub struct Args {
+pub struct KubeArgs {
     /// Watch this node's pods in the Kubernetes API (in-cluster config, or
     /// --kubeconfig / $KUBECONFIG) instead of reading a pods file.
     #[arg(long, env = "WEIR_KUBERNETES")]
@@ -74,7 +74,7 @@ const GET_TIMEOUT: Duration = Duration::from_secs(10);
 ///
 /// The pins must live in the host's bpffs: an agent that mounted its own
 /// inside its container would lose them (and capture) on restart.
-pub fn preflight(args: &Args, bpffs: &std::path::Path) -> Result<()> {
+pub fn preflight(args: &KubeArgs, bpffs: &std::path::Path) -> Result<()> {
     if args
         .node_name
         .as_deref()
@@ -100,7 +100,7 @@ pub fn preflight(args: &Args, bpffs: &std::path::Path) -> Result<()> {
 }
 
 /// The client configuration from --kubeconfig, else the usual inference.
-pub async fn config(args: &Args) -> Result<kube::Config> {
+pub async fn config(args: &KubeArgs) -> Result<kube::Config> {
     let config = match &args.kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -135,7 +135,7 @@ pub fn client(config: kube::Config) -> Result<Client> {
 /// answer within 10 s, a malformed quantity).
 ///
 /// [`Capacities::DEFAULT_PODS`]: crate::datapath::Capacities::DEFAULT_PODS
-pub async fn node_pod_capacity(args: &Args) -> u32 {
+pub async fn node_pod_capacity(args: &KubeArgs) -> u32 {
     let node = args.node_name.clone().unwrap_or_default();
     let read = async {
         let client = client(config(args).await?)?;
@@ -197,12 +197,12 @@ fn parse_pod_capacity(q: &str) -> Result<u32> {
 
 /// Finds pods for the CNI server: the watcher's store, else the API.
 #[derive(Clone)]
-pub struct Lookup {
+pub struct ApiLookup {
     store: Arc<Mutex<PodStore>>,
     client: Client,
 }
 
-impl Lookup {
+impl ApiLookup {
     /// The pod `pod` (its UID checked when given).
     pub async fn find(&self, pod: &PodRef) -> Result<PodView, String> {
         let key = format!("{}/{}", pod.namespace, pod.name);
@@ -243,8 +243,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Watches the node's pods and keeps them enrolled until SIGTERM/SIGINT.
 pub async fn run(
-    args: &Args,
-    cni: &crate::cni::Args,
+    args: &KubeArgs,
+    cni: &crate::cni::CniArgs,
     resync: Duration,
     rec: Arc<Mutex<Reconciler>>,
     ready: Arc<AtomicBool>,
@@ -262,7 +262,7 @@ pub async fn run(
 
     let server = crate::cni::Server::new(
         rec.clone(),
-        crate::cni::Lookup::Kubernetes(Lookup {
+        crate::cni::PodLookup::Kubernetes(ApiLookup {
             store: store.clone(),
             client: client.clone(),
         }),

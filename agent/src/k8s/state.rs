@@ -7,16 +7,15 @@
 //! deleted; until the first list completed the store is not `synced` and
 //! nothing is applied at all.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::Event;
 use log::warn;
 
-use crate::k8s::classify::{PodView, Verdict, view};
-use crate::podsfile::PodSpec;
-use crate::policy::pod_rules;
+use crate::k8s::classify::{PodView, view};
+use crate::pod::{Desired, PodSpec};
 
 /// What one watcher event changed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -139,47 +138,6 @@ impl PodStore {
     }
 }
 
-/// The desired set of one pass.
-#[derive(Debug, Default)]
-pub struct Desired {
-    /// Pods to enroll (or keep enrolled).
-    pub pods: Vec<PodSpec>,
-    /// Meshed pods whose annotations are invalid: they keep their last good
-    /// policy (`Reconciler::apply`'s `keep`).
-    pub invalid: BTreeSet<String>,
-    /// Problems by pod key, for the log.
-    pub problems: BTreeMap<String, String>,
-    /// Meshed pods whose network namespace was not found on the node (not
-    /// started yet, or already gone).
-    pub no_netns: BTreeSet<String>,
-}
-
-impl Desired {
-    /// Whether the set has a pod with this key.
-    pub fn contains(&self, key: &str) -> bool {
-        self.pods.iter().any(|p| p.key() == key)
-    }
-}
-
-/// Builds the spec of one meshed pod in `netns`.
-pub fn spec_of(v: &PodView, netns: PathBuf) -> Result<PodSpec, crate::policy::AnnotationError> {
-    let Verdict::Meshed(mesh) = v.verdict else {
-        unreachable!("spec_of is only called for meshed pods")
-    };
-    let rules = pod_rules(mesh, &v.ips, &v.annotations)?;
-    Ok(PodSpec {
-        namespace: v.namespace.clone(),
-        name: v.name.clone(),
-        netns,
-        ips: v.ips.clone(),
-        mesh,
-        annotations: v.annotations.clone(),
-        rules,
-        uid: v.uid.clone(),
-        service_account: v.service_account.clone(),
-    })
-}
-
 /// The desired set for `meshed` pods, `netns_of` giving each pod's network
 /// namespace path (or `None` when it has none on this node).
 pub fn desired(
@@ -205,7 +163,7 @@ pub fn desired(
             d.no_netns.insert(key);
             continue;
         };
-        match spec_of(v, netns) {
+        match PodSpec::of_view(v, netns) {
             Ok(spec) => d.pods.push(spec),
             Err(e) => {
                 d.problems

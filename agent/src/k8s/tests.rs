@@ -240,7 +240,7 @@ async fn deletions_drop_cni_registrations_and_wake_the_loop() {
                 uid: "uid-a".into(),
                 container_id: "sb".into(),
                 netns: netns.clone(),
-                spec: state::spec_of(&v, netns.clone()).unwrap(),
+                spec: crate::pod::PodSpec::of_view(&v, netns.clone()).unwrap(),
             });
     }
     let task = tokio::spawn(watch(
@@ -285,7 +285,7 @@ async fn cni_lookup_uses_the_store_then_the_api() {
         view(&serde_json::from_value::<Pod>(istio_pod("known", "uid-known", "3")).unwrap())
             .unwrap(),
     );
-    let lookup = Lookup {
+    let lookup = ApiLookup {
         store: store.clone(),
         client,
     };
