@@ -248,7 +248,7 @@ fn find(
 mod tests {
     use super::*;
 
-    use crate::k8s::testutil::TempDir;
+    use crate::testutil::TempDir;
 
     /// A fake `/proc/<pid>/net/...` for process 7.
     fn fake_proc(files: &[(&str, &str)]) -> TempDir {

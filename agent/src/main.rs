@@ -25,12 +25,14 @@ mod routes;
 mod rules_model_tests;
 mod status;
 mod sys;
+#[cfg(test)]
+mod testutil;
 mod version;
 mod zds;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -454,14 +456,25 @@ fn run(a: RunArgs) -> Result<()> {
         if let Some(pods_file) = &a.pods_file {
             let server = cni::Server::new(
                 rec.clone(),
-                cni::PodLookup::PodsFile(pods_file.clone()),
+                Box::new(podsfile::PodsFileSource(pods_file.clone())),
                 a.kube.host_proc.clone(),
                 None,
                 None,
             );
             cni::start(&a.cni, a.cni.socket(false), server).await?;
         }
-        watch_pods_file(&a, rec, ready).await
+        let pods_file = a
+            .pods_file
+            .as_deref()
+            .context("--pods-file is required without --kubernetes")?;
+        podsfile::run(
+            pods_file,
+            Duration::from_millis(a.reload_ms),
+            Duration::from_secs(a.resync_secs),
+            rec,
+            ready,
+        )
+        .await
     })
 }
 
@@ -492,107 +505,4 @@ async fn read_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             }
         }
     }
-}
-
-/// Applies the pods file now, whenever its content changes, and every
-/// resync interval; returns on SIGTERM or SIGINT.
-async fn watch_pods_file(
-    a: &RunArgs,
-    rec: Arc<Mutex<Reconciler>>,
-    ready: Arc<AtomicBool>,
-) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let pods_file = a
-        .pods_file
-        .as_deref()
-        .context("--pods-file is required without --kubernetes")?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(Duration::from_millis(a.reload_ms));
-    // Changes are seen at once through inotify; the poll stays as the
-    // fallback (and for filesystems without inotify).
-    let watch = match podsfile::Watch::new(pods_file) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            warn!(
-                "pods file {}: cannot watch it with inotify ({e}); polling every {} ms",
-                pods_file.display(),
-                a.reload_ms
-            );
-            None
-        }
-    };
-    let resync = Duration::from_secs(a.resync_secs);
-    let mut last: Option<String> = None;
-    let mut last_apply = tokio::time::Instant::now();
-    let mut unreadable: Option<String> = None;
-    loop {
-        tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: stopping (capture stays in place)"); break; }
-            _ = int.recv() => { info!("SIGINT: stopping (capture stays in place)"); break; }
-            _ = tick.tick() => {}
-            _ = async {
-                match &watch {
-                    Some(w) => w.changed().await,
-                    None => std::future::pending().await,
-                }
-            } => {}
-        }
-        let text = match podsfile::read(pods_file).await {
-            Ok(t) => {
-                if unreadable.take().is_some() {
-                    info!("pods file {}: readable again", pods_file.display());
-                }
-                t
-            }
-            Err(e) => {
-                // Said once per distinct problem, not on every poll.
-                let msg = e.to_string();
-                if unreadable.as_deref() != Some(msg.as_str()) {
-                    warn!(
-                        "pods file {}: cannot read it ({msg}); keeping the current pods",
-                        pods_file.display()
-                    );
-                    unreadable = Some(msg);
-                }
-                last = None;
-                continue;
-            }
-        };
-        let changed = last.as_deref() != Some(text.as_str());
-        if !changed && last_apply.elapsed() < resync {
-            continue;
-        }
-        let parsed = match podsfile::parse(pods_file, &text) {
-            Ok(p) => p,
-            Err(e) => {
-                if changed {
-                    metrics::agent().reconcile_pass(None, Duration::ZERO);
-                    error!("{e}; keeping the current pods");
-                }
-                last = Some(text);
-                continue;
-            }
-        };
-        if changed {
-            for e in &parsed.errors {
-                error!("{e}");
-            }
-        }
-        let rec = rec.clone();
-        let started = std::time::Instant::now();
-        tokio::task::spawn_blocking(move || {
-            let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
-            r.apply(&parsed.pods, &parsed.invalid);
-            r.dp.set_ready(true);
-        })
-        .await?;
-        if changed {
-            info!("pods file applied in {} ms", started.elapsed().as_millis());
-        }
-        ready.store(true, Ordering::Relaxed);
-        last = Some(text);
-        last_apply = tokio::time::Instant::now();
-    }
-    Ok(())
 }

@@ -23,8 +23,16 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::pod::PodSpec;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{error, info, warn};
+
+use crate::cni::protocol::PodRef;
+use crate::pod::{MeshVerdict, PodSpec, PodView};
 use crate::policy::{Mesh, pod_rules};
+use crate::reconcile::Reconciler;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -328,6 +336,157 @@ pub fn parse(path: &Path, text: &str) -> Result<PodsFile, PodsFileError> {
         });
     }
     Ok(out)
+}
+
+/// The local mode's loop: applies the pods file now, whenever its content
+/// changes (inotify, else every `reload`), and every `resync`; returns on
+/// SIGTERM or SIGINT.
+pub async fn run(
+    pods_file: &Path,
+    reload: Duration,
+    resync: Duration,
+    rec: Arc<Mutex<Reconciler>>,
+    ready: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(reload);
+    // Changes are seen at once through inotify; the poll stays as the
+    // fallback (and for filesystems without inotify).
+    let watch = match Watch::new(pods_file) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(
+                "pods file {}: cannot watch it with inotify ({e}); polling every {} ms",
+                pods_file.display(),
+                reload.as_millis()
+            );
+            None
+        }
+    };
+    let mut last: Option<String> = None;
+    let mut last_apply = tokio::time::Instant::now();
+    let mut unreadable: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: stopping (capture stays in place)"); break; }
+            _ = int.recv() => { info!("SIGINT: stopping (capture stays in place)"); break; }
+            _ = tick.tick() => {}
+            _ = async {
+                match &watch {
+                    Some(w) => w.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
+        let text = match read(pods_file).await {
+            Ok(t) => {
+                if unreadable.take().is_some() {
+                    info!("pods file {}: readable again", pods_file.display());
+                }
+                t
+            }
+            Err(e) => {
+                // Said once per distinct problem, not on every poll.
+                let msg = e.to_string();
+                if unreadable.as_deref() != Some(msg.as_str()) {
+                    warn!(
+                        "pods file {}: cannot read it ({msg}); keeping the current pods",
+                        pods_file.display()
+                    );
+                    unreadable = Some(msg);
+                }
+                last = None;
+                continue;
+            }
+        };
+        let changed = last.as_deref() != Some(text.as_str());
+        if !changed && last_apply.elapsed() < resync {
+            continue;
+        }
+        let parsed = match parse(pods_file, &text) {
+            Ok(p) => p,
+            Err(e) => {
+                if changed {
+                    crate::metrics::agent().reconcile_pass(None, Duration::ZERO);
+                    error!("{e}; keeping the current pods");
+                }
+                last = Some(text);
+                continue;
+            }
+        };
+        if changed {
+            for e in &parsed.errors {
+                error!("{e}");
+            }
+        }
+        let rec = rec.clone();
+        let started = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || {
+            let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
+            r.apply(&parsed.pods, &parsed.invalid);
+            r.dp.set_ready(true);
+        })
+        .await?;
+        if changed {
+            info!("pods file applied in {} ms", started.elapsed().as_millis());
+        }
+        ready.store(true, Ordering::Relaxed);
+        last = Some(text);
+        last_apply = tokio::time::Instant::now();
+    }
+    Ok(())
+}
+
+/// The pods file as the CNI server's pod source (local mode): a pod is
+/// meshed when the file lists it.
+pub struct PodsFileSource(pub PathBuf);
+
+impl crate::cni::PodSource for PodsFileSource {
+    fn find<'a>(&'a self, pod: &'a PodRef) -> crate::cni::Found<'a> {
+        Box::pin(self.find(pod))
+    }
+}
+
+impl PodsFileSource {
+    async fn find(&self, pod: &PodRef) -> Result<PodView, String> {
+        let path = &self.0;
+        let text = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| format!("pods file {}: {e}", path.display()))?;
+        let parsed = parse(path, &text).map_err(|e| e.to_string())?;
+        let key = format!("{}/{}", pod.namespace, pod.name);
+        let not = |why: String| PodView {
+            namespace: pod.namespace.clone(),
+            name: pod.name.clone(),
+            uid: pod.uid.clone(),
+            cgroup_uid: pod.uid.clone(),
+            ips: Vec::new(),
+            annotations: BTreeMap::new(),
+            service_account: "default".into(),
+            verdict: MeshVerdict::NotMeshed(why),
+            bad_ips: Vec::new(),
+            ipv6_from_first_ip: false,
+        };
+        if parsed.invalid.contains(&key) {
+            return Err(format!(
+                "the pods file's entry for {key} is invalid; see the agent's log"
+            ));
+        }
+        let Some(s) = parsed.pods.into_iter().find(|s| s.key() == key) else {
+            return Ok(not("not listed in the pods file".into()));
+        };
+        Ok(PodView {
+            ips: s.ips,
+            annotations: s.annotations,
+            uid: s.uid.clone(),
+            cgroup_uid: s.uid,
+            service_account: s.service_account,
+            verdict: MeshVerdict::Meshed(s.mesh),
+            ..not(String::new())
+        })
+    }
 }
 
 #[cfg(test)]

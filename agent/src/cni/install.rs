@@ -420,7 +420,7 @@ pub fn bundled_plugin() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::testutil::TempDir;
+    use crate::testutil::TempDir;
 
     fn entry() -> Entry {
         Entry {

@@ -87,7 +87,7 @@ pub fn for_plugin(config: &kube::Config) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::testutil::TempDir;
+    use crate::testutil::TempDir;
 
     #[tokio::test]
     async fn files_are_read_in_and_the_result_loads() {

@@ -15,7 +15,6 @@ pub mod kubeconfig;
 pub mod protocol;
 pub mod registry;
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -30,7 +29,6 @@ use tokio::sync::Notify;
 
 use self::protocol::{Command, PodRef, Request, Response};
 use self::registry::{CniPod, Registry};
-use crate::k8s::netns::agent_view_of;
 use crate::pod::{MeshVerdict, PodSpec, PodView};
 use crate::reconcile::Reconciler;
 
@@ -235,56 +233,27 @@ fn remove_plugin_kubeconfig(conf_dir: &Path) -> Result<bool> {
     }
 }
 
-/// Where the server learns whether a pod is meshed, and its policy.
-#[derive(Clone)]
-pub enum PodLookup {
-    /// Local mode: the pods file lists the meshed pods.
-    PodsFile(PathBuf),
-    /// The Kubernetes API (the watcher's store, then a GET).
-    Kubernetes(crate::k8s::ApiLookup),
+/// Where the server learns whether a pod is meshed, and its addresses
+/// and annotations: the pods file (`podsfile::PodsFileSource`) or the
+/// Kubernetes API (`k8s::ApiLookup`). The CNI server knows its source only
+/// through this trait.
+pub trait PodSource: Send + Sync {
+    /// The pod a CNI request names.
+    fn find<'a>(&'a self, pod: &'a PodRef) -> Found<'a>;
 }
 
-impl PodLookup {
-    async fn find(&self, pod: &PodRef) -> Result<PodView, String> {
-        match self {
-            PodLookup::Kubernetes(k) => k.find(pod).await,
-            PodLookup::PodsFile(path) => {
-                let text = tokio::fs::read_to_string(path)
-                    .await
-                    .map_err(|e| format!("pods file {}: {e}", path.display()))?;
-                let parsed = crate::podsfile::parse(path, &text).map_err(|e| e.to_string())?;
-                let key = format!("{}/{}", pod.namespace, pod.name);
-                let not = |why: String| PodView {
-                    namespace: pod.namespace.clone(),
-                    name: pod.name.clone(),
-                    uid: pod.uid.clone(),
-                    cgroup_uid: pod.uid.clone(),
-                    ips: Vec::new(),
-                    annotations: BTreeMap::new(),
-                    service_account: "default".into(),
-                    verdict: MeshVerdict::NotMeshed(why),
-                    bad_ips: Vec::new(),
-                    ipv6_from_first_ip: false,
-                };
-                if parsed.invalid.contains(&key) {
-                    return Err(format!(
-                        "the pods file's entry for {key} is invalid; see the agent's log"
-                    ));
-                }
-                let Some(s) = parsed.pods.into_iter().find(|s| s.key() == key) else {
-                    return Ok(not("not listed in the pods file".into()));
-                };
-                Ok(PodView {
-                    ips: s.ips,
-                    annotations: s.annotations,
-                    uid: s.uid.clone(),
-                    cgroup_uid: s.uid,
-                    service_account: s.service_account,
-                    verdict: MeshVerdict::Meshed(s.mesh),
-                    ..not(String::new())
-                })
-            }
-        }
+/// What [`PodSource::find`] answers, when it has looked.
+pub type Found<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<PodView, String>> + Send + 'a>>;
+
+/// Where a netns path handed over by the container runtime (`CNI_NETNS`)
+/// is seen from the agent: `/proc/...` paths (Docker's
+/// `/proc/PID/ns/net`) live under `host_proc`; anything else
+/// (`/var/run/netns/cni-…`) must be mounted at the same path.
+pub fn agent_view_of(host_proc: &Path, cni_netns: &Path) -> PathBuf {
+    match cni_netns.strip_prefix("/proc") {
+        Ok(rest) if host_proc != Path::new("/proc") => host_proc.join(rest),
+        _ => cni_netns.to_path_buf(),
     }
 }
 
@@ -308,7 +277,7 @@ fn netns_problem(p: &Path) -> Option<String> {
 /// What the server works with.
 pub struct Server {
     rec: Arc<Mutex<Reconciler>>,
-    lookup: PodLookup,
+    lookup: Box<dyn PodSource>,
     host_proc: PathBuf,
     /// Kubernetes mode: pods enrolled here, for the watcher's passes.
     registry: Option<Arc<Mutex<Registry>>>,
@@ -323,7 +292,7 @@ impl Server {
     /// A server over the reconciler.
     pub fn new(
         rec: Arc<Mutex<Reconciler>>,
-        lookup: PodLookup,
+        lookup: Box<dyn PodSource>,
         host_proc: PathBuf,
         registry: Option<Arc<Mutex<Registry>>>,
         wake: Option<Arc<Notify>>,
@@ -759,7 +728,7 @@ async fn keep_installed(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::testutil::TempDir;
+    use crate::testutil::TempDir;
 
     #[test]
     fn exclude_namespaces_are_checked() {

@@ -144,7 +144,7 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::k8s::classify::{tests::ISTIO_POD, tests::pod, view};
-    use crate::k8s::testutil::TempDir;
+    use crate::testutil::TempDir;
 
     fn cni_pod(name: &str, uid: &str, netns: PathBuf) -> CniPod {
         let mut v = view(&pod(ISTIO_POD)).unwrap();

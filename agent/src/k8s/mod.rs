@@ -202,6 +202,12 @@ pub struct ApiLookup {
     client: Client,
 }
 
+impl crate::cni::PodSource for ApiLookup {
+    fn find<'a>(&'a self, pod: &'a PodRef) -> crate::cni::Found<'a> {
+        Box::pin(self.find(pod))
+    }
+}
+
 impl ApiLookup {
     /// The pod `pod` (its UID checked when given).
     pub async fn find(&self, pod: &PodRef) -> Result<PodView, String> {
@@ -262,7 +268,7 @@ pub async fn run(
 
     let server = crate::cni::Server::new(
         rec.clone(),
-        crate::cni::PodLookup::Kubernetes(ApiLookup {
+        Box::new(ApiLookup {
             store: store.clone(),
             client: client.clone(),
         }),
@@ -482,41 +488,5 @@ impl Pass {
             self.last_keys = Some(applied);
         }
         Ok(())
-    }
-}
-
-/// Helpers for this module's and the CNI module's unit tests.
-#[cfg(test)]
-pub(crate) mod testutil {
-    use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    /// A temporary directory removed on drop.
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        /// Creates `$TMPDIR/weir-<prefix>-<pid>-<n>`.
-        pub fn new(prefix: &str) -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "weir-{prefix}-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-
-        /// Its path.
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
     }
 }

@@ -87,17 +87,6 @@ pub fn parse_proc_cgroup(text: &str) -> Option<CgroupInfo> {
     None
 }
 
-/// Where a netns path handed over by the container runtime (`CNI_NETNS`)
-/// is seen from the agent: `/proc/...` paths (Docker's
-/// `/proc/PID/ns/net`) live under `host_proc`; anything else
-/// (`/var/run/netns/cni-…`) must be mounted at the same path.
-pub fn agent_view_of(host_proc: &Path, cni_netns: &Path) -> PathBuf {
-    match cni_netns.strip_prefix("/proc") {
-        Ok(rest) if host_proc != Path::new("/proc") => host_proc.join(rest),
-        _ => cni_netns.to_path_buf(),
-    }
-}
-
 /// Finds pods' network namespaces through the host's `/proc`.
 #[derive(Debug)]
 pub struct Discovery {
@@ -207,7 +196,7 @@ impl Discovery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::testutil::TempDir;
+    use crate::testutil::TempDir;
 
     const UID: &str = "3f1c8f0e-5d2a-4b1e-9a53-0c6b1b0f7c11";
     const UID_: &str = "3f1c8f0e_5d2a_4b1e_9a53_0c6b1b0f7c11";
@@ -285,6 +274,7 @@ mod tests {
 
     #[test]
     fn cni_paths_as_the_agent_sees_them() {
+        use crate::cni::agent_view_of;
         let hp = Path::new("/host/proc");
         assert_eq!(
             agent_view_of(hp, Path::new("/proc/4242/ns/net")),

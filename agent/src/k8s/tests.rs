@@ -228,7 +228,7 @@ async fn deletions_drop_cni_registrations_and_wake_the_loop() {
     let store = Arc::new(Mutex::new(PodStore::new()));
     let registry = Arc::new(Mutex::new(Registry::default()));
     let wake = Arc::new(Notify::new());
-    let dir = testutil::TempDir::new("k8s");
+    let dir = crate::testutil::TempDir::new("k8s");
     let netns = dir.path().join("ns-a");
     std::fs::write(&netns, "").unwrap();
     {

@@ -15,7 +15,7 @@ use prost::Message;
 
 use super::proto::*;
 use super::*;
-use crate::k8s::testutil::TempDir;
+use crate::testutil::TempDir;
 
 /// A ztunnel stand-in: connects, says hello, reads requests and acks them.
 struct Fake {
