@@ -25,6 +25,12 @@ use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValue
 use aya::programs::links::FdLink;
 use aya::programs::{SchedClassifier, SkLookup, SkMsg};
 use aya::{Ebpf, EbpfLoader};
+use aya_obj::generated::bpf_attach_type::{
+    BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
+    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_SOCK_OPS,
+    BPF_CGROUP_UDP4_RECVMSG, BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_RECVMSG,
+    BPF_CGROUP_UDP6_SENDMSG, BPF_TCX_EGRESS, BPF_TCX_INGRESS,
+};
 use log::{debug, info, warn};
 use weir_common::schema::{self, Sizing};
 use weir_common::*;
@@ -57,22 +63,24 @@ pub fn map_names() -> impl Iterator<Item = &'static str> {
 
 /// The tc programs of virtual interfaces, with their TCX attach types
 /// (`BPF_TCX_INGRESS`, `BPF_TCX_EGRESS`) and pin suffixes.
-const VIRT_PROGRAMS: &[(&str, u32, &str)] =
-    &[("weir_virt_in", 46, "in"), ("weir_virt_out", 47, "out")];
+const VIRT_PROGRAMS: &[(&str, u32, &str)] = &[
+    ("weir_virt_in", BPF_TCX_INGRESS as u32, "in"),
+    ("weir_virt_out", BPF_TCX_EGRESS as u32, "out"),
+];
 
 /// Programs attached to the cgroup.
 /// (name, `enum bpf_attach_type`)
 const CGROUP_PROGRAMS: &[(&str, u32)] = &[
-    ("weir_connect4", 10),   // BPF_CGROUP_INET4_CONNECT
-    ("weir_connect6", 11),   // BPF_CGROUP_INET6_CONNECT
-    ("weir_getpeer4", 29),   // BPF_CGROUP_INET4_GETPEERNAME
-    ("weir_getpeer6", 30),   // BPF_CGROUP_INET6_GETPEERNAME
-    ("weir_sendmsg4", 14),   // BPF_CGROUP_UDP4_SENDMSG
-    ("weir_sendmsg6", 15),   // BPF_CGROUP_UDP6_SENDMSG
-    ("weir_recvmsg4", 19),   // BPF_CGROUP_UDP4_RECVMSG
-    ("weir_recvmsg6", 20),   // BPF_CGROUP_UDP6_RECVMSG
-    ("weir_sockops", 3),     // BPF_CGROUP_SOCK_OPS
-    ("weir_getsockopt", 21), // BPF_CGROUP_GETSOCKOPT
+    ("weir_connect4", BPF_CGROUP_INET4_CONNECT as u32),
+    ("weir_connect6", BPF_CGROUP_INET6_CONNECT as u32),
+    ("weir_getpeer4", BPF_CGROUP_INET4_GETPEERNAME as u32),
+    ("weir_getpeer6", BPF_CGROUP_INET6_GETPEERNAME as u32),
+    ("weir_sendmsg4", BPF_CGROUP_UDP4_SENDMSG as u32),
+    ("weir_sendmsg6", BPF_CGROUP_UDP6_SENDMSG as u32),
+    ("weir_recvmsg4", BPF_CGROUP_UDP4_RECVMSG as u32),
+    ("weir_recvmsg6", BPF_CGROUP_UDP6_RECVMSG as u32),
+    ("weir_sockops", BPF_CGROUP_SOCK_OPS as u32),
+    ("weir_getsockopt", BPF_CGROUP_GETSOCKOPT as u32),
 ];
 
 /// The sk_lookup program, attached to each pod's network namespace.

@@ -1,8 +1,15 @@
 //! sockops: proxy listeners and the hand-over of original destinations.
 
 use aya_ebpf::{
-    EbpfContext as _, bindings::bpf_sock, helpers::generated::bpf_get_netns_cookie,
-    macros::sock_ops, programs::SockOpsContext,
+    EbpfContext as _,
+    bindings::{
+        self, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock,
+    },
+    helpers::generated::bpf_get_netns_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
 };
 use weir_common::*;
 
@@ -10,14 +17,8 @@ use crate::abi::*;
 use crate::fastpath::fast_path_join;
 use crate::tables::*;
 
-const TCP_SYN_SENT: u32 = 2;
-const TCP_CLOSE: u32 = 7;
-const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
-const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
-const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
-const BPF_SOCK_OPS_STATE_CB: u32 = 10;
-const BPF_SOCK_OPS_TCP_LISTEN_CB: u32 = 11;
-const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
+/// `cb_flags` are an `i32` in aya's setter.
+const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = bindings::BPF_SOCK_OPS_STATE_CB_FLAG as i32;
 
 /// Records proxy listeners (`listen()` on a capture port) in `LISTENERS`,
 /// and moves a redirected connection's original destination from the
@@ -199,7 +200,7 @@ pub(crate) fn on_passive_established(ctx: &SockOpsContext) {
 
 #[inline(always)]
 pub(crate) fn on_state(ctx: &SockOpsContext) {
-    if ctx.arg(0) == TCP_SYN_SENT && ctx.arg(1) == TCP_CLOSE {
+    if ctx.arg(0) == BPF_TCP_SYN_SENT && ctx.arg(1) == BPF_TCP_CLOSE {
         // A redirected connect was refused: nobody listens on the proxy
         // port (fail closed, as with iptables). Forget its pending entry.
         let cookie = ops_cookie(ctx);

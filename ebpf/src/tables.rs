@@ -117,7 +117,7 @@ pub fn store_orig_dst(sk: *mut aya_ebpf::bindings::bpf_sock, mut od: OrigDst) ->
             core::ptr::from_ref(&ORIG_DST).cast_mut().cast(),
             sk.cast(),
             (&mut od as *mut OrigDst).cast(),
-            1, // BPF_SK_STORAGE_GET_F_CREATE
+            u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE),
         )
     } as *mut OrigDst;
     if p.is_null() {
@@ -177,7 +177,7 @@ pub fn store_fast_peer(sk: *mut aya_ebpf::bindings::bpf_sock, mut fp: FastPeer) 
             core::ptr::from_ref(&FAST_PEER).cast_mut().cast(),
             sk.cast(),
             (&mut fp as *mut FastPeer).cast(),
-            1, // BPF_SK_STORAGE_GET_F_CREATE
+            u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE),
         )
     } as *mut FastPeer;
     if p.is_null() {

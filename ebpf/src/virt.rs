@@ -6,17 +6,17 @@
 //! way REDIRECT's NAT does (destination: the interface's address and the
 //! outbound port), and `weir_virt_out` rewrites the answers back.
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{bindings, macros::classifier, programs::TcContext};
 use weir_common::*;
 
 use crate::tables::*;
 
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_OK: i32 = bindings::TC_ACT_OK as i32;
+const TC_ACT_SHOT: i32 = bindings::TC_ACT_SHOT as i32;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const IPPROTO_TCP_U8: u8 = 6;
-const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+const BPF_F_PSEUDO_HDR: u64 = bindings::BPF_F_PSEUDO_HDR as u64;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 /// Offset of the checksum in the TCP header.

@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Normalises a UID as it appears in a cgroup path (systemd escapes `-` as
 /// `_`) to the API's form.
@@ -196,6 +196,7 @@ impl Discovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
     use crate::testutil::TempDir;
 
     const UID: &str = "3f1c8f0e-5d2a-4b1e-9a53-0c6b1b0f7c11";
