@@ -196,8 +196,8 @@ impl Discovery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
     use crate::testutil::TempDir;
+    use std::path::Path;
 
     const UID: &str = "3f1c8f0e-5d2a-4b1e-9a53-0c6b1b0f7c11";
     const UID_: &str = "3f1c8f0e_5d2a_4b1e_9a53_0c6b1b0f7c11";
