@@ -49,7 +49,7 @@ mod classify;
 #[path = "../pod.rs"]
 #[allow(dead_code)]
 mod pod;
-#[path = "../policy.rs"]
+#[path = "../policy/mod.rs"]
 #[allow(dead_code)]
 mod policy;
 
