@@ -401,3 +401,28 @@ fn agent_restart_leaves_ztunnel_serving_its_pods() {
         zt.logs()
     );
 }
+
+/// A ztunnel upgrade: the new ztunnel connects while the old one still
+/// runs. New pods go to the newest connection only; deletions to both.
+#[test]
+fn adds_go_to_the_newest_ztunnel_and_deletes_to_both() {
+    let Some(bin) = setup() else { return };
+    let (a, b) = (Pod::new("a"), Pod::new("b"));
+    let mut node = Node::new();
+    node.set(&[entry(&a, Some(a.ns.path()))]);
+    node.start_agent();
+    let old = Ztunnel::start(&bin, &node.socket);
+    old.wait_up(&[&a]);
+    let new = Ztunnel::start(&bin, &node.socket);
+    new.wait_up(&[&a]);
+    node.set(&[entry(&a, Some(a.ns.path())), entry(&b, Some(b.ns.path()))]);
+    new.wait_up(&[&a, &b]);
+    assert_eq!(
+        old.up(),
+        vec![a.uid.clone()],
+        "the old ztunnel gets no new pod"
+    );
+    node.set(&[entry(&b, Some(b.ns.path()))]);
+    new.wait_up(&[&b]);
+    old.wait_up(&[]);
+}
