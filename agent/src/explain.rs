@@ -53,6 +53,8 @@ pub struct Query {
     pub inbound: bool,
     /// Outbound UDP (only DNS is ever captured) instead of TCP.
     pub udp: bool,
+    /// The socket's mark (ambient pods: ztunnel's sockets carry 0x539).
+    pub mark: u32,
 }
 
 /// One pod's tables, read back from the pinned maps.
@@ -234,6 +236,7 @@ pub fn verdict_name(v: Verdict) -> &'static str {
         Verdict::BypassExcludedInterface => "bypass_excluded_interface",
         Verdict::BypassNoRoute => "bypass_no_route",
         Verdict::RedirectDns => "redirect_dns",
+        Verdict::BypassZtunnel => "bypass_ztunnel",
     }
 }
 
@@ -465,12 +468,22 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
     let outcome = if q.inbound {
         decide_in(&view, q, &tables)
     } else {
-        Outcome::Decided(decide_outbound(&view.policy, &out_query(q), &tables))
+        Outcome::Decided(decide_out(&view.policy, q, &tables))
     };
     if let Some(e) = tables.error.into_inner() {
         bail!("{e}");
     }
     Ok(describe(&view, q, outcome))
+}
+
+/// The shared outbound decision the kernel takes for this pod: Istio's
+/// ambient rules (ztunnel) or the sidecar rules.
+fn decide_out<T: PodTables>(p: &PodPolicy, q: &Query, t: &T) -> Verdict {
+    if p.flags & POLICY_AMBIENT != 0 {
+        decide_ambient_outbound(p, &out_query(q), q.mark, t)
+    } else {
+        decide_outbound(p, &out_query(q), t)
+    }
 }
 
 fn out_query(q: &Query) -> OutboundQuery {
@@ -506,6 +519,17 @@ fn decide_in<T: PodTables>(view: &PodView, q: &Query, t: &T) -> Outcome {
             [0; 4]
         }
     };
+    if policy.flags & POLICY_AMBIENT != 0 {
+        // A marked connection arriving from outside the pod is not one
+        // ztunnel made from inside it: only its own are left alone.
+        return Outcome::Decided(decide_ambient_inbound(
+            &policy,
+            q.dst.port(),
+            &src,
+            is_ztunnel_mark(q.mark),
+            t,
+        ));
+    }
     Outcome::Decided(decide_inbound(&policy, q.dst.port(), 0, &src, t))
 }
 
@@ -637,6 +661,29 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                     "none: no route, so no iptables rule is reached".into(),
                     untouched.clone(),
                     bypassed("outbound", "not_included"),
+                    None,
+                ),
+                Verdict::BypassZtunnel => (
+                    format!(
+                        "mark {:#x}: {} (ambient mode)",
+                        q.mark,
+                        if is_connmark(q.mark) {
+                            "the application's side of a connection ztunnel made into the pod \
+                             (connection mark 0x111/0xfff): its answers go back to ztunnel"
+                        } else {
+                            "a socket of ztunnel (mark 0x539/0xfff): ztunnel's own traffic is never \
+                             captured"
+                        }
+                    ),
+                    if is_connmark(q.mark) {
+                        "-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT".into()
+                    } else {
+                        "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff \
+                         -j REDIRECT --to-ports 15001 (does not match)"
+                            .into()
+                    },
+                    untouched.clone(),
+                    bypassed("outbound", "proxy"),
                     None,
                 ),
                 Verdict::BypassExcludedInterface => (
@@ -1227,6 +1274,7 @@ mod tests {
             src: None,
             inbound,
             udp: false,
+            mark: 0,
         }
     }
 
@@ -1235,7 +1283,7 @@ mod tests {
         let outcome = if q.inbound {
             decide_in(v, q, v)
         } else {
-            Outcome::Decided(decide_outbound(&v.policy, &out_query(q), v))
+            Outcome::Decided(decide_out(&v.policy, q, v))
         };
         describe(v, q, outcome)
     }
@@ -1493,6 +1541,7 @@ mod tests {
             Verdict::RedirectDns,
             Verdict::BypassExcludedInterface,
             Verdict::BypassNoRoute,
+            Verdict::BypassZtunnel,
         ] {
             for (inbound, udp) in [(false, false), (true, false), (false, true)] {
                 let query = Query {

@@ -2,6 +2,7 @@
 //! capture rules with eBPF programs.
 
 mod adopt;
+mod ambient;
 mod caps;
 mod cni;
 mod datapath;
@@ -228,6 +229,11 @@ struct ExplainArgs {
     /// An outbound UDP datagram (weir captures only DNS) instead of TCP.
     #[arg(long, env = "WEIR_EXPLAIN_UDP", conflicts_with = "inbound")]
     udp: bool,
+    /// The socket's mark (ambient pods: 0x539 for ztunnel's sockets,
+    /// 0x111 for the application's side of ztunnel's connections into
+    /// the pod; inbound: 0x539 asks about ztunnel's own connection).
+    #[arg(long, env = "WEIR_EXPLAIN_MARK", value_parser = parse_mark, default_value = "0")]
+    mark: u32,
     #[command(flatten)]
     bpffs: BpffsArg,
     /// Output format.
@@ -245,8 +251,18 @@ impl ExplainArgs {
             src: self.src,
             inbound: self.inbound,
             udp: self.udp,
+            mark: self.mark,
         }
     }
+}
+
+/// A mark in decimal or `0x` hexadecimal.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("{s:?} is not a mark; use e.g. 0x539 or 1337"))
 }
 
 fn main() {

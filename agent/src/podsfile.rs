@@ -6,8 +6,12 @@
 //!     namespace: default              # optional, default "default"
 //!     netns: /var/run/netns/productpage   # required
 //!     ips: [198.18.1.2]               # IPv4 and/or IPv6
-//!     mesh: istio                     # istio (default) | linkerd | kuma
+//!     mesh: istio                     # istio (default) | linkerd | kuma | ambient
 //!     annotations: {}                 # Kubernetes pod annotations
+//!     labels: {}                      # ambient: istio.io/dataplane-mode
+//!     namespaceLabels: {}             # ambient: the namespace's labels
+//!     uid: 3f1c...                    # Kubernetes pod UID (ambient: ztunnel's key)
+//!     serviceAccount: default         # ambient: the pod's identity
 //! ```
 //!
 //! A file that cannot be read or is not YAML is an error as a whole; a bad
@@ -38,9 +42,24 @@ struct RawPod {
     #[serde(default)]
     ips: Vec<String>,
     #[serde(default)]
-    mesh: Mesh,
+    mesh: Option<Mesh>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+    /// Kubernetes pod UID (ambient: what ztunnel knows the pod by);
+    /// default `<namespace>/<name>`.
+    #[serde(default)]
+    uid: Option<String>,
+    /// `spec.serviceAccountName` (ambient: the pod's identity), default
+    /// `default`.
+    #[serde(default, rename = "serviceAccount")]
+    service_account: Option<String>,
+    /// Labels of the pod (ambient enrollment:
+    /// `istio.io/dataplane-mode`).
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    /// Labels of the pod's namespace (ambient enrollment).
+    #[serde(default, rename = "namespaceLabels")]
+    namespace_labels: BTreeMap<String, String>,
 }
 
 fn default_namespace() -> String {
@@ -64,6 +83,10 @@ pub struct PodSpec {
     pub annotations: BTreeMap<String, String>,
     /// Capture rules built from the above.
     pub rules: PodRules,
+    /// Kubernetes pod UID (empty when unknown).
+    pub uid: String,
+    /// `spec.serviceAccountName` (`default` when the pod names none).
+    pub service_account: String,
 }
 
 impl PodSpec {
@@ -289,7 +312,25 @@ pub fn parse(path: &Path, text: &str) -> Result<PodsFile, PodsFileError> {
             ));
             continue;
         }
-        let rules = match pod_rules(raw.mesh, &ips, &raw.annotations) {
+        // Without `mesh`, the ambient labels decide (as istio-cni does);
+        // else Istio's sidecar mode, the default.
+        let mesh = match raw.mesh {
+            Some(m) => m,
+            None => {
+                let e = crate::ambient::classify(crate::ambient::PodFacts {
+                    labels: Some(&raw.labels),
+                    annotations: Some(&raw.annotations),
+                    namespace_labels: Some(&raw.namespace_labels),
+                    ..Default::default()
+                });
+                if e.is_ambient() {
+                    Mesh::Ambient
+                } else {
+                    Mesh::Istio
+                }
+            }
+        };
+        let rules = match pod_rules(mesh, &ips, &raw.annotations) {
             Ok(r) => r,
             Err(e) => {
                 fail(format!("field `annotations`: {e}"));
@@ -305,9 +346,14 @@ pub fn parse(path: &Path, text: &str) -> Result<PodsFile, PodsFileError> {
             name: raw.name,
             netns: raw.netns,
             ips,
-            mesh: raw.mesh,
+            mesh,
             annotations: raw.annotations,
             rules,
+            uid: raw.uid.unwrap_or_default(),
+            service_account: raw
+                .service_account
+                .filter(|s| !s.trim().is_empty())
+                .unwrap_or_else(|| "default".into()),
         });
     }
     Ok(out)

@@ -22,6 +22,9 @@ pub enum Mesh {
     Linkerd,
     /// Kuma: 15001/15006, UID 5678.
     Kuma,
+    /// Istio ambient mode: no sidecar; ztunnel listens inside the pod on
+    /// 15001/15006/15008/15053 and marks its own sockets 0x539.
+    Ambient,
 }
 
 impl fmt::Display for Mesh {
@@ -30,6 +33,7 @@ impl fmt::Display for Mesh {
             Mesh::Istio => "istio",
             Mesh::Linkerd => "linkerd",
             Mesh::Kuma => "kuma",
+            Mesh::Ambient => "ambient",
         })
     }
 }
@@ -95,12 +99,43 @@ impl Mesh {
                 always_excluded_inbound: vec![9902],
                 status_port: 0,
             },
+            // istio-cni's in-pod rules: no proxy identity (ztunnel's
+            // sockets are told by their mark), nothing excluded inbound
+            // but the HBONE port.
+            Mesh::Ambient => Profile {
+                outbound_port: 15001,
+                inbound_port: 15006,
+                tunnel_port: 15008,
+                dns_port: 15053,
+                uids: vec![],
+                gids: vec![],
+                always_excluded_inbound: vec![],
+                status_port: 0,
+            },
         }
     }
 }
 
+/// Sources and destinations istio-cni never captures in ambient pods: the
+/// address its host rule SNATs kubelet probes to
+/// (`HOST_PROBE_SNAT_ADDRESS`, 169.254.7.127) and Istio's IPv6 default for
+/// it. weir adds the node's own addresses as inbound sources (it has no
+/// host SNAT rule; docs/ambient.md).
+pub const PROBE_SOURCES: [IpAddr; 2] = [
+    IpAddr::V4(std::net::Ipv4Addr::new(169, 254, 7, 127)),
+    IpAddr::V6(std::net::Ipv6Addr::new(
+        0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
+    )),
+];
+
 /// Annotation keys (Kubernetes pod annotations, Istio's names).
 pub mod keys {
+    /// Ambient pods: `"true"`/`"false"` turns ztunnel's DNS capture on or
+    /// off for this pod, over the node's default (on).
+    pub const AMBIENT_DNS_CAPTURE: &str = "ambient.istio.io/dns-capture";
+    /// Ambient pods: `"true"` leaves inbound traffic alone (ingress
+    /// gateways in ambient mode: istio-cni's `IngressMode`).
+    pub const AMBIENT_BYPASS_INBOUND: &str = "ambient.istio.io/bypass-inbound-capture";
     /// `REDIRECT` (default), `TPROXY`, or `NONE`.
     pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
     /// Outbound CIDRs to capture (`*` = all).
@@ -638,6 +673,19 @@ pub fn pod_rules(
     // The other meshes' own annotations.
     match mesh {
         Mesh::Istio => {}
+        Mesh::Ambient => {
+            p.flags |= POLICY_AMBIENT;
+            // Connections to the probe address are never captured
+            // (`-d 169.254.7.127 -p tcp -j ACCEPT`), and neither are those
+            // from it or from the node itself (kubelet probes; the agent
+            // adds the node's addresses, docs/ambient.md).
+            for a in PROBE_SOURCES {
+                let net = IpNet::from(a);
+                r.exclude_cidrs.insert(net);
+                r.inbound_skip_sources.insert(net);
+            }
+            p.flags |= POLICY_INBOUND_SKIP_SOURCES;
+        }
         Mesh::Linkerd => {
             // linkerd proxy-init: the proxy's UID and everything on lo are
             // never captured; no "proxy to own pod" rule.
@@ -698,6 +746,8 @@ pub fn pod_rules(
 
     // IPv6 capture: whether the mesh writes IPv6 rules for the pod.
     let ipv6_default = match mesh {
+        // istio-cni writes IPv6 rules whenever the node has IPv6.
+        Mesh::Ambient => true,
         // istio-iptables writes IPv6 rules with ISTIO_DUAL_STACK, else only
         // when the pod's first address is IPv6. Without the setting weir
         // captures every family (in Kubernetes the agent fills it in from
@@ -743,6 +793,14 @@ pub fn pod_rules(
         Some(v) => istio_dns_capture(v)?.unwrap_or(false),
         None => mesh == Mesh::Kuma,
     };
+    if mesh == Mesh::Ambient {
+        // Ambient: istio-cni's default (DNS capture on), over which the
+        // pod's own annotation wins.
+        dns = match get(keys::AMBIENT_DNS_CAPTURE) {
+            Some(v) => parse_bool(keys::AMBIENT_DNS_CAPTURE, v, v)?,
+            None => true,
+        };
+    }
     if let Some(v) = get(keys::DNS_CAPTURE) {
         dns = parse_bool(keys::DNS_CAPTURE, v, v)?;
     }
@@ -823,6 +881,13 @@ pub fn pod_rules(
 
     if capture {
         p.flags |= POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND;
+    }
+    if mesh == Mesh::Ambient
+        && let Some(v) = get(keys::AMBIENT_BYPASS_INBOUND)
+        && parse_bool(keys::AMBIENT_BYPASS_INBOUND, v, v)?
+    {
+        // istio-cni's ingress mode: no inbound rule at all.
+        p.flags &= !POLICY_CAPTURE_INBOUND;
     }
 
     // Addresses: the first of each family is the pod's primary address.

@@ -103,7 +103,11 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
         udp: true,
     };
     let t = KernelTables::of(cookie, &policy);
-    let verdict = decide_outbound(&policy, &q, &t);
+    let verdict = if policy.flags & POLICY_AMBIENT != 0 {
+        crate::ambient::outbound(&policy, &q, sk, &t)
+    } else {
+        decide_outbound(&policy, &q, &t)
+    };
     // Datagrams, counted apart from connections.
     if verdict != Verdict::RedirectDns {
         bump_pod(cookie, |c| c.dns_udp_datagrams_bypassed += 1);

@@ -65,7 +65,13 @@ pub fn weir_sk_lookup(ctx: SkLookupContext) -> u32 {
     if VIRT_IFACES.get_ptr(&virt).is_some() {
         return sk_action::SK_PASS;
     }
-    let verdict = decide_inbound(&policy, l.local_port as u16, l.ingress_ifindex, &remote, &t);
+    let verdict = if policy.flags & POLICY_AMBIENT != 0 {
+        let rport = u16::from_be(l.remote_port);
+        let ztunnel = crate::ambient::from_ztunnel(cookie, &remote, rport, l.local_port as u16);
+        decide_ambient_inbound(&policy, l.local_port as u16, &remote, ztunnel, &t)
+    } else {
+        decide_inbound(&policy, l.local_port as u16, l.ingress_ifindex, &remote, &t)
+    };
     if !verdict.captured() {
         bump_pod(cookie, |c| c.inbound_bypass += 1);
         return sk_action::SK_PASS;

@@ -35,6 +35,7 @@ macro_rules! klog {
 }
 
 mod abi;
+mod ambient;
 mod dns;
 mod fastpath;
 mod inbound;

@@ -74,7 +74,11 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     if !is_loopback_addr(&dst) {
         t.learn_pod_addr(&dst);
     }
-    let verdict = decide_outbound(policy, &q, &t);
+    let verdict = if policy.flags & POLICY_AMBIENT != 0 {
+        crate::ambient::outbound(policy, &q, sk, &t)
+    } else {
+        decide_outbound(policy, &q, &t)
+    };
     bump_pod(cookie, |c| {
         if udp {
             count_udp_connect(c, verdict, dport)
@@ -266,6 +270,7 @@ fn count_outbound(c: &mut PodCounters, v: Verdict) {
         Verdict::BypassExcludedInterface => c.bypass_excluded_iface += 1,
         Verdict::BypassNoRoute => c.bypass_not_included += 1,
         Verdict::RedirectDns => c.dns_tcp_captured += 1,
+        Verdict::BypassZtunnel => c.bypass_proxy += 1,
         Verdict::BypassTunnel | Verdict::BypassDisabled => {}
     }
 }

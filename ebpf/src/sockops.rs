@@ -26,7 +26,10 @@ const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = 4;
 pub fn weir_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
-        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            on_connect(&ctx);
+            crate::ambient::on_connect(&ctx, ops_cookie(&ctx), ops_sk(&ctx));
+        }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             on_passive_established(&ctx);
             fast_path_join(&ctx);

@@ -262,6 +262,7 @@ impl Lookup {
                     cgroup_uid: pod.uid.clone(),
                     ips: Vec::new(),
                     annotations: BTreeMap::new(),
+                    service_account: "default".into(),
                     verdict: Verdict::NotMeshed(why),
                     bad_ips: Vec::new(),
                     ipv6_from_first_ip: false,
@@ -277,6 +278,9 @@ impl Lookup {
                 Ok(PodView {
                     ips: s.ips,
                     annotations: s.annotations,
+                    uid: s.uid.clone(),
+                    cgroup_uid: s.uid,
+                    service_account: s.service_account,
                     verdict: Verdict::Meshed(s.mesh),
                     ..not(String::new())
                 })

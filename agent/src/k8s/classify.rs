@@ -79,6 +79,9 @@ pub struct PodView {
     pub ips: Vec<IpAddr>,
     /// `metadata.annotations`.
     pub annotations: BTreeMap<String, String>,
+    /// `spec.serviceAccountName`, `default` when unset (as the API
+    /// server's admission fills it in).
+    pub service_account: String,
     /// The decision.
     pub verdict: Verdict,
     /// Addresses in `status.podIPs` that are not IP addresses (reported,
@@ -372,8 +375,15 @@ pub fn view(pod: &Pod) -> Result<PodView, PodError> {
         annotations.insert(keys::PROXY_UIDS.into(), uid.to_string());
         annotations.entry(keys::PROXY_GIDS.into()).or_insert(gid);
     }
+    let service_account = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_string());
     let mut v = PodView {
         verdict,
+        service_account,
         namespace,
         name,
         uid,

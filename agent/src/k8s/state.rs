@@ -175,6 +175,8 @@ pub fn spec_of(v: &PodView, netns: PathBuf) -> Result<PodSpec, crate::policy::An
         mesh,
         annotations: v.annotations.clone(),
         rules,
+        uid: v.uid.clone(),
+        service_account: v.service_account.clone(),
     })
 }
 

@@ -49,6 +49,10 @@ pub enum Verdict {
     /// iptables rule would have seen it; weir must not turn it into a
     /// working loopback connection.
     BypassNoRoute = 21,
+    /// Not captured: a socket of Istio's ztunnel (ambient mode: mark
+    /// 0x539/0xfff), or the application's side of a connection ztunnel
+    /// made into the pod (mark 0x111/0xfff).
+    BypassZtunnel = 22,
 }
 
 impl Verdict {

@@ -12,8 +12,10 @@
 //! stored IPv4-mapped (`::ffff:a.b.c.d`). Ports are stored in host order.
 #![cfg_attr(not(test), no_std)]
 
+pub mod ambient;
 pub mod decide;
 
+pub use ambient::*;
 pub use decide::*;
 
 /// Layout version of every map below. The agent stores it in the pinned
@@ -429,6 +431,10 @@ pub const ORIG_DNS: u16 = 8;
 /// whose original destination was lost before the accept (`PENDING_FLOWS`
 /// evicted it): `SO_ORIGINAL_DST` fails with `ENOENT` (fail closed).
 pub const ORIG_LOST: u16 = 16;
+/// [`OrigDst`] flag: in `PENDING_FLOWS`, a connection ztunnel (ambient
+/// mode) made to the application from inside the pod; inbound capture
+/// leaves it alone (`addr`/`port`: the application's end).
+pub const ORIG_ZTUNNEL: u16 = 32;
 
 /// The destination an application dialled before weir redirected it.
 #[repr(C)]
