@@ -248,6 +248,7 @@ pub async fn run(
     resync: Duration,
     rec: Arc<Mutex<Reconciler>>,
     ready: Arc<AtomicBool>,
+    zds: Option<crate::zds::Zds>,
 ) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let node = args
@@ -291,6 +292,7 @@ pub async fn run(
         reported: BTreeMap::new(),
         waiting: BTreeSet::new(),
         last_keys: None,
+        zds,
     };
     loop {
         tokio::select! {
@@ -386,6 +388,8 @@ struct Pass {
     reported: BTreeMap<String, String>,
     waiting: BTreeSet<String>,
     last_keys: Option<BTreeSet<String>>,
+    /// The ZDS server (`--zds-socket`), fed the ambient pods of each pass.
+    zds: Option<crate::zds::Zds>,
 }
 
 impl Pass {
@@ -431,6 +435,7 @@ impl Pass {
                 .collect()
         };
         let mut discovery = self.discovery.take().expect("one pass at a time");
+        let want_zds = self.zds.is_some();
         let (rec, registry) = (rec.clone(), registry.clone());
         let (discovery, res) = tokio::task::spawn_blocking(move || {
             let uids: BTreeSet<String> = meshed
@@ -453,17 +458,35 @@ impl Pass {
             r.apply(&desired.pods, &desired.invalid);
             r.dp.set_ready(true);
             let applied: BTreeSet<String> = r.pods.keys().cloned().collect();
+            // The ambient pods for ztunnel: enrolled ones with their
+            // netns; the others (no netns yet, invalid) kept.
+            let workloads = want_zds.then(|| {
+                let known = meshed
+                    .iter()
+                    .filter(|v| v.mesh() == Some(crate::policy::Mesh::Ambient))
+                    .map(|v| crate::zds::Workload {
+                        uid: v.uid.clone(),
+                        name: v.name.clone(),
+                        namespace: v.namespace.clone(),
+                        service_account: v.service_account.clone(),
+                        netns: None,
+                    });
+                crate::zds::from_pass(crate::ambient::enrolled_pods(&r.pods), known)
+            });
             drop(r);
-            (discovery, Ok((desired, applied)))
+            (discovery, Ok((desired, applied, workloads)))
         })
         .await
         .context("reconcile task")?;
         self.discovery = Some(discovery);
-        let (desired, applied) = res.map_err(|e| {
+        let (desired, applied, workloads) = res.map_err(|e| {
             anyhow::anyhow!(
                 "cannot read the host's /proc to find pod network namespaces ({e}); nothing changed; check --host-proc and hostPID"
             )
         })?;
+        if let (Some(z), Some(w)) = (&self.zds, workloads) {
+            z.update(w);
+        }
 
         for (key, msg) in &desired.problems {
             if self.reported.get(key) != Some(msg) {

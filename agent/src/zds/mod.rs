@@ -66,6 +66,7 @@ use self::proto::{
     AddWorkload, DelWorkload, KeepWorkload, Request, Response, SnapshotSent, Version, WorkloadInfo,
     WorkloadRequest, WorkloadResponse, ZdsHello,
 };
+use crate::ambient::AmbientPod;
 use crate::metrics;
 
 /// How long ztunnel has to answer a request (and to say hello).
@@ -106,6 +107,37 @@ impl Workload {
             service_account: self.service_account.clone(),
         }
     }
+}
+
+impl From<AmbientPod> for Workload {
+    fn from(p: AmbientPod) -> Self {
+        Workload {
+            uid: p.uid,
+            name: p.name,
+            namespace: p.namespace,
+            service_account: p.service_account,
+            netns: Some(p.netns),
+        }
+    }
+}
+
+/// The workloads of one reconcile pass: every enrolled ambient pod with
+/// its network namespace, and every other ambient pod the pass knows of
+/// (`known`: no network namespace yet, invalid, or not enrolled for
+/// another reason) without one, so that ztunnel keeps the proxy it may run
+/// for it and is never told to delete it.
+pub fn from_pass(
+    enrolled: Vec<AmbientPod>,
+    known: impl IntoIterator<Item = Workload>,
+) -> Vec<Workload> {
+    let mut out: BTreeMap<String, Workload> = known
+        .into_iter()
+        .map(|w| (w.uid.clone(), Workload { netns: None, ..w }))
+        .collect();
+    for p in enrolled {
+        out.insert(p.uid.clone(), Workload::from(p));
+    }
+    out.into_values().collect()
 }
 
 /// The full set of workloads, by UID.

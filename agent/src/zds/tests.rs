@@ -349,6 +349,7 @@ fn open_netns_refuses_what_is_not_a_namespace() {
     assert!(e.to_string().contains("not a namespace file"), "{e}");
     assert!(open_netns(Path::new("/nonexistent")).is_err());
 }
+
 #[test]
 fn a_ztunnel_that_does_not_answer_is_disconnected() {
     let (_rt, zds, _dir, path) = server();
@@ -365,4 +366,26 @@ fn a_ztunnel_that_does_not_answer_is_disconnected() {
     let z2 = Fake::connect(&path);
     z2.expect(add_of("a"));
     z2.expect(snapshot_sent);
+}
+
+#[test]
+fn a_pass_hands_over_enrolled_pods_and_keeps_the_others() {
+    let enrolled = vec![AmbientPod {
+        uid: "a".into(),
+        name: "pod-a".into(),
+        namespace: "ns".into(),
+        service_account: "sa".into(),
+        netns: own_netns(),
+    }];
+    let known = [
+        // Also enrolled: the enrolled entry (with its netns) wins.
+        workload("a", Some(PathBuf::from("/elsewhere"))),
+        // Desired but not enrolled (no netns yet, invalid): kept.
+        workload("b", Some(PathBuf::from("/proc/1/ns/net"))),
+    ];
+    let w = from_pass(enrolled, known);
+    assert_eq!(
+        w,
+        vec![workload("a", Some(own_netns())), workload("b", None),]
+    );
 }
