@@ -456,7 +456,8 @@ fn run(a: RunArgs) -> Result<()> {
                 a.kube.host_proc.clone(),
                 None,
                 None,
-            );
+            )
+            .with_zds(zds.clone());
             cni::start(&a.cni, a.cni.socket(false), server).await?;
         }
         watch_pods_file(&a, rec, ready, zds).await
@@ -580,26 +581,24 @@ async fn watch_pods_file(
         }
         let rec = rec.clone();
         let started = std::time::Instant::now();
-        let want_zds = zds.is_some();
-        let workloads = tokio::task::spawn_blocking(move || {
+        let zds = zds.clone();
+        tokio::task::spawn_blocking(move || {
             let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
             r.apply(&parsed.pods, &parsed.invalid);
             r.dp.set_ready(true);
-            // The ambient pods for ztunnel: enrolled ones with their
-            // netns, the others of the file kept.
-            want_zds.then(|| {
+            // The ambient pods for ztunnel (under the lock, so a CNI ADD's
+            // hand-over is never followed by a list without its pod):
+            // enrolled ones with their netns, the others of the file kept.
+            if let Some(z) = &zds {
                 let known = parsed
                     .pods
                     .iter()
                     .filter(|s| s.mesh == policy::Mesh::Ambient)
                     .map(|s| zds::Workload::from(ambient::AmbientPod::of(s)));
-                zds::from_pass(ambient::enrolled_pods(&r.pods), known)
-            })
+                z.update(zds::from_pass(ambient::enrolled_pods(&r.pods), known));
+            }
         })
         .await?;
-        if let (Some(z), Some(w)) = (&zds, workloads) {
-            z.update(w);
-        }
         if changed {
             info!("pods file applied in {} ms", started.elapsed().as_millis());
         }

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+mod k8s_support;
+
 use serde_json::Value;
 use weir_tests::{NetNs, Proc, TempDir, spawn_in, wait_until, weir_bin};
 
@@ -501,4 +503,42 @@ fn weir_run_hands_its_enrolled_ambient_pods_to_ztunnel() {
         m.contains("weir_zds_requests_total{kind=\"del\",result=\"acked\"} 1"),
         "{m}"
     );
+}
+
+/// A CNI ADD of an ambient pod hands it to ztunnel and returns only once
+/// ztunnel runs its proxy (as istio-cni does), and fails, naming ztunnel,
+/// while no ztunnel is connected.
+#[test]
+fn cni_add_of_an_ambient_pod_returns_once_ztunnel_serves_it() {
+    use k8s_support::CniCall;
+    use weir_tests::node::Node as WeirNode;
+    let Some(bin) = setup() else { return };
+    let pod = NetNs::new("zp");
+    let mut node = WeirNode::new();
+    // The file's netns does not exist: only the ADD knows the pod's.
+    node.write_pods_raw(&format!(
+        "pods:\n  - name: web\n    mesh: ambient\n    uid: uid-web\n    netns: /var/run/netns/weir-test-not-yet-{}\n    ips: ['198.18.6.1']\n",
+        std::process::id()
+    ));
+    let cni = node.dir.join("run/cni.sock");
+    let zsock = node.dir.join("run/ztunnel.sock");
+    node.start_agent_with(&[
+        "--zds-socket",
+        zsock.to_str().unwrap(),
+        "--cni-socket",
+        cni.to_str().unwrap(),
+    ]);
+    let add = || CniCall::add("web", "uid-web", pod.path(), &cni, &["198.18.6.1"]).run();
+    let out = add();
+    assert_ne!(out.code, 0, "no ztunnel: the ADD fails");
+    let said = format!("{} {}", out.json, out.stderr);
+    assert!(said.contains("no ztunnel is connected"), "{said}");
+    let zt = Ztunnel::start(&bin, &zsock);
+    // Its snapshot keeps the pod (not enrolled from the file alone).
+    node.wait_log("0 pods added, 1 kept");
+    let out = add();
+    assert_eq!(out.code, 0, "{} {}", out.json, out.stderr);
+    // The moment ADD returned, ztunnel runs the pod's proxy in its netns.
+    assert_eq!(zt.up(), vec!["uid-web".to_string()], "{}", zt.logs());
+    assert!(hbone_listener(&pod).is_some());
 }

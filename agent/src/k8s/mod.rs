@@ -271,7 +271,8 @@ pub async fn run(
         Some(registry.clone()),
         Some(wake.clone()),
     )
-    .with_plugin_kubeconfig(kube_config);
+    .with_plugin_kubeconfig(kube_config)
+    .with_zds(zds.clone());
     crate::cni::start(cni, cni.socket(true), server).await?;
 
     let api: Api<Pod> = Api::all(client);
@@ -435,7 +436,7 @@ impl Pass {
                 .collect()
         };
         let mut discovery = self.discovery.take().expect("one pass at a time");
-        let want_zds = self.zds.is_some();
+        let zds = self.zds.clone();
         let (rec, registry) = (rec.clone(), registry.clone());
         let (discovery, res) = tokio::task::spawn_blocking(move || {
             let uids: BTreeSet<String> = meshed
@@ -458,9 +459,11 @@ impl Pass {
             r.apply(&desired.pods, &desired.invalid);
             r.dp.set_ready(true);
             let applied: BTreeSet<String> = r.pods.keys().cloned().collect();
-            // The ambient pods for ztunnel: enrolled ones with their
-            // netns; the others (no netns yet, invalid) kept.
-            let workloads = want_zds.then(|| {
+            // The ambient pods for ztunnel (under the lock, so a CNI ADD's
+            // hand-over is never followed by a list without its pod):
+            // enrolled ones with their netns; the others (no netns yet,
+            // invalid) kept.
+            if let Some(z) = &zds {
                 let known = meshed
                     .iter()
                     .filter(|v| v.mesh() == Some(crate::policy::Mesh::Ambient))
@@ -471,22 +474,22 @@ impl Pass {
                         service_account: v.service_account.clone(),
                         netns: None,
                     });
-                crate::zds::from_pass(crate::ambient::enrolled_pods(&r.pods), known)
-            });
+                z.update(crate::zds::from_pass(
+                    crate::ambient::enrolled_pods(&r.pods),
+                    known,
+                ));
+            }
             drop(r);
-            (discovery, Ok((desired, applied, workloads)))
+            (discovery, Ok((desired, applied)))
         })
         .await
         .context("reconcile task")?;
         self.discovery = Some(discovery);
-        let (desired, applied, workloads) = res.map_err(|e| {
+        let (desired, applied) = res.map_err(|e| {
             anyhow::anyhow!(
                 "cannot read the host's /proc to find pod network namespaces ({e}); nothing changed; check --host-proc and hostPID"
             )
         })?;
-        if let (Some(z), Some(w)) = (&self.zds, workloads) {
-            z.update(w);
-        }
 
         for (key, msg) in &desired.problems {
             if self.reported.get(key) != Some(msg) {

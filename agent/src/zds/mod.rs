@@ -150,6 +150,41 @@ pub struct Zds {
     desired: watch::Sender<Option<Desired>>,
     /// Connections that said hello, by id (the largest is the newest).
     live: Arc<Mutex<BTreeSet<u64>>>,
+    /// Hand-overs a CNI ADD waits for ([`Zds::hand_over`]), by UID: the
+    /// newest connection's answer once it has one.
+    handoffs: watch::Sender<BTreeMap<String, Option<Result<(), String>>>>,
+}
+
+/// A hand-over in progress: [`Handoff::wait`] for ztunnel's answer.
+pub struct Handoff {
+    zds: Zds,
+    uid: String,
+    rx: watch::Receiver<BTreeMap<String, Option<Result<(), String>>>>,
+}
+
+impl Handoff {
+    /// Waits for ztunnel's ack of the pod ([`ACK_TIMEOUT`] at most after
+    /// the requests before it); `Err` says why it did not take the pod.
+    pub async fn wait(mut self) -> Result<(), String> {
+        let uid = self.uid.clone();
+        let got = tokio::time::timeout(
+            ACK_TIMEOUT * 2,
+            self.rx.wait_for(|m| matches!(m.get(&uid), Some(Some(_)))),
+        )
+        .await;
+        let out = match got {
+            Ok(Ok(m)) => m.get(&uid).cloned().flatten().unwrap_or(Ok(())),
+            Ok(Err(_)) => Err("the ZDS server stopped".to_string()),
+            Err(_) => Err(format!(
+                "ztunnel did not take the pod within {} s",
+                (ACK_TIMEOUT * 2).as_secs()
+            )),
+        };
+        self.zds.handoffs.send_modify(|m| {
+            m.remove(&uid);
+        });
+        out
+    }
 }
 
 impl Default for Zds {
@@ -164,7 +199,56 @@ impl Zds {
         Self {
             desired: watch::Sender::new(None),
             live: Arc::new(Mutex::new(BTreeSet::new())),
+            handoffs: watch::Sender::new(BTreeMap::new()),
         }
+    }
+
+    /// Hands one pod to ztunnel now (a CNI ADD, as istio-cni does: the
+    /// pod's containers start only once ztunnel runs its proxy), on top of
+    /// the last full list; call it under the reconciler's lock, right
+    /// after enrolling the pod, so that no pass publishes a list without
+    /// it afterwards. Fails at once when no ztunnel is connected, or when
+    /// no full list was published yet (a snapshot must never come from a
+    /// partial picture).
+    pub fn hand_over(&self, w: Workload) -> Result<Handoff, String> {
+        if self.newest().is_none() {
+            return Err(
+                "no ztunnel is connected to the ZDS socket (--zds-socket): ambient pods start once ztunnel runs on the node".to_string(),
+            );
+        }
+        if self.desired.borrow().is_none() {
+            return Err("the agent has not read its pod list yet; the runtime retries".to_string());
+        }
+        let uid = w.uid.clone();
+        let rx = self.handoffs.subscribe();
+        self.handoffs.send_modify(|m| {
+            m.insert(uid.clone(), None);
+        });
+        self.desired.send_modify(|cur| {
+            let mut set = cur.as_deref().cloned().unwrap_or_default();
+            set.insert(uid.clone(), w);
+            *cur = Some(Arc::new(set));
+        });
+        Ok(Handoff {
+            zds: self.clone(),
+            uid,
+            rx,
+        })
+    }
+
+    fn waiting(&self, uid: &str) -> bool {
+        self.handoffs.borrow().contains_key(uid)
+    }
+
+    /// Records ztunnel's answer to an add, for a CNI ADD waiting on it.
+    fn answered(&self, uid: &str, res: &Result<(), String>) {
+        self.handoffs.send_if_modified(|m| match m.get_mut(uid) {
+            Some(slot) => {
+                *slot = Some(res.clone());
+                true
+            }
+            None => false,
+        });
     }
 
     /// Publishes the full set of workloads this node runs; connected
@@ -351,7 +435,7 @@ impl Conn {
                 }
             }
         };
-        self.snapshot(&snapshot).await?;
+        self.snapshot(&snapshot, zds).await?;
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -364,17 +448,21 @@ impl Conn {
                 continue;
             };
             let newest = zds.newest() == Some(self.id);
-            self.sync(&cur, newest).await?;
+            self.sync(&cur, newest, zds).await?;
         }
     }
 
     /// The initial list: add or keep every workload, then `SnapshotSent`.
-    async fn snapshot(&mut self, desired: &BTreeMap<String, Workload>) -> Result<(), ConnError> {
+    async fn snapshot(
+        &mut self,
+        desired: &BTreeMap<String, Workload>,
+        zds: &Zds,
+    ) -> Result<(), ConnError> {
         let (mut added, mut kept) = (0usize, 0usize);
         for w in desired.values() {
             match self.open(w) {
                 Some((fd, netns)) => {
-                    self.add(w, fd, netns).await?;
+                    self.add(w, fd, netns, zds).await?;
                     added += 1;
                 }
                 None => {
@@ -406,6 +494,7 @@ impl Conn {
         &mut self,
         desired: &BTreeMap<String, Workload>,
         newest: bool,
+        zds: &Zds,
     ) -> Result<(), ConnError> {
         let gone: Vec<String> = self
             .told
@@ -431,8 +520,11 @@ impl Conn {
                 // Known, no namespace yet: nothing to say (never a delete).
                 continue;
             }
+            // Added with this namespace already: nothing to say, unless a
+            // CNI ADD waits for ztunnel's answer (a runtime retry).
             if let Some(Told::Added(id)) = told
                 && w.netns.as_deref().and_then(|p| netns_id(p).ok()) == Some(id)
+                && !zds.waiting(&w.uid)
             {
                 continue;
             }
@@ -443,18 +535,26 @@ impl Conn {
                         w.key()
                     );
                 }
-                self.add(w, fd, netns).await?;
+                self.add(w, fd, netns, zds).await?;
             }
         }
         Ok(())
     }
 
-    async fn add(&mut self, w: &Workload, fd: OwnedFd, netns: NetnsId) -> Result<(), ConnError> {
+    async fn add(
+        &mut self,
+        w: &Workload,
+        fd: OwnedFd,
+        netns: NetnsId,
+        zds: &Zds,
+    ) -> Result<(), ConnError> {
         let req = Request::Add(AddWorkload {
             uid: w.uid.clone(),
             workload_info: Some(w.info()),
         });
-        match self.request(req, Some(&fd)).await? {
+        let res = self.request(req, Some(&fd)).await?;
+        zds.answered(&w.uid, &res);
+        match res {
             Ok(()) => info!(
                 "ZDS: pod {} (uid {}) handed to ztunnel (connection {})",
                 w.key(),

@@ -389,3 +389,44 @@ fn a_pass_hands_over_enrolled_pods_and_keeps_the_others() {
         vec![workload("a", Some(own_netns())), workload("b", None),]
     );
 }
+
+#[test]
+fn a_hand_over_waits_for_ztunnels_answer() {
+    let (rt, zds, _dir, path) = server();
+    // No ztunnel: refused at once.
+    let e = zds
+        .hand_over(workload("b", Some(own_netns())))
+        .err()
+        .unwrap();
+    assert!(e.contains("no ztunnel is connected"), "{e}");
+    let z = Fake::connect(&path);
+    z.expect_quiet(Duration::from_millis(200));
+    // Connected, but no full list yet: refused (no partial snapshot).
+    let e = zds
+        .hand_over(workload("b", Some(own_netns())))
+        .err()
+        .unwrap();
+    assert!(e.contains("not read its pod list"), "{e}");
+    zds.update([workload("a", Some(own_netns()))]);
+    z.expect(add_of("a"));
+    z.expect(snapshot_sent);
+    // b: added, the waiter gets the ack.
+    let h = zds.hand_over(workload("b", Some(own_netns()))).unwrap();
+    let waiter = rt.spawn(h.wait());
+    z.expect(add_of("b"));
+    assert_eq!(rt.block_on(waiter).unwrap(), Ok(()));
+    // Again (a runtime retry): sent again, as it is waited for.
+    let h = zds.hand_over(workload("b", Some(own_netns()))).unwrap();
+    let waiter = rt.spawn(h.wait());
+    let (req, _) = z.next();
+    assert!(matches!(req, Request::Add(_)), "{req:?}");
+    z.ack("failure to start proxy: test");
+    let got = rt.block_on(waiter).unwrap();
+    assert_eq!(got, Err("failure to start proxy: test".to_string()));
+    // The next full list keeps b (it is enrolled): nothing to say.
+    zds.update([
+        workload("a", Some(own_netns())),
+        workload("b", Some(own_netns())),
+    ]);
+    z.expect_quiet(Duration::from_millis(300));
+}
