@@ -236,8 +236,10 @@ impl Zds {
         })
     }
 
+    /// Whether a CNI ADD waits for ztunnel's answer about `uid` (and has
+    /// none yet).
     fn waiting(&self, uid: &str) -> bool {
-        self.handoffs.borrow().contains_key(uid)
+        matches!(self.handoffs.borrow().get(uid), Some(None))
     }
 
     /// Records ztunnel's answer to an add, for a CNI ADD waiting on it.
@@ -295,9 +297,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A listening `SOCK_SEQPACKET` unix socket at `path` (its directory made
-/// if missing; a socket file already there is removed first, anything
-/// else there is an error).
+/// A listening `SOCK_SEQPACKET` unix socket at `path`, mode 0600 (its
+/// directory made if missing; a socket file already there is removed
+/// first, anything else there is an error).
 pub fn bind_seqpacket(path: &Path) -> Result<UnixListener> {
     let flag = || format!("--zds-socket {}", path.display());
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -324,6 +326,10 @@ pub fn bind_seqpacket(path: &Path) -> Result<UnixListener> {
     let addr = UnixAddr::new(path)
         .with_context(|| format!("{}: not a usable unix socket path (too long?)", flag()))?;
     bind(sock.as_raw_fd(), &addr).with_context(|| format!("{}: cannot bind", flag()))?;
+    // Root only: whoever connects receives every ambient pod's network
+    // namespace.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("{}: chmod 600", flag()))?;
     listen(&sock, Backlog::new(128).context("listen backlog")?)
         .with_context(|| format!("{}: cannot listen", flag()))?;
     let std_listener = std::os::unix::net::UnixListener::from(sock);

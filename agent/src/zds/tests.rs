@@ -330,6 +330,10 @@ fn bind_replaces_a_stale_socket_and_refuses_other_files() {
         drop(bind_seqpacket(&path).unwrap());
         // The file of the first listener is still there: replaced.
         assert!(path.exists());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "root only: it hands out netns fds");
         drop(bind_seqpacket(&path).unwrap());
         let file = dir.path().join("regular");
         std::fs::write(&file, "x").unwrap();
