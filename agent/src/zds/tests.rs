@@ -434,3 +434,28 @@ fn a_hand_over_waits_for_ztunnels_answer() {
     ]);
     z.expect_quiet(Duration::from_millis(300));
 }
+
+#[test]
+fn garbage_from_ztunnel_closes_only_its_connection() {
+    let (_rt, zds, _dir, path) = server();
+    zds.update([workload("a", Some(own_netns()))]);
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    connect(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+    let bad = Fake { fd };
+    bad.timeout(Duration::from_secs(5));
+    // Not a protobuf message (a truncated varint).
+    bad.send(&[0x08, 0xff, 0xff]);
+    let mut buf = [0u8; 16];
+    let n = nix::sys::socket::recv(bad.fd.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+    assert_eq!(n, 0, "the server closes that connection");
+    // The server goes on serving others.
+    let z = Fake::connect(&path);
+    z.expect(add_of("a"));
+    z.expect(snapshot_sent);
+}
