@@ -65,6 +65,10 @@ enum Command {
     /// Put the weir-cni plugin into the node's CNI configuration, or take
     /// it out.
     Cni(cni::CniCommand),
+    /// Capture this process's own network namespace for Istio ambient
+    /// mode (ztunnel), through a running agent's CNI socket (hosts
+    /// without Kubernetes, ztunnel's namespaced test suite).
+    InpodEnroll(ambient::inpod::InpodArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -260,6 +264,7 @@ fn main() {
         Command::LogLevel(a) => datapath::set_pinned_log_level(&a.bpffs.bpffs, a.level)
             .map(|()| println!("kernel log level: {:?}", a.level)),
         Command::Cni(c) => cni::command(&c),
+        Command::InpodEnroll(a) => ambient::inpod::command(&a),
     };
     if let Err(e) = res {
         error!("{e:#}");

@@ -55,6 +55,8 @@ pub struct Reconciler {
     /// Per pod (netns cookie), the inodes of the DNS proxy sockets last
     /// recorded in `LISTENERS`: while the proxy keeps them, nothing to do.
     dns_recorded: BTreeMap<u64, BTreeSet<u64>>,
+    /// Pods enrolled by `weir inpod-enroll` (ambient), kept in every pass.
+    pub inpod: BTreeMap<String, crate::ambient::inpod::InpodPod>,
 }
 
 fn meta(spec: &PodSpec) -> PodMeta {
@@ -79,6 +81,7 @@ impl Reconciler {
             proc_index: None,
             dns_recorded: BTreeMap::new(),
             failed: 0,
+            inpod: BTreeMap::new(),
         }
     }
 
@@ -95,7 +98,9 @@ impl Reconciler {
         let started = std::time::Instant::now();
         self.proc_index = None;
         let mut want: BTreeMap<String, &PodSpec> = BTreeMap::new();
-        for s in desired {
+        // `weir inpod-enroll`'s pods first: the source's own entry wins.
+        let inpod: Vec<PodSpec> = self.inpod.values().map(|p| p.spec.clone()).collect();
+        for s in inpod.iter().chain(desired) {
             want.insert(s.key(), s);
         }
         // Removals first: a new pod may reuse a gone pod's address.
@@ -400,6 +405,12 @@ impl Reconciler {
             .unwrap_or_default())
     }
 
+    /// Removes one pod now (for `weir inpod-enroll`, replacing a stale
+    /// pod).
+    pub fn remove_pod(&mut self, key: &str) {
+        self.remove(key);
+    }
+
     fn remove(&mut self, key: &str) {
         if let Some(p) = self.pods.remove(key) {
             self.dp.remove_pod(p.cookie, &p.entries);
@@ -483,6 +494,15 @@ fn setup_netns(netns: &Path, rules: &PodRules) {
         POLICY_CAPTURE_INBOUND, POLICY_CAPTURE_OUTBOUND, POLICY_HAS_IP6, POLICY_LOOPBACK_SIMPLE,
     };
     let f = rules.policy.flags;
+    if f & weir_common::POLICY_AMBIENT != 0 {
+        if let Err(e) = crate::netlink::setup_ambient(netns) {
+            warn!(
+                "netns {}: {e:#}; ztunnel's connections to the application will not get their answers",
+                netns.display()
+            );
+        }
+        return;
+    }
     // Only pods that are IPv6 pods (by their listed addresses) and
     // captured, as istio-init does it only with IPv6 enabled and rules;
     // never for a pod whose mesh writes no IPv6 rules, nor for Linkerd

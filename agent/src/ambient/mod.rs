@@ -9,6 +9,8 @@
 //! friends, docs/ambient.md). This module decides enrollment (the same
 //! rules as istio-cni) and lists the enrolled pods for the ZDS server.
 
+pub mod inpod;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
