@@ -16,6 +16,7 @@ mod kernel;
 mod soak;
 mod test;
 mod toolchain;
+mod ztunnel;
 
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
@@ -184,6 +185,19 @@ enum Command {
     Clippy,
     /// Format the whole workspace (cargo fmt --all).
     Fmt,
+    /// Run ztunnel's namespaced suite (Istio ambient's node proxy, 30
+    /// tests) with weir capturing each pod in place of the suite's
+    /// iptables script; asserts 30/30 and no iptables/nft rule in any pod.
+    /// Builds ztunnel once per machine (cached in ~/.cache/weir/ztunnel).
+    PeerZtunnel {
+        /// Only build (once) the ztunnel binary and print its path (for the
+        /// ZDS tests and the ambient demo).
+        #[arg(long)]
+        binary: bool,
+        /// Test name filters for the suite.
+        #[arg(last = true, value_name = "FILTER")]
+        filter: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -250,6 +264,13 @@ fn run(command: Command) -> Result<ExitCode> {
             kernel::run(&root, &object, &options)?;
         }
         Command::Run { args } => return run_demo(&root, &args),
+        Command::PeerZtunnel { binary: true, .. } => {
+            println!("{}", ztunnel::ensure_ztunnel_binary(&root)?.display());
+        }
+        Command::PeerZtunnel { filter, .. } => {
+            let bin_dir = build_all(&root, Profile::Release)?;
+            ztunnel::run(&root, &bin_dir.join("weir"), &filter)?;
+        }
         Command::Bench {
             quick,
             reps,
