@@ -215,23 +215,10 @@ fn make_run_tree(src: &Path, run: &Path, script: &str) -> Result<()> {
     Ok(())
 }
 
-/// What [`run`] measured.
-#[derive(Debug)]
-pub struct Outcome {
-    /// Tests passed.
-    pub passed: usize,
-    /// Tests failed.
-    pub failed: usize,
-    /// Pod namespaces the script enrolled (and audited).
-    pub pods: usize,
-    /// Wall time of the suite.
-    pub elapsed: Duration,
-}
-
 /// Builds (once) and runs ztunnel's namespaced suite with weir in place of
 /// the iptables script; `weir` is the agent binary, `filter` optional test
 /// names. Fails unless every test passes and every pod had 0 rules.
-pub fn run(root: &Path, weir: &Path, filter: &[String]) -> Result<Outcome> {
+pub fn run(root: &Path, weir: &Path, filter: &[String]) -> Result<()> {
     let suite = ensure_suite(root)?;
     let src = cache_dir().join("ztunnel");
     let run = cache_dir().join(format!("weir-run-{}", std::process::id()));
@@ -359,12 +346,7 @@ pub fn run(root: &Path, weir: &Path, filter: &[String]) -> Result<Outcome> {
         );
     }
     let _ = std::fs::remove_dir_all(&run);
-    Ok(Outcome {
-        passed,
-        failed,
-        pods,
-        elapsed,
-    })
+    Ok(())
 }
 
 /// `test result: ok. 30 passed; 0 failed; ...` -> (30, 0).
