@@ -24,6 +24,7 @@ mod rules_model_tests;
 mod status;
 mod sys;
 mod version;
+mod zds;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,7 +70,29 @@ enum Command {
     /// mode (ztunnel), through a running agent's CNI socket (hosts
     /// without Kubernetes, ztunnel's namespaced test suite).
     InpodEnroll(ambient::inpod::InpodArgs),
+    /// Serve ztunnel's ZDS socket from a workloads file, without loading
+    /// any kernel program (for tests, and for trying ztunnel by hand; `weir
+    /// run --zds-socket` serves the node's ambient pods).
+    ZdsServe(ZdsServeArgs),
 }
+
+#[derive(clap::Args, Debug)]
+struct ZdsServeArgs {
+    /// The unix socket ztunnel connects to (its INPOD_UDS).
+    #[arg(long, env = "WEIR_ZDS_SOCKET", default_value = DEFAULT_ZDS_SOCKET)]
+    socket: PathBuf,
+    /// YAML file of the workloads to hand over (see `weir zds-serve` in
+    /// docs/ambient.md); re-read when it changes.
+    #[arg(long, env = "WEIR_ZDS_WORKLOADS")]
+    workloads: PathBuf,
+    /// How often the workloads file is checked for changes, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    reload_ms: u64,
+}
+
+/// Where ztunnel looks for its node agent by default (ztunnel's INPOD_UDS).
+const DEFAULT_ZDS_SOCKET: &str = "/var/run/ztunnel/ztunnel.sock";
 
 #[derive(clap::Args, Debug, Clone)]
 struct BpffsArg {
@@ -100,6 +123,12 @@ struct RunArgs {
     cgroup: Option<PathBuf>,
     #[command(flatten)]
     bpffs: BpffsArg,
+    /// Serve ztunnel's ZDS socket at this path (Istio ambient mode: weir
+    /// hands the node's ambient pods and their network namespaces to
+    /// ztunnel, as istio-cni's node agent does; ztunnel's INPOD_UDS,
+    /// usually /var/run/ztunnel/ztunnel.sock) [default: off].
+    #[arg(long, env = "WEIR_ZDS_SOCKET")]
+    zds_socket: Option<PathBuf>,
     /// Address of the /metrics, /healthz and /readyz endpoints ("off" to
     /// disable).
     #[arg(long, env = "WEIR_METRICS_ADDR", default_value = "127.0.0.1:9464")]
@@ -265,11 +294,72 @@ fn main() {
             .map(|()| println!("kernel log level: {:?}", a.level)),
         Command::Cni(c) => cni::command(&c),
         Command::InpodEnroll(a) => ambient::inpod::command(&a),
+        Command::ZdsServe(a) => zds_serve(&a),
     };
     if let Err(e) = res {
         error!("{e:#}");
         std::process::exit(1);
     }
+}
+
+/// `weir zds-serve`: the ZDS server fed from a workloads file until
+/// SIGTERM/SIGINT.
+fn zds_serve(a: &ZdsServeArgs) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    info!("{}", version::startup_line());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let server = zds::Zds::new();
+        server.listen(&a.socket)?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut tick = tokio::time::interval(Duration::from_millis(a.reload_ms));
+        let watch = podsfile::Watch::new(&a.workloads).ok();
+        let mut last: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM: stopping"); break; }
+                _ = int.recv() => { info!("SIGINT: stopping"); break; }
+                _ = tick.tick() => {}
+                _ = async {
+                    match &watch {
+                        Some(w) => w.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            let text = match podsfile::read(&a.workloads).await {
+                Ok(t) => t,
+                Err(e) => {
+                    if last.take().is_some() {
+                        warn!(
+                            "workloads file {}: cannot read it ({e}); keeping the current workloads",
+                            a.workloads.display()
+                        );
+                    }
+                    continue;
+                }
+            };
+            if last.as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            match zds::workloads::parse(&a.workloads, &text) {
+                Ok(f) => {
+                    for e in &f.errors {
+                        error!("{e}");
+                    }
+                    let n = f.workloads.len();
+                    server.update(f.workloads);
+                    info!("workloads file applied: {n} workloads");
+                }
+                Err(e) => error!("{e}; keeping the current workloads"),
+            }
+            last = Some(text);
+        }
+        Ok(())
+    })
 }
 
 fn uninstall(a: &BpffsArg) -> Result<()> {
@@ -345,6 +435,14 @@ fn run(a: RunArgs) -> Result<()> {
         if let Some(logger) = kernel_logger {
             tokio::spawn(read_kernel_logs(logger));
         }
+        let _zds = match &a.zds_socket {
+            Some(path) => {
+                let server = zds::Zds::new();
+                server.listen(path)?;
+                Some(server)
+            }
+            None => None,
+        };
         if let Some(addr) = metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await

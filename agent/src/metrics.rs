@@ -455,6 +455,9 @@ pub struct Agent {
     reconcile_passes: IntCounterVec,
     reconcile_duration: Histogram,
     watch_errors: IntCounter,
+    zds_connections: IntGauge,
+    zds_workloads: IntGauge,
+    zds_requests: IntCounterVec,
 }
 
 /// Buckets of the CNI request and reconcile latencies, in seconds: an
@@ -511,7 +514,25 @@ impl Agent {
         registry.register(Box::new(cni_chain.clone()))?;
         registry.register(Box::new(reconcile_passes.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
+        let zds_connections = IntGauge::new(
+            "weir_zds_connections",
+            "ztunnel connections to the ZDS socket (--zds-socket) that said hello.",
+        )?;
+        let zds_workloads = IntGauge::new(
+            "weir_zds_workloads",
+            "Ambient pods the agent hands to ztunnel (the last full list).",
+        )?;
+        let zds_requests = IntCounterVec::new(
+            Opts::new(
+                "weir_zds_requests_total",
+                "ZDS requests sent to ztunnel, by kind (add, keep, del, snapshot_sent) and result (acked, refused: ztunnel answered with an error, failed: no answer, the connection was dropped).",
+            ),
+            &["kind", "result"],
+        )?;
         registry.register(Box::new(watch_errors.clone()))?;
+        registry.register(Box::new(zds_connections.clone()))?;
+        registry.register(Box::new(zds_workloads.clone()))?;
+        registry.register(Box::new(zds_requests.clone()))?;
         // process_cpu_seconds_total, process_resident_memory_bytes,
         // process_open_fds, ... of the agent itself.
         registry.register(Box::new(
@@ -526,6 +547,9 @@ impl Agent {
             reconcile_passes,
             reconcile_duration,
             watch_errors,
+            zds_connections,
+            zds_workloads,
+            zds_requests,
         })
     }
 
@@ -595,6 +619,25 @@ impl Agent {
     /// Counts one error of the Kubernetes pod watch.
     pub fn watch_error(&self) {
         self.watch_errors.inc();
+    }
+
+    /// A ztunnel connection opened (`true`) or closed.
+    pub fn zds_connection(&self, opened: bool) {
+        if opened {
+            self.zds_connections.inc();
+        } else {
+            self.zds_connections.dec();
+        }
+    }
+
+    /// The number of ambient pods handed to ztunnel.
+    pub fn zds_workloads(&self, n: usize) {
+        self.zds_workloads.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one ZDS request by kind and result.
+    pub fn zds_request(&self, kind: &str, result: &str) {
+        self.zds_requests.with_label_values(&[kind, result]).inc();
     }
 }
 
@@ -774,6 +817,12 @@ mod tests {
         a.reconcile_pass(Some(2), Duration::from_millis(2));
         a.reconcile_pass(None, Duration::ZERO);
         a.watch_error();
+        a.zds_connection(true);
+        a.zds_connection(true);
+        a.zds_connection(false);
+        a.zds_workloads(3);
+        a.zds_request("add", "acked");
+        a.zds_request("keep", "refused");
         let mut buf = Vec::new();
         TextEncoder::new()
             .encode(&a.registry.gather(), &mut buf)
@@ -791,6 +840,10 @@ mod tests {
             "weir_reconcile_passes_total{result=\"error\"} 1",
             "weir_reconcile_duration_seconds_count 2",
             "weir_kubernetes_watch_errors_total 1",
+            "weir_zds_connections 1",
+            "weir_zds_workloads 3",
+            "weir_zds_requests_total{kind=\"add\",result=\"acked\"} 1",
+            "weir_zds_requests_total{kind=\"keep\",result=\"refused\"} 1",
         ] {
             assert!(text.contains(line), "{line} not in:\n{text}");
         }

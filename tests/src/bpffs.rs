@@ -23,13 +23,7 @@ impl Bpffs {
         let path = Path::new("/tmp").join(format!("weir-bpffs-{}", unique_name("")));
         std::fs::create_dir(&path)
             .unwrap_or_else(|e| panic!("creating bpffs mount point {}: {e}", path.display()));
-        if let Err(e) = mount(
-            Some("bpf"),
-            &path,
-            Some("bpf"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        ) {
+        if let Err(e) = mount_bpffs(&path) {
             let _ = std::fs::remove_dir(&path);
             panic!("mount -t bpf bpf {}: {e}", path.display());
         }
@@ -45,6 +39,18 @@ impl Bpffs {
     pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
         self.path.join(name)
     }
+}
+
+/// Mounts a new bpffs instance on the directory `path` (`mount -t bpf bpf
+/// PATH`, nosuid, nodev, noexec).
+pub fn mount_bpffs(path: &Path) -> nix::Result<()> {
+    mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
 }
 
 impl Default for Bpffs {

@@ -21,17 +21,39 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 pub fn cgroup2_mount() -> &'static Path {
     static MOUNT: OnceLock<PathBuf> = OnceLock::new();
     MOUNT.get_or_init(|| {
-        let mounts = std::fs::read_to_string("/proc/self/mounts")
-            .unwrap_or_else(|e| panic!("reading /proc/self/mounts: {e}"));
-        mounts
-            .lines()
-            .find_map(|line| {
-                let mut fields = line.split_whitespace();
-                let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-                (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_path(target)))
-            })
+        find_cgroup2_mount()
             .unwrap_or_else(|| panic!("no cgroup2 file system in /proc/self/mounts"))
     })
+}
+
+/// Like [`cgroup2_mount`], `None` when there is no cgroup2 file system
+/// (or `/proc/self/mounts` cannot be read).
+pub fn find_cgroup2_mount() -> Option<PathBuf> {
+    mount_points()
+        .into_iter()
+        .find_map(|(target, fstype)| (fstype == "cgroup2").then_some(target))
+}
+
+/// Whether something is mounted on `path` (exactly), per
+/// `/proc/self/mounts`.
+pub fn is_mount_point(path: &Path) -> bool {
+    mount_points().iter().any(|(target, _)| target == path)
+}
+
+/// (mount point, file system type) of every entry of `/proc/self/mounts`.
+fn mount_points() -> Vec<(PathBuf, String)> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            Some((
+                PathBuf::from(unescape_mount_path(target)),
+                fstype.to_string(),
+            ))
+        })
+        .collect()
 }
 
 /// Undoes the octal escapes (`\040` for a space, …) of `/proc/self/mounts`.
@@ -154,41 +176,81 @@ fn subtree_post_order(dir: &Path, out: &mut Vec<PathBuf>) {
     out.push(dir.to_path_buf());
 }
 
+/// Process ids in the cgroup `dir` and every cgroup below it.
+pub fn subtree_pids(dir: &Path) -> Vec<i32> {
+    let mut dirs = Vec::new();
+    subtree_post_order(dir, &mut dirs);
+    dirs.iter()
+        .flat_map(|d| read_procs(d).unwrap_or_default())
+        .collect()
+}
+
+/// Kills every process in the cgroup `dir` and below it and waits up to
+/// `timeout` for them to leave; returns the ones still there then.
+///
+/// `cgroup.kill` (Linux 5.14+) kills the whole subtree, including
+/// processes forking right now; SIGKILL per pid covers older kernels.
+pub fn kill_subtree(dir: &Path, timeout: Duration) -> Vec<i32> {
+    if !dir.exists() {
+        return Vec::new();
+    }
+    let _ = std::fs::write(dir.join("cgroup.kill"), b"1");
+    let deadline = Instant::now() + timeout;
+    loop {
+        let pids = subtree_pids(dir);
+        if pids.is_empty() || Instant::now() >= deadline {
+            return pids;
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Removes the cgroup `dir` and every cgroup below it, deepest first,
+/// retrying each for up to a second (a cgroup can be busy for a moment
+/// after its last process died). Returns (removed, total) and the errors
+/// of those left.
+pub fn remove_subtree(dir: &Path) -> (usize, usize, Vec<String>) {
+    let mut dirs = Vec::new();
+    subtree_post_order(dir, &mut dirs);
+    let mut removed = 0;
+    let mut errors = Vec::new();
+    for d in &dirs {
+        let mut last = None;
+        for _ in 0..50 {
+            match std::fs::remove_dir(d) {
+                Ok(()) => {
+                    last = None;
+                    removed += 1;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(e) = last {
+            errors.push(format!("removing cgroup {}: {e}", d.display()));
+        }
+    }
+    (removed, dirs.len(), errors)
+}
+
 impl Drop for Cgroup {
     fn drop(&mut self) {
         if !self.path.exists() {
             return;
         }
-        let mut dirs = Vec::new();
-        subtree_post_order(&self.path, &mut dirs);
-        // cgroup.kill (Linux 5.14+) kills the whole subtree, including
-        // processes forking right now; SIGKILL per pid covers older kernels.
-        let _ = std::fs::write(self.path.join("cgroup.kill"), b"1");
-        let deadline = Instant::now() + KILL_TIMEOUT;
-        loop {
-            let pids: Vec<i32> = dirs
-                .iter()
-                .flat_map(|d| read_procs(d).unwrap_or_default())
-                .collect();
-            if pids.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                eprintln!(
-                    "weir-tests: processes {pids:?} still in cgroup {} after {KILL_TIMEOUT:?}",
-                    self.path.display()
-                );
-                break;
-            }
-            for pid in pids {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let left = kill_subtree(&self.path, KILL_TIMEOUT);
+        if !left.is_empty() {
+            eprintln!(
+                "weir-tests: processes {left:?} still in cgroup {} after {KILL_TIMEOUT:?}",
+                self.path.display()
+            );
         }
-        for dir in dirs {
-            if let Err(e) = std::fs::remove_dir(&dir) {
-                eprintln!("weir-tests: removing cgroup {}: {e}", dir.display());
-            }
+        for e in remove_subtree(&self.path).2 {
+            eprintln!("weir-tests: {e}");
         }
     }
 }

@@ -14,17 +14,28 @@ pub(crate) fn output(program: &str, args: &[&str]) -> Output {
 /// Runs `program args…` and panics with its stderr unless it succeeds.
 /// Returns its stdout.
 pub(crate) fn run(program: &str, args: &[&str]) -> String {
-    let out = output(program, args);
+    try_run(program, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `program args…`; returns its stdout when it succeeds, else an
+/// error quoting the command, its status and its output.
+pub(crate) fn try_run(program: &str, args: &[&str]) -> std::io::Result<String> {
+    let out = Command::new(program).args(args).output().map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot run `{program}` (is it installed?): {e}"),
+        )
+    })?;
     if !out.status.success() {
-        panic!(
+        return Err(std::io::Error::other(format!(
             "`{program} {}` failed ({}): {}{}",
             args.join(" "),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim_end(),
             String::from_utf8_lossy(&out.stdout).trim_end(),
-        );
+        )));
     }
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs `program args…` quietly for cleanup; returns whether it succeeded.

@@ -17,13 +17,29 @@
 //! ([`testkit`] finds it).
 //!
 //! Helpers panic with a useful message instead of returning errors: a
-//! harness failure is a test failure.
+//! harness failure is a test failure. (The few that the benchmark, the
+//! soak and the demo need to report instead have a `try_` form.)
+//!
+//! One of each, shared by the kernel tests, `weir-bench`, `weir-soak` and
+//! the demo (`weir-testkit demo`):
+//! - [`node::Node`] (built with [`node::Node::builder`]): a cgroup, a
+//!   bpffs, a pods file and a `weir run` agent to start, kill, restart and
+//!   wait for (`pods file applied in N ms`);
+//! - [`podsfile`]: the pods file, serialized with serde and replaced by
+//!   rename;
+//! - [`fake_api::FakeApi`]: the fake Kubernetes API server, on the agent's
+//!   HTTP stack (axum), as a cluster or from a script;
+//! - guards and helpers for kernel objects: [`Cgroup`] (and
+//!   [`kill_subtree`]/[`remove_subtree`] for cgroups made by name),
+//!   [`NetNs`], [`Bridge`], [`NsFile`], [`veth_pair`], [`Bpffs`],
+//!   [`spawn_in`]/[`join_before_exec`], [`run_in_netns`].
 
 #![warn(missing_docs)]
 
 mod bpffs;
 mod cgroup;
 mod cmd;
+pub mod fake_api;
 pub mod goldens;
 pub mod iptables_model;
 pub mod istio_iptables;
@@ -32,6 +48,7 @@ pub mod linkerd_iptables;
 pub mod net;
 mod netns;
 pub mod node;
+pub mod podsfile;
 mod proc;
 mod tempdir;
 
@@ -40,10 +57,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-pub use bpffs::Bpffs;
-pub use cgroup::{Cgroup, cgroup2_mount};
-pub use netns::{NetNs, Veth, veth_named, veth_pair};
-pub use proc::{Proc, spawn_in, spawn_in_netns_path};
+pub use bpffs::{Bpffs, mount_bpffs};
+pub use cgroup::{
+    Cgroup, cgroup2_mount, find_cgroup2_mount, is_mount_point, kill_subtree, remove_subtree,
+    subtree_pids,
+};
+pub use netns::{Bridge, NetNs, NsFile, Veth, run_in_netns, try_ip, veth_named, veth_pair};
+pub use proc::{Proc, join_before_exec, spawn_in, spawn_in_netns_path};
 pub use tempdir::TempDir;
 
 /// Environment variable that turns "skipped, not root" into a test failure.

@@ -5,7 +5,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use nix::sched::{CloneFlags, setns};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, setns, unshare};
 
 use crate::{cmd, unique_name};
 
@@ -108,16 +109,49 @@ impl NetNs {
     /// without a child process. The calling thread's namespace is never
     /// changed (only the short-lived helper thread's).
     pub fn run_in<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        let file = self.open();
-        std::thread::scope(|s| {
-            let handle = s.spawn(move || {
-                setns(&file, CloneFlags::CLONE_NEWNET)
-                    .unwrap_or_else(|e| panic!("setns into netns {}: {e}", self.name));
-                f()
-            });
-            handle
-                .join()
-                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        run_in_netns(&self.path, f).unwrap_or_else(|e| panic!("entering netns {}: {e}", self.name))
+    }
+}
+
+/// Runs `f` on a new thread that has joined the network namespace whose
+/// file is `netns` (`/var/run/netns/NAME`, `/proc/PID/ns/net`), and
+/// returns its result; a panic in `f` is passed on. The calling thread's
+/// namespace is never changed. Fails when the namespace cannot be
+/// opened or joined.
+pub fn run_in_netns<R: Send>(netns: &Path, f: impl FnOnce() -> R + Send) -> std::io::Result<R> {
+    let file = File::open(netns).map_err(|e| annotate(e, "opening netns file", netns))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            setns(&file, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| annotate(e.into(), "setns into", netns))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// Runs `ip args…`; the error quotes the command and its stderr (for
+/// callers that report rather than panic, such as the demo).
+pub fn try_ip(args: &[&str]) -> std::io::Result<String> {
+    cmd::try_run("ip", args)
+}
+
+impl NetNs {
+    /// Writes per-namespace sysctls (`("net/ipv4/tcp_tw_reuse", "1")`,
+    /// paths under `/proc/sys`) inside this namespace; the machine's own
+    /// are never touched. The error names the sysctl.
+    pub fn set_sysctls(&self, sysctls: &[(&str, &str)]) -> std::io::Result<()> {
+        self.run_in(|| {
+            // /proc/sys/net is resolved against the opening thread's
+            // network namespace, which run_in has switched.
+            for (key, value) in sysctls {
+                let path = Path::new("/proc/sys").join(key);
+                std::fs::write(&path, value).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display()))
+                })?;
+            }
+            Ok(())
         })
     }
 }
@@ -220,4 +254,123 @@ pub fn veth_named(
         ns.ip(&["link", "set", dev, "up"]);
     }
     veth
+}
+
+/// A "node": a network namespace holding a bridge `br0` that pods hang
+/// off, each by a veth pair ([`Bridge::attach`]). Dropping it deletes the
+/// namespace (and with it the bridge and the node ends of the pairs).
+#[derive(Debug)]
+pub struct Bridge {
+    ns: NetNs,
+}
+
+impl Bridge {
+    /// A new namespace named [`unique_name`]`(prefix)` with `br0` up.
+    pub fn new(prefix: &str) -> Bridge {
+        let ns = NetNs::new(prefix);
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        Bridge { ns }
+    }
+
+    /// The node's namespace.
+    pub fn ns(&self) -> &NetNs {
+        &self.ns
+    }
+
+    /// Connects `pod` to the bridge with a veth pair whose pod end has
+    /// `addr` (CIDR notation).
+    pub fn attach(&self, pod: &NetNs, addr: &str) -> Veth {
+        let veth = veth_pair(pod, &[addr], &self.ns, &[]);
+        self.ns.ip(&["link", "set", veth.b_name(), "master", "br0"]);
+        veth
+    }
+}
+
+/// A network namespace kept alive by a bind mount on a plain file (what
+/// `ip netns add` does, without starting `ip`): the benchmark and the soak
+/// make thousands. It has only `lo` (down). Dropping it unmounts and
+/// removes the file; the namespace goes once no process is left in it.
+#[derive(Debug)]
+pub struct NsFile {
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl NsFile {
+    /// A new network namespace bound on `path` (created).
+    pub fn create(path: &Path) -> std::io::Result<NsFile> {
+        let mut all = NsFile::create_all(std::slice::from_ref(&path.to_path_buf()), &|| false)?;
+        Ok(all.pop().expect("one namespace made"))
+    }
+
+    /// A new network namespace bound on each of `paths`, made by one
+    /// helper thread in turn; `stop` is asked every 50 namespaces and ends
+    /// the work with an `Interrupted` error (the namespaces made so far
+    /// are removed again).
+    pub fn create_all(
+        paths: &[PathBuf],
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> std::io::Result<Vec<NsFile>> {
+        // unshare() moves only the calling thread: a short-lived thread
+        // makes the namespaces, the process stays where it is.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut made = Vec::with_capacity(paths.len());
+                for (i, path) in paths.iter().enumerate() {
+                    if i % 50 == 0 && stop() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::Interrupted,
+                            "interrupted",
+                        ));
+                    }
+                    File::create(path).map_err(|e| annotate(e, "creating", path))?;
+                    let mut ns = NsFile {
+                        path: path.clone(),
+                        mounted: false,
+                    };
+                    unshare(CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| annotate(e.into(), "unshare(CLONE_NEWNET) for", path))?;
+                    mount(
+                        Some("/proc/thread-self/ns/net"),
+                        path,
+                        None::<&str>,
+                        MsFlags::MS_BIND,
+                        None::<&str>,
+                    )
+                    .map_err(|e| annotate(e.into(), "bind-mounting a netns on", path))?;
+                    ns.mounted = true;
+                    made.push(ns);
+                }
+                Ok(made)
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
+    /// The namespace file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Unmounts and removes the file: the pod's network namespace is
+    /// deleted (as `ip netns del` does).
+    pub fn delete(&mut self) {
+        if self.mounted {
+            let _ = umount2(&self.path, MntFlags::MNT_DETACH);
+            self.mounted = false;
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Drop for NsFile {
+    fn drop(&mut self) {
+        self.delete();
+    }
+}
+
+fn annotate(e: std::io::Error, what: &str, path: &Path) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }

@@ -6,49 +6,19 @@
 //! removes its pins, the cgroup's processes are killed and the bpffs is
 //! unmounted.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
+pub use crate::podsfile::PodEntry;
+use crate::podsfile::{pods_yaml, write_atomically};
 use crate::{Bpffs, Cgroup, NetNs, Proc, TempDir, spawn_in, testkit_command, wait_until, weir_bin};
-
-/// One entry of the pods file.
-#[derive(Clone, Debug, Default)]
-pub struct PodEntry {
-    /// Pod name (namespace is always `default`).
-    pub name: String,
-    /// The pod's network namespace path.
-    pub netns: PathBuf,
-    /// The pod's addresses.
-    pub ips: Vec<String>,
-    /// `istio` (default), `linkerd` or `kuma`.
-    pub mesh: Option<String>,
-    /// Pod annotations.
-    pub annotations: BTreeMap<String, String>,
-}
-
-impl PodEntry {
-    /// An Istio pod in `ns` with `ips`.
-    pub fn new(name: &str, ns: &NetNs, ips: &[&str]) -> Self {
-        Self {
-            name: name.to_string(),
-            netns: ns.path().to_path_buf(),
-            ips: ips.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
-
-    /// Adds an annotation.
-    pub fn annotate(mut self, k: &str, v: &str) -> Self {
-        self.annotations.insert(k.to_string(), v.to_string());
-        self
-    }
-}
 
 /// The result line of `weir-testkit client`.
 #[derive(Clone, Debug)]
@@ -81,7 +51,129 @@ impl ClientResult {
     }
 }
 
-/// A test node with a running agent.
+/// The `weir run` line the agent logs after each apply of the pods file,
+/// followed by the time it took (`pods file applied in N ms`).
+pub const APPLIED: &str = "pods file applied in ";
+
+/// How a [`Node`] is made: which cgroup, which agent binary and flags,
+/// whether `/metrics` is served. [`Node::builder`] starts one with the
+/// kernel tests' settings.
+pub struct NodeBuilder {
+    prefix: String,
+    cgroup: Option<Cgroup>,
+    weir: Option<PathBuf>,
+    agent_args: Vec<String>,
+    metrics: bool,
+    launcher: Option<Launcher>,
+    start_timeout: Duration,
+    stop: Option<fn() -> bool>,
+}
+
+/// Makes the command that runs the agent binary (see
+/// [`NodeBuilder::agent_launcher`]).
+type Launcher = Box<dyn Fn(&Path) -> Command + Send + Sync>;
+
+impl NodeBuilder {
+    /// Prefix of the node's cgroup and scratch directory names (`node`).
+    pub fn name(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_string();
+        self
+    }
+
+    /// The cgroup the agent attaches to and pod processes run in (by
+    /// default a new one under the cgroup2 mount).
+    pub fn cgroup(mut self, cgroup: Cgroup) -> Self {
+        self.cgroup = Some(cgroup);
+        self
+    }
+
+    /// The agent binary (by default [`weir_bin`]).
+    pub fn weir(mut self, weir: &Path) -> Self {
+        self.weir = Some(weir.to_path_buf());
+        self
+    }
+
+    /// The `weir run` flags every start of the agent gets, after the
+    /// node's own (`--pods-file`, `--cgroup`, `--bpffs`, `--metrics-addr`).
+    /// Replaces the default, `--reload-ms 50 --resync-secs 1`.
+    pub fn agent_args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.agent_args = args.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether the agent serves `/metrics` on a free port of 127.0.0.1
+    /// (default) or not at all (`--metrics-addr off`).
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
+        self
+    }
+
+    /// How the agent binary is started: `launch(weir)` returns the command
+    /// that runs it (for example inside a memory cgroup); the node adds
+    /// the arguments.
+    pub fn agent_launcher(
+        mut self,
+        launch: impl Fn(&Path) -> Command + Send + Sync + 'static,
+    ) -> Self {
+        self.launcher = Some(Box::new(launch));
+        self
+    }
+
+    /// How long a start of the agent may take to apply the pods file once
+    /// (20 s, times [`crate::patience`]).
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+
+    /// A check that ends every wait for the agent early with an error
+    /// (an interrupted benchmark or soak).
+    pub fn stop_when(mut self, stop: fn() -> bool) -> Self {
+        self.stop = Some(stop);
+        self
+    }
+
+    /// The node, with an empty pods file and no agent yet.
+    pub fn build(self) -> Node {
+        let dir = TempDir::new(&self.prefix);
+        let pods_file = dir.join("pods.yaml");
+        std::fs::write(&pods_file, crate::podsfile::pods_yaml(&[])).expect("writing pods file");
+        Node {
+            cgroup: self.cgroup.unwrap_or_else(|| Cgroup::new(&self.prefix)),
+            bpffs: Bpffs::new(),
+            dir,
+            pods_file,
+            metrics_port: crate::free_tcp_port(),
+            metrics: self.metrics,
+            weir: self.weir.unwrap_or_else(weir_bin),
+            agent_args: self.agent_args,
+            launcher: self.launcher,
+            start_timeout: self.start_timeout,
+            stop: self.stop,
+            agent: None,
+            log_offset: 0,
+            old_agents: Vec::new(),
+            procs: Vec::new(),
+            counter: 0,
+            changes: 0,
+        }
+    }
+
+    /// The node with its agent started (see [`Node::start_agent`]).
+    pub fn start(self) -> Node {
+        let mut n = self.build();
+        n.start_agent();
+        n
+    }
+}
+
+/// A test node: a cgroup, a private bpffs, a scratch directory with the
+/// pods file, and a `weir run` agent that can be started, killed and
+/// restarted. The kernel tests, the benchmark and the soak all use it.
 pub struct Node {
     /// The child cgroup the agent attaches to; pod processes run in it.
     pub cgroup: Cgroup,
@@ -91,11 +183,22 @@ pub struct Node {
     pub dir: TempDir,
     /// The pods file.
     pub pods_file: PathBuf,
-    /// Port of the agent's metrics endpoint.
+    /// Port of the agent's metrics endpoint (unused when metrics are off).
     pub metrics_port: u16,
+    metrics: bool,
+    weir: PathBuf,
+    agent_args: Vec<String>,
+    launcher: Option<Launcher>,
+    start_timeout: Duration,
+    stop: Option<fn() -> bool>,
     agent: Option<Proc>,
+    /// How far the current agent's log has been read (see [`Node::mark`]).
+    log_offset: u64,
+    /// Agents killed or stopped earlier (their logs stay readable).
+    old_agents: Vec<Proc>,
     procs: Vec<Proc>,
     counter: usize,
+    changes: usize,
 }
 
 impl Default for Node {
@@ -105,36 +208,51 @@ impl Default for Node {
 }
 
 impl Node {
+    /// A builder with the kernel tests' settings: a new cgroup, the agent
+    /// from [`weir_bin`] with `--reload-ms 50 --resync-secs 1`, metrics on.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder {
+            prefix: "node".to_string(),
+            cgroup: None,
+            weir: None,
+            agent_args: ["--reload-ms", "50", "--resync-secs", "1"]
+                .map(String::from)
+                .to_vec(),
+            metrics: true,
+            launcher: None,
+            start_timeout: Duration::from_secs(20),
+            stop: None,
+        }
+    }
+
     /// A node with an empty pods file and no agent yet.
     pub fn new() -> Node {
-        let dir = TempDir::new("node");
-        let pods_file = dir.join("pods.yaml");
-        std::fs::write(&pods_file, "pods: []\n").expect("writing pods file");
-        Node {
-            cgroup: Cgroup::new("node"),
-            bpffs: Bpffs::new(),
-            dir,
-            pods_file,
-            metrics_port: crate::free_tcp_port(),
-            agent: None,
-            procs: Vec::new(),
-            counter: 0,
-        }
+        Node::builder().build()
     }
 
     /// A node whose agent attaches to `cgroup` (e.g. a child of another
     /// node's cgroup), with no agent yet.
     pub fn in_cgroup(cgroup: Cgroup) -> Node {
-        let mut n = Node::new();
-        n.cgroup = cgroup;
-        n
+        Node::builder().cgroup(cgroup).build()
     }
 
     /// A node with a running agent.
     pub fn with_agent() -> Node {
-        let mut n = Node::new();
-        n.start_agent();
-        n
+        Node::builder().start()
+    }
+
+    /// The agent binary this node runs.
+    pub fn weir(&self) -> &Path {
+        &self.weir
+    }
+
+    /// `127.0.0.1:PORT` of `/metrics`, or `off`.
+    pub fn metrics_addr(&self) -> String {
+        if self.metrics {
+            format!("127.0.0.1:{}", self.metrics_port)
+        } else {
+            "off".to_string()
+        }
     }
 
     /// Starts `weir run` on this node and waits until it applied the pods
@@ -145,7 +263,36 @@ impl Node {
 
     /// Like [`Node::start_agent`], with extra `weir run` arguments.
     pub fn start_agent_with(&mut self, extra: &[&str]) {
-        let mut cmd = Command::new(weir_bin());
+        if let Err(e) = self.try_start_agent_with(extra) {
+            panic!("{e:#}\n{}", self.agent_logs());
+        }
+    }
+
+    /// Like [`Node::start_agent`], returning an error instead of
+    /// panicking; on success the apply time the agent logged (ms).
+    pub fn try_start_agent(&mut self) -> anyhow::Result<u64> {
+        self.try_start_agent_with(&[])
+    }
+
+    /// Like [`Node::try_start_agent`], with extra `weir run` arguments.
+    pub fn try_start_agent_with(&mut self, extra: &[&str]) -> anyhow::Result<u64> {
+        self.spawn_agent_with(extra);
+        let (ms, _) = self.wait_applied(self.start_timeout)?;
+        Ok(ms)
+    }
+
+    /// Starts `weir run` without waiting for it.
+    pub fn spawn_agent(&mut self) {
+        self.spawn_agent_with(&[]);
+    }
+
+    /// Like [`Node::spawn_agent`], with extra `weir run` arguments.
+    pub fn spawn_agent_with(&mut self, extra: &[&str]) {
+        assert!(self.agent.is_none(), "an agent is already running");
+        let mut cmd = match &self.launcher {
+            Some(launch) => launch(&self.weir),
+            None => Command::new(&self.weir),
+        };
         cmd.env("RUST_LOG", "info")
             .arg("run")
             .arg("--pods-file")
@@ -155,23 +302,22 @@ impl Node {
             .arg("--bpffs")
             .arg(self.bpffs.path())
             .arg("--metrics-addr")
-            .arg(format!("127.0.0.1:{}", self.metrics_port))
-            .arg("--reload-ms")
-            .arg("50")
-            .arg("--resync-secs")
-            .arg("1")
+            .arg(self.metrics_addr())
+            .args(&self.agent_args)
             .args(extra);
-        let mut p = spawn_in(None, None, cmd);
-        p.wait_for_output("pods file applied", Duration::from_secs(20));
-        self.agent = Some(p);
+        self.agent = Some(spawn_in(None, None, cmd));
+        self.log_offset = 0;
     }
 
     /// Stops the agent with SIGTERM (capture stays pinned).
     pub fn stop_agent(&mut self) {
         if let Some(mut p) = self.agent.take() {
             p.signal(Signal::SIGTERM);
-            if p.wait_timeout(Duration::from_secs(10)).is_none() {
-                panic!("agent did not stop on SIGTERM:\n{}", p.logs());
+            let stopped = p.wait_timeout(Duration::from_secs(10)).is_some();
+            let logs = p.logs();
+            self.old_agents.push(p);
+            if !stopped {
+                panic!("agent did not stop on SIGTERM:\n{logs}");
             }
         }
     }
@@ -180,12 +326,124 @@ impl Node {
     pub fn kill_agent(&mut self) {
         if let Some(mut p) = self.agent.take() {
             p.kill();
+            self.old_agents.push(p);
         }
+    }
+
+    /// Whether an agent was started and is still running (reaps it when
+    /// it has exited).
+    pub fn agent_is_running(&mut self) -> bool {
+        self.agent.as_mut().is_some_and(Proc::is_running)
+    }
+
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Proc::pid)
+    }
+
+    /// Open file descriptors of the agent.
+    pub fn agent_fds(&self) -> Option<usize> {
+        let pid = self.agent_pid()?;
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()
+            .map(|d| d.count())
+    }
+
+    /// The agent's VmRSS, KiB.
+    pub fn agent_rss_kib(&self) -> Option<u64> {
+        let pid = self.agent_pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
     }
 
     /// The agent's logs so far.
     pub fn agent_logs(&self) -> String {
         self.agent.as_ref().map(Proc::logs).unwrap_or_default()
+    }
+
+    /// Lines that contain `needle` in the logs of every agent this node
+    /// ran (the killed and stopped ones too), oldest first.
+    pub fn agent_log_lines(&self, needle: &str) -> Vec<String> {
+        self.old_agents
+            .iter()
+            .chain(&self.agent)
+            .flat_map(|p| {
+                p.stderr()
+                    .lines()
+                    .filter(|l| l.contains(needle))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Skips everything the agent logged so far (see [`Node::wait_applied`]).
+    pub fn mark(&mut self) {
+        if let Some(a) = &self.agent {
+            self.log_offset = std::fs::metadata(a.stderr_path()).map_or(0, |m| m.len());
+        }
+    }
+
+    /// Waits for the agent's next `pods file applied in N ms` after the
+    /// mark; returns N and when the line was seen, and moves the mark past
+    /// it. Fails when the agent exits, the node's stop check says so, or
+    /// `timeout` (times [`crate::patience`]) passes.
+    pub fn wait_applied(&mut self, timeout: Duration) -> anyhow::Result<(u64, Instant)> {
+        let timeout = crate::patience(timeout);
+        let deadline = Instant::now() + timeout;
+        let Some(a) = &mut self.agent else {
+            anyhow::bail!("no agent running");
+        };
+        let log = a.stderr_path();
+        let mut text = String::new();
+        loop {
+            let mut f = File::open(&log)?;
+            f.seek(SeekFrom::Start(self.log_offset))?;
+            text.clear();
+            f.read_to_string(&mut text)?;
+            if let Some(at) = text.find(APPLIED) {
+                let seen = Instant::now();
+                let rest = &text[at + APPLIED.len()..];
+                let ms = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .with_context(|| format!("cannot read the time in {rest:?}"))?;
+                let end = rest
+                    .find('\n')
+                    .map_or(text.len(), |e| at + APPLIED.len() + e);
+                self.log_offset += end as u64;
+                return Ok((ms, seen));
+            }
+            // Nothing yet: skip the complete lines read so far next time.
+            if let Some(end) = text.rfind('\n') {
+                self.log_offset += end as u64 + 1;
+            }
+            let last_lines = |a: &Proc| {
+                let log = a.stderr();
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(20)..].join("\n")
+            };
+            if let Some(status) = a.try_status() {
+                anyhow::bail!(
+                    "the agent exited ({status}) before `{APPLIED}…`; its last log lines:\n{}",
+                    last_lines(a)
+                );
+            }
+            if self.stop.is_some_and(|stop| stop()) {
+                anyhow::bail!("interrupted");
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!(
+                    "no `{APPLIED}…` within {timeout:?}; the agent's last log lines:\n{}",
+                    last_lines(a)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Writes the pods file (atomically) and waits until exactly these pods
@@ -201,30 +459,24 @@ impl Node {
 
     /// Writes the pods file (atomically) listing `pods`, without waiting.
     pub fn write_pods_yaml(&self, pods: &[PodEntry]) {
-        let mut y = String::from("pods:\n");
-        for p in pods {
-            let _ = writeln!(y, "  - name: {}", p.name);
-            let _ = writeln!(y, "    netns: {}", p.netns.display());
-            let _ = writeln!(
-                y,
-                "    ips: [{}]",
-                p.ips
-                    .iter()
-                    .map(|i| format!("'{i}'"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            if let Some(m) = &p.mesh {
-                let _ = writeln!(y, "    mesh: {m}");
-            }
-            if !p.annotations.is_empty() {
-                let _ = writeln!(y, "    annotations:");
-                for (k, v) in &p.annotations {
-                    let _ = writeln!(y, "      {k}: {}", serde_json::to_string(v).unwrap());
-                }
-            }
-        }
-        self.write_pods_raw(&y);
+        self.write_pods_raw(&pods_yaml(pods));
+    }
+
+    /// Writes the pods file listing `pods` after a numbered comment, so
+    /// the agent sees a change (and logs an apply) even when the pods are
+    /// the same: what changed may be outside the file (a network namespace
+    /// deleted or re-created). Does not wait.
+    pub fn rewrite_pods(&mut self, pods: &[PodEntry]) {
+        self.changes += 1;
+        self.write_pods_raw(&format!("# change {}\n{}", self.changes, pods_yaml(pods)));
+    }
+
+    /// [`Node::rewrite_pods`], then waits (2 minutes at most) until the
+    /// agent applied it; returns the apply time it logged (ms).
+    pub fn apply_pods(&mut self, pods: &[PodEntry]) -> anyhow::Result<u64> {
+        self.mark();
+        self.rewrite_pods(pods);
+        Ok(self.wait_applied(Duration::from_secs(120))?.0)
     }
 
     /// Waits (10 s at most) until the agent has logged `needle`.
@@ -250,40 +502,55 @@ impl Node {
 
     /// Writes raw pods-file text (atomically, by rename).
     pub fn write_pods_raw(&self, text: &str) {
-        let tmp = self.dir.join("pods.yaml.tmp");
-        std::fs::write(&tmp, text).expect("writing pods file");
-        std::fs::rename(&tmp, &self.pods_file).expect("renaming pods file");
+        write_atomically(&self.pods_file, text).expect("writing pods file");
+    }
+
+    /// `weir status -o json` against this node's pins (`Null` when it
+    /// fails).
+    pub fn status(&self) -> Value {
+        self.try_status().unwrap_or(Value::Null)
     }
 
     /// `weir status -o json` against this node's pins.
-    pub fn status(&self) -> Value {
-        let out = Command::new(weir_bin())
-            .args(["status", "-o", "json", "--bpffs"])
-            .arg(self.bpffs.path())
-            .output()
-            .expect("running weir status");
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    pub fn try_status(&self) -> anyhow::Result<Value> {
+        weir_status(&self.weir, self.bpffs.path())
     }
 
     /// Counters of pod `name` from `weir status`.
     pub fn counters(&self, name: &str) -> Value {
-        self.status()["pods"]
-            .as_array()
-            .and_then(|a| a.iter().find(|p| p["name"] == name).cloned())
-            .map(|p| p["counters"].clone())
-            .unwrap_or(Value::Null)
+        pod_counters(&self.status(), name)
+    }
+
+    /// Counters of pod `name` from `weir status` (`Null` when the agent
+    /// does not list it).
+    pub fn try_counters(&self, name: &str) -> anyhow::Result<Value> {
+        Ok(pod_counters(&self.try_status()?, name))
     }
 
     /// Fetches `/metrics`.
     pub fn metrics(&self) -> String {
-        use std::io::{Read, Write};
+        self.try_metrics()
+            .unwrap_or_else(|e| panic!("fetching /metrics: {e:#}"))
+    }
+
+    /// Fetches `/metrics` (an error when metrics are off).
+    pub fn try_metrics(&self) -> anyhow::Result<String> {
+        use std::io::Write;
+        anyhow::ensure!(self.metrics, "metrics are off on this node");
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics_port))
-            .expect("connecting to /metrics");
-        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-            .unwrap();
+            .context("connecting to /metrics")?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
         let mut body = String::new();
-        s.read_to_string(&mut body).unwrap();
-        body
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    }
+
+    /// Runs `program args…` in `netns` (optional) inside the node's cgroup.
+    pub fn spawn(&self, program: &Path, netns: Option<&NetNs>, args: &[String]) -> Proc {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        spawn_in(netns, Some(&self.cgroup), cmd)
     }
 
     fn next(&mut self, what: &str) -> PathBuf {
@@ -405,10 +672,48 @@ impl Drop for Node {
             p.signal(Signal::SIGTERM);
             let _ = p.wait_timeout(Duration::from_secs(5));
         }
-        let _ = Command::new(weir_bin())
+        let _ = Command::new(&self.weir)
             .arg("uninstall")
             .arg("--bpffs")
             .arg(self.bpffs.path())
             .output();
     }
+}
+
+/// `weir status -o json` of the agent pinned under `bpffs`.
+pub fn weir_status(weir: &Path, bpffs: &Path) -> anyhow::Result<Value> {
+    let out = Command::new(weir)
+        .args(["status", "-o", "json", "--bpffs"])
+        .arg(bpffs)
+        .output()
+        .context("running weir status")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "weir status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).context("weir status -o json printed something else")
+}
+
+/// The counters of pod `name` in a `weir status -o json` answer.
+fn pod_counters(status: &Value, name: &str) -> Value {
+    status["pods"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == name).cloned())
+        .map(|p| p["counters"].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Whether a pod of a `weir status -o json` answer is captured both ways:
+/// outbound capture on and its inbound (`sk_lookup`) link attached.
+pub fn is_fully_captured(pod: &Value) -> bool {
+    pod["capture"] == true && pod["inbound_attached"] == true
+}
+
+/// How many pods of a `weir status -o json` answer are
+/// [fully captured](is_fully_captured).
+pub fn fully_captured(status: &Value) -> usize {
+    status["pods"]
+        .as_array()
+        .map_or(0, |p| p.iter().filter(|p| is_fully_captured(p)).count())
 }

@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -57,18 +57,46 @@ pub fn spawn_in_netns_path(
         .stdout(create("stdout"))
         .stderr(create("stderr"));
 
+    join_before_exec(&mut cmd, netns, cgroup.map(Cgroup::path))
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+    Proc {
+        child,
+        status: None,
+        what,
+        dir,
+    }
+}
+
+/// Makes `cmd`'s process join the cgroup whose directory is `cgroup` and
+/// the network namespace whose file is `netns` (each optional) before
+/// `exec`, so its first instruction already runs in both. Fails when
+/// either cannot be opened (here, in the parent); a failure to join them
+/// in the child makes its `spawn` fail.
+pub fn join_before_exec(
+    cmd: &mut Command,
+    netns: Option<&Path>,
+    cgroup: Option<&Path>,
+) -> std::io::Result<()> {
+    let annotate = |e: std::io::Error, what: &Path| {
+        std::io::Error::new(e.kind(), format!("opening {}: {e}", what.display()))
+    };
     // Opened here, in the parent, so the child only has to make system
     // calls on descriptors it already holds.
-    let netns_file = netns.map(|p| {
-        File::open(p).unwrap_or_else(|e| panic!("opening netns file {}: {e}", p.display()))
-    });
-    let cgroup_procs = cgroup.map(|cg| {
-        let procs = cg.path().join("cgroup.procs");
-        OpenOptions::new()
-            .write(true)
-            .open(&procs)
-            .unwrap_or_else(|e| panic!("opening {} for writing: {e}", procs.display()))
-    });
+    let netns_file = netns
+        .map(|p| File::open(p).map_err(|e| annotate(e, p)))
+        .transpose()?;
+    let cgroup_procs = cgroup
+        .map(|cg| {
+            let procs = cg.join("cgroup.procs");
+            OpenOptions::new()
+                .write(true)
+                .open(&procs)
+                .map_err(|e| annotate(e, &procs))
+        })
+        .transpose()?;
     // SAFETY: the closure runs in the forked child before `exec`, where only
     // async-signal-safe operations are allowed. It makes just two system
     // calls, write(2) and setns(2), on descriptors opened above (no
@@ -85,15 +113,7 @@ pub fn spawn_in_netns_path(
             Ok(())
         });
     }
-    let child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
-    Proc {
-        child,
-        status: None,
-        what,
-        dir,
-    }
+    Ok(())
 }
 
 impl Proc {
@@ -163,6 +183,12 @@ impl Proc {
     /// Everything the process wrote to stderr so far.
     pub fn stderr(&self) -> String {
         self.read_log("stderr")
+    }
+
+    /// The file the process's stderr goes to (to follow it from an
+    /// offset while it runs).
+    pub fn stderr_path(&self) -> PathBuf {
+        self.dir.join("stderr")
     }
 
     fn read_log(&self, name: &str) -> String {

@@ -31,9 +31,10 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use k8s_support::{FakeApi, pod_json};
+use k8s_support::pod_json;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
+use weir_tests::fake_api::FakeApi;
 use weir_tests::node::{ClientResult, sidecar_log};
 use weir_tests::{Bpffs, Cgroup, NetNs, Proc, TempDir, cgroup2_mount, spawn_in, testkit, weir_bin};
 

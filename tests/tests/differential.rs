@@ -53,8 +53,8 @@ use std::time::{Duration, Instant};
 
 use std::collections::BTreeMap;
 
-use k8s_support::FakeApi;
 use serde_json::{Value, json};
+use weir_tests::fake_api::FakeApi;
 use weir_tests::goldens::{self, IstioCase};
 use weir_tests::istio_iptables::{Family, IstioPod, Restore, keys};
 use weir_tests::kuma_iptables::{self, KumaPod};

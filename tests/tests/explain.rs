@@ -7,11 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use serde_json::Value;
-use weir_tests::{
-    Bpffs, Cgroup, NetNs, TempDir, require_root, spawn_in, veth_pair, wait_until, weir_bin,
-};
+use weir_tests::node::{Node, PodEntry};
+use weir_tests::{NetNs, require_root, spawn_in, veth_pair, wait_until, weir_bin};
 
 const TESTKIT: &str = env!("CARGO_BIN_EXE_weir-testkit");
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -70,33 +68,29 @@ fn explain_answers_from_the_pinned_maps() {
         &node,
         &[&format!("{NODE_IP}/24")],
     );
-    let cg = Cgroup::new("xpl");
-    let fs = Bpffs::new();
-    let dir = TempDir::new("xpl");
-    let pods = dir.join("pods.yaml");
-    std::fs::write(
-        &pods,
-        format!(
-            "pods:\n  - name: app\n    namespace: shop\n    netns: {}\n    ips: [{POD_IP}]\n    annotations:\n      traffic.sidecar.istio.io/excludeOutboundPorts: \"3306\"\n      traffic.sidecar.istio.io/excludeInboundPorts: \"8081\"\n      traffic.sidecar.istio.io/excludeOutboundIPRanges: \"198.18.5.0/24\"\n",
-            pod.path().display()
-        ),
-    )
-    .unwrap();
-    let mut agent = spawn_in(None, None, {
-        let mut c = Command::new(weir_bin());
-        c.arg("run")
-            .arg("--pods-file")
-            .arg(&pods)
-            .arg("--cgroup")
-            .arg(cg.path())
-            .arg("--bpffs")
-            .arg(fs.path())
-            .args(["--metrics-addr", "off"]);
-        c
-    });
+    let mut host = Node::builder()
+        .name("xpl")
+        .agent_args(Vec::<String>::new())
+        .metrics(false)
+        .build();
+    host.write_pods_yaml(&[PodEntry::new("app", &pod, &[POD_IP])
+        .namespace("shop")
+        .annotate("traffic.sidecar.istio.io/excludeOutboundPorts", "3306")
+        .annotate("traffic.sidecar.istio.io/excludeInboundPorts", "8081")
+        .annotate(
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+            "198.18.5.0/24",
+        )]);
+    host.spawn_agent();
+    let fs = host.bpffs.path().to_path_buf();
+    let dir = host.dir.path().to_path_buf();
     wait_until(TIMEOUT, "the pod to be enrolled", || {
-        assert!(agent.is_running(), "weir run exited\n{}", agent.logs());
-        let out = weir(fs.path(), &["status", "-o", "json"]);
+        assert!(
+            host.agent_is_running(),
+            "weir run exited\n{}",
+            host.agent_logs()
+        );
+        let out = weir(fs.as_path(), &["status", "-o", "json"]);
         out.status.success()
             && serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|s| {
                 s["ready"] == true && s["pods"].as_array().is_some_and(|p| p.len() == 1)
@@ -104,7 +98,7 @@ fn explain_answers_from_the_pinned_maps() {
     });
     let ready = dir.join("sidecar.ready");
     let sidecar_log = dir.join("sidecar.jsonl");
-    let mut sidecar = spawn_in(Some(&pod), Some(&cg), {
+    let mut sidecar = spawn_in(Some(&pod), Some(&host.cgroup), {
         let mut c = Command::new(TESTKIT);
         c.args(["--uid", "1337", "sidecar", "--name", "app"])
             .arg("--log")
@@ -114,7 +108,7 @@ fn explain_answers_from_the_pinned_maps() {
         c
     });
     sidecar.wait_for_file(&ready, TIMEOUT);
-    let bpffs = fs.path();
+    let bpffs = fs.as_path();
     let remote = format!("{NODE_IP}:80");
 
     // Outbound.
@@ -215,7 +209,7 @@ fn explain_answers_from_the_pinned_maps() {
     let v = explain(bpffs, &["--dst", &format!("{NODE_IP}:{port}")]);
     assert_eq!(v["verdict"], "redirect_outbound");
     for dst in [format!("{NODE_IP}:{port}"), format!("{NODE_IP}:3306")] {
-        let mut client = spawn_in(Some(&pod), Some(&cg), {
+        let mut client = spawn_in(Some(&pod), Some(&host.cgroup), {
             let mut c = Command::new(TESTKIT);
             c.args([
                 "--uid",
@@ -244,8 +238,7 @@ fn explain_answers_from_the_pinned_maps() {
     );
 
     // The pins answer with the agent gone (as after a crash).
-    agent.signal(Signal::SIGKILL);
-    agent.wait_timeout(TIMEOUT).expect("agent exits");
+    host.kill_agent();
     let v = explain(bpffs, &["--dst", &format!("{NODE_IP}:3306")]);
     assert_eq!(v["verdict"], "bypass_excluded_port");
 

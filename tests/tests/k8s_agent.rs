@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use k8s_support::{CniCall, FakeApi, pod_json};
+use k8s_support::{CniCall, pod_json};
 use serde_json::Value;
+use weir_tests::fake_api::FakeApi;
 use weir_tests::node::{Node, sidecar_log};
 use weir_tests::{NetNs, Proc, Veth, require_root, spawn_in, veth_pair, wait_until, weir_bin};
 

@@ -15,33 +15,34 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-/// What `cargo xtask bench` was asked to do.
-#[derive(Debug, Clone, Default)]
+/// What `cargo xtask bench` was asked to do (its command line).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Options {
-    /// Fewer repetitions and less work per run.
+    /// Fewer repetitions and less work per run (about a minute).
+    #[arg(long)]
     pub quick: bool,
-    /// Repetitions of each workload.
+    /// Repetitions of each workload [default: 9, --quick 3].
+    #[arg(long)]
     pub reps: Option<usize>,
-    /// Only these workloads.
+    /// Only these workloads (comma list): crr, crr-upstream,
+    /// rr-sidecar, rr-full, bulk, scale, enroll.
+    #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Further `weir-bench run` arguments.
+    /// Further arguments for `weir-bench run` (see `weir-bench run --help`).
+    #[arg(last = true, value_name = "ARGS")]
     pub args: Vec<OsString>,
 }
 
 /// The `weir-bench run` arguments for `options`, writing into `out`.
 fn bench_args(options: &Options, out: &Path) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["run".into(), "--out".into(), out.into()];
+    let mut flags = Vec::new();
     if options.quick {
-        args.push("--quick".into());
+        flags.push("--quick".to_string());
     }
     if let Some(reps) = options.reps {
-        args.push(format!("--reps={reps}").into());
+        flags.push(format!("--reps={reps}"));
     }
-    if !options.only.is_empty() {
-        args.push(format!("--only={}", options.only.join(",")).into());
-    }
-    args.extend(options.args.iter().cloned());
-    args
+    crate::release_tool_args(out, flags, &options.only, &options.args)
 }
 
 /// Builds (release) and runs the benchmark; returns its exit code.

@@ -107,63 +107,14 @@ enum Command {
     /// Build (release), then benchmark direct vs iptables vs weir in
     /// network namespaces; writes target/bench/results.md, results.json and
     /// latency.svg and prints the table (needs root; a few minutes).
-    Bench {
-        /// Fewer repetitions and less work per run (about a minute).
-        #[arg(long)]
-        quick: bool,
-        /// Repetitions of each workload [default: 9, --quick 3].
-        #[arg(long)]
-        reps: Option<usize>,
-        /// Only these workloads (comma list): crr, crr-upstream,
-        /// rr-sidecar, rr-full, bulk, scale, enroll.
-        #[arg(long, value_delimiter = ',')]
-        only: Vec<String>,
-        /// Further arguments for `weir-bench run` (see `weir-bench run --help`).
-        #[arg(last = true, value_name = "ARGS")]
-        args: Vec<OsString>,
-    },
+    Bench(bench::Options),
     /// Build (release), then soak weir under load and faults (issue 6):
     /// agent SIGKILLs under traffic, pod churn, concurrent connections, a
     /// full PENDING_FLOWS, proxy restarts and pod changes; writes
     /// target/soak/results.json and results.md and prints the figures (needs
     /// root; about 5 minutes at the default sizes on 2 CPUs, bounded by
     /// --time-limit-s).
-    Soak {
-        /// The CI sizes (5 restarts, 200 churn cycles, 5,000 connections,
-        /// PENDING_FLOWS of 1,024, 4 proxy restarts): under a minute.
-        #[arg(long)]
-        quick: bool,
-        /// Agent SIGKILLs under traffic [default: 100].
-        #[arg(long)]
-        restarts: Option<usize>,
-        /// Pods enrolled and removed [default: 10,000].
-        #[arg(long)]
-        churn: Option<usize>,
-        /// Concurrent captured connections [default: 100,000].
-        #[arg(long)]
-        conns: Option<u64>,
-        /// Handshakes in flight at once [default: 1.25 x the PENDING_FLOWS
-        /// capacity].
-        #[arg(long)]
-        flood: Option<u64>,
-        /// PENDING_FLOWS capacity, the agent's --max-pending [default: the
-        /// agent's, 32 per pod, at least 4,096].
-        #[arg(long)]
-        max_pending: Option<u32>,
-        /// Sidecar restarts under traffic [default: 20].
-        #[arg(long)]
-        proxy_restarts: Option<usize>,
-        /// Only these scenarios (comma list): restarts, churn, conns,
-        /// map-full, faults.
-        #[arg(long, value_delimiter = ',')]
-        only: Vec<String>,
-        /// Start no new work after this many seconds [default: 1800].
-        #[arg(long)]
-        time_limit_s: Option<u64>,
-        /// Further arguments for `weir-soak run` (see `weir-soak run --help`).
-        #[arg(last = true, value_name = "ARGS")]
-        args: Vec<OsString>,
-    },
+    Soak(soak::Options),
     /// Build weir's OCI image archive with no daemon and no registry:
     /// `weir` and `weir-cni` (release, kernel object embedded), bpftool, and
     /// the libraries they link, as ghcr.io/weir-dev/weir:<version> in
@@ -271,46 +222,8 @@ fn run(command: Command) -> Result<ExitCode> {
             let bin_dir = build_all(&root, Profile::Release)?;
             ztunnel::run(&root, &bin_dir.join("weir"), &filter)?;
         }
-        Command::Bench {
-            quick,
-            reps,
-            only,
-            args,
-        } => {
-            let options = bench::Options {
-                quick,
-                reps,
-                only,
-                args,
-            };
-            return bench::run(&root, &options);
-        }
-        Command::Soak {
-            quick,
-            restarts,
-            churn,
-            conns,
-            flood,
-            max_pending,
-            proxy_restarts,
-            only,
-            time_limit_s,
-            args,
-        } => {
-            let options = soak::Options {
-                quick,
-                restarts,
-                churn,
-                conns,
-                flood,
-                max_pending,
-                proxy_restarts,
-                only,
-                time_limit_s,
-                args,
-            };
-            return soak::run(&root, &options);
-        }
+        Command::Bench(options) => return bench::run(&root, &options),
+        Command::Soak(options) => return soak::run(&root, &options),
         Command::Image { out, test_images } => {
             let bin_dir = build_all(&root, Profile::Release)?;
             let out = out.unwrap_or_else(|| image::default_archive(&root));
@@ -376,6 +289,24 @@ fn run_release_tool(
         .status()
         .with_context(|| format!("running {tool}"))?;
     Ok(exit_code(status))
+}
+
+/// `run --out OUT`, then `flags`, `--only=A,B` when given and the
+/// caller's further arguments: the command line of `weir-bench run` and
+/// `weir-soak run`.
+fn release_tool_args(
+    out: &Path,
+    flags: impl IntoIterator<Item = String>,
+    only: &[String],
+    extra: &[OsString],
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["run".into(), "--out".into(), out.into()];
+    args.extend(flags.into_iter().map(OsString::from));
+    if !only.is_empty() {
+        args.push(format!("--only={}", only.join(",")).into());
+    }
+    args.extend(extra.iter().cloned());
+    args
 }
 
 fn build_all(root: &Path, profile: Profile) -> Result<PathBuf> {

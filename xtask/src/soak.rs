@@ -16,28 +16,42 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 
-/// What `cargo xtask soak` was asked to do.
-#[derive(Debug, Clone, Default)]
+/// What `cargo xtask soak` was asked to do (its command line).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Options {
-    /// The CI sizes (tests/tests/soak.rs) instead of the full ones.
+    /// The CI sizes (5 restarts, 200 churn cycles, 5,000 connections,
+    /// PENDING_FLOWS of 1,024, 4 proxy restarts): under a minute.
+    #[arg(long)]
     pub quick: bool,
-    /// Agent SIGKILLs under traffic.
+    /// Agent SIGKILLs under traffic [default: 100].
+    #[arg(long)]
     pub restarts: Option<usize>,
-    /// Pods enrolled and removed.
+    /// Pods enrolled and removed [default: 10,000].
+    #[arg(long)]
     pub churn: Option<usize>,
-    /// Concurrent captured connections.
+    /// Concurrent captured connections [default: 100,000].
+    #[arg(long)]
     pub conns: Option<u64>,
-    /// Handshakes in flight at once.
+    /// Handshakes in flight at once [default: 1.25 x the PENDING_FLOWS
+    /// capacity].
+    #[arg(long)]
     pub flood: Option<u64>,
-    /// `PENDING_FLOWS` capacity (the agent's --max-pending).
+    /// PENDING_FLOWS capacity, the agent's --max-pending [default: the
+    /// agent's, 32 per pod, at least 4,096].
+    #[arg(long)]
     pub max_pending: Option<u32>,
-    /// Sidecar restarts under traffic.
+    /// Sidecar restarts under traffic [default: 20].
+    #[arg(long)]
     pub proxy_restarts: Option<usize>,
-    /// Only these scenarios.
+    /// Only these scenarios (comma list): restarts, churn, conns,
+    /// map-full, faults.
+    #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
-    /// Time limit, seconds.
+    /// Start no new work after this many seconds [default: 1800].
+    #[arg(long)]
     pub time_limit_s: Option<u64>,
-    /// Further `weir-soak run` arguments.
+    /// Further arguments for `weir-soak run` (see `weir-soak run --help`).
+    #[arg(last = true, value_name = "ARGS")]
     pub args: Vec<OsString>,
 }
 
@@ -52,7 +66,6 @@ const QUICK: [(&str, &str); 5] = [
 
 /// The `weir-soak run` arguments for `options`, writing into `out`.
 fn soak_args(options: &Options, out: &Path) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["run".into(), "--out".into(), out.into()];
     let mut given: Vec<(&str, Option<String>)> = vec![
         ("--restarts", options.restarts.map(|v| v.to_string())),
         ("--churn", options.churn.map(|v| v.to_string())),
@@ -75,16 +88,10 @@ fn soak_args(options: &Options, out: &Path) -> Vec<OsString> {
             }
         }
     }
-    for (flag, value) in given {
-        if let Some(v) = value {
-            args.push(format!("{flag}={v}").into());
-        }
-    }
-    if !options.only.is_empty() {
-        args.push(format!("--only={}", options.only.join(",")).into());
-    }
-    args.extend(options.args.iter().cloned());
-    args
+    let flags = given
+        .into_iter()
+        .filter_map(|(flag, value)| value.map(|v| format!("{flag}={v}")));
+    crate::release_tool_args(out, flags, &options.only, &options.args)
 }
 
 /// Builds (release) and runs the soak; returns its exit code.

@@ -255,6 +255,16 @@ impl Suite<'_> {
         let weir = build::host_target_dir(self.root)
             .join("release")
             .join("weir");
+        // The real ztunnel for tests/tests/zds.rs (built once per
+        // machine). Without it those tests fail (they may not skip here),
+        // and the others still run.
+        let ztunnel = match crate::ztunnel::ensure_ztunnel_binary(self.root) {
+            Ok(bin) => bin,
+            Err(e) => {
+                println!("weir test: warning: no ztunnel binary, the ZDS tests will fail: {e:#}");
+                PathBuf::new()
+            }
+        };
         // One test at a time: the tests attach programs to cgroups and
         // network namespaces, and pinned maps are shared kernel state.
         Cmd::new(host::cargo())
@@ -263,6 +273,7 @@ impl Suite<'_> {
             .args(&self.options.test_args)
             .env(EBPF_OBJECT_ENV, self.object()?)
             .env("WEIR_BIN", weir)
+            .env(crate::ztunnel::BIN_ENV, ztunnel)
             .env("WEIR_REQUIRE_KERNEL_TESTS", "1")
             .env("WEIR_IMAGE", image::default_archive(self.root))
             .env("WEIR_TEST_IMAGES", image::test_images_dir(self.root))

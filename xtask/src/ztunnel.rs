@@ -1,85 +1,96 @@
-//! `cargo xtask peer-ztunnel`: Istio's ztunnel (ambient mode's node proxy)
-//! as a real peer of weir's ambient capture.
+//! ztunnel, Istio ambient's node proxy, as a real peer for weir's tests:
+//! built once per machine from the shared reference source
+//! (`../shared/reference/peers/ztunnel/`, see its README) into a cache
+//! outside the checkout, `~/.cache/weir/ztunnel/<commit>/`:
 //!
-//! ztunnel's own *namespaced* integration suite (30 tests: local and
-//! cross-node capture, waypoints, HBONE, policy, shutdown, malicious
-//! calls, CRL) runs `scripts/ztunnel-redirect-inpod.sh` inside each
-//! captured pod's netns before handing it to ztunnel. Here that script is
-//! replaced by one that hands the netns to a weir agent (`weir
-//! inpod-enroll`) and nothing else, and the suite must pass with no
-//! iptables and no nft rule in any pod (the script counts them, read-only,
-//! and this task asserts the counts).
+//! - `ztunnel/`: the unpacked source (patched with
+//!   `harness-ip_forward.patch`), its build in `ztunnel/out/rust`;
+//! - `brp.git`, `gitconfig`: the one git dependency cargo resolves, served
+//!   from the bare repository in the reference directory;
+//! - `bin/ztunnel`: the proxy binary (a debug build with the fake CA that
+//!   `FAKE_CA=true` needs), copied out of the build of ztunnel's
+//!   `namespaced` test suite, which builds both at once (~6 min cold on
+//!   2 cores, 3.2 GB; then nothing).
 //!
-//! ztunnel is built once per machine from the shared source
-//! (`../shared/reference/peers/ztunnel/`, its README has the recipe), in a
-//! cache outside the checkout: `$WEIR_ZTUNNEL_CACHE`, else
-//! `~/.cache/weir/ztunnel/<commit>/` (source in `ztunnel/`, the built test
-//! in `ztunnel/out/rust`, the proxy binary in `bin/ztunnel`; ~8 min and
-//! ~5 GB the first time). [`ensure_ztunnel_binary`] gives the ZDS tests the
-//! ztunnel binary from the same cache.
+//! The kernel tests find the binary through `WEIR_ZTUNNEL_BIN` (set by
+//! `cargo xtask test`).
 
 use std::path::{Path, PathBuf};
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
 use crate::cmd::Cmd;
+use crate::host;
 
-/// The ztunnel commit of the shared source tarball.
-pub const ZTUNNEL_COMMIT: &str = "62d826530e5ce85764e309170205b293efcbc80b";
-/// The namespaced suite's size at [`ZTUNNEL_COMMIT`].
-pub const SUITE_TESTS: usize = 30;
+/// The ztunnel commit of the shared source (its README says which).
+pub const COMMIT: &str = "62d826530e5ce85764e309170205b293efcbc80b";
+/// The variable that gives the tests the ztunnel binary.
+pub const BIN_ENV: &str = "WEIR_ZTUNNEL_BIN";
 
-/// The shared peer data (`../shared/reference/peers/ztunnel/` from the
-/// workspace root).
-fn peer_dir(root: &Path) -> PathBuf {
+/// `$WEIR_ZTUNNEL_CACHE`, else `$XDG_CACHE_HOME/weir/ztunnel/<commit:8>`,
+/// else `~/.cache/weir/ztunnel/<commit:8>`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("WEIR_ZTUNNEL_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
+        });
+    base.join("weir/ztunnel").join(&COMMIT[..8])
+}
+
+/// The shared reference directory with ztunnel's source.
+pub fn peer_dir(root: &Path) -> PathBuf {
     root.join("../shared/reference/peers/ztunnel")
 }
 
-/// The cache for [`ZTUNNEL_COMMIT`].
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("WEIR_ZTUNNEL_CACHE").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    Path::new(&home)
-        .join(".cache/weir/ztunnel")
-        .join(&ZTUNNEL_COMMIT[..8])
-}
-
-/// Unpacks and patches ztunnel's source into the cache (once); returns the
-/// source directory.
-fn ensure_source(root: &Path) -> Result<PathBuf> {
+/// The unpacked, patched source (unpacked on first use): `<cache>/ztunnel`.
+pub fn ensure_source(root: &Path) -> Result<PathBuf> {
     let cache = cache_dir();
     let src = cache.join("ztunnel");
     if src.join("Cargo.toml").is_file() {
         return Ok(src);
     }
     let peer = peer_dir(root);
-    ensure!(
-        peer.join("ztunnel-src.tar.gz").is_file(),
-        "{} is missing: the shared reference data must be next to the checkout",
-        peer.display()
-    );
-    std::fs::create_dir_all(&cache)?;
-    println!(
-        "peer-ztunnel: unpacking ztunnel {ZTUNNEL_COMMIT} into {}",
-        cache.display()
-    );
+    let tarball = peer.join("ztunnel-src.tar.gz");
+    if !tarball.is_file() {
+        bail!(
+            "{} not found: ztunnel's source comes from the shared reference directory beside the checkout (../shared/reference/peers/ztunnel)",
+            tarball.display()
+        );
+    }
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    // Unpacked beside, then renamed: an interrupted unpack is redone.
+    let tmp = cache.join("ztunnel.unpacking");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
     Cmd::new("tar")
         .arg("-xzf")
-        .arg(peer.join("ztunnel-src.tar.gz"))
+        .arg(&tarball)
         .arg("-C")
-        .arg(&cache)
+        .arg(&tmp)
+        .run()?;
+    Cmd::new("patch")
+        .args(["-p1", "-i"])
+        .arg(peer.join("harness-ip_forward.patch"))
+        .dir(tmp.join("ztunnel"))
         .run()?;
     let brp = cache.join("brp.git");
-    std::fs::create_dir_all(&brp)?;
-    Cmd::new("tar")
-        .arg("-xzf")
-        .arg(peer.join("boring-rustls-provider.git.tar.gz"))
-        .arg("-C")
-        .arg(&brp)
-        .run()?;
+    if !brp.join("HEAD").is_file() {
+        let _ = std::fs::remove_dir_all(&brp);
+        std::fs::create_dir_all(&brp)?;
+        Cmd::new("tar")
+            .arg("-xzf")
+            .arg(peer.join("boring-rustls-provider.git.tar.gz"))
+            .arg("-C")
+            .arg(&brp)
+            .run()?;
+    }
     std::fs::write(
         cache.join("gitconfig"),
         format!(
@@ -87,43 +98,76 @@ fn ensure_source(root: &Path) -> Result<PathBuf> {
             brp.display()
         ),
     )?;
-    Cmd::new("patch")
-        .args(["-p1", "-i"])
-        .arg(peer.join("harness-ip_forward.patch").canonicalize()?)
-        .dir(&src)
-        .run()?;
+    std::fs::rename(tmp.join("ztunnel"), &src)
+        .with_context(|| format!("moving the unpacked source to {}", src.display()))?;
+    let _ = std::fs::remove_dir_all(&tmp);
     Ok(src)
 }
 
-/// `cargo` in ztunnel's source with the offline git redirect.
-fn ztunnel_cargo(src: &Path) -> Cmd {
-    Cmd::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .env("GIT_CONFIG_GLOBAL", cache_dir().join("gitconfig"))
+/// Builds ztunnel's `namespaced` test suite (and with it the `ztunnel`
+/// binary) unless built already; returns the source directory, whose
+/// `out/rust/debug/deps/namespaced-*` is the suite.
+pub fn ensure_namespaced_build(root: &Path) -> Result<PathBuf> {
+    let src = ensure_source(root)?;
+    if host::find_admin_program("protoc").is_none() {
+        crate::toolchain::apt_install(&["protobuf-compiler", "libprotobuf-dev"])?;
+    }
+    let cache = cache_dir();
+    println!(
+        "ztunnel: building its namespaced tests and binary in {} (once per machine; ~6 min cold)",
+        src.display()
+    );
+    Cmd::new(host::cargo())
+        .args(["test", "--test", "namespaced", "--no-run"])
+        .env("GIT_CONFIG_GLOBAL", cache.join("gitconfig"))
         .env("CARGO_NET_GIT_FETCH_WITH_CLI", "true")
-        .env_remove("RUSTC")
+        // weir's own build settings must not leak into ztunnel's.
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("RUSTFLAGS")
-        .dir(src)
-}
-
-/// The built namespaced test binary (built once).
-fn ensure_suite(root: &Path) -> Result<PathBuf> {
-    let src = ensure_source(root)?;
-    if let Some(b) = find_suite(&src)? {
-        return Ok(b);
-    }
-    ensure!(
-        Cmd::new("protoc").arg("--version").read().is_ok(),
-        "protoc is missing: run `cargo xtask setup` (installs protobuf-compiler)"
-    );
-    println!("peer-ztunnel: building ztunnel's namespaced tests (~8 min, once per machine)");
-    ztunnel_cargo(&src)
-        .args(["test", "--test", "namespaced", "--no-run"])
+        .env_remove("CARGO_BUILD_TARGET")
+        .dir(&src)
         .run()
-        .context("building ztunnel's namespaced suite")?;
-    find_suite(&src)?.context("cargo built the suite but no namespaced-* binary is there")
+        .context("building ztunnel (its source: ../shared/reference/peers/ztunnel/README.md)")?;
+    Ok(src)
 }
 
+/// The ztunnel binary, `<cache>/bin/ztunnel`, built first when missing.
+pub fn ensure_ztunnel_binary(root: &Path) -> Result<PathBuf> {
+    let bin = cache_dir().join("bin/ztunnel");
+    if host::is_executable(&bin) {
+        return Ok(bin);
+    }
+    let src = ensure_namespaced_build(root)?;
+    let built = src.join("out/rust/debug/ztunnel");
+    if !built.is_file() {
+        bail!("{} missing after ztunnel's build", built.display());
+    }
+    let dir = bin.parent().context("bin/ztunnel has a parent")?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join("ztunnel.tmp");
+    std::fs::copy(&built, &tmp)
+        .with_context(|| format!("copying {} to {}", built.display(), tmp.display()))?;
+    std::fs::rename(&tmp, &bin)?;
+    println!("ztunnel: {}", bin.display());
+    Ok(bin)
+}
+
+// ---------------------------------------------------------------------------
+// `cargo xtask peer-ztunnel`: ztunnel's namespaced suite with weir.
+//
+// ztunnel's own namespaced integration suite (30 tests: local and
+// cross-node capture, waypoints, HBONE, policy, shutdown, malicious calls,
+// CRL) runs `scripts/ztunnel-redirect-inpod.sh` inside each captured pod's
+// netns before handing it to ztunnel. Here that script is replaced by one
+// that hands the netns to a weir agent (`weir inpod-enroll`) and nothing
+// else; the suite must pass with no iptables and no nft rule in any pod
+// (the script counts them, read-only, and `run` asserts the counts).
+// ---------------------------------------------------------------------------
+
+/// The namespaced suite's size at [`COMMIT`].
+pub const SUITE_TESTS: usize = 30;
+
+/// The newest built `namespaced-*` test binary of the source at `src`.
 fn find_suite(src: &Path) -> Result<Option<PathBuf>> {
     let deps = src.join("out/rust/debug/deps");
     let Ok(rd) = std::fs::read_dir(&deps) else {
@@ -139,25 +183,6 @@ fn find_suite(src: &Path) -> Result<Option<PathBuf>> {
     }
     found.sort();
     Ok(found.pop().map(|(_, p)| p))
-}
-
-/// ztunnel's proxy binary (debug build with the fake CA the suite uses),
-/// built once into the cache's `bin/ztunnel`; for the ZDS tests and the
-/// ambient demo.
-pub fn ensure_ztunnel_binary(root: &Path) -> Result<PathBuf> {
-    let bin = cache_dir().join("bin/ztunnel");
-    if bin.is_file() {
-        return Ok(bin);
-    }
-    let src = ensure_source(root)?;
-    println!("peer-ztunnel: building the ztunnel binary (once per machine)");
-    ztunnel_cargo(&src)
-        .args(["build", "--bin", "ztunnel"])
-        .run()
-        .context("building ztunnel")?;
-    std::fs::create_dir_all(bin.parent().context("cache")?)?;
-    std::fs::copy(src.join("out/rust/debug/ztunnel"), &bin)?;
-    Ok(bin)
 }
 
 /// The replacement of `scripts/ztunnel-redirect-inpod.sh`: enroll this
@@ -219,8 +244,8 @@ fn make_run_tree(src: &Path, run: &Path, script: &str) -> Result<()> {
 /// the iptables script; `weir` is the agent binary, `filter` optional test
 /// names. Fails unless every test passes and every pod had 0 rules.
 pub fn run(root: &Path, weir: &Path, filter: &[String]) -> Result<()> {
-    let suite = ensure_suite(root)?;
-    let src = cache_dir().join("ztunnel");
+    let src = ensure_namespaced_build(root)?;
+    let suite = find_suite(&src)?.context("no namespaced-* binary after ztunnel's build")?;
     let run = cache_dir().join(format!("weir-run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run);
     let agent_dir = run.join("agent");
@@ -408,6 +433,28 @@ impl Drop for Cleanup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_commit_is_the_one_of_the_shared_source() {
+        let readme = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/reference/peers/ztunnel/README.md");
+        let Ok(text) = std::fs::read_to_string(&readme) else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{} is missing under CI",
+                readme.display()
+            );
+            return;
+        };
+        assert!(
+            text.contains(COMMIT),
+            "{} names another commit",
+            readme.display()
+        );
+        assert!(
+            cache_dir().ends_with(&COMMIT[..8]) || std::env::var_os("WEIR_ZTUNNEL_CACHE").is_some()
+        );
+    }
 
     #[test]
     fn summary_reads_libtest_totals() {

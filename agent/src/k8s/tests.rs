@@ -3,125 +3,23 @@
 //! including a failing list, BOOKMARK events, an `ERROR` 410 Gone, a watch
 //! connection closed by the server, and direct pod reads.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
+use weir_tests::fake_api::FakeApi;
 
 use super::classify::tests::ISTIO_POD;
 use super::state::PodStore;
 use super::*;
 use crate::cni::registry::Registry;
 
-/// What the fake API server answers, in order, and what it was asked.
-#[derive(Default)]
-struct Script {
-    /// Answers to list requests: (status, body).
-    lists: VecDeque<(StatusCode, String)>,
-    /// Watch streams: each line sent is one event; dropping the sender
-    /// ends the response (the server closed the connection).
-    watches: VecDeque<mpsc::UnboundedReceiver<String>>,
-    /// Pods served by GET /api/v1/namespaces/{ns}/pods/{name}.
-    pods: BTreeMap<String, Value>,
-    /// Query strings of the list and watch requests, in order.
-    requests: Vec<String>,
-}
-
-type Shared = Arc<Mutex<Script>>;
-
-async fn pods(State(s): State<Shared>, uri: Uri) -> Response {
-    let q = uri.query().unwrap_or_default().to_string();
-    let watch = q.split('&').any(|kv| kv == "watch=true");
-    let mut s = s.lock().unwrap();
-    s.requests.push(q);
-    if watch {
-        let Some(rx) = s.watches.pop_front() else {
-            // Nothing scripted: hang like a quiet watch.
-            let body =
-                Body::from_stream(futures_util::stream::pending::<Result<String, Infallible>>());
-            return (StatusCode::OK, body).into_response();
-        };
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv()
-                .await
-                .map(|line| (Ok::<_, Infallible>(format!("{line}\n")), rx))
-        });
-        return (
-            StatusCode::OK,
-            [("content-type", "application/json")],
-            Body::from_stream(stream),
-        )
-            .into_response();
-    }
-    match s.lists.pop_front() {
-        Some((code, body)) => (code, [("content-type", "application/json")], body).into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "no list scripted").into_response(),
-    }
-}
-
-async fn one_pod(State(s): State<Shared>, Path((ns, name)): Path<(String, String)>) -> Response {
-    match s.lock().unwrap().pods.get(&format!("{ns}/{name}")) {
-        Some(p) => (
-            StatusCode::OK,
-            [("content-type", "application/json")],
-            p.to_string(),
-        )
-            .into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            [("content-type", "application/json")],
-            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                   "message": format!("pods \"{name}\" not found"), "reason": "NotFound",
-                   "details": {"name": name, "kind": "pods"}, "code": 404})
-            .to_string(),
-        )
-            .into_response(),
-    }
-}
-
-/// Nodes: node-a with 110 pods, node-b with a malformed count, node-c
-/// without a status; any other is not found.
-async fn one_node(Path(name): Path<String>) -> Response {
-    let status = match name.as_str() {
-        "node-a" => json!({"capacity": {"pods": "110", "cpu": "2"}}),
-        "node-b" => json!({"capacity": {"pods": "1k"}}),
-        "node-c" => json!({}),
-        _ => {
-            return (
-                StatusCode::NOT_FOUND,
-                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                       "reason": "NotFound", "code": 404, "message": "nodes not found"})
-                .to_string(),
-            )
-                .into_response();
-        }
-    };
-    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "status": status})
-        .to_string()
-        .into_response()
-}
-
-async fn fake_api(script: Shared) -> Client {
-    let app = Router::new()
-        .route("/api/v1/pods", get(pods))
-        .route("/api/v1/namespaces/{ns}/pods/{name}", get(one_pod))
-        .route("/api/v1/nodes/{name}", get(one_node))
-        .with_state(script);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+/// A kube client for the fake API server `api`.
+fn client(api: &FakeApi) -> Client {
+    let config = kube::Config::new(api.url().parse().unwrap());
     Client::try_from(config).unwrap()
 }
 
@@ -143,13 +41,10 @@ fn plain_pod(name: &str, uid: &str) -> Value {
            "status": {"phase": "Running", "podIP": "10.244.1.2", "podIPs": [{"ip": "10.244.1.2"}]}})
 }
 
-fn list(rv: &str, items: Vec<Value>) -> (StatusCode, String) {
-    (
-        StatusCode::OK,
-        json!({"apiVersion": "v1", "kind": "PodList",
-               "metadata": {"resourceVersion": rv}, "items": items})
-        .to_string(),
-    )
+fn list(rv: &str, items: Vec<Value>) -> String {
+    json!({"apiVersion": "v1", "kind": "PodList",
+           "metadata": {"resourceVersion": rv}, "items": items})
+    .to_string()
 }
 
 fn event(kind: &str, object: Value) -> String {
@@ -195,34 +90,39 @@ fn keys(s: &PodStore) -> Vec<String> {
 
 #[tokio::test]
 async fn watcher_follows_lists_events_bookmarks_410_and_reconnects() {
-    let script: Shared = Arc::default();
+    let api = FakeApi::scripted();
     let (w1, r1) = mpsc::unbounded_channel();
     let (w2, r2) = mpsc::unbounded_channel();
     let (w3, r3) = mpsc::unbounded_channel();
-    {
-        let mut s = script.lock().unwrap();
-        // The API server is not ready at first.
-        s.lists.push_back((
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                   "message": "the server is currently unable to handle the request",
-                   "reason": "ServiceUnavailable", "code": 503})
-            .to_string(),
-        ));
-        s.lists.push_back(list(
+    // The API server is not ready at first.
+    api.script_list(
+        503,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+               "message": "the server is currently unable to handle the request",
+               "reason": "ServiceUnavailable", "code": 503})
+        .to_string(),
+    );
+    api.script_list(
+        200,
+        list(
             "100",
             vec![istio_pod("a", "uid-a", "95"), plain_pod("dns", "uid-dns")],
-        ));
-        s.lists.push_back(list(
+        ),
+    );
+    api.script_list(
+        200,
+        list(
             "250",
             vec![
                 istio_pod("a", "uid-a", "240"),
                 istio_pod("d", "uid-d", "245"),
             ],
-        ));
-        s.watches.extend([r1, r2, r3]);
+        ),
+    );
+    for r in [r1, r2, r3] {
+        api.script_watch(r);
     }
-    let client = fake_api(script.clone()).await;
+    let client = client(&api);
     let store = Arc::new(Mutex::new(PodStore::new()));
     let registry = Arc::new(Mutex::new(Registry::default()));
     let wake = Arc::new(Notify::new());
@@ -286,7 +186,7 @@ async fn watcher_follows_lists_events_bookmarks_410_and_reconnects() {
     })
     .await;
 
-    let requests = script.lock().unwrap().requests.clone();
+    let requests = api.requests();
     task.abort();
     let lists: Vec<&String> = requests
         .iter()
@@ -320,15 +220,11 @@ async fn watcher_follows_lists_events_bookmarks_410_and_reconnects() {
 
 #[tokio::test]
 async fn deletions_drop_cni_registrations_and_wake_the_loop() {
-    let script: Shared = Arc::default();
+    let api = FakeApi::scripted();
     let (w1, r1) = mpsc::unbounded_channel();
-    {
-        let mut s = script.lock().unwrap();
-        s.lists
-            .push_back(list("10", vec![istio_pod("a", "uid-a", "9")]));
-        s.watches.push_back(r1);
-    }
-    let client = fake_api(script.clone()).await;
+    api.script_list(200, list("10", vec![istio_pod("a", "uid-a", "9")]));
+    api.script_watch(r1);
+    let client = client(&api);
     let store = Arc::new(Mutex::new(PodStore::new()));
     let registry = Arc::new(Mutex::new(Registry::default()));
     let wake = Arc::new(Notify::new());
@@ -381,13 +277,9 @@ async fn deletions_drop_cni_registrations_and_wake_the_loop() {
 
 #[tokio::test]
 async fn cni_lookup_uses_the_store_then_the_api() {
-    let script: Shared = Arc::default();
-    script
-        .lock()
-        .unwrap()
-        .pods
-        .insert("default/fresh".into(), istio_pod("fresh", "uid-fresh", "5"));
-    let client = fake_api(script.clone()).await;
+    let api = FakeApi::scripted();
+    api.put_pod(istio_pod("fresh", "uid-fresh", "5"));
+    let client = client(&api);
     let store = Arc::new(Mutex::new(PodStore::new()));
     store.lock().unwrap().upsert(
         view(&serde_json::from_value::<Pod>(istio_pod("known", "uid-known", "3")).unwrap())
@@ -429,7 +321,13 @@ async fn cni_lookup_uses_the_store_then_the_api() {
 
 #[tokio::test]
 async fn maps_are_sized_from_the_node_pod_capacity() {
-    let client = fake_api(Shared::default()).await;
+    // node-a with 110 pods, node-b with a malformed count, node-c
+    // without a status; any other is not found.
+    let api = FakeApi::scripted();
+    api.set_node("node-a", json!({"capacity": {"pods": "110", "cpu": "2"}}));
+    api.set_node("node-b", json!({"capacity": {"pods": "1k"}}));
+    api.set_node("node-c", json!({}));
+    let client = client(&api);
     assert_eq!(
         read_pod_capacity(client.clone(), "node-a").await.unwrap(),
         110

@@ -19,21 +19,17 @@
 //! it lands at a random point of the agent's polling cycle (as a real
 //! change would) rather than always just after a poll.
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sched::{CloneFlags, unshare};
 use serde::Serialize;
-use weir_tests::{Bpffs, Cgroup, TempDir};
+use weir_tests::node::{Node, PodEntry, fully_captured};
+use weir_tests::podsfile::pods_yaml;
+use weir_tests::{NsFile, TempDir};
 
-use crate::node::weir_status;
 use crate::stats::Summary;
 
 /// How long one apply may take before the bench gives up.
@@ -65,155 +61,37 @@ pub struct EnrollResult {
     pub bpf_map_kib: u64,
 }
 
-/// Network namespaces bind-mounted on files of one directory; unmounted
-/// (and so freed, once nothing else holds them) on drop.
+/// Network namespaces bind-mounted on files `pod-NNNN` of one directory;
+/// unmounted (and so freed, once nothing else holds them) on drop.
 pub(crate) struct NetnsSet {
     pub(crate) files: Vec<PathBuf>,
+    _ns: Vec<NsFile>,
 }
 
 impl NetnsSet {
     pub(crate) fn create(dir: &Path, n: usize, interrupted: &AtomicBool) -> Result<NetnsSet> {
         std::fs::create_dir_all(dir)?;
-        let dir = dir.to_path_buf();
-        // A scoped thread: unshare() moves only this thread into each new
-        // namespace; the process (and every other thread) stays where it is.
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let mut set = NetnsSet { files: Vec::new() };
-                for i in 0..n {
-                    if i % 50 == 0 && interrupted.load(Ordering::Relaxed) {
-                        bail!("interrupted");
-                    }
-                    let file = dir.join(format!("pod-{i:04}"));
-                    File::create(&file)?;
-                    set.files.push(file.clone());
-                    unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
-                    mount(
-                        Some("/proc/thread-self/ns/net"),
-                        &file,
-                        None::<&str>,
-                        MsFlags::MS_BIND,
-                        None::<&str>,
-                    )
-                    .with_context(|| format!("bind-mounting a netns on {}", file.display()))?;
-                }
-                Ok(set)
-            })
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        let files: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("pod-{i:04}"))).collect();
+        let ns = NsFile::create_all(&files, &|| interrupted.load(Ordering::Relaxed))?;
+        Ok(NetnsSet { files, _ns: ns })
+    }
+}
+
+/// The pods-file entries of every namespace of `set`.
+pub(crate) fn pod_entries(set: &NetnsSet) -> Vec<PodEntry> {
+    set.files
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            PodEntry::at(&format!("pod-{i:04}"), f, &[&pod_ip(i).to_string()]).namespace("enroll")
         })
-    }
-}
-
-impl Drop for NetnsSet {
-    fn drop(&mut self) {
-        for f in &self.files {
-            let _ = umount2(f, MntFlags::MNT_DETACH);
-            let _ = std::fs::remove_file(f);
-        }
-    }
-}
-
-/// The agent, killed on drop.
-pub(crate) struct Agent(pub(crate) Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The pods file listing every namespace of `set`.
-pub(crate) fn pods_yaml(set: &NetnsSet) -> String {
-    let mut y = String::with_capacity(set.files.len() * 120);
-    y.push_str("pods:\n");
-    for (i, f) in set.files.iter().enumerate() {
-        let ip = pod_ip(i);
-        y.push_str(&format!(
-            "  - name: pod-{i:04}\n    namespace: enroll\n    netns: {}\n    ips: [{ip}]\n",
-            f.display()
-        ));
-    }
-    y
+        .collect()
 }
 
 /// Pod `i`'s address, in 198.18.128.0/17 (apart from the traffic nodes).
 pub(crate) fn pod_ip(i: usize) -> Ipv4Addr {
     let n = i + 1;
     Ipv4Addr::new(198, 18, 128 + (n / 256) as u8, (n % 256) as u8)
-}
-
-/// Replaces `path` with `text` in one rename, so the agent never reads a
-/// half-written file.
-pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-/// Follows the agent's log from a byte offset.
-pub(crate) struct LogTail {
-    pub(crate) path: PathBuf,
-    pub(crate) offset: u64,
-}
-
-impl LogTail {
-    /// Skips everything logged so far.
-    pub(crate) fn mark(&mut self) -> Result<()> {
-        self.offset = std::fs::metadata(&self.path)?.len();
-        Ok(())
-    }
-
-    /// Waits for the next `pods file applied in N ms` line after the mark;
-    /// returns N and the time it was seen, and moves the mark past it.
-    pub(crate) fn wait_applied(
-        &mut self,
-        agent: &mut Agent,
-        timeout: Duration,
-    ) -> Result<(u64, Instant)> {
-        let deadline = Instant::now() + timeout;
-        let needle = "pods file applied in ";
-        let mut text = String::new();
-        loop {
-            let mut f = File::open(&self.path)?;
-            f.seek(SeekFrom::Start(self.offset))?;
-            text.clear();
-            f.read_to_string(&mut text)?;
-            if let Some(at) = text.find(needle) {
-                let seen = Instant::now();
-                let rest = &text[at + needle.len()..];
-                let ms: u64 = rest
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .with_context(|| format!("cannot read the time in {rest:?}"))?;
-                let line_end = rest
-                    .find('\n')
-                    .map_or(text.len(), |e| at + needle.len() + e);
-                self.offset += line_end as u64;
-                return Ok((ms, seen));
-            }
-            // Nothing yet: skip the complete lines read so far next time.
-            if let Some(end) = text.rfind('\n') {
-                self.offset += end as u64 + 1;
-            }
-            if let Some(status) = agent.0.try_wait()? {
-                bail!(
-                    "the weir agent exited ({status}); its log is {}",
-                    self.path.display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no `{needle}` within {timeout:?} in {}",
-                    self.path.display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
 }
 
 /// A small xorshift generator for the random pauses (no cryptography).
@@ -290,39 +168,19 @@ pub fn run(
     let netns_create_s = started.elapsed().as_secs_f64();
     eprintln!("weir-bench: enrollment: {pods} namespaces in {netns_create_s:.2} s");
 
-    let cgroup = Cgroup::new("wbenroll");
-    let bpffs = Bpffs::new();
-    let pods_file = dir.join("pods.yaml");
-    std::fs::write(&pods_file, "pods: []\n")?;
-    let log_path = dir.join("agent.log");
-    let log = File::create(&log_path)?;
-    let child = Command::new(weir)
-        .arg("run")
-        .arg("--pods-file")
-        .arg(&pods_file)
-        .arg("--cgroup")
-        .arg(cgroup.path())
-        .arg("--bpffs")
-        .arg(bpffs.path())
-        .args(["--metrics-addr", "off"])
-        .arg(format!("--reload-ms={reload_ms}"))
-        // A node that runs this many pods says so (status.capacity.pods).
-        .arg(format!(
-            "--max-pods={}",
-            pods.max(crate::memory::NODE_CAPACITY)
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", weir.display()))?;
-    let mut agent = Agent(child);
-    let pid = agent.0.id();
-    let mut tail = LogTail {
-        path: log_path,
-        offset: 0,
-    };
-    tail.wait_applied(&mut agent, Duration::from_secs(60))
+    let mut node = Node::builder()
+        .name("wbenroll")
+        .weir(weir)
+        .metrics(false)
+        .agent_args([
+            format!("--reload-ms={reload_ms}"),
+            // A node that runs this many pods says so (status.capacity.pods).
+            format!("--max-pods={}", pods.max(crate::memory::NODE_CAPACITY)),
+        ])
+        .build();
+    node.spawn_agent();
+    let pid = node.agent_pid().context("the agent's pid")?;
+    node.wait_applied(Duration::from_secs(60))
         .context("the agent's first (empty) apply")?;
     // The same priority as the traffic workloads' processes, so other work
     // on the machine slows the apply as little as it slows them. Threads
@@ -332,7 +190,8 @@ pub fn run(
         crate::set_nice(nix::unistd::Pid::from_raw(tid), nice)?;
     }
 
-    let yaml = pods_yaml(&set);
+    let yaml = pods_yaml(&pod_entries(&set));
+    let empty_yaml = pods_yaml(&[]);
     let mut rng = Rng::seeded();
     let pause = |rng: &mut Rng| Duration::from_millis(rng.below(reload_ms.max(1)));
     let (mut wall, mut apply, mut rwall, mut rapply) = (vec![], vec![], vec![], vec![]);
@@ -342,21 +201,17 @@ pub fn run(
             bail!("interrupted");
         }
         std::thread::sleep(pause(&mut rng));
-        tail.mark()?;
+        node.mark();
         // The clock starts before the write: taken after it, a preemption
         // of this thread while the agent already applies would hide time.
         let t0 = Instant::now();
-        write_atomically(&pods_file, &yaml)?;
-        let (ms, seen) = tail.wait_applied(&mut agent, APPLY_TIMEOUT)?;
+        node.write_pods_raw(&yaml);
+        let (ms, seen) = node.wait_applied(APPLY_TIMEOUT)?;
         wall.push(seen.duration_since(t0).as_secs_f64() * 1e3);
         apply.push(ms as f64);
         rss = rss.max(rss_kib(pid).0);
-        let status = weir_status(weir, bpffs.path())?;
-        let captured = status["pods"].as_array().map_or(0, |p| {
-            p.iter()
-                .filter(|p| p["capture"] == true && p["inbound_attached"] == true)
-                .count()
-        });
+        let status = node.try_status()?;
+        let captured = fully_captured(&status);
         ensure!(
             captured == pods,
             "after the apply, weir status shows {captured} of {pods} pods captured"
@@ -369,18 +224,18 @@ pub fn run(
         );
 
         std::thread::sleep(pause(&mut rng));
-        tail.mark()?;
+        node.mark();
         // The clock starts before the write: taken after it, a preemption
         // of this thread while the agent already applies would hide time.
         let t0 = Instant::now();
-        write_atomically(&pods_file, "pods: []\n")?;
-        let (ms, seen) = tail.wait_applied(&mut agent, APPLY_TIMEOUT)?;
+        node.write_pods_raw(&empty_yaml);
+        let (ms, seen) = node.wait_applied(APPLY_TIMEOUT)?;
         rwall.push(seen.duration_since(t0).as_secs_f64() * 1e3);
         rapply.push(ms as f64);
     }
     let (_, hwm) = rss_kib(pid);
     let bpf = bpf_map_kib(pid);
-    drop(agent);
+    drop(node);
     let empty = Summary::default();
     Ok(EnrollResult {
         pods,

@@ -36,10 +36,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
+use weir_tests::TempDir;
 use weir_tests::istio_iptables::{Family, IstioPod};
-use weir_tests::{Bpffs, Cgroup, TempDir};
+use weir_tests::node::{Node, fully_captured};
 
-use crate::enroll::{self, Agent, LogTail, NetnsSet};
+use crate::enroll::{self, NetnsSet};
 
 /// Pod counts measured.
 pub const POD_COUNTS: [usize; 3] = [10, 110, 1000];
@@ -132,13 +133,18 @@ impl KmemCgroup {
 
     /// `program args...`, started inside this cgroup (a shell moves itself
     /// in, then execs it).
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("sh");
-        c.arg("-c")
-            .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-            .arg(&self.path)
-            .arg(program);
-        c
+    /// Commands that run a program inside this cgroup (from its first
+    /// instruction: the shell moves itself in, then execs it).
+    fn launcher(&self) -> impl Fn(&Path) -> Command + Send + Sync + 'static {
+        let path = self.path.clone();
+        move |program| {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
+                .arg(&path)
+                .arg(program);
+            c
+        }
     }
 
     fn source(&self) -> &'static str {
@@ -227,54 +233,25 @@ fn measure_weir(
     weir: &Path,
     set: &NetnsSet,
     max_pods: usize,
-    dir: &Path,
 ) -> Result<(u64, u64, BTreeMap<String, u64>)> {
     let kmem = KmemCgroup::new("memweir")?;
-    let cgroup = Cgroup::new("wbmem");
-    let bpffs = Bpffs::new();
-    let pods_file = dir.join("pods.yaml");
-    std::fs::write(&pods_file, "pods: []\n")?;
-    let log_path = dir.join(format!("agent-{}.log", set.files.len()));
-    let log = std::fs::File::create(&log_path)?;
-    let child = kmem
-        .command(&weir.to_string_lossy())
-        .arg("run")
-        .arg("--pods-file")
-        .arg(&pods_file)
-        .arg("--cgroup")
-        .arg(cgroup.path())
-        .arg("--bpffs")
-        .arg(bpffs.path())
-        .args(["--metrics-addr", "off"])
-        .arg(format!("--max-pods={max_pods}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", weir.display()))?;
-    let mut agent = Agent(child);
-    let pid = agent.0.id();
-    let mut tail = LogTail {
-        path: log_path,
-        offset: 0,
-    };
-    if let Err(e) = tail.wait_applied(&mut agent, Duration::from_secs(60)) {
-        let log = std::fs::read_to_string(&tail.path).unwrap_or_default();
-        let last: Vec<&str> = log.lines().rev().take(10).collect();
-        bail!(
-            "the agent's first (empty) apply: {e:#}; its last lines:\n{}",
-            last.into_iter().rev().collect::<Vec<_>>().join("\n")
-        );
+    let mut node = Node::builder()
+        .name("wbmem")
+        .weir(weir)
+        .metrics(false)
+        .agent_args([format!("--max-pods={max_pods}")])
+        .agent_launcher(kmem.launcher())
+        .build();
+    node.spawn_agent();
+    let pid = node.agent_pid().context("the agent's pid")?;
+    if let Err(e) = node.wait_applied(Duration::from_secs(60)) {
+        bail!("the agent's first (empty) apply: {e:#}");
     }
-    tail.mark()?;
-    enroll::write_atomically(&pods_file, &enroll::pods_yaml(set))?;
-    tail.wait_applied(&mut agent, enroll::APPLY_TIMEOUT)?;
-    let status = crate::node::weir_status(weir, bpffs.path())?;
-    let captured = status["pods"].as_array().map_or(0, |p| {
-        p.iter()
-            .filter(|p| p["capture"] == true && p["inbound_attached"] == true)
-            .count()
-    });
+    node.mark();
+    node.write_pods_yaml(&enroll::pod_entries(set));
+    node.wait_applied(enroll::APPLY_TIMEOUT)?;
+    let status = node.try_status()?;
+    let captured = fully_captured(&status);
     ensure!(
         captured == set.files.len(),
         "weir status shows {captured} of {} pods captured",
@@ -288,7 +265,7 @@ fn measure_weir(
         "bpftool ({total} bytes) and fdinfo ({kib} KiB) disagree on the agent's maps"
     );
     let kernel = kmem.kernel_bytes()?;
-    drop(agent);
+    drop(node);
     Ok((total, kernel, maps))
 }
 
@@ -301,8 +278,7 @@ fn measure_iptables(set: &NetnsSet) -> Result<(u64, usize, &'static str)> {
     for (i, f) in set.files.iter().enumerate() {
         let text = istio_rules(enroll::pod_ip(i))?;
         rules += text.lines().filter(|l| l.starts_with("-A ")).count();
-        let mut child = kmem
-            .command("nsenter")
+        let mut child = kmem.launcher()(Path::new("nsenter"))
             .arg(format!("--net={}", f.display()))
             .args([Family::V4.restore_command(), "--noflush"])
             .stdin(Stdio::piped())
@@ -337,8 +313,7 @@ pub fn run(weir: &Path, interrupted: &AtomicBool) -> Result<MemoryResult> {
         eprintln!("weir-bench: memory: {pods} pods");
         let set = NetnsSet::create(&dir.join("netns"), pods, interrupted)?;
         let max_pods = pods.max(NODE_CAPACITY);
-        let (weir_maps_bytes, weir_kmem_bytes, weir_maps) =
-            measure_weir(weir, &set, max_pods, dir.path())?;
+        let (weir_maps_bytes, weir_kmem_bytes, weir_maps) = measure_weir(weir, &set, max_pods)?;
         let (iptables_kmem_bytes, iptables_rules, s) = measure_iptables(&set)?;
         source = s;
         eprintln!(

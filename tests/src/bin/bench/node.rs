@@ -32,7 +32,8 @@ use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use weir_tests::istio_iptables::{Family, IstioPod, keys};
-use weir_tests::{Bpffs, Cgroup, NetNs, Proc, TempDir, Veth, spawn_in, veth_pair};
+use weir_tests::node::{PodEntry, is_fully_captured};
+use weir_tests::{Bridge, Cgroup, NetNs, Proc, Veth, spawn_in};
 
 /// UID (and GID) of the applications.
 pub const APP_UID: u32 = 1000;
@@ -175,40 +176,48 @@ pub struct Pod {
     pub ns: NetNs,
 }
 
-/// One mode's node. Fields drop in order: processes, agent, pins, cgroup,
-/// namespaces, files.
+/// One mode's node. Fields drop in order: the pods (their processes and
+/// namespaces), then the shared node (agent, pins, cgroup, files), then
+/// the bridge's namespace.
 pub struct Node {
     /// The capture mode.
     pub mode: Mode,
     /// Its pods.
     pub pods: Vec<Pod>,
-    agent: Option<Proc>,
-    bpffs: Option<Bpffs>,
-    /// The cgroup every pod process runs in.
-    pub cgroup: Cgroup,
-    /// Holds the bridge every pod hangs off.
-    _node_ns: NetNs,
-    dir: TempDir,
+    /// The cgroup every pod process runs in, the scratch directory and,
+    /// in the weir modes, the agent and its pins.
+    host: weir_tests::node::Node,
+    /// The bridge every pod hangs off.
+    _bridge: Bridge,
     exe: PathBuf,
-    weir: PathBuf,
 }
 
 impl Node {
     /// Builds the node: namespaces, bridge, capture (rules or agent), then
     /// the pod processes, and waits until they all listen.
     pub fn build(mode: Mode, s: &NodeSettings<'_>) -> Result<Node> {
-        let dir = TempDir::new("bench");
-        let node_ns = NetNs::new("wbn");
-        node_ns.ip(&["link", "add", "br0", "type", "bridge"]);
-        node_ns.ip(&["link", "set", "br0", "up"]);
-        let cgroup = s.parent_cgroup.child(mode.name());
+        let mut agent_args = Vec::new();
+        if mode == Mode::WeirFast {
+            agent_args.push("--fast-path");
+        }
+        let host = weir_tests::node::Node::builder()
+            .name("bench")
+            .cgroup(s.parent_cgroup.child(mode.name()))
+            .weir(s.weir)
+            .agent_args(agent_args)
+            .metrics(false)
+            .start_timeout(Duration::from_secs(60))
+            .build();
+        let bridge = Bridge::new("wbn");
         let mut pods = Vec::new();
         for def in pod_defs(mode, s.scale) {
             let ns = NetNs::new("wbp");
             let ip = Ipv4Addr::new(198, 18, mode.subnet(), def.host);
-            let veth = veth_pair(&ns, &[&format!("{ip}/24")], &node_ns, &[]);
-            node_ns.ip(&["link", "set", veth.b_name(), "master", "br0"]);
-            tune_pod_netns(&ns)?;
+            let veth = bridge.attach(&ns, &format!("{ip}/24"));
+            ns.set_sysctls(&[
+                ("net/ipv4/tcp_tw_reuse", "1"),
+                ("net/ipv4/ip_local_port_range", "10000 65000"),
+            ])?;
             pods.push(Pod {
                 def,
                 ip,
@@ -220,21 +229,16 @@ impl Node {
         let mut node = Node {
             mode,
             pods,
-            agent: None,
-            bpffs: None,
-            cgroup,
-            _node_ns: node_ns,
-            dir,
+            host,
+            _bridge: bridge,
             exe: s.exe.to_path_buf(),
-            weir: s.weir.to_path_buf(),
         };
         match mode {
             Mode::Direct => {}
             Mode::Iptables => node.install_iptables()?,
             // The agent first: weir records the proxy's listeners when they
             // call listen(), so the sidecars start after it.
-            Mode::Weir => node.start_weir(false)?,
-            Mode::WeirFast => node.start_weir(true)?,
+            Mode::Weir | Mode::WeirFast => node.start_weir()?,
         }
         node.start_processes(s.sidecar_threads)?;
         Ok(node)
@@ -253,21 +257,21 @@ impl Node {
         self.pod("b").ip
     }
 
-    /// The pod as Istio sees it: its address and annotations. The iptables
-    /// rules and weir's annotations are both derived from it, by the same
-    /// generator as the differential test's.
-    /// The weir node's own bpffs (weir mode).
+    /// The weir node's own bpffs (weir modes).
     pub fn bpffs_path(&self) -> Option<&Path> {
-        self.bpffs.as_ref().map(Bpffs::path)
+        matches!(self.mode, Mode::Weir | Mode::WeirFast).then(|| self.host.bpffs.path())
     }
 
     /// The fast path's figures from `weir status` (weir modes), e.g. how
     /// many messages went socket to socket.
     pub fn fast_path_status(&self) -> Result<Value> {
-        let bpffs = self.bpffs_path().context("not a weir node")?;
-        Ok(weir_status(&self.weir, bpffs)?["fast_path"].take())
+        self.bpffs_path().context("not a weir node")?;
+        Ok(self.host.try_status()?["fast_path"].take())
     }
 
+    /// The pod as Istio sees it: its address and annotations. The iptables
+    /// rules and weir's annotations are both derived from it, by the same
+    /// generator as the differential test's.
     fn istio_pod(pod: &Pod) -> IstioPod {
         let mut p = IstioPod::new(&[IpAddr::V4(pod.ip)]);
         if pod.def.server {
@@ -334,62 +338,37 @@ impl Node {
         Ok(())
     }
 
-    fn pods_file(&self) -> String {
-        let quote = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
-        let mut y = String::from("pods:\n");
-        for pod in &self.pods {
-            y.push_str(&format!(
-                "  - name: {}\n    namespace: bench\n    netns: {}\n    ips: [{}]\n",
-                pod.def.name,
-                pod.ns.path().display(),
-                pod.ip
-            ));
-            let ann = Self::istio_pod(pod).weir_annotations();
-            if !ann.is_empty() {
-                y.push_str("    annotations:\n");
-                for (k, v) in ann {
-                    y.push_str(&format!("      {}: {}\n", quote(&k), quote(&v)));
-                }
-            }
-        }
-        y
+    /// The pods file's entries: every pod, in namespace `bench`, with
+    /// the annotations Istio's injector would give it.
+    fn pod_entries(&self) -> Vec<PodEntry> {
+        self.pods
+            .iter()
+            .map(|pod| {
+                PodEntry::at(pod.def.name, pod.ns.path(), &[&pod.ip.to_string()])
+                    .namespace("bench")
+                    .annotate_all(Self::istio_pod(pod).weir_annotations())
+            })
+            .collect()
     }
 
-    fn start_weir(&mut self, fast_path: bool) -> Result<()> {
-        let bpffs = Bpffs::new();
-        let pods_file = self.dir.join("pods.yaml");
-        std::fs::write(&pods_file, self.pods_file())?;
-        let mut cmd = Command::new(&self.weir);
-        cmd.arg("run")
-            .arg("--pods-file")
-            .arg(&pods_file)
-            .arg("--cgroup")
-            .arg(self.cgroup.path())
-            .arg("--bpffs")
-            .arg(bpffs.path())
-            .args(["--metrics-addr", "off"]);
-        if fast_path {
-            cmd.arg("--fast-path");
-        }
-        let mut agent = spawn_in(None, None, cmd);
-        agent.wait_for_output("pods file applied", Duration::from_secs(60));
-        let status = weir_status(&self.weir, bpffs.path())?;
+    fn start_weir(&mut self) -> Result<()> {
+        self.host.write_pods_yaml(&self.pod_entries());
+        self.host.try_start_agent()?;
+        let status = self.host.try_status()?;
         for pod in &self.pods {
             let found = status["pods"].as_array().and_then(|pods| {
                 pods.iter()
                     .find(|p| p["name"] == pod.def.name && p["namespace"] == "bench")
             });
-            let ok = found.is_some_and(|p| p["capture"] == true && p["inbound_attached"] == true);
+            let ok = found.is_some_and(is_fully_captured);
             if !ok {
                 bail!(
                     "weir did not enroll pod {} (status: {found:?})\n{}",
                     pod.def.name,
-                    agent.logs()
+                    self.host.agent_logs()
                 );
             }
         }
-        self.agent = Some(agent);
-        self.bpffs = Some(bpffs);
         Ok(())
     }
 
@@ -399,6 +378,7 @@ impl Node {
         for i in 0..self.pods.len() {
             let pod_ip = self.pods[i].ip;
             let ready = self
+                .host
                 .dir
                 .join(format!("{}-sidecar.ready", self.pods[i].def.name));
             let listen = [
@@ -416,11 +396,11 @@ impl Node {
                 .args(["--threads", &threads])
                 .arg("--ready-file")
                 .arg(&ready);
-            let mut p = spawn_in(Some(&self.pods[i].ns), Some(&self.cgroup), cmd);
+            let mut p = spawn_in(Some(&self.pods[i].ns), Some(&self.host.cgroup), cmd);
             p.wait_for_file(&ready, Duration::from_secs(20));
             self.pods[i].procs.push(("sidecar", p));
             if self.pods[i].def.server {
-                let ready = self.dir.join("server.ready");
+                let ready = self.host.dir.join("server.ready");
                 let mut cmd = Command::new(&self.exe);
                 cmd.args(["--uid", &APP_UID.to_string(), "server"])
                     .args(["--port", &SERVER_PORT.to_string()])
@@ -428,7 +408,7 @@ impl Node {
                     .args(["--threads", &threads])
                     .arg("--ready-file")
                     .arg(&ready);
-                let mut p = spawn_in(Some(&self.pods[i].ns), Some(&self.cgroup), cmd);
+                let mut p = spawn_in(Some(&self.pods[i].ns), Some(&self.host.cgroup), cmd);
                 p.wait_for_file(&ready, Duration::from_secs(20));
                 self.pods[i].procs.push(("server", p));
             }
@@ -442,7 +422,7 @@ impl Node {
         let pod = self.pod(pod);
         let mut cmd = Command::new(&self.exe);
         cmd.args(["--uid", &APP_UID.to_string(), "load"]).args(args);
-        let mut p = spawn_in(Some(&pod.ns), Some(&self.cgroup), cmd);
+        let mut p = spawn_in(Some(&pod.ns), Some(&self.host.cgroup), cmd);
         match p.wait_timeout(timeout) {
             None => {
                 p.kill();
@@ -560,37 +540,6 @@ pub fn bench_cidrs(n: usize) -> Vec<String> {
 /// rule-scaling pods (none of them is a port the workloads use).
 pub fn bench_ports(n: usize) -> Vec<u16> {
     (0..n).map(|i| 20000 + i as u16).collect()
-}
-
-/// Per-namespace sysctls of a pod (see the module docs).
-fn tune_pod_netns(ns: &NetNs) -> Result<()> {
-    ns.run_in(|| -> Result<()> {
-        // /proc/sys/net is resolved against the opening thread's network
-        // namespace, which run_in has switched.
-        for (key, value) in [
-            ("net/ipv4/tcp_tw_reuse", "1"),
-            ("net/ipv4/ip_local_port_range", "10000 65000"),
-        ] {
-            let path = Path::new("/proc/sys").join(key);
-            std::fs::write(&path, value).with_context(|| format!("writing {}", path.display()))?;
-        }
-        Ok(())
-    })
-}
-
-/// `weir status -o json` of the agent pinned under `bpffs`.
-pub fn weir_status(weir: &Path, bpffs: &Path) -> Result<Value> {
-    let out = Command::new(weir)
-        .args(["status", "-o", "json", "--bpffs"])
-        .arg(bpffs)
-        .output()
-        .context("running weir status")?;
-    ensure!(
-        out.status.success(),
-        "weir status failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).context("weir status -o json printed something else")
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@
 //! and the agent's open files must be the same: anything more is a leak.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -25,11 +25,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
-use weir_tests::{Proc, spawn_in_netns_path};
+use weir_tests::{NsFile, Proc, spawn_in_netns_path};
 
 use crate::bpf::{self, Occupancy};
 use crate::common::{self, Ctx, Rng, ScenarioResult, thousands};
-use crate::node::{NsFile, PodSpec, SoakNode};
+use weir_tests::node::{Node, PodEntry};
+
+use crate::node::pod_entry;
 
 /// Pods enrolled at once (besides the sentinel).
 const LIVE: usize = 24;
@@ -57,12 +59,8 @@ struct ChurnPod {
 }
 
 impl ChurnPod {
-    fn spec(&self) -> PodSpec {
-        PodSpec {
-            name: self.name.clone(),
-            netns: self.ns.path().to_path_buf(),
-            ips: vec![IpAddr::V4(self.ip)],
-        }
+    fn spec(&self) -> PodEntry {
+        pod_entry(&self.name, self.ns.path(), self.ip)
     }
 }
 
@@ -79,7 +77,7 @@ struct Snapshot {
     agent_rss_kib: u64,
 }
 
-fn snapshot(node: &SoakNode, sk_prog: u32) -> Result<Snapshot> {
+fn snapshot(node: &Node, sk_prog: u32) -> Result<Snapshot> {
     let pins = node.bpffs.join("weir/links");
     let mut link_pins: Vec<String> = std::fs::read_dir(&pins)
         .with_context(|| format!("listing {}", pins.display()))?
@@ -101,8 +99,10 @@ fn snapshot(node: &SoakNode, sk_prog: u32) -> Result<Snapshot> {
     })
 }
 
-fn start_listener(ctx: &Ctx, node: &SoakNode, ns: &Path, name: &str) -> Proc {
-    let ready = node.marker(&format!("{name}-listen-{}.ready", common::unique()));
+fn start_listener(ctx: &Ctx, node: &Node, ns: &Path, name: &str) -> Proc {
+    let ready = node
+        .dir
+        .join(format!("{name}-listen-{}.ready", common::unique()));
     let mut cmd = Command::new(&ctx.exe);
     cmd.args([
         "--uid", "1337", "listen", "--port", "15001", "--port", "15006",
@@ -115,8 +115,8 @@ fn start_listener(ctx: &Ctx, node: &SoakNode, ns: &Path, name: &str) -> Proc {
 }
 
 /// Enrolled pods according to `weir status`.
-fn enrolled(node: &SoakNode) -> Result<BTreeSet<String>> {
-    Ok(node.status()?["pods"]
+fn enrolled(node: &Node) -> Result<BTreeSet<String>> {
+    Ok(node.try_status()?["pods"]
         .as_array()
         .map(|a| {
             a.iter()
@@ -133,13 +133,13 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, cycles: usize) -> Result<()> {
     std::fs::create_dir(&nsdir)?;
 
     let sentinel_ns = NsFile::create(&nsdir.join("sentinel"))?;
-    let sentinel = PodSpec {
-        name: "sentinel".into(),
-        netns: sentinel_ns.path().to_path_buf(),
-        ips: vec![IpAddr::V4(Ipv4Addr::new(198, 18, 99, 1))],
-    };
-    node.set_pods(std::slice::from_ref(&sentinel))?;
-    let cookie = node.status()?["pods"][0]["netns_cookie"]
+    let sentinel = pod_entry(
+        "sentinel",
+        sentinel_ns.path(),
+        Ipv4Addr::new(198, 18, 99, 1),
+    );
+    node.apply_pods(std::slice::from_ref(&sentinel))?;
+    let cookie = node.try_status()?["pods"][0]["netns_cookie"]
         .as_u64()
         .context("sentinel cookie")?;
     let sk_prog = bpf::pinned_link(&node.bpffs.join(format!("weir/links/netns-{cookie}")))?.prog_id;
@@ -252,7 +252,7 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, cycles: usize) -> Result<()> {
         last_freed = freed.into_iter().collect();
         let mut pods = vec![sentinel.clone()];
         pods.extend(live.iter().map(ChurnPod::spec));
-        apply_ms.push(node.set_pods(&pods)? as f64);
+        apply_ms.push(node.apply_pods(&pods)? as f64);
         steps += 1;
         for p in &mut live {
             p.age += 1;
@@ -291,7 +291,7 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, cycles: usize) -> Result<()> {
         after = snapshot(&node, sk_prog)?;
     }
     let not_enrolled_warnings = node.agent_log_lines("not enrolled").len();
-    let metrics = node.metrics().unwrap_or_default();
+    let metrics = node.try_metrics().unwrap_or_default();
     drop(sentinel_ns);
 
     let (apply_med, apply_max) = common::median_max(&apply_ms);

@@ -10,7 +10,9 @@ use serde::Serialize;
 use serde_json::Value;
 use weir_tests::{NetNs, Proc};
 
-use crate::node::{Lan, SoakNode};
+use weir_tests::node::Node;
+
+use crate::node::Lan;
 use crate::procs::LoadSummary;
 use crate::proto::interrupted;
 
@@ -42,19 +44,26 @@ impl Ctx {
     }
 
     /// A node for one scenario, agent started.
-    pub fn node(&self, name: &str, extra: &[String], metrics: bool) -> Result<SoakNode> {
+    pub fn node(&self, name: &str, extra: &[String], metrics: bool) -> Result<Node> {
         let mut args = self.agent_args.clone();
         args.extend(extra.iter().cloned());
-        let mut node = SoakNode::new(&self.weir, name, &args, metrics)?;
-        node.start_agent()?;
+        let mut node = Node::builder()
+            .name(name)
+            .weir(&self.weir)
+            .agent_args(args)
+            .metrics(metrics)
+            .start_timeout(Duration::from_secs(60))
+            .stop_when(interrupted)
+            .build();
+        node.try_start_agent().context("the agent's first apply")?;
         Ok(node)
     }
 }
 
 /// Starts the soak sidecar of pod `pod` (UID 1337) and waits until it
 /// listens. `extra` goes after `sidecar`.
-pub fn sidecar(ctx: &Ctx, node: &SoakNode, ns: &NetNs, pod: &str, extra: &[String]) -> Proc {
-    let ready = node.marker(&format!("{pod}-sidecar-{}.ready", unique()));
+pub fn sidecar(ctx: &Ctx, node: &Node, ns: &NetNs, pod: &str, extra: &[String]) -> Proc {
+    let ready = node.dir.join(format!("{pod}-sidecar-{}.ready", unique()));
     let mut args = vec![
         "--uid".to_string(),
         PROXY_UID.to_string(),
@@ -71,8 +80,8 @@ pub fn sidecar(ctx: &Ctx, node: &SoakNode, ns: &NetNs, pod: &str, extra: &[Strin
 }
 
 /// Starts a server answering `direct` on `port` in `ns`.
-pub fn direct(ctx: &Ctx, node: &SoakNode, ns: &NetNs, name: &str, port: u16) -> Proc {
-    let ready = node.marker(&format!("{name}-direct-{}.ready", unique()));
+pub fn direct(ctx: &Ctx, node: &Node, ns: &NetNs, name: &str, port: u16) -> Proc {
+    let ready = node.dir.join(format!("{name}-direct-{}.ready", unique()));
     let args: Vec<String> = [
         "--uid",
         &APP_UID.to_string(),
@@ -116,7 +125,7 @@ impl Load {
     /// The two loads of the restart and fault scenarios: `app` dialling
     /// `ext` (captured outbound) and `ext` dialling `srv` (captured
     /// inbound), each with `args`.
-    pub fn out_and_in(ctx: &Ctx, node: &SoakNode, lan: &Lan, args: &[&str]) -> (Load, Load) {
+    pub fn out_and_in(ctx: &Ctx, node: &Node, lan: &Lan, args: &[&str]) -> (Load, Load) {
         let out = Load::start(
             ctx,
             node,
@@ -147,7 +156,7 @@ impl Load {
     /// Starts `weir-soak load` in `ns` as the application user.
     pub fn start(
         ctx: &Ctx,
-        node: &SoakNode,
+        node: &Node,
         ns: &NetNs,
         tag: &str,
         route: Route<'_>,
@@ -159,8 +168,8 @@ impl Load {
             pod,
         } = route;
         let n = unique();
-        let out = node.marker(&format!("load-{tag}-{n}.json"));
-        let events = node.marker(&format!("load-{tag}-{n}.events"));
+        let out = node.dir.join(format!("load-{tag}-{n}.json"));
+        let events = node.dir.join(format!("load-{tag}-{n}.events"));
         let mut args: Vec<String> = [
             "--uid",
             &APP_UID.to_string(),

@@ -27,6 +27,8 @@ use serde_json::{Value, json};
 use crate::bpf;
 use crate::clients::{FloodSummary, HoldSummary};
 use crate::common::{Ctx, ScenarioResult, read_json, thousands, wait_file};
+use weir_tests::node::Node;
+
 use crate::node::{Lan, metric};
 use crate::proto::Verdict;
 
@@ -42,7 +44,7 @@ const FD_SLACK: u64 = 1024;
 /// descriptors allowed (one soak process per pod and role).
 fn spawn_client(
     ctx: &Ctx,
-    node: &crate::node::SoakNode,
+    node: &Node,
     ns: &weir_tests::NetNs,
     nofile: u64,
     uid: u32,
@@ -78,14 +80,14 @@ pub fn concurrent(ctx: &Ctx, r: &mut ScenarioResult, n: u64) -> Result<()> {
         lan.add(&format!("h{i}"), 2 + i as u8)?;
     }
     let mut node = ctx.node("soakh", &["--reload-ms".into(), "50".into()], true)?;
-    node.set_pods(&lan.pods.iter().map(|p| p.spec()).collect::<Vec<_>>())?;
+    node.apply_pods(&lan.pods.iter().map(|p| p.spec()).collect::<Vec<_>>())?;
 
     let mut sidecars = Vec::new();
     let mut clients = Vec::new();
     let mut outs = Vec::new();
     for (i, pod) in lan.pods.iter().enumerate() {
-        let stats = node.marker(&format!("{}-sidecar.stats", pod.name));
-        let ready = node.marker(&format!("{}-sidecar.ready", pod.name));
+        let stats = node.dir.join(format!("{}-sidecar.stats", pod.name));
+        let ready = node.dir.join(format!("{}-sidecar.ready", pod.name));
         let args = [
             "sidecar",
             "--name",
@@ -102,7 +104,7 @@ pub fn concurrent(ctx: &Ctx, r: &mut ScenarioResult, n: u64) -> Result<()> {
     }
     let t0 = Instant::now();
     for (i, pod) in lan.pods.iter().enumerate() {
-        let out = node.marker(&format!("{}-hold.json", pod.name));
+        let out = node.dir.join(format!("{}-hold.json", pod.name));
         let args = [
             "hold",
             "--index",
@@ -143,7 +145,7 @@ pub fn concurrent(ctx: &Ctx, r: &mut ScenarioResult, n: u64) -> Result<()> {
         .iter()
         .map(|(_, s)| read_json(s).unwrap_or(Value::Null))
         .collect();
-    let status = node.status()?;
+    let status = node.try_status()?;
     let answered: u64 = status["pods"]
         .as_array()
         .map(|a| {
@@ -161,7 +163,7 @@ pub fn concurrent(ctx: &Ctx, r: &mut ScenarioResult, n: u64) -> Result<()> {
     drop(sidecars);
     std::thread::sleep(Duration::from_millis(500));
     let pending_after = bpf::count_entries(node.bpffs.path(), "PENDING_FLOWS")?;
-    let metrics = node.metrics().unwrap_or_default();
+    let metrics = node.try_metrics().unwrap_or_default();
     let node_events = |ev: &str| {
         metric(
             &metrics,
@@ -313,12 +315,12 @@ pub fn map_full(
     for i in 0..pods {
         lan.add(&format!("f{i}"), 2 + i as u8)?;
     }
-    node.set_pods(&lan.pods.iter().map(|p| p.spec()).collect::<Vec<_>>())?;
-    let trigger = node.marker("accept-now");
+    node.apply_pods(&lan.pods.iter().map(|p| p.spec()).collect::<Vec<_>>())?;
+    let trigger = node.dir.join("accept-now");
     let mut sidecars = Vec::new();
     for (i, pod) in lan.pods.iter().enumerate() {
-        let stats = node.marker(&format!("{}-sidecar.stats", pod.name));
-        let ready = node.marker(&format!("{}-sidecar.ready", pod.name));
+        let stats = node.dir.join(format!("{}-sidecar.stats", pod.name));
+        let ready = node.dir.join(format!("{}-sidecar.ready", pod.name));
         let args = [
             "sidecar",
             "--name",
@@ -336,12 +338,12 @@ pub fn map_full(
         p.wait_for_file(&ready, Duration::from_secs(30));
         sidecars.push((p, stats));
     }
-    let metrics_before = node.metrics()?;
+    let metrics_before = node.try_metrics()?;
     let mut clients = Vec::new();
     let mut files = Vec::new();
     for (i, pod) in lan.pods.iter().enumerate() {
-        let flooded = node.marker(&format!("{}-flooded.json", pod.name));
-        let out = node.marker(&format!("{}-flood.json", pod.name));
+        let flooded = node.dir.join(format!("{}-flooded.json", pod.name));
+        let out = node.dir.join(format!("{}-flood.json", pod.name));
         let args = [
             "flood",
             "--index",
@@ -374,7 +376,7 @@ pub fn map_full(
     let flood_s = t0.elapsed().as_secs_f64();
     // Every handshake is in flight now.
     let pending_full = bpf::count_entries(node.bpffs.path(), "PENDING_FLOWS")?;
-    let metrics_full = node.metrics()?;
+    let metrics_full = node.try_metrics()?;
     crate::proto::touch(&trigger)?;
     let t1 = Instant::now();
     let mut summaries: Vec<FloodSummary> = Vec::new();
@@ -394,8 +396,8 @@ pub fn map_full(
     drop(clients);
     std::thread::sleep(Duration::from_millis(500));
     let pending_after = bpf::count_entries(node.bpffs.path(), "PENDING_FLOWS")?;
-    let metrics_after = node.metrics()?;
-    let status = node.status()?;
+    let metrics_after = node.try_metrics()?;
+    let status = node.try_status()?;
     let answered: u64 = status["pods"]
         .as_array()
         .map(|a| {

@@ -26,7 +26,9 @@ use serde_json::json;
 use weir_tests::Proc;
 
 use crate::common::{self, APP_PORT, Ctx, Load, Route, ScenarioResult, thousands};
-use crate::node::{Lan, SoakNode, metric};
+use weir_tests::node::{Node, PodEntry};
+
+use crate::node::{Lan, metric};
 use crate::procs::{LoadEvent, LoadSummary, read_events};
 use crate::proto::{Verdict, now_ms};
 
@@ -34,8 +36,8 @@ use crate::proto::{Verdict, now_ms};
 const PROBES: &str = "40";
 
 /// The netns cookie of pod `name` (from `weir status`).
-fn cookie(node: &SoakNode, name: &str) -> Result<u64> {
-    node.status()?["pods"]
+fn cookie(node: &Node, name: &str) -> Result<u64> {
+    node.try_status()?["pods"]
         .as_array()
         .and_then(|a| a.iter().find(|p| p["name"] == name))
         .and_then(|p| p["netns_cookie"].as_u64())
@@ -64,7 +66,7 @@ fn attribute(
 
 fn probe(
     ctx: &Ctx,
-    node: &SoakNode,
+    node: &Node,
     lan: &Lan,
     from: &str,
     to: std::net::SocketAddr,
@@ -98,11 +100,11 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, rounds: usize) -> Result<()> {
     ] {
         lan.add(name, host)?;
     }
-    let enrolled = |lan: &Lan, names: &[&str]| -> Vec<crate::node::PodSpec> {
+    let enrolled = |lan: &Lan, names: &[&str]| -> Vec<PodEntry> {
         names.iter().map(|n| lan.pod(n).spec()).collect()
     };
     let mut node = ctx.node("soakf", &["--reload-ms".into(), "50".into()], true)?;
-    node.set_pods(&enrolled(&lan, &["app", "srv", "late", "mover"]))?;
+    node.apply_pods(&enrolled(&lan, &["app", "srv", "late", "mover"]))?;
 
     // ---- 1. proxies and applications restarting under traffic ----------
     let mut sidecars: BTreeMap<&str, Proc> = BTreeMap::new();
@@ -113,7 +115,7 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, rounds: usize) -> Result<()> {
     let mut srv_app = common::direct(ctx, &node, &lan.pod("srv").ns, "srv-app", APP_PORT);
     let load_args = ["--threads", "2", "--pause-us", "300"];
     let (out_load, in_load) = Load::out_and_in(ctx, &node, &lan, &load_args);
-    let extra_app = |node: &SoakNode| {
+    let extra_app = |node: &Node| {
         Load::start(
             ctx,
             node,
@@ -166,7 +168,7 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, rounds: usize) -> Result<()> {
         attribute(&read_events(&in_ev), windows.get("srv").map_or(&[], |v| v));
     std::thread::sleep(Duration::from_millis(300));
     let pending_after_restarts = crate::bpf::count_entries(node.bpffs.path(), "PENDING_FLOWS")?;
-    let m = node.metrics()?;
+    let m = node.try_metrics()?;
     let fail_closed = |pod: &str, dir: &str| {
         metric(
             &m,
@@ -257,7 +259,7 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, rounds: usize) -> Result<()> {
     let late_addr = lan.pod("late").addr(APP_PORT);
     let out_before = probe(ctx, &node, &lan, "late", ext_addr, "outbound", "late")?;
     let in_before = probe(ctx, &node, &lan, "ext", late_addr, "inbound", "late")?;
-    let m = node.metrics()?;
+    let m = node.try_metrics()?;
     let late_fc_out = metric(
         &m,
         "weir_fail_closed_total{direction=\"outbound\",namespace=\"soak\",pod=\"late\"}",
@@ -328,7 +330,7 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, rounds: usize) -> Result<()> {
     )?;
     let new_ip = lan.readdress("mover", 7)?;
     lan.pod("ext").ns.ip(&["neigh", "flush", "all"]);
-    node.set_pods(&enrolled(&lan, &["app", "srv", "late", "mover"]))?;
+    node.apply_pods(&enrolled(&lan, &["app", "srv", "late", "mover"]))?;
     let mover_cookie = cookie(&node, "mover")?;
     let addrs = crate::bpf::pod_addrs(node.bpffs.path())?;
     let old_claimed = addrs.get(&IpAddr::V4(old_ip)).copied();
@@ -343,13 +345,13 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, rounds: usize) -> Result<()> {
         "mover",
     )?;
     let out_new = probe(ctx, &node, &lan, "mover", ext_addr, "outbound", "mover")?;
-    let m = node.metrics()?;
+    let m = node.try_metrics()?;
     let bind_failed = metric(
         &m,
         "weir_source_bind_failed_total{namespace=\"soak\",pod=\"mover\"}",
     )
     .unwrap_or(0.0) as u64;
-    let status_ip = node.status()?["pods"]
+    let status_ip = node.try_status()?["pods"]
         .as_array()
         .and_then(|a| a.iter().find(|p| p["name"] == "mover").cloned())
         .map(|p| p["ip4"].as_str().unwrap_or_default().to_string())
@@ -357,7 +359,7 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, rounds: usize) -> Result<()> {
     // A new pod takes the old address.
     lan.add("newcomer", 6)?;
     lan.pod("ext").ns.ip(&["neigh", "flush", "all"]);
-    node.set_pods(&enrolled(
+    node.apply_pods(&enrolled(
         &lan,
         &["app", "srv", "late", "mover", "newcomer"],
     ))?;

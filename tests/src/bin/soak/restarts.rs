@@ -35,7 +35,7 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, restarts: usize) -> Result<()> {
     lan.add("srv", 3)?;
     lan.add("ext", 4)?;
     let mut node = ctx.node("soakr", &[], false)?;
-    node.set_pods(&[lan.pod("app").spec(), lan.pod("srv").spec()])?;
+    node.apply_pods(&[lan.pod("app").spec(), lan.pod("srv").spec()])?;
 
     let _app_sidecar = common::sidecar(ctx, &node, &lan.pod("app").ns, "app", &[]);
     let _srv_sidecar = common::sidecar(ctx, &node, &lan.pod("srv").ns, "srv", &[]);
@@ -62,13 +62,13 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, restarts: usize) -> Result<()> {
         if done.is_multiple_of(4) {
             // Killed again while it loads its programs and swaps them into
             // the pinned links, before its first reconcile finished.
-            node.spawn_agent()?;
+            node.spawn_agent();
             std::thread::sleep(rng.pause(0, 250));
             node.kill_agent();
             killed_starting += 1;
         }
         let t = Instant::now();
-        node.start_agent()?;
+        node.try_start_agent()?;
         ready_ms.push(t.elapsed().as_secs_f64() * 1e3);
         if done.is_multiple_of(10) {
             eprintln!("weir-soak: restarts: {done}/{restarts}");
@@ -78,8 +78,8 @@ pub fn run(ctx: &Ctx, r: &mut ScenarioResult, restarts: usize) -> Result<()> {
     let (out_events, in_events) = (out_load.events.clone(), in_load.events.clone());
     let out: LoadSummary = out_load.stop()?;
     let inn: LoadSummary = in_load.stop()?;
-    let counters_app = node.pod_counters("app")?;
-    let counters_srv = node.pod_counters("srv")?;
+    let counters_app = node.try_counters("app")?;
+    let counters_srv = node.try_counters("srv")?;
     std::thread::sleep(Duration::from_millis(200));
     let pending = crate::bpf::count_entries(node.bpffs.path(), "PENDING_FLOWS")?;
     let agent_errors = node.agent_log_lines(" ERROR ");

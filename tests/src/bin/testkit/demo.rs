@@ -23,7 +23,7 @@
 //! callee's sidecar in (inbound listener).
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::BufRead;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -36,11 +36,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
-use nix::sched::{CloneFlags, setns};
+use nix::mount::{MntFlags, umount2};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, kill, sigaction};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
+use weir_tests::podsfile::{PodEntry, pods_yaml, write_atomically};
+use weir_tests::{
+    find_cgroup2_mount, is_mount_point, join_before_exec, kill_subtree, mount_bpffs,
+    remove_subtree, run_in_netns, subtree_pids, try_ip,
+};
 
 use crate::bookinfo::{self, Role};
 
@@ -60,6 +64,8 @@ const NAMESPACE: &str = "default";
 const APP_UID: u32 = 1000;
 /// The sidecars run as Istio's proxy user.
 const PROXY_UID: u32 = 1337;
+/// How long killed processes get to leave their cgroup.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long start-up steps may take.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -213,46 +219,8 @@ fn install_signal_handlers() -> Result<()> {
 // Small system helpers
 // ---------------------------------------------------------------------------
 
-fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1].replace("\\040", " ")))
-        })
-        .context("no cgroup2 file system in /proc/self/mounts: the demo needs cgroup v2")
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return false;
-    };
-    let p = path.to_string_lossy();
-    mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(p.as_ref()))
-}
-
-/// Runs `ip args…`; the error quotes the command and its stderr.
-fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run `ip` (install iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn demo_netns() -> Vec<String> {
-    ip(&["netns", "list"])
+    try_ip(&["netns", "list"])
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.split_whitespace().next())
@@ -263,61 +231,7 @@ fn demo_netns() -> Vec<String> {
 
 /// Runs `f` on a thread inside network namespace `name`.
 fn in_netns<R: Send>(name: &str, f: impl FnOnce() -> R + Send) -> Result<R> {
-    let path = Path::new("/var/run/netns").join(name);
-    let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    std::thread::scope(|s| {
-        s.spawn(move || -> Result<R> {
-            setns(&file, CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("entering netns {name}"))?;
-            Ok(f())
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
-}
-
-/// Every cgroup directory from `dir` down, deepest first.
-fn cgroup_subtree(dir: &Path, out: &mut Vec<PathBuf>) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                cgroup_subtree(&e.path(), out);
-            }
-        }
-    }
-    out.push(dir.to_path_buf());
-}
-
-fn cgroup_pids(dir: &Path) -> Vec<i32> {
-    let mut dirs = Vec::new();
-    cgroup_subtree(dir, &mut dirs);
-    dirs.iter()
-        .filter_map(|d| std::fs::read_to_string(d.join("cgroup.procs")).ok())
-        .flat_map(|t| {
-            t.lines()
-                .filter_map(|l| l.trim().parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect()
-}
-
-/// Kills every process in the cgroup subtree and waits for them to go.
-fn kill_cgroup(dir: &Path) {
-    if !dir.exists() {
-        return;
-    }
-    let _ = std::fs::write(dir.join("cgroup.kill"), b"1");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let pids = cgroup_pids(dir);
-        if pids.is_empty() || Instant::now() > deadline {
-            break;
-        }
-        for pid in pids {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Ok(run_in_netns(&Path::new("/var/run/netns").join(name), f)?)
 }
 
 // ---------------------------------------------------------------------------
@@ -345,32 +259,12 @@ impl Proc {
     ) -> Result<Proc> {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let ns_file = netns
-            .map(|n| {
-                let p = Path::new("/var/run/netns").join(n);
-                File::open(&p).with_context(|| format!("opening {}", p.display()))
-            })
-            .transpose()?;
-        let procs_path = cgroup.join("cgroup.procs");
-        let procs = OpenOptions::new()
-            .write(true)
-            .open(&procs_path)
-            .with_context(|| format!("opening {}", procs_path.display()))?;
         cmd.stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .process_group(0);
-        // SAFETY: runs in the forked child before exec; only write(2) and
-        // setns(2) on descriptors opened above (no allocation, no locks).
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::unistd::write(&procs, b"0")?;
-                if let Some(ns) = &ns_file {
-                    setns(ns, CloneFlags::CLONE_NEWNET)?;
-                }
-                Ok(())
-            });
-        }
+        let ns_path = netns.map(|n| Path::new("/var/run/netns").join(n));
+        join_before_exec(&mut cmd, ns_path.as_deref(), Some(cgroup))?;
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {what} ({cmd:?})"))?;
@@ -481,7 +375,9 @@ impl Paths {
             run: state.join("run"),
             pods_file: state.join("pods.yaml"),
             pid_file: state.join("demo.pid"),
-            cgroup: cgroup2_mount()?.join(CGROUP_NAME),
+            cgroup: find_cgroup2_mount()
+                .context("no cgroup2 file system in /proc/self/mounts: the demo needs cgroup v2")?
+                .join(CGROUP_NAME),
             state,
         })
     }
@@ -525,21 +421,21 @@ fn teardown(paths: &Paths, weir: Option<&Path>, agent: Option<&mut Proc>) -> Vec
     // The pods first (the agent keeps capture in place anyway), then the
     // agent, gracefully, then whatever else is left in the cgroup.
     let pods_cg = paths.pods_cgroup();
-    let n = cgroup_pids(&pods_cg).len();
+    let n = subtree_pids(&pods_cg).len();
     if n > 0 {
-        kill_cgroup(&pods_cg);
+        kill_subtree(&pods_cg, KILL_TIMEOUT);
         done.push(format!("stopped {n} pod processes"));
     }
     if let Some(agent) = agent {
         agent.stop(Duration::from_secs(5));
         done.push("stopped the weir agent (SIGTERM)".to_string());
     }
-    let n = cgroup_pids(&paths.cgroup).len();
+    let n = subtree_pids(&paths.cgroup).len();
     if n > 0 {
-        kill_cgroup(&paths.cgroup);
+        kill_subtree(&paths.cgroup, KILL_TIMEOUT);
         done.push(format!("killed {n} leftover processes"));
     }
-    if is_mounted(&paths.bpffs) {
+    if is_mount_point(&paths.bpffs) {
         let mut note = String::new();
         if let Some(weir) = weir {
             match Command::new(weir)
@@ -576,7 +472,7 @@ fn teardown(paths: &Paths, weir: Option<&Path>, agent: Option<&mut Proc>) -> Vec
     if !netns.is_empty() {
         let mut failed = Vec::new();
         for n in &netns {
-            if ip(&["netns", "del", n]).is_err() {
+            if try_ip(&["netns", "del", n]).is_err() {
                 failed.push(n.clone());
             }
         }
@@ -591,26 +487,13 @@ fn teardown(paths: &Paths, weir: Option<&Path>, agent: Option<&mut Proc>) -> Vec
         ));
     }
     if paths.cgroup.exists() {
-        let mut dirs = Vec::new();
-        cgroup_subtree(&paths.cgroup, &mut dirs);
-        let mut removed = 0;
-        for d in &dirs {
-            // A cgroup can be busy for a moment after its last process died.
-            for _ in 0..50 {
-                if std::fs::remove_dir(d).is_ok() {
-                    removed += 1;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        let (removed, total, _) = remove_subtree(&paths.cgroup);
         done.push(format!(
-            "removed {removed} of {} cgroups under {}",
-            dirs.len(),
+            "removed {removed} of {total} cgroups under {}",
             paths.cgroup.display()
         ));
     }
-    if paths.state.exists() && !is_mounted(&paths.bpffs) {
+    if paths.state.exists() && !is_mount_point(&paths.bpffs) {
         match std::fs::remove_dir_all(&paths.state) {
             Ok(()) => done.push(format!("removed {}", paths.state.display())),
             Err(e) => done.push(format!("cannot remove {}: {e}", paths.state.display())),
@@ -659,14 +542,7 @@ impl Demo {
         std::fs::write(&p.pid_file, std::process::id().to_string())?;
 
         std::fs::create_dir_all(&p.bpffs)?;
-        mount(
-            Some("bpf"),
-            &p.bpffs,
-            Some("bpf"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-            None::<&str>,
-        )
-        .with_context(|| format!("mount -t bpf bpf {}", p.bpffs.display()))?;
+        mount_bpffs(&p.bpffs).with_context(|| format!("mount -t bpf bpf {}", p.bpffs.display()))?;
         step(&format!("bpffs mounted on {}", p.bpffs.display()));
 
         for dir in [p.cgroup.join("agent"), p.pods_cgroup()] {
@@ -682,10 +558,10 @@ impl Demo {
         ));
         check_stop()?;
 
-        ip(&["netns", "add", NODE_NS])?;
-        ip(&["-n", NODE_NS, "link", "set", "lo", "up"])?;
-        ip(&["-n", NODE_NS, "link", "add", "br0", "type", "bridge"])?;
-        ip(&[
+        try_ip(&["netns", "add", NODE_NS])?;
+        try_ip(&["-n", NODE_NS, "link", "set", "lo", "up"])?;
+        try_ip(&["-n", NODE_NS, "link", "add", "br0", "type", "bridge"])?;
+        try_ip(&[
             "-n",
             NODE_NS,
             "addr",
@@ -694,16 +570,16 @@ impl Demo {
             "dev",
             "br0",
         ])?;
-        ip(&["-n", NODE_NS, "link", "set", "br0", "up"])?;
+        try_ip(&["-n", NODE_NS, "link", "set", "br0", "up"])?;
         for pod in PODS {
             let ns = pod.netns();
-            ip(&["netns", "add", &ns])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&[
+            try_ip(&["netns", "add", &ns])?;
+            try_ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            try_ip(&[
                 "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", pod.iface,
                 "netns", NODE_NS,
             ])?;
-            ip(&[
+            try_ip(&[
                 "-n",
                 &ns,
                 "addr",
@@ -712,9 +588,9 @@ impl Demo {
                 "dev",
                 "eth0",
             ])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", NODE_NS, "link", "set", pod.iface, "master", "br0"])?;
-            ip(&["-n", NODE_NS, "link", "set", pod.iface, "up"])?;
+            try_ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            try_ip(&["-n", NODE_NS, "link", "set", pod.iface, "master", "br0"])?;
+            try_ip(&["-n", NODE_NS, "link", "set", pod.iface, "up"])?;
         }
         step(&format!(
             "network namespaces {NODE_NS} (bridge br0, {NODE_IP}/24) and {}",
@@ -725,16 +601,24 @@ impl Demo {
         ));
         check_stop()?;
 
-        let mut yaml = String::from("# weir-testkit demo: the pods of this node\npods:\n");
-        for pod in PODS {
-            yaml.push_str(&format!(
-                "  - name: {}\n    namespace: {NAMESPACE}\n    netns: /var/run/netns/{}\n    ips: [{}]\n",
-                pod.name,
-                pod.netns(),
-                pod.ip
-            ));
-        }
-        std::fs::write(&p.pods_file, yaml)?;
+        let entries: Vec<PodEntry> = PODS
+            .iter()
+            .map(|pod| {
+                PodEntry::at(
+                    pod.name,
+                    &Path::new("/var/run/netns").join(pod.netns()),
+                    &[&pod.ip.to_string()],
+                )
+                .namespace(NAMESPACE)
+            })
+            .collect();
+        write_atomically(
+            &p.pods_file,
+            &format!(
+                "# weir-testkit demo: the pods of this node\n{}",
+                pods_yaml(&entries)
+            ),
+        )?;
         step(&format!("pods file {}", p.pods_file.display()));
 
         // The agent, in its own cgroup (not the captured one).

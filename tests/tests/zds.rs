@@ -1,0 +1,403 @@
+//! weir as ztunnel's node agent (ZDS), against the real ztunnel binary
+//! (`WEIR_ZTUNNEL_BIN`, built by `cargo xtask test` from the shared source;
+//! xtask/src/ztunnel.rs).
+//!
+//! ztunnel runs in shared (in-pod) mode in a network namespace of its own
+//! (so its admin, stats and readiness ports are private to the test), with
+//! a local XDS file and the fake CA. What it does with what weir hands it
+//! is read from ztunnel itself: its admin `config_dump` (`workloadState`:
+//! the pods whose proxies it runs) and the sockets it opens inside each
+//! pod's network namespace (its HBONE listener, port 15008). The listener's
+//! inode tells whether a proxy kept running or was restarted.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use weir_tests::{NetNs, Proc, TempDir, spawn_in, wait_until, weir_bin};
+
+/// ztunnel's HBONE port: it listens there in every pod it serves.
+const HBONE_PORT: u16 = 15008;
+
+/// The ztunnel binary, or `None` (after `unavailable`, which fails under
+/// CI and `cargo xtask test`).
+fn ztunnel_bin() -> Option<PathBuf> {
+    let from_env = std::env::var_os("WEIR_ZTUNNEL_BIN")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let default = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/weir/ztunnel/62d82653/bin/ztunnel"));
+    if let Some(p) = from_env.or(default).filter(|p| p.is_file()) {
+        return Some(p);
+    }
+    weir_tests::unavailable(
+        "no ztunnel binary: set WEIR_ZTUNNEL_BIN, or run `cargo xtask test` (builds it from ../shared/reference/peers/ztunnel)",
+    );
+    None
+}
+
+/// A pod: a network namespace and its workload entry.
+struct Pod {
+    uid: String,
+    name: String,
+    ns: NetNs,
+}
+
+impl Pod {
+    fn new(name: &str) -> Pod {
+        Pod {
+            uid: format!("uid-{name}-{}", std::process::id()),
+            name: name.to_string(),
+            ns: NetNs::new("zp"),
+        }
+    }
+
+    /// The inode of ztunnel's HBONE listener in this pod, if there is one.
+    fn hbone_listener(&self) -> Option<u64> {
+        self.ns.run_in(|| {
+            let port = format!(":{HBONE_PORT:04X} ");
+            ["tcp6", "tcp"].iter().find_map(|f| {
+                let text = std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).ok()?;
+                text.lines().skip(1).find_map(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    // local_address, state 0A (LISTEN), inode.
+                    (cols.len() > 9 && format!("{} ", cols[1]).ends_with(&port) && cols[3] == "0A")
+                        .then(|| cols[9].parse().ok())
+                        .flatten()
+                })
+            })
+        })
+    }
+}
+
+/// One workloads-file entry.
+fn entry(p: &Pod, netns: Option<&Path>) -> String {
+    let mut s = format!(
+        "  - uid: {}\n    name: {}\n    namespace: zds-test\n    service_account: sa-{}\n",
+        p.uid, p.name, p.name
+    );
+    if let Some(n) = netns {
+        s.push_str(&format!("    netns: {}\n", n.display()));
+    }
+    s
+}
+
+/// The test's node: the socket, the workloads file, weir zds-serve.
+struct Node {
+    dir: TempDir,
+    socket: PathBuf,
+    file: PathBuf,
+    agent: Option<Proc>,
+}
+
+impl Node {
+    fn new() -> Node {
+        let dir = TempDir::new("zds");
+        let socket = dir.join("run/ztunnel.sock");
+        let file = dir.join("workloads.yaml");
+        let n = Node {
+            socket,
+            file,
+            dir,
+            agent: None,
+        };
+        n.write("workloads: []\n");
+        n
+    }
+
+    /// Replaces the workloads file atomically.
+    fn write(&self, text: &str) {
+        let tmp = self.dir.join("workloads.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.file).unwrap();
+    }
+
+    fn set(&self, entries: &[String]) {
+        let mut s = String::from("workloads:\n");
+        for e in entries {
+            s.push_str(e);
+        }
+        self.write(&s);
+    }
+
+    fn start_agent(&mut self) {
+        let mut cmd = Command::new(weir_bin());
+        cmd.env("RUST_LOG", "info")
+            .arg("zds-serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--workloads")
+            .arg(&self.file)
+            .args(["--reload-ms", "50"]);
+        let mut p = spawn_in(None, None, cmd);
+        p.wait_for_output("workloads file applied", Duration::from_secs(10));
+        self.agent = Some(p);
+    }
+
+    fn kill_agent(&mut self) {
+        if let Some(mut p) = self.agent.take() {
+            p.kill();
+        }
+    }
+
+    fn agent_logs(&self) -> String {
+        self.agent.as_ref().map(Proc::logs).unwrap_or_default()
+    }
+
+    fn wait_log(&self, needle: &str) {
+        wait_until(Duration::from_secs(15), needle, || {
+            self.agent_logs().contains(needle)
+        });
+    }
+
+    fn count_log(&self, needle: &str) -> usize {
+        self.agent_logs().matches(needle).count()
+    }
+}
+
+/// A ztunnel in shared mode, in its own network namespace.
+struct Ztunnel {
+    ns: NetNs,
+    proc: Proc,
+    _dir: TempDir,
+}
+
+impl Ztunnel {
+    fn start(bin: &Path, socket: &Path) -> Ztunnel {
+        let dir = TempDir::new("zt");
+        let xds = dir.join("xds.yaml");
+        std::fs::write(&xds, "workloads: []\nservices: []\n").unwrap();
+        let ns = NetNs::new("zt");
+        let mut cmd = Command::new(bin);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("PROXY_MODE", "shared")
+            .env("INPOD_UDS", socket)
+            .env("FAKE_CA", "true")
+            .env("XDS_ADDRESS", "")
+            .env("CA_ADDRESS", "")
+            .env("LOCAL_XDS_PATH", &xds)
+            .env("NODE_NAME", "zds-test-node");
+        let mut proc = spawn_in(Some(&ns), None, cmd);
+        proc.wait_for_output("in-pod mode enabled", Duration::from_secs(20));
+        Ztunnel {
+            ns,
+            proc,
+            _dir: dir,
+        }
+    }
+
+    /// `workloadState` of ztunnel's config dump: uid -> entry.
+    fn workloads(&self) -> BTreeMap<String, Value> {
+        let body = self.ns.run_in(|| {
+            let mut s = TcpStream::connect(("127.0.0.1", 15000)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            s.write_all(
+                b"GET /config_dump HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
+            .ok()?;
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).ok()?;
+            Some(String::from_utf8_lossy(&out).into_owned())
+        });
+        let Some(body) = body else {
+            return BTreeMap::new();
+        };
+        let json = body.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: Value = serde_json::from_str(json).unwrap_or(Value::Null);
+        v["workloadState"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// UIDs whose proxy is up.
+    fn up(&self) -> Vec<String> {
+        self.workloads()
+            .into_iter()
+            .filter(|(_, v)| v["state"] == "Up")
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    fn wait_up(&self, want: &[&Pod]) {
+        let mut want: Vec<String> = want.iter().map(|p| p.uid.clone()).collect();
+        want.sort();
+        wait_until(
+            Duration::from_secs(15),
+            &format!("ztunnel serving exactly {want:?}"),
+            || self.up() == want,
+        );
+    }
+
+    fn logs(&self) -> String {
+        self.proc.logs()
+    }
+}
+
+/// Root and the ztunnel binary, or `None` to skip (outside CI).
+fn setup() -> Option<PathBuf> {
+    if !weir_tests::require_root() {
+        return None;
+    }
+    ztunnel_bin()
+}
+
+#[test]
+fn snapshot_hands_the_listed_pods_to_ztunnel() {
+    let Some(bin) = setup() else { return };
+    let (a, b, c) = (Pod::new("a"), Pod::new("b"), Pod::new("c"));
+    let mut node = Node::new();
+    node.set(&[
+        entry(&a, Some(a.ns.path())),
+        entry(&b, Some(b.ns.path())),
+        // No network namespace yet: kept, not added.
+        entry(&c, None),
+    ]);
+    node.start_agent();
+    let zt = Ztunnel::start(&bin, &node.socket);
+    zt.wait_up(&[&a, &b]);
+    node.wait_log("pods added, 1 kept");
+    assert!(node.agent_logs().contains("2 pods added, 1 kept"));
+    let w = zt.workloads();
+    let info = &w[&a.uid]["info"];
+    assert_eq!(info["name"], "a", "{w:?}");
+    assert_eq!(info["namespace"], "zds-test");
+    assert_eq!(info["serviceAccount"], "sa-a");
+    assert!(!w.contains_key(&c.uid), "c was only kept: {w:?}");
+    // ztunnel's proxies run inside the pods' namespaces.
+    assert!(a.hbone_listener().is_some(), "{}", zt.logs());
+    assert!(b.hbone_listener().is_some());
+    assert!(c.hbone_listener().is_none());
+}
+
+#[test]
+fn pods_added_and_deleted_after_the_snapshot() {
+    let Some(bin) = setup() else { return };
+    let (a, b) = (Pod::new("a"), Pod::new("b"));
+    let mut node = Node::new();
+    node.start_agent();
+    let zt = Ztunnel::start(&bin, &node.socket);
+    node.wait_log("0 pods added, 0 kept");
+    node.set(&[entry(&a, Some(a.ns.path()))]);
+    zt.wait_up(&[&a]);
+    wait_until(Duration::from_secs(5), "a's HBONE listener", || {
+        a.hbone_listener().is_some()
+    });
+    node.set(&[entry(&b, Some(b.ns.path()))]);
+    zt.wait_up(&[&b]);
+    // a's proxy is gone from its namespace.
+    wait_until(Duration::from_secs(10), "a's listener closed", || {
+        a.hbone_listener().is_none()
+    });
+    assert!(b.hbone_listener().is_some());
+}
+
+#[test]
+fn keep_saves_a_pod_whose_netns_cannot_be_opened() {
+    let Some(bin) = setup() else { return };
+    let (a, b) = (Pod::new("a"), Pod::new("b"));
+    let mut node = Node::new();
+    node.set(&[entry(&a, Some(a.ns.path())), entry(&b, Some(b.ns.path()))]);
+    node.start_agent();
+    let zt = Ztunnel::start(&bin, &node.socket);
+    zt.wait_up(&[&a, &b]);
+    let a_listener = a.hbone_listener().expect("a's proxy listens");
+    // A new agent that cannot open a's namespace (and no longer lists b):
+    // a is kept, b is dropped by ztunnel at the end of the snapshot.
+    node.kill_agent();
+    node.set(&[entry(&a, Some(Path::new("/nonexistent/netns/a")))]);
+    node.start_agent();
+    node.wait_log("0 pods added, 1 kept");
+    zt.wait_up(&[&a]);
+    wait_until(Duration::from_secs(10), "b's listener closed", || {
+        b.hbone_listener().is_none()
+    });
+    assert_eq!(
+        a.hbone_listener(),
+        Some(a_listener),
+        "a's proxy kept running (same listener)"
+    );
+    // Once the namespace can be opened again, a is handed over (the same
+    // netns: ztunnel keeps the proxy it runs).
+    node.set(&[entry(&a, Some(a.ns.path()))]);
+    node.wait_log(&format!("pod zds-test/a (uid {}) handed to ztunnel", a.uid));
+    assert_eq!(a.hbone_listener(), Some(a_listener));
+    assert_eq!(zt.up(), vec![a.uid.clone()]);
+}
+
+#[test]
+fn ztunnel_reconnect_gets_a_fresh_snapshot() {
+    let Some(bin) = setup() else { return };
+    let (a, b) = (Pod::new("a"), Pod::new("b"));
+    let mut node = Node::new();
+    node.set(&[entry(&a, Some(a.ns.path())), entry(&b, Some(b.ns.path()))]);
+    node.start_agent();
+    let zt = Ztunnel::start(&bin, &node.socket);
+    zt.wait_up(&[&a, &b]);
+    drop(zt);
+    wait_until(Duration::from_secs(10), "ztunnel's proxies gone", || {
+        a.hbone_listener().is_none() && b.hbone_listener().is_none()
+    });
+    let zt = Ztunnel::start(&bin, &node.socket);
+    zt.wait_up(&[&a, &b]);
+    assert!(a.hbone_listener().is_some() && b.hbone_listener().is_some());
+    assert_eq!(
+        node.count_log("2 pods added, 0 kept"),
+        2,
+        "one snapshot per connection"
+    );
+}
+
+#[test]
+fn a_pod_deleted_while_ztunnel_is_down_is_not_served_after() {
+    let Some(bin) = setup() else { return };
+    let (a, b) = (Pod::new("a"), Pod::new("b"));
+    let mut node = Node::new();
+    node.set(&[entry(&a, Some(a.ns.path())), entry(&b, Some(b.ns.path()))]);
+    node.start_agent();
+    let zt = Ztunnel::start(&bin, &node.socket);
+    zt.wait_up(&[&a, &b]);
+    drop(zt);
+    node.wait_log("closed");
+    node.set(&[entry(&a, Some(a.ns.path()))]);
+    node.wait_log("workloads file applied: 1 workloads");
+    let zt = Ztunnel::start(&bin, &node.socket);
+    zt.wait_up(&[&a]);
+    node.wait_log("1 pods added, 0 kept");
+    assert!(b.hbone_listener().is_none());
+    assert!(a.hbone_listener().is_some());
+}
+
+#[test]
+fn agent_restart_leaves_ztunnel_serving_its_pods() {
+    let Some(bin) = setup() else { return };
+    let (a, b) = (Pod::new("a"), Pod::new("b"));
+    let mut node = Node::new();
+    node.set(&[entry(&a, Some(a.ns.path())), entry(&b, Some(b.ns.path()))]);
+    node.start_agent();
+    let zt = Ztunnel::start(&bin, &node.socket);
+    zt.wait_up(&[&a, &b]);
+    let before = (a.hbone_listener(), b.hbone_listener());
+    assert!(before.0.is_some() && before.1.is_some());
+    node.kill_agent();
+    // Agent down: ztunnel goes on serving both pods.
+    std::thread::sleep(Duration::from_millis(500));
+    zt.wait_up(&[&a, &b]);
+    assert_eq!((a.hbone_listener(), b.hbone_listener()), before);
+    // A new agent: the same pods in its snapshot, nothing restarted.
+    node.start_agent();
+    node.wait_log("2 pods added, 0 kept");
+    zt.wait_up(&[&a, &b]);
+    assert_eq!(
+        (a.hbone_listener(), b.hbone_listener()),
+        before,
+        "the proxies kept running across the agent restart\n{}",
+        zt.logs()
+    );
+}
