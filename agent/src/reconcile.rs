@@ -57,6 +57,10 @@ pub struct Reconciler {
     dns_recorded: BTreeMap<u64, BTreeSet<u64>>,
     /// Pods enrolled by `weir inpod-enroll` (ambient), kept in every pass.
     pub inpod: BTreeMap<String, crate::ambient::inpod::InpodPod>,
+    /// The node's own addresses (the agent's network namespace), read
+    /// once: ambient pods leave connections from them to the application
+    /// (kubelet probes; docs/ambient.md).
+    node_addrs: Option<Vec<IpAddr>>,
 }
 
 fn meta(spec: &PodSpec) -> PodMeta {
@@ -82,6 +86,7 @@ impl Reconciler {
             dns_recorded: BTreeMap::new(),
             failed: 0,
             inpod: BTreeMap::new(),
+            node_addrs: None,
         }
     }
 
@@ -241,6 +246,17 @@ impl Reconciler {
             }
         };
         let mut discovered = with_discovered_addrs(spec, probe.facts);
+        if discovered.mesh == crate::policy::Mesh::Ambient {
+            // Kubelet probes come from the node itself: istio-cni SNATs
+            // them to 169.254.7.127 on the host; weir, with no host rule,
+            // lets the node's own addresses through instead.
+            for a in self.node_addrs() {
+                discovered
+                    .rules
+                    .inbound_skip_sources
+                    .insert(ipnet::IpNet::from(a));
+            }
+        }
         // An address found in this netns that another enrolled pod owns
         // (lists, or had discovered first) is never claimed: a pod with
         // CAP_NET_ADMIN could otherwise add a neighbour's IP to its own
@@ -403,6 +419,48 @@ impl Reconciler {
             .as_ref()
             .and_then(|m| m.get(&ino).cloned())
             .unwrap_or_default())
+    }
+
+    /// The node's addresses (those of the agent's own network namespace,
+    /// loopback and link-local left out), read on first use.
+    fn node_addrs(&mut self) -> Vec<IpAddr> {
+        if let Some(a) = &self.node_addrs {
+            return a.clone();
+        }
+        let own = Path::new("/proc/self/ns/net");
+        let probe = crate::netlink::probe_all(&[(
+            own,
+            crate::netlink::Names {
+                exclude: None,
+                virt: None,
+            },
+        )])
+        .pop();
+        let addrs: Vec<IpAddr> = match probe.map(|p| p.facts) {
+            Some(Ok(f)) => f
+                .addrs
+                .into_iter()
+                .filter(|a| {
+                    !a.is_loopback()
+                        && match a {
+                            IpAddr::V4(v) => !v.is_link_local(),
+                            IpAddr::V6(v) => v.segments()[0] & 0xffc0 != 0xfe80,
+                        }
+                })
+                .collect(),
+            other => {
+                warn!(
+                    "reading the node's addresses for ambient probe sources failed ({:?}); kubelet probes of ambient pods go through ztunnel",
+                    other.map(|r| r.err().map(|e| e.to_string()))
+                );
+                Vec::new()
+            }
+        };
+        info!(
+            "ambient: connections from the node's addresses {addrs:?} are not captured (kubelet probes)"
+        );
+        self.node_addrs = Some(addrs.clone());
+        addrs
     }
 
     /// Removes one pod now (for `weir inpod-enroll`, replacing a stale
