@@ -212,4 +212,73 @@ mod tests {
             assert!(!classify(f).is_ambient(), "{f:?}");
         }
     }
+
+    #[test]
+    fn ambient_rules_follow_istio_cni() {
+        use crate::policy::{Mesh, keys, pod_rules};
+        use weir_common::*;
+        let ips = ["198.18.0.1".parse().unwrap()];
+        let r = pod_rules(Mesh::Ambient, &ips, &BTreeMap::new()).unwrap();
+        let f = r.policy.flags;
+        assert_ne!(f & POLICY_AMBIENT, 0);
+        assert_ne!(f & POLICY_CAPTURE_OUTBOUND, 0);
+        assert_ne!(f & POLICY_CAPTURE_INBOUND, 0);
+        assert_ne!(f & POLICY_CAPTURE_DNS, 0, "DNS capture on by default");
+        assert_eq!(
+            (r.policy.outbound_port, r.policy.inbound_port),
+            (15001, 15006)
+        );
+        assert_eq!((r.policy.tunnel_port, r.policy.dns_port), (15008, 15053));
+        assert!(r.uids.is_empty() && r.gids.is_empty(), "no proxy identity");
+        // The probe address, both ways.
+        let probe: ipnet::IpNet = "169.254.7.127/32".parse().unwrap();
+        assert!(r.exclude_cidrs.contains(&probe));
+        assert!(r.inbound_skip_sources.contains(&probe));
+        // No sidecar exclusions (15090, 15021) inbound.
+        assert!(!r.in_exclude_ports.contains(&15090));
+
+        let off = m(&[(keys::AMBIENT_DNS_CAPTURE, "false")]);
+        let r = pod_rules(Mesh::Ambient, &ips, &off).unwrap();
+        assert_eq!(r.policy.flags & POLICY_CAPTURE_DNS, 0);
+        let ingress = m(&[(keys::AMBIENT_BYPASS_INBOUND, "true")]);
+        let r = pod_rules(Mesh::Ambient, &ips, &ingress).unwrap();
+        assert_eq!(r.policy.flags & POLICY_CAPTURE_INBOUND, 0);
+        assert_ne!(r.policy.flags & POLICY_CAPTURE_OUTBOUND, 0);
+        let bad = m(&[(keys::AMBIENT_DNS_CAPTURE, "maybe")]);
+        let e = pod_rules(Mesh::Ambient, &ips, &bad).unwrap_err();
+        assert!(
+            e.to_string().contains("ambient.istio.io/dns-capture"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pods_file_labels_uid_and_service_account() {
+        let text = "pods:
+  - name: a
+    netns: /var/run/netns/a
+    ips: [198.18.0.1]
+    namespaceLabels: {istio.io/dataplane-mode: ambient}
+    uid: 3f1c
+    serviceAccount: reviews
+  - name: b
+    netns: /var/run/netns/b
+    ips: [198.18.0.2]
+    labels: {istio.io/dataplane-mode: none}
+    namespaceLabels: {istio.io/dataplane-mode: ambient}
+  - name: c
+    netns: /var/run/netns/c
+    ips: [198.18.0.3]
+    mesh: ambient
+";
+        let f = crate::podsfile::parse(std::path::Path::new("pods.yaml"), text).unwrap();
+        assert!(f.errors.is_empty(), "{:?}", f.errors);
+        let by = |n: &str| f.pods.iter().find(|p| p.name == n).unwrap();
+        assert_eq!(by("a").mesh, Mesh::Ambient);
+        assert_eq!(by("a").uid, "3f1c");
+        assert_eq!(by("a").service_account, "reviews");
+        assert_eq!(by("b").mesh, Mesh::Istio, "opted out: sidecar default");
+        assert_eq!(by("c").mesh, Mesh::Ambient);
+        assert_eq!(by("c").service_account, "default");
+    }
 }
