@@ -154,8 +154,9 @@ fn start_processes(node: &mut Node, w: &mut World) {
     node.echo(&w.pod, 8080, "app", APP_UID);
     node.echo(&w.pod, 15008, "hbone", APP_UID);
     node.echo(&w.pod, 15053, "dns-proxy", APP_UID);
-    node.echo(&w.peer, 80, "peer", APP_UID);
-    node.echo(&w.peer, 53, "peer-dns", APP_UID);
+    // Ports below 1024: root.
+    node.echo(&w.peer, 80, "peer", 0);
+    node.echo(&w.peer, 53, "peer-dns", 0);
 }
 
 /// One connection of the matrix.
