@@ -249,8 +249,7 @@ fn matrix(v6: bool) -> Vec<Conn> {
 fn observe(node: &Node, w: &World, c: &Conn) -> String {
     let before = sidecar_log(&w.ztunnel_log).len();
     let from = if c.from_peer { &w.peer } else { &w.pod };
-    let mut args: Vec<&str> = c.args.iter().map(String::as_str).collect();
-    args.extend(["--timeout-ms", "1500"]);
+    let args: Vec<&str> = c.args.iter().map(String::as_str).collect();
     let global: Vec<&str> = c.global.iter().map(String::as_str).collect();
     let r = node.client_with(from, &global, &c.dst, &args);
     // The stand-in writes its record as it relays.
