@@ -265,13 +265,12 @@ pub fn run(root: &Path, weir: &Path, filter: &[String]) -> Result<()> {
         .run()?;
     let cgroup = cgroup2_root()?.join(format!("weir-ztunnel-{}", std::process::id()));
     std::fs::create_dir_all(&cgroup)?;
-    let guard = Cleanup {
+    let mut guard = Cleanup {
         weir: weir.to_path_buf(),
         bpffs: bpffs.clone(),
         cgroup: cgroup.clone(),
         agent: None,
     };
-    let mut guard = guard;
     let log = std::fs::File::create(agent_dir.join("agent.log"))?;
     let agent = std::process::Command::new(weir)
         .arg("run")
