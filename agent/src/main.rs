@@ -66,6 +66,10 @@ enum Command {
     /// Put the weir-cni plugin into the node's CNI configuration, or take
     /// it out.
     Cni(cni::CniCommand),
+    /// Capture this process's own network namespace for Istio ambient
+    /// mode (ztunnel), through a running agent's CNI socket (hosts
+    /// without Kubernetes, ztunnel's namespaced test suite).
+    InpodEnroll(ambient::inpod::InpodArgs),
     /// Serve ztunnel's ZDS socket from a workloads file, without loading
     /// any kernel program (for tests, and for trying ztunnel by hand; `weir
     /// run --zds-socket` serves the node's ambient pods).
@@ -289,6 +293,7 @@ fn main() {
         Command::LogLevel(a) => datapath::set_pinned_log_level(&a.bpffs.bpffs, a.level)
             .map(|()| println!("kernel log level: {:?}", a.level)),
         Command::Cni(c) => cni::command(&c),
+        Command::InpodEnroll(a) => ambient::inpod::command(&a),
         Command::ZdsServe(a) => zds_serve(&a),
     };
     if let Err(e) = res {

@@ -375,6 +375,7 @@ impl Server {
             Command::Status => Response::Ok {
                 message: "ready".into(),
             },
+            Command::Inpod => self.inpod(req).await,
         }
     }
 
@@ -507,6 +508,42 @@ impl Server {
                 failed(format!("{e:#}"))
             }
             Err(e) => failed(format!("enrollment task failed: {e}")),
+        }
+    }
+
+    /// `weir inpod-enroll`: enrolls the caller's netns as an ambient pod
+    /// (see [`crate::ambient::inpod`]).
+    async fn inpod(&self, req: Request) -> Response {
+        if req.netns.is_empty() {
+            return Response::Failed {
+                message: "the caller's pid is unknown (no SO_PEERCRED); run weir inpod-enroll \
+                          on this host"
+                    .into(),
+            };
+        }
+        let rec = self.rec.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
+            crate::ambient::inpod::enroll(&mut r, &req)
+        })
+        .await;
+        match res {
+            Ok(Ok((key, cookie))) => {
+                info!("inpod-enroll: {key} enrolled (ambient, netns cookie {cookie})");
+                Response::Enrolled {
+                    cookie,
+                    message: format!("{key} enrolled (ambient)"),
+                }
+            }
+            Ok(Err(e)) => {
+                warn!("inpod-enroll: {e:#}");
+                Response::Failed {
+                    message: format!("{e:#}"),
+                }
+            }
+            Err(e) => Response::Failed {
+                message: format!("enrollment task failed: {e}"),
+            },
         }
     }
 
@@ -655,7 +692,17 @@ async fn connection(mut stream: UnixStream, server: &Server) -> Result<()> {
         .context("reading the request")?;
     let started = std::time::Instant::now();
     let (command, resp) = match serde_json::from_slice::<Request>(&line) {
-        Ok(req) => (Some(req.command), server.handle(req).await),
+        Ok(mut req) => {
+            if req.command == Command::Inpod {
+                // The caller's own netns, by its pid as this process sees
+                // it (never a path the caller names).
+                req.netns = match cred.pid() {
+                    Some(pid) => format!("/proc/{pid}/ns/net"),
+                    None => String::new(),
+                };
+            }
+            (Some(req.command), server.handle(req).await)
+        }
         Err(e) => (
             None,
             Response::Failed {

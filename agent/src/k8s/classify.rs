@@ -305,7 +305,18 @@ pub fn verdict(pod: &Pod) -> Verdict {
         }
         return Verdict::Meshed(Mesh::Kuma);
     }
-    not("no istio-proxy, linkerd-proxy or kuma-sidecar container")
+    // Istio ambient mode: the pod's own label (namespace labels are not
+    // watched yet: docs/ambient.md).
+    if crate::ambient::classify(crate::ambient::PodFacts {
+        labels: Some(labels),
+        annotations: Some(ann),
+        ..Default::default()
+    })
+    .is_ambient()
+    {
+        return Verdict::Meshed(Mesh::Ambient);
+    }
+    not("no istio-proxy, linkerd-proxy or kuma-sidecar container, no istio.io/dataplane-mode=ambient label")
 }
 
 /// Reduces a pod object to what weir needs.
