@@ -70,6 +70,10 @@ enum Command {
     /// Put the weir-cni plugin into the node's CNI configuration, or take
     /// it out.
     Cni(cni::CniCommand),
+    /// Capture this process's own network namespace for Istio ambient
+    /// mode (ztunnel), through a running agent's CNI socket (hosts
+    /// without Kubernetes, ztunnel's namespaced test suite).
+    InpodEnroll(ambient::inpod::InpodArgs),
     /// Serve ztunnel's ZDS socket from a workloads file, without loading
     /// any kernel program (for tests, and for trying ztunnel by hand; `weir
     /// run --zds-socket` serves the node's ambient pods).
@@ -293,6 +297,7 @@ fn main() {
         Command::LogLevel(a) => datapath::set_pinned_log_level(&a.bpffs.bpffs, a.level)
             .map(|()| println!("kernel log level: {:?}", a.level)),
         Command::Cni(c) => cni::command(&c),
+        Command::InpodEnroll(a) => ambient::inpod::command(&a),
         Command::ZdsServe(a) => zds_serve(&a),
     };
     if let Err(e) = res {
@@ -434,7 +439,7 @@ fn run(a: RunArgs) -> Result<()> {
         if let Some(logger) = kernel_logger {
             tokio::spawn(read_kernel_logs(logger));
         }
-        let _zds = match &a.zds_socket {
+        let zds = match &a.zds_socket {
             Some(path) => {
                 let server = zds::Zds::new();
                 server.listen(path)?;
@@ -451,7 +456,7 @@ fn run(a: RunArgs) -> Result<()> {
         }
         if a.kube.kubernetes {
             let resync = Duration::from_secs(a.resync_secs);
-            return k8s::run(&a.kube, &a.cni, resync, rec, ready).await;
+            return k8s::run(&a.kube, &a.cni, resync, rec, ready, zds).await;
         }
         if let Some(pods_file) = &a.pods_file {
             let server = cni::Server::new(
@@ -460,7 +465,8 @@ fn run(a: RunArgs) -> Result<()> {
                 a.kube.host_proc.clone(),
                 None,
                 None,
-            );
+            )
+            .with_zds(zds.clone());
             cni::start(&a.cni, a.cni.socket(false), server).await?;
         }
         let pods_file = a
@@ -473,6 +479,7 @@ fn run(a: RunArgs) -> Result<()> {
             Duration::from_secs(a.resync_secs),
             rec,
             ready,
+            zds,
         )
         .await
     })

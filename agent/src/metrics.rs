@@ -275,6 +275,10 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
     let pod_vecs = counter_vecs(&reg, POD_FAMILIES, true)?;
     let node_vecs = counter_vecs(&reg, NODE_FAMILIES, false)?;
     let enrolled = IntGauge::new("weir_pods_enrolled", "Pods enrolled on this node.")?;
+    let ambient = IntGauge::new(
+        "weir_ambient_pods",
+        "Enrolled pods in Istio ambient mode (captured for ztunnel; handed to it over ZDS).",
+    )?;
     let failed = IntGauge::new(
         "weir_pods_failed",
         "Pods the last pass could not enroll or update (netns gone, a map full, ...; the agent's log says why).",
@@ -299,6 +303,7 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
         &["version", "layout", "commit"],
     )?;
     reg.register(Box::new(enrolled.clone()))?;
+    reg.register(Box::new(ambient.clone()))?;
     reg.register(Box::new(failed.clone()))?;
     reg.register(Box::new(map_entries.clone()))?;
     reg.register(Box::new(map_capacity.clone()))?;
@@ -314,6 +319,7 @@ pub fn render(rec: &Mutex<Reconciler>) -> prometheus::Result<String> {
 
     let r = rec.lock().unwrap_or_else(|p| p.into_inner());
     enrolled.set(r.pods.len() as i64);
+    ambient.set(crate::ambient::enrolled_pods(&r.pods).len() as i64);
     failed.set(r.failed_last_pass() as i64);
     for p in r.pods.values() {
         let Some(c) = r.dp.pod_counters(p.cookie) else {
@@ -476,6 +482,7 @@ impl Agent {
             Some(Command::Del) => "del",
             Some(Command::Check) => "check",
             Some(Command::Status) => "status",
+            Some(Command::Inpod) => "inpod",
             None => "invalid",
         };
         let result = match resp {

@@ -383,3 +383,92 @@ mod tests {
         assert_eq!(v.flags, 0);
     }
 }
+
+/// What istio-cni sets up in an ambient pod besides iptables, so that the
+/// application's answers to ztunnel's transparent connections (source:
+/// the client's address) are delivered back to ztunnel inside the pod
+/// instead of being routed out: `tcp_fwmark_accept` (the application's
+/// accepted socket takes the mark of the SYN, which weir's sockops set to
+/// 0x111), `fwmark_reflect` (RSTs and ICMP answers too), and
+/// `ip rule add fwmark 0x111/0xfff pref 32764 lookup 100` with
+/// `ip route add local 0.0.0.0/0 dev lo table 100` (and `::/0`). All of
+/// it inside the pod's netns only; repeating it is harmless.
+pub fn setup_ambient(netns: &Path) -> Result<()> {
+    use rtnetlink::packet_route::route::{RouteScope, RouteType};
+    use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute};
+    use weir_common::{CONNMARK_MARK, CONNMARK_RULE_PRIORITY, CONNMARK_TABLE, ZTUNNEL_MARK_MASK};
+    let ns = std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    crate::sys::in_netns(ns.as_fd(), || {
+        // /proc/sys/net is the netns of the thread that opens it.
+        for (path, required) in [
+            ("/proc/sys/net/ipv4/tcp_fwmark_accept", true),
+            ("/proc/sys/net/ipv4/fwmark_reflect", true),
+            ("/proc/sys/net/ipv6/fwmark_reflect", false),
+        ] {
+            match std::fs::write(path, "1") {
+                Ok(()) => {}
+                Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(std::io::Error::other(format!("{path}: {e}"))),
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            tokio::spawn(conn);
+            let exists_ok = |r: Result<(), rtnetlink::Error>| match r {
+                Ok(()) => Ok(()),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+                Err(e) => Err(std::io::Error::other(e)),
+            };
+            for v6 in [false, true] {
+                let mut rule = handle
+                    .rule()
+                    .add()
+                    .fw_mark(CONNMARK_MARK)
+                    .priority(CONNMARK_RULE_PRIORITY)
+                    .table_id(CONNMARK_TABLE)
+                    .action(RuleAction::ToTable);
+                rule.message_mut()
+                    .attributes
+                    .push(RuleAttribute::FwMask(ZTUNNEL_MARK_MASK));
+                let res = if v6 {
+                    let mut r = rule.v6();
+                    r.message_mut().header.family = rtnetlink::packet_route::AddressFamily::Inet6;
+                    r.execute().await
+                } else {
+                    rule.v4().execute().await
+                };
+                match exists_ok(res) {
+                    // A pod without IPv6 (disabled in its netns).
+                    Err(e) if v6 => {
+                        log::debug!("ambient: no IPv6 rule in {}: {e}", netns.display());
+                        continue;
+                    }
+                    r => r?,
+                }
+                let msg = if v6 {
+                    rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new()
+                        .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                        .output_interface(LOOPBACK_IFINDEX)
+                        .table_id(CONNMARK_TABLE)
+                        .kind(RouteType::Local)
+                        .scope(RouteScope::Host)
+                        .build()
+                } else {
+                    rtnetlink::RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                        .destination_prefix(std::net::Ipv4Addr::UNSPECIFIED, 0)
+                        .output_interface(LOOPBACK_IFINDEX)
+                        .table_id(CONNMARK_TABLE)
+                        .kind(RouteType::Local)
+                        .scope(RouteScope::Host)
+                        .build()
+                };
+                exists_ok(handle.route().add(msg).replace().execute().await)?;
+            }
+            Ok(())
+        })
+    })
+    .with_context(|| format!("ambient routing set-up in {}", netns.display()))
+}

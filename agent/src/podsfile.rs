@@ -347,6 +347,7 @@ pub async fn run(
     resync: Duration,
     rec: Arc<Mutex<Reconciler>>,
     ready: Arc<AtomicBool>,
+    zds: Option<crate::zds::Zds>,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -423,10 +424,25 @@ pub async fn run(
         }
         let rec = rec.clone();
         let started = std::time::Instant::now();
+        let zds = zds.clone();
         tokio::task::spawn_blocking(move || {
             let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
             r.apply(&parsed.pods, &parsed.invalid);
             r.dp.set_ready(true);
+            // The ambient pods for ztunnel (under the lock, so a CNI ADD's
+            // hand-over is never followed by a list without its pod):
+            // enrolled ones with their netns, the others of the file kept.
+            if let Some(z) = &zds {
+                let known = parsed
+                    .pods
+                    .iter()
+                    .filter(|s| s.mesh == Mesh::Ambient)
+                    .map(|s| crate::zds::Workload::from(crate::ambient::AmbientPod::of(s)));
+                z.update(crate::zds::from_pass(
+                    crate::ambient::enrolled_pods(&r.pods),
+                    known,
+                ));
+            }
         })
         .await?;
         if changed {
@@ -633,5 +649,34 @@ pods:
                 )]
             );
         }
+    }
+
+    /// The tests' pods-file writer (`weir_tests::podsfile`) writes what
+    /// this parser reads: every field it can set arrives.
+    #[test]
+    fn the_test_harness_writer_is_read_back() {
+        use weir_tests::podsfile::{PodEntry, pods_yaml};
+        let mut e = PodEntry::at("a", Path::new("/n/a"), &["198.18.0.1", "2001:2::1"])
+            .namespace("shop")
+            .annotate("traffic.sidecar.istio.io/excludeOutboundPorts", "3306");
+        e.mesh = Some("linkerd".into());
+        e.uid = Some("u-1".into());
+        e.service_account = Some("sa".into());
+        let plain = PodEntry::at("b", Path::new("/n/b"), &[]);
+        let f = p(&pods_yaml(&[e, plain]));
+        assert!(f.errors.is_empty(), "{:?}", f.errors);
+        let a = &f.pods[0];
+        assert_eq!((a.namespace.as_str(), a.name.as_str()), ("shop", "a"));
+        assert_eq!(a.netns, Path::new("/n/a"));
+        assert_eq!(a.ips.len(), 2);
+        assert_eq!(a.mesh, Mesh::Linkerd);
+        assert_eq!(
+            a.annotations["traffic.sidecar.istio.io/excludeOutboundPorts"],
+            "3306"
+        );
+        assert_eq!((a.uid.as_str(), a.service_account.as_str()), ("u-1", "sa"));
+        let b = &f.pods[1];
+        assert_eq!((b.namespace.as_str(), b.mesh), ("default", Mesh::Istio));
+        assert!(p(&pods_yaml(&[])).pods.is_empty());
     }
 }

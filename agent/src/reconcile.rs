@@ -56,6 +56,12 @@ pub struct Reconciler {
     /// Per pod (netns cookie), the inodes of the DNS proxy sockets last
     /// recorded in `LISTENERS`: while the proxy keeps them, nothing to do.
     dns_recorded: BTreeMap<u64, BTreeSet<u64>>,
+    /// Pods enrolled by `weir inpod-enroll` (ambient), kept in every pass.
+    pub inpod: BTreeMap<String, crate::ambient::inpod::InpodPod>,
+    /// The node's own addresses (the agent's network namespace), read
+    /// once: ambient pods leave connections from them to the application
+    /// (kubelet probes; docs/ambient.md).
+    node_addrs: Option<Vec<IpAddr>>,
 }
 
 fn meta(spec: &PodSpec) -> PodMeta {
@@ -80,6 +86,8 @@ impl Reconciler {
             proc_index: None,
             dns_recorded: BTreeMap::new(),
             failed: 0,
+            inpod: BTreeMap::new(),
+            node_addrs: None,
         }
     }
 
@@ -96,7 +104,9 @@ impl Reconciler {
         let started = std::time::Instant::now();
         self.proc_index = None;
         let mut want: BTreeMap<String, &PodSpec> = BTreeMap::new();
-        for s in desired {
+        // `weir inpod-enroll`'s pods first: the source's own entry wins.
+        let inpod: Vec<PodSpec> = self.inpod.values().map(|p| p.spec.clone()).collect();
+        for s in inpod.iter().chain(desired) {
             want.insert(s.key(), s);
         }
         // Removals first: a new pod may reuse a gone pod's address.
@@ -237,6 +247,17 @@ impl Reconciler {
             }
         };
         let mut discovered = with_discovered_addrs(spec, probe.facts);
+        if discovered.mesh == crate::policy::Mesh::Ambient {
+            // Kubelet probes come from the node itself: istio-cni SNATs
+            // them to 169.254.7.127 on the host; weir, with no host rule,
+            // lets the node's own addresses through instead.
+            for a in self.node_addrs() {
+                discovered
+                    .rules
+                    .inbound_skip_sources
+                    .insert(ipnet::IpNet::from(a));
+            }
+        }
         // An address found in this netns that another enrolled pod owns
         // (lists, or had discovered first) is never claimed: a pod with
         // CAP_NET_ADMIN could otherwise add a neighbour's IP to its own
@@ -401,6 +422,54 @@ impl Reconciler {
             .unwrap_or_default())
     }
 
+    /// The node's addresses (those of the agent's own network namespace,
+    /// loopback and link-local left out), read on first use.
+    fn node_addrs(&mut self) -> Vec<IpAddr> {
+        if let Some(a) = &self.node_addrs {
+            return a.clone();
+        }
+        let own = Path::new("/proc/self/ns/net");
+        let probe = crate::netlink::probe_all(&[(
+            own,
+            crate::netlink::Names {
+                exclude: None,
+                virt: None,
+            },
+        )])
+        .pop();
+        let addrs: Vec<IpAddr> = match probe.map(|p| p.facts) {
+            Some(Ok(f)) => f
+                .addrs
+                .into_iter()
+                .filter(|a| {
+                    !a.is_loopback()
+                        && match a {
+                            IpAddr::V4(v) => !v.is_link_local(),
+                            IpAddr::V6(v) => v.segments()[0] & 0xffc0 != 0xfe80,
+                        }
+                })
+                .collect(),
+            other => {
+                warn!(
+                    "reading the node's addresses for ambient probe sources failed ({:?}); kubelet probes of ambient pods go through ztunnel",
+                    other.map(|r| r.err().map(|e| e.to_string()))
+                );
+                Vec::new()
+            }
+        };
+        info!(
+            "ambient: connections from the node's addresses {addrs:?} are not captured (kubelet probes)"
+        );
+        self.node_addrs = Some(addrs.clone());
+        addrs
+    }
+
+    /// Removes one pod now (for `weir inpod-enroll`, replacing a stale
+    /// pod).
+    pub fn remove_pod(&mut self, key: &str) {
+        self.remove(key);
+    }
+
     fn remove(&mut self, key: &str) {
         if let Some(p) = self.pods.remove(key) {
             self.dp.remove_pod(p.cookie, &p.entries);
@@ -484,6 +553,15 @@ fn setup_netns(netns: &Path, rules: &PodRules) {
         POLICY_CAPTURE_INBOUND, POLICY_CAPTURE_OUTBOUND, POLICY_HAS_IP6, POLICY_LOOPBACK_SIMPLE,
     };
     let f = rules.policy.flags;
+    if f & weir_common::POLICY_AMBIENT != 0 {
+        if let Err(e) = crate::netlink::setup_ambient(netns) {
+            warn!(
+                "netns {}: {e:#}; ztunnel's connections to the application will not get their answers",
+                netns.display()
+            );
+        }
+        return;
+    }
     // Only pods that are IPv6 pods (by their listed addresses) and
     // captured, as istio-init does it only with IPv6 enabled and rules;
     // never for a pod whose mesh writes no IPv6 rules, nor for Linkerd

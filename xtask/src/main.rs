@@ -98,6 +98,11 @@ enum Command {
         #[arg(last = true, value_name = "TEST_ARGS")]
         test_args: Vec<String>,
     },
+    /// Build ztunnel (Istio ambient's node proxy) from the shared source
+    /// once per machine (~6 min cold, cached under ~/.cache/weir/ztunnel;
+    /// xtask/src/ztunnel.rs) and print the binary's path: the tests of
+    /// weir as ztunnel's ZDS server run it (WEIR_ZTUNNEL_BIN).
+    Ztunnel,
     /// Build, then run `weir-testkit demo` with WEIR_BIN set.
     Run {
         /// Arguments for `weir-testkit demo`.
@@ -136,6 +141,19 @@ enum Command {
     Clippy,
     /// Format the whole workspace (cargo fmt --all).
     Fmt,
+    /// Run ztunnel's namespaced suite (Istio ambient's node proxy, 30
+    /// tests) with weir capturing each pod in place of the suite's
+    /// iptables script; asserts 30/30 and no iptables/nft rule in any pod.
+    /// Builds ztunnel once per machine (cached in ~/.cache/weir/ztunnel).
+    PeerZtunnel {
+        /// Only build (once) the ztunnel binary and print its path (for the
+        /// ZDS tests and the ambient demo).
+        #[arg(long)]
+        binary: bool,
+        /// Test name filters for the suite.
+        #[arg(last = true, value_name = "FILTER")]
+        filter: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -201,7 +219,17 @@ fn run(command: Command) -> Result<ExitCode> {
             };
             kernel::run(&root, &object, &options)?;
         }
+        Command::Ztunnel => {
+            println!("{}", ztunnel::ensure_ztunnel_binary(&root)?.display());
+        }
         Command::Run { args } => return run_demo(&root, &args),
+        Command::PeerZtunnel { binary: true, .. } => {
+            println!("{}", ztunnel::ensure_ztunnel_binary(&root)?.display());
+        }
+        Command::PeerZtunnel { filter, .. } => {
+            let bin_dir = build_all(&root, Profile::Release)?;
+            ztunnel::run(&root, &bin_dir.join("weir"), &filter)?;
+        }
         Command::Bench(options) => return bench::run(&root, &options),
         Command::Soak(options) => return soak::run(&root, &options),
         Command::Image { out, test_images } => {

@@ -41,12 +41,13 @@ enum Step {
     BuildAgent,
     Images,
     KernelTests,
+    PeerZtunnel,
     KernelMatrix,
 }
 
 impl Step {
     /// In the order they run: each step relies on the ones before it.
-    const ALL: [Step; 10] = [
+    const ALL: [Step; 11] = [
         Step::Setup,
         Step::Fmt,
         Step::BuildEbpf,
@@ -56,6 +57,7 @@ impl Step {
         Step::BuildAgent,
         Step::Images,
         Step::KernelTests,
+        Step::PeerZtunnel,
         Step::KernelMatrix,
     ];
 
@@ -70,6 +72,7 @@ impl Step {
             Step::BuildAgent => "build-agent",
             Step::Images => "images",
             Step::KernelTests => "kernel-tests",
+            Step::PeerZtunnel => "peer-ztunnel",
             Step::KernelMatrix => "kernel-matrix",
         }
     }
@@ -80,7 +83,11 @@ impl Step {
             Step::Fmt | Step::Clippy | Step::UnitTests | Step::Manifests if options.kernel_only => {
                 Some("--kernel-only")
             }
-            Step::BuildAgent | Step::Images | Step::KernelTests | Step::KernelMatrix
+            Step::BuildAgent
+            | Step::Images
+            | Step::KernelTests
+            | Step::PeerZtunnel
+            | Step::KernelMatrix
                 if options.unit_only =>
             {
                 Some("--unit-only")
@@ -179,6 +186,13 @@ impl Suite<'_> {
             Step::BuildAgent => self.build_agent(),
             Step::Images => self.images(),
             Step::KernelTests => self.kernel_tests(),
+            // ztunnel's namespaced suite with weir's ambient capture (~20 s
+            // once ztunnel is built; the first run on a machine builds it,
+            // ~8 min, cached outside the checkout).
+            Step::PeerZtunnel => {
+                let weir = build::host_target_dir(self.root).join("release/weir");
+                crate::ztunnel::run(self.root, &weir, &[])
+            }
             Step::KernelMatrix => self.kernel_matrix(),
         }
     }
@@ -401,6 +415,7 @@ mod tests {
                 "build-agent",
                 "images",
                 "kernel-tests",
+                "peer-ztunnel",
                 "kernel-matrix"
             ]
         );

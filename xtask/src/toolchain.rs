@@ -68,6 +68,15 @@ const RUNTIME_TOOLS: &[(&str, &str)] = &[
     ("/usr/lib/cni/host-local", "containernetworking-plugins"),
     ("/usr/lib/cni/loopback", "containernetworking-plugins"),
     ("protoc", "protobuf-compiler"),
+    // `cargo xtask peer-ztunnel`: ztunnel's build needs protobuf's
+    // well-known types; its pods' rules are audited with nft (none must
+    // exist); the source is unpacked and patched.
+    (
+        "/usr/include/google/protobuf/descriptor.proto",
+        "libprotobuf-dev",
+    ),
+    ("nft", "nftables"),
+    ("patch", "patch"),
     // Copied into weir's image (`cargo xtask image`).
     ("/etc/ssl/certs/ca-certificates.crt", "ca-certificates"),
 ];

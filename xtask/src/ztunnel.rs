@@ -17,7 +17,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::cmd::Cmd;
 use crate::host;
@@ -107,7 +109,11 @@ pub fn ensure_source(root: &Path) -> Result<PathBuf> {
 /// `out/rust/debug/deps/namespaced-*` is the suite.
 pub fn ensure_namespaced_build(root: &Path) -> Result<PathBuf> {
     let src = ensure_source(root)?;
-    if host::find_admin_program("protoc").is_none() {
+    // protoc, and the well-known types ztunnel's protos import
+    // (google/protobuf/*.proto, from libprotobuf-dev).
+    if host::find_admin_program("protoc").is_none()
+        || !Path::new("/usr/include/google/protobuf/empty.proto").is_file()
+    {
         crate::toolchain::apt_install(&["protobuf-compiler", "libprotobuf-dev"])?;
     }
     let cache = cache_dir();
@@ -150,6 +156,283 @@ pub fn ensure_ztunnel_binary(root: &Path) -> Result<PathBuf> {
     Ok(bin)
 }
 
+// ---------------------------------------------------------------------------
+// `cargo xtask peer-ztunnel`: ztunnel's namespaced suite with weir.
+//
+// ztunnel's own namespaced integration suite (30 tests: local and
+// cross-node capture, waypoints, HBONE, policy, shutdown, malicious calls,
+// CRL) runs `scripts/ztunnel-redirect-inpod.sh` inside each captured pod's
+// netns before handing it to ztunnel. Here that script is replaced by one
+// that hands the netns to a weir agent (`weir inpod-enroll`) and nothing
+// else; the suite must pass with no iptables and no nft rule in any pod
+// (the script counts them, read-only, and `run` asserts the counts).
+// ---------------------------------------------------------------------------
+
+/// The namespaced suite's size at [`COMMIT`].
+pub const SUITE_TESTS: usize = 30;
+
+/// The newest built `namespaced-*` test binary of the source at `src`.
+fn find_suite(src: &Path) -> Result<Option<PathBuf>> {
+    let deps = src.join("out/rust/debug/deps");
+    let Ok(rd) = std::fs::read_dir(&deps) else {
+        return Ok(None);
+    };
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+    for e in rd {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("namespaced-") && !name.contains('.') {
+            found.push((e.metadata()?.modified()?, e.path()));
+        }
+    }
+    found.sort();
+    Ok(found.pop().map(|(_, p)| p))
+}
+
+/// The replacement of `scripts/ztunnel-redirect-inpod.sh`: enroll this
+/// netns with weir, then count (read-only) the netns's iptables and nft
+/// rules into `audit`.
+fn redirect_script(weir: &Path, socket: &Path, audit: &Path) -> String {
+    format!(
+        r#"#!/bin/sh
+# weir's replacement of ztunnel's scripts/ztunnel-redirect-inpod.sh (written
+# by `cargo xtask peer-ztunnel`): hand this pod's network namespace to weir,
+# which captures it for ztunnel with eBPF. No iptables, no nft rule is
+# written; the last lines only count, read-only, the rules this namespace
+# has, for the xtask to check they are none.
+set -e
+{weir} inpod-enroll --socket {socket}
+# A tool that fails counts as "failed", never as 0.
+if out=$(iptables-save); then ipt=$(printf '%s\n' "$out" | grep -c '^-A' || true); else ipt=failed; fi
+if out=$(ip6tables-save); then ip6t=$(printf '%s\n' "$out" | grep -c '^-A' || true); else ip6t=failed; fi
+if out=$(nft list ruleset); then
+    nft=$(printf '%s\n' "$out" | grep -cvE '^[[:space:]]*(table|chain|}}|type|policy|$)' || true)
+else
+    nft=failed
+fi
+echo "$(stat -L -c %i /proc/self/ns/net) iptables=$ipt ip6tables=$ip6t nft=$nft" >> {audit}
+"#,
+        weir = weir.display(),
+        socket = socket.display(),
+        audit = audit.display()
+    )
+}
+
+/// A directory that mirrors ztunnel's source tree through symlinks, with
+/// `scripts/ztunnel-redirect-inpod.sh` replaced (the suite runs it
+/// relative to its working directory).
+fn make_run_tree(src: &Path, run: &Path, script: &str) -> Result<()> {
+    std::fs::create_dir_all(run.join("scripts"))?;
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let name = e.file_name();
+        if name == "scripts" {
+            continue;
+        }
+        std::os::unix::fs::symlink(e.path(), run.join(&name))?;
+    }
+    for e in std::fs::read_dir(src.join("scripts"))? {
+        let e = e?;
+        if e.file_name() == "ztunnel-redirect-inpod.sh" {
+            continue;
+        }
+        std::os::unix::fs::symlink(e.path(), run.join("scripts").join(e.file_name()))?;
+    }
+    let path = run.join("scripts/ztunnel-redirect-inpod.sh");
+    std::fs::write(&path, script)?;
+    Cmd::new("chmod").arg("0755").arg(&path).run()?;
+    Ok(())
+}
+
+/// Builds (once) and runs ztunnel's namespaced suite with weir in place of
+/// the iptables script; `weir` is the agent binary, `filter` optional test
+/// names. Fails unless every test passes and every pod had 0 rules.
+pub fn run(root: &Path, weir: &Path, filter: &[String]) -> Result<()> {
+    let src = ensure_namespaced_build(root)?;
+    let suite = find_suite(&src)?.context("no namespaced-* binary after ztunnel's build")?;
+    let run = cache_dir().join(format!("weir-run-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run);
+    let agent_dir = run.join("agent");
+    std::fs::create_dir_all(&agent_dir)?;
+    let socket = agent_dir.join("cni.sock");
+    let audit = run.join("rules-audit.txt");
+    make_run_tree(&src, &run, &redirect_script(weir, &socket, &audit))?;
+    let pods_file = agent_dir.join("pods.yaml");
+    std::fs::write(&pods_file, "pods: []\n")?;
+
+    // A bpffs and a cgroup of our own: the agent attaches there only.
+    let bpffs = agent_dir.join("bpffs");
+    std::fs::create_dir_all(&bpffs)?;
+    Cmd::new("mount")
+        .args(["-t", "bpf", "bpf"])
+        .arg(&bpffs)
+        .run()?;
+    let cgroup = cgroup2_root()?.join(format!("weir-ztunnel-{}", std::process::id()));
+    std::fs::create_dir_all(&cgroup)?;
+    let mut guard = Cleanup {
+        weir: weir.to_path_buf(),
+        bpffs: bpffs.clone(),
+        cgroup: cgroup.clone(),
+        agent: None,
+    };
+    let log = std::fs::File::create(agent_dir.join("agent.log"))?;
+    let agent = std::process::Command::new(weir)
+        .arg("run")
+        .arg("--pods-file")
+        .arg(&pods_file)
+        .arg("--bpffs")
+        .arg(&bpffs)
+        .arg("--cgroup")
+        .arg(&cgroup)
+        .arg("--cni-socket")
+        .arg(&socket)
+        .args(["--metrics-addr", "off"])
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting weir")?;
+    guard.agent = Some(agent);
+    let t0 = Instant::now();
+    while !socket.exists() {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(30),
+            "weir did not open {} within 30 s; see {}",
+            socket.display(),
+            agent_dir.join("agent.log").display()
+        );
+        if let Some(a) = guard.agent.as_mut()
+            && let Some(st) = a.try_wait()?
+        {
+            bail!(
+                "weir exited ({st}); see {}",
+                agent_dir.join("agent.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The suite in the agent's cgroup (ztunnel runs inside it too, so its
+    // sockets meet weir's programs).
+    println!(
+        "peer-ztunnel: running {} (cwd {}, --test-threads=1)",
+        suite.display(),
+        run.display()
+    );
+    let started = Instant::now();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("echo $$ > \"$0/cgroup.procs\" && shift && exec \"$@\"")
+        .arg(&cgroup)
+        .arg("--")
+        .arg(&suite)
+        .arg("--test-threads=1")
+        .args(filter)
+        .current_dir(&run)
+        // Several tests read ztunnel's access logs (info level).
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running the namespaced suite")?;
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    print!("{stdout}");
+    let (passed, failed) = summary(&stdout).with_context(|| {
+        format!(
+            "no test summary in the suite's output (exit {:?}); agent log: {}",
+            out.status,
+            agent_dir.join("agent.log").display()
+        )
+    })?;
+    let audit_text = std::fs::read_to_string(&audit).unwrap_or_default();
+    let pods = audit_text.lines().count();
+    let dirty: Vec<&str> = audit_text
+        .lines()
+        .filter(|l| !l.ends_with("iptables=0 ip6tables=0 nft=0"))
+        .collect();
+    drop(guard);
+    println!(
+        "peer-ztunnel: {passed} passed, {failed} failed in {:.1} s; {pods} pod netns enrolled by weir, rules per pod: {}",
+        elapsed.as_secs_f64(),
+        if dirty.is_empty() {
+            "0 iptables, 0 ip6tables, 0 nft (every pod)".to_string()
+        } else {
+            format!("NOT zero: {dirty:?}")
+        }
+    );
+    ensure!(
+        failed == 0 && out.status.success(),
+        "{failed} test(s) of ztunnel's suite failed with weir; agent log: {}",
+        agent_dir.join("agent.log").display()
+    );
+    ensure!(pods > 0, "the redirect script never ran (no audit lines)");
+    ensure!(dirty.is_empty(), "pods with iptables/nft rules: {dirty:?}");
+    if filter.is_empty() {
+        ensure!(
+            passed == SUITE_TESTS,
+            "{passed} tests passed, expected all {SUITE_TESTS}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&run);
+    Ok(())
+}
+
+/// `test result: ok. 30 passed; 0 failed; ...` -> (30, 0).
+fn summary(out: &str) -> Option<(usize, usize)> {
+    let line = out.lines().rev().find(|l| l.starts_with("test result:"))?;
+    let num = |word: &str| -> Option<usize> {
+        let i = line.find(word)?;
+        line[..i].split_whitespace().last()?.parse().ok()
+    };
+    Some((num(" passed")?, num(" failed")?))
+}
+
+fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .context("no cgroup2 mount in /proc/self/mounts")
+}
+
+/// Stops the agent and removes its pins, bpffs and cgroup.
+struct Cleanup {
+    weir: PathBuf,
+    bpffs: PathBuf,
+    cgroup: PathBuf,
+    agent: Option<std::process::Child>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            let _ = Cmd::new("kill")
+                .args(["-TERM", &a.id().to_string()])
+                .status();
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = a.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+        let _ = Cmd::new(&self.weir)
+            .arg("uninstall")
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .status();
+        let _ = Cmd::new("umount").arg(&self.bpffs).status();
+        // Leftover processes of the suite, if any, keep the cgroup busy.
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,5 +457,14 @@ mod tests {
         assert!(
             cache_dir().ends_with(&COMMIT[..8]) || std::env::var_os("WEIR_ZTUNNEL_CACHE").is_some()
         );
+    }
+
+    #[test]
+    fn summary_reads_libtest_totals() {
+        let out = "running 30 tests\n...\ntest result: ok. 30 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 14.2s\n";
+        assert_eq!(summary(out), Some((30, 0)));
+        let bad = "test result: FAILED. 27 passed; 3 failed; 0 ignored";
+        assert_eq!(summary(bad), Some((27, 3)));
+        assert_eq!(summary("no tests"), None);
     }
 }

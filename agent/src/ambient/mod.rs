@@ -9,21 +9,16 @@
 //! friends, docs/ambient.md). This module decides enrollment (the same
 //! rules as istio-cni) and lists the enrolled pods for the ZDS server.
 
+mod enroll;
+pub mod inpod;
+
+pub use enroll::*;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::policy::Mesh;
 use crate::reconcile::Enrolled;
-
-/// The label (on the pod or its namespace) that puts a pod in ambient
-/// mode: `ambient`; `none` on the pod opts it out.
-pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
-/// [`DATAPLANE_MODE`]'s value for ambient.
-pub const DATAPLANE_AMBIENT: &str = "ambient";
-/// [`DATAPLANE_MODE`]'s opt-out value.
-pub const DATAPLANE_NONE: &str = "none";
-/// Istio's injector writes this on every pod with a sidecar.
-pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
 
 /// One ambient pod as the ZDS server hands it to ztunnel
 /// (`AddWorkload{uid, workload_info{name, namespace, service_account}}`
@@ -43,99 +38,34 @@ pub struct AmbientPod {
 }
 
 /// The ambient pods among the reconciler's enrolled pods, in key order.
-/// A pod without a UID gets `namespace/name` (the pods file may omit it;
-/// ztunnel only needs it to be unique and stable).
 pub fn enrolled_pods(pods: &BTreeMap<String, Enrolled>) -> Vec<AmbientPod> {
     pods.values()
         .filter(|p| p.spec.mesh == Mesh::Ambient)
-        .map(|p| AmbientPod {
-            uid: if p.spec.uid.is_empty() {
-                p.spec.key()
-            } else {
-                p.spec.uid.clone()
-            },
-            name: p.spec.name.clone(),
-            namespace: p.spec.namespace.clone(),
-            service_account: if p.spec.service_account.is_empty() {
-                "default".into()
-            } else {
-                p.spec.service_account.clone()
-            },
-            netns: p.spec.netns.clone(),
-        })
+        .map(|p| AmbientPod::of(&p.spec))
         .collect()
 }
 
-/// Whether a pod is captured for ambient mode, and why (or why not).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Enrollment {
-    /// Ambient; the reason names the label that decided it.
-    Ambient(String),
-    /// Not ambient; why.
-    NotAmbient(String),
-}
-
-impl Enrollment {
-    /// Whether the pod is ambient.
-    pub fn is_ambient(&self) -> bool {
-        matches!(self, Enrollment::Ambient(_))
-    }
-}
-
-/// What [`classify`] looks at.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PodFacts<'a> {
-    /// The pod's labels.
-    pub labels: Option<&'a BTreeMap<String, String>>,
-    /// The pod's annotations.
-    pub annotations: Option<&'a BTreeMap<String, String>>,
-    /// The labels of the pod's namespace (`None`: not known).
-    pub namespace_labels: Option<&'a BTreeMap<String, String>>,
-    /// The pod has an `istio-proxy` sidecar (container or injector
-    /// annotation).
-    pub has_sidecar: bool,
-    /// The pod shares the node's network namespace.
-    pub host_network: bool,
-}
-
-/// istio-cni's enrollment rule: a pod is ambient when it or its namespace
-/// has `istio.io/dataplane-mode=ambient`, unless the pod says `none`, has
-/// a sidecar (sidecar mode wins), or uses the host's network.
-pub fn classify(f: PodFacts<'_>) -> Enrollment {
-    let label = |m: Option<&BTreeMap<String, String>>| {
-        m.and_then(|m| m.get(DATAPLANE_MODE))
-            .map(|v| v.trim().to_string())
-    };
-    let pod = label(f.labels);
-    let ns = label(f.namespace_labels);
-    let why = match (pod.as_deref(), ns.as_deref()) {
-        (Some(DATAPLANE_NONE), _) => {
-            return Enrollment::NotAmbient(format!("pod label {DATAPLANE_MODE}={DATAPLANE_NONE}"));
+impl AmbientPod {
+    /// The pod of a spec. A pod without a UID gets `namespace/name` (the
+    /// pods file may omit it; ztunnel only needs it to be unique and
+    /// stable).
+    pub fn of(spec: &crate::pod::PodSpec) -> AmbientPod {
+        AmbientPod {
+            uid: if spec.uid.is_empty() {
+                spec.key()
+            } else {
+                spec.uid.clone()
+            },
+            name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
+            service_account: if spec.service_account.is_empty() {
+                "default".into()
+            } else {
+                spec.service_account.clone()
+            },
+            netns: spec.netns.clone(),
         }
-        (Some(DATAPLANE_AMBIENT), _) => format!("pod label {DATAPLANE_MODE}={DATAPLANE_AMBIENT}"),
-        (_, Some(DATAPLANE_AMBIENT)) => {
-            format!("namespace label {DATAPLANE_MODE}={DATAPLANE_AMBIENT}")
-        }
-        _ => {
-            return Enrollment::NotAmbient(format!(
-                "no {DATAPLANE_MODE}={DATAPLANE_AMBIENT} label on the pod or its namespace"
-            ));
-        }
-    };
-    if f.host_network {
-        return Enrollment::NotAmbient(
-            "host network (the pod shares the node's network namespace)".into(),
-        );
     }
-    let sidecar_annotated = f
-        .annotations
-        .is_some_and(|a| a.contains_key(SIDECAR_STATUS));
-    if f.has_sidecar || sidecar_annotated {
-        return Enrollment::NotAmbient(format!(
-            "{why}, but the pod has an Istio sidecar (sidecar mode takes precedence)"
-        ));
-    }
-    Enrollment::Ambient(why)
 }
 
 #[cfg(test)]
@@ -149,65 +79,71 @@ mod tests {
     }
 
     #[test]
-    fn pod_or_namespace_label_enrolls_and_none_opts_out() {
-        let amb = m(&[(DATAPLANE_MODE, "ambient")]);
-        let none = m(&[(DATAPLANE_MODE, "none")]);
-        let empty = m(&[]);
-        let on_ns = classify(PodFacts {
-            labels: Some(&empty),
-            namespace_labels: Some(&amb),
-            ..Default::default()
-        });
-        assert!(on_ns.is_ambient(), "{on_ns:?}");
-        assert!(format!("{on_ns:?}").contains("namespace label"));
-        let on_pod = classify(PodFacts {
-            labels: Some(&amb),
-            ..Default::default()
-        });
-        assert!(on_pod.is_ambient());
-        let opted_out = classify(PodFacts {
-            labels: Some(&none),
-            namespace_labels: Some(&amb),
-            ..Default::default()
-        });
+    fn ambient_rules_follow_istio_cni() {
+        use crate::policy::{Mesh, keys, pod_rules};
+        use weir_common::*;
+        let ips = ["198.18.0.1".parse().unwrap()];
+        let r = pod_rules(Mesh::Ambient, &ips, &BTreeMap::new()).unwrap();
+        let f = r.policy.flags;
+        assert_ne!(f & POLICY_AMBIENT, 0);
+        assert_ne!(f & POLICY_CAPTURE_OUTBOUND, 0);
+        assert_ne!(f & POLICY_CAPTURE_INBOUND, 0);
+        assert_ne!(f & POLICY_CAPTURE_DNS, 0, "DNS capture on by default");
         assert_eq!(
-            opted_out,
-            Enrollment::NotAmbient("pod label istio.io/dataplane-mode=none".into())
+            (r.policy.outbound_port, r.policy.inbound_port),
+            (15001, 15006)
         );
-        assert!(!classify(PodFacts::default()).is_ambient());
-        // Another value ("sidecar", a typo) is not ambient.
-        let other = m(&[(DATAPLANE_MODE, "ambiant")]);
+        assert_eq!((r.policy.tunnel_port, r.policy.dns_port), (15008, 15053));
+        assert!(r.uids.is_empty() && r.gids.is_empty(), "no proxy identity");
+        // The probe address, both ways.
+        let probe: ipnet::IpNet = "169.254.7.127/32".parse().unwrap();
+        assert!(r.exclude_cidrs.contains(&probe));
+        assert!(r.inbound_skip_sources.contains(&probe));
+        // No sidecar exclusions (15090, 15021) inbound.
+        assert!(!r.in_exclude_ports.contains(&15090));
+
+        let off = m(&[(keys::AMBIENT_DNS_CAPTURE, "false")]);
+        let r = pod_rules(Mesh::Ambient, &ips, &off).unwrap();
+        assert_eq!(r.policy.flags & POLICY_CAPTURE_DNS, 0);
+        let ingress = m(&[(keys::AMBIENT_BYPASS_INBOUND, "true")]);
+        let r = pod_rules(Mesh::Ambient, &ips, &ingress).unwrap();
+        assert_eq!(r.policy.flags & POLICY_CAPTURE_INBOUND, 0);
+        assert_ne!(r.policy.flags & POLICY_CAPTURE_OUTBOUND, 0);
+        let bad = m(&[(keys::AMBIENT_DNS_CAPTURE, "maybe")]);
+        let e = pod_rules(Mesh::Ambient, &ips, &bad).unwrap_err();
         assert!(
-            !classify(PodFacts {
-                labels: Some(&other),
-                ..Default::default()
-            })
-            .is_ambient()
+            e.to_string().contains("ambient.istio.io/dns-capture"),
+            "{e}"
         );
     }
 
     #[test]
-    fn sidecars_and_host_network_are_never_ambient() {
-        let amb = m(&[(DATAPLANE_MODE, "ambient")]);
-        let injected = m(&[(SIDECAR_STATUS, "{}")]);
-        for f in [
-            PodFacts {
-                namespace_labels: Some(&amb),
-                has_sidecar: true,
-                ..Default::default()
-            },
-            PodFacts {
-                namespace_labels: Some(&amb),
-                annotations: Some(&injected),
-                ..Default::default()
-            },
-            PodFacts {
-                labels: Some(&amb),
-                host_network: true,
-                ..Default::default()
-            },
-        ] {
-            assert!(!classify(f).is_ambient(), "{f:?}");
-        }
+    fn pods_file_labels_uid_and_service_account() {
+        let text = "pods:
+  - name: a
+    netns: /var/run/netns/a
+    ips: [198.18.0.1]
+    namespaceLabels: {istio.io/dataplane-mode: ambient}
+    uid: 3f1c
+    serviceAccount: reviews
+  - name: b
+    netns: /var/run/netns/b
+    ips: [198.18.0.2]
+    labels: {istio.io/dataplane-mode: none}
+    namespaceLabels: {istio.io/dataplane-mode: ambient}
+  - name: c
+    netns: /var/run/netns/c
+    ips: [198.18.0.3]
+    mesh: ambient
+";
+        let f = crate::podsfile::parse(std::path::Path::new("pods.yaml"), text).unwrap();
+        assert!(f.errors.is_empty(), "{:?}", f.errors);
+        let by = |n: &str| f.pods.iter().find(|p| p.name == n).unwrap();
+        assert_eq!(by("a").mesh, Mesh::Ambient);
+        assert_eq!(by("a").uid, "3f1c");
+        assert_eq!(by("a").service_account, "reviews");
+        assert_eq!(by("b").mesh, Mesh::Istio, "opted out: sidecar default");
+        assert_eq!(by("c").mesh, Mesh::Ambient);
+        assert_eq!(by("c").service_account, "default");
     }
 }

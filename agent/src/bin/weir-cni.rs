@@ -43,6 +43,9 @@ mod protocol;
 
 // The agent's pod classification, compiled in as is (with the policy
 // module it names), so the plugin decides "meshed" exactly as the agent.
+#[path = "../ambient/enroll.rs"]
+#[allow(dead_code)]
+mod ambient;
 #[path = "../k8s/classify.rs"]
 #[allow(dead_code)]
 mod classify;
@@ -675,7 +678,8 @@ mod tests {
             PodRef {
                 namespace: "default".into(),
                 name: "web-0".into(),
-                uid: "3f1c".into()
+                uid: "3f1c".into(),
+                service_account: String::new(),
             }
         );
         // The host-side interface's address is not the pod's.

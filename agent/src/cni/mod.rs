@@ -286,6 +286,9 @@ pub struct Server {
     /// Kubernetes mode: the agent's client configuration, handed on to
     /// the plugin as a kubeconfig ([`kubeconfig`]).
     plugin_kube: Option<kube::Config>,
+    /// `--zds-socket`: an ambient pod's ADD hands it to ztunnel and waits
+    /// for ztunnel's answer.
+    zds: Option<crate::zds::Zds>,
 }
 
 impl Server {
@@ -304,7 +307,14 @@ impl Server {
             registry,
             wake,
             plugin_kube: None,
+            zds: None,
         }
+    }
+
+    /// Hands ambient pods to ztunnel at ADD time ([`crate::zds`]).
+    pub fn with_zds(mut self, zds: Option<crate::zds::Zds>) -> Self {
+        self.zds = zds;
+        self
     }
 
     /// Lets the agent write a kubeconfig for the plugin from `config`
@@ -333,6 +343,7 @@ impl Server {
             Command::Status => Response::Ok {
                 message: "ready".into(),
             },
+            Command::Inpod => self.inpod(req).await,
         }
     }
 
@@ -400,6 +411,10 @@ impl Server {
         let registry = self.registry.clone();
         let container_id = req.container_id.clone();
         let started = std::time::Instant::now();
+        let zds = self
+            .zds
+            .clone()
+            .filter(|_| mesh == crate::policy::Mesh::Ambient);
         let res = tokio::task::spawn_blocking(move || {
             let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
             // Registered before enrolling, under the reconciler's lock, so
@@ -421,11 +436,32 @@ impl Server {
             {
                 reg.remove(&spec.key());
             }
-            res
+            // An ambient pod goes to ztunnel now, under the reconciler's
+            // lock (no pass can publish a list without it after this).
+            res.map(|cookie| {
+                let handoff = zds.map(|z| {
+                    z.hand_over(crate::zds::Workload::from(crate::ambient::AmbientPod::of(
+                        &spec,
+                    )))
+                });
+                (cookie, handoff)
+            })
         })
         .await;
         match res {
-            Ok(Ok(cookie)) => {
+            Ok(Ok((cookie, handoff))) => {
+                if let Some(h) = handoff {
+                    let handed = match h {
+                        Ok(h) => h.wait().await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = handed {
+                        warn!("CNI ADD {key}: enrolled, but ztunnel did not take it: {e}");
+                        return failed(format!(
+                            "{key}: enrolled, but ztunnel did not take it: {e}"
+                        ));
+                    }
+                }
                 info!(
                     "CNI ADD {key}: enrolled ({mesh}, netns cookie {cookie}) in {} ms",
                     started.elapsed().as_millis()
@@ -440,6 +476,42 @@ impl Server {
                 failed(format!("{e:#}"))
             }
             Err(e) => failed(format!("enrollment task failed: {e}")),
+        }
+    }
+
+    /// `weir inpod-enroll`: enrolls the caller's netns as an ambient pod
+    /// (see [`crate::ambient::inpod`]).
+    async fn inpod(&self, req: Request) -> Response {
+        if req.netns.is_empty() {
+            return Response::Failed {
+                message: "the caller's pid is unknown (no SO_PEERCRED); run weir inpod-enroll \
+                          on this host"
+                    .into(),
+            };
+        }
+        let rec = self.rec.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
+            crate::ambient::inpod::enroll(&mut r, &req)
+        })
+        .await;
+        match res {
+            Ok(Ok((key, cookie))) => {
+                info!("inpod-enroll: {key} enrolled (ambient, netns cookie {cookie})");
+                Response::Enrolled {
+                    cookie,
+                    message: format!("{key} enrolled (ambient)"),
+                }
+            }
+            Ok(Err(e)) => {
+                warn!("inpod-enroll: {e:#}");
+                Response::Failed {
+                    message: format!("{e:#}"),
+                }
+            }
+            Err(e) => Response::Failed {
+                message: format!("enrollment task failed: {e}"),
+            },
         }
     }
 
@@ -588,7 +660,17 @@ async fn connection(mut stream: UnixStream, server: &Server) -> Result<()> {
         .context("reading the request")?;
     let started = std::time::Instant::now();
     let (command, resp) = match serde_json::from_slice::<Request>(&line) {
-        Ok(req) => (Some(req.command), server.handle(req).await),
+        Ok(mut req) => {
+            if req.command == Command::Inpod {
+                // The caller's own netns, by its pid as this process sees
+                // it (never a path the caller names).
+                req.netns = match cred.pid() {
+                    Some(pid) => format!("/proc/{pid}/ns/net"),
+                    None => String::new(),
+                };
+            }
+            (Some(req.command), server.handle(req).await)
+        }
         Err(e) => (
             None,
             Response::Failed {

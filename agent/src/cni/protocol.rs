@@ -43,6 +43,10 @@ pub enum Command {
     Check,
     /// Is the agent ready to serve ADD (CNI STATUS)?
     Status,
+    /// `weir inpod-enroll`: capture the caller's own network namespace
+    /// for Istio ambient mode (the agent opens it through the caller's
+    /// pid, from the socket's credentials; `netns` is ignored).
+    Inpod,
 }
 
 /// The pod, from `CNI_ARGS` (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`,
@@ -56,6 +60,9 @@ pub struct PodRef {
     /// UID (empty when the runtime does not pass it).
     #[serde(default)]
     pub uid: String,
+    /// `spec.serviceAccountName` (only sent by `weir inpod-enroll`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service_account: String,
 }
 
 /// A request.

@@ -228,7 +228,20 @@ pub fn verdict(pod: &Pod) -> MeshVerdict {
         }
         return MeshVerdict::Meshed(Mesh::Kuma);
     }
-    not("no istio-proxy, linkerd-proxy or kuma-sidecar container")
+    // Istio ambient mode: the pod's own label (namespace labels are not
+    // watched yet: docs/ambient.md).
+    if crate::ambient::classify(crate::ambient::PodFacts {
+        labels: Some(labels),
+        annotations: Some(ann),
+        ..Default::default()
+    })
+    .is_ambient()
+    {
+        return MeshVerdict::Meshed(Mesh::Ambient);
+    }
+    not(
+        "no istio-proxy, linkerd-proxy or kuma-sidecar container, no istio.io/dataplane-mode=ambient label",
+    )
 }
 
 /// Reduces a pod object to what weir needs.

@@ -20,6 +20,10 @@ pub(crate) struct ClientArgs {
     /// Source address to bind before connecting (port chosen by the kernel).
     #[arg(long)]
     bind: Option<IpAddr>,
+    /// Mark the socket (`SO_MARK`) before connecting, e.g. 0x539 (1337) as
+    /// Istio's ztunnel marks its sockets.
+    #[arg(long)]
+    mark: Option<u32>,
     /// Timeout for the connect and for each read and write, in ms.
     #[arg(long, default_value_t = 3000)]
     timeout_ms: u64,
@@ -78,6 +82,12 @@ fn attempt(args: &ClientArgs, timeout: Duration) -> Value {
             return finish(record, started);
         }
     };
+    if let Some(mark) = args.mark
+        && let Err(e) = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::Mark, &mark)
+    {
+        failure(&mut record, "bind", &std::io::Error::from(e));
+        return finish(record, started);
+    }
     let mut conn = match net::connect_socket(fd, args.connect, timeout) {
         Ok(c) => c,
         Err(e) => {

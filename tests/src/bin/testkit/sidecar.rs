@@ -33,7 +33,16 @@ pub(crate) struct SidecarArgs {
     /// Create this file once every listener is listening.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Behave like Istio's ztunnel in a pod (ambient mode): every upstream
+    /// socket carries mark 0x539, and inbound connections go to the
+    /// application from the client's own address (a transparent socket),
+    /// so the answers only come back if the pod routes them to us.
+    #[arg(long)]
+    ztunnel: bool,
 }
+
+/// `--ztunnel`, for every connection's handler.
+static ZTUNNEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -51,6 +60,7 @@ impl Kind {
 }
 
 pub(crate) fn run(args: SidecarArgs, log: JsonLog) -> Result<()> {
+    ZTUNNEL.store(args.ztunnel, std::sync::atomic::Ordering::Relaxed);
     let ipv6 = net::ipv6_available();
     let mut listeners = Vec::new();
     for (kind, port) in [
@@ -141,7 +151,12 @@ fn handle(conn: TcpStream, kind: Kind, port: u16, name: &str, log: &JsonLog) {
         log.write(&record);
         return;
     }
-    let upstream = match connect_upstream(kind, dst, &mut record) {
+    let connected = if ZTUNNEL.load(std::sync::atomic::Ordering::Relaxed) {
+        connect_like_ztunnel(kind, dst, peer)
+    } else {
+        connect_upstream(kind, dst, &mut record)
+    };
+    let upstream = match connected {
         Ok(s) => s,
         Err(e) => {
             record["upstream_error"] = json!(e.to_string());
@@ -183,6 +198,48 @@ fn connect_upstream(
             }
         }
     };
+    net::connect_socket(fd, dst, UPSTREAM_CONNECT_TIMEOUT)
+}
+
+/// ztunnel's upstream connections: mark 0x539 (istio-cni's and weir's
+/// "ztunnel's own socket"); inbound, a transparent socket bound to the
+/// client's address (`IP_TRANSPARENT`), as ztunnel connects to the
+/// application from inside the pod.
+fn connect_like_ztunnel(
+    kind: Kind,
+    dst: SocketAddr,
+    peer: Option<SocketAddr>,
+) -> io::Result<TcpStream> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    use std::os::fd::AsRawFd;
+    let dst = net::normalize(dst);
+    let fd = net::tcp_socket(dst, None)?;
+    setsockopt(&fd, sockopt::Mark, &0x539)?;
+    if let (Kind::Inbound, Some(peer)) = (kind, peer) {
+        let peer = net::normalize(peer);
+        if peer.is_ipv4() {
+            setsockopt(&fd, sockopt::IpTransparent, &true)?;
+        } else {
+            let one: libc::c_int = 1;
+            // SAFETY: setsockopt with a valid int option value.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_IPV6,
+                    libc::IPV6_TRANSPARENT,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        nix::sys::socket::bind(
+            fd.as_raw_fd(),
+            &nix::sys::socket::SockaddrStorage::from(SocketAddr::new(peer.ip(), 0)),
+        )?;
+    }
     net::connect_socket(fd, dst, UPSTREAM_CONNECT_TIMEOUT)
 }
 
