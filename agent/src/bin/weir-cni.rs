@@ -675,7 +675,8 @@ mod tests {
             PodRef {
                 namespace: "default".into(),
                 name: "web-0".into(),
-                uid: "3f1c".into()
+                uid: "3f1c".into(),
+                service_account: String::new(),
             }
         );
         // The host-side interface's address is not the pod's.

@@ -316,7 +316,9 @@ pub fn verdict(pod: &Pod) -> Verdict {
     {
         return Verdict::Meshed(Mesh::Ambient);
     }
-    not("no istio-proxy, linkerd-proxy or kuma-sidecar container, no istio.io/dataplane-mode=ambient label")
+    not(
+        "no istio-proxy, linkerd-proxy or kuma-sidecar container, no istio.io/dataplane-mode=ambient label",
+    )
 }
 
 /// Reduces a pod object to what weir needs.

@@ -293,6 +293,7 @@ async fn cni_lookup_uses_the_store_then_the_api() {
         namespace: "default".into(),
         name: name.into(),
         uid: uid.into(),
+        service_account: String::new(),
     };
     let v = lookup.find(&pod("known", "uid-known")).await.unwrap();
     assert_eq!(v.uid, "uid-known");
