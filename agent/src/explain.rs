@@ -683,7 +683,7 @@ pub fn describe(view: &PodView, q: &Query, outcome: Outcome) -> Explanation {
                             .into()
                     },
                     untouched.clone(),
-                    bypassed("outbound", "proxy"),
+                    bypassed("outbound", "proxy_identity"),
                     None,
                 ),
                 Verdict::BypassExcludedInterface => (

@@ -415,6 +415,7 @@ mod tests {
                 "build-agent",
                 "images",
                 "kernel-tests",
+                "peer-ztunnel",
                 "kernel-matrix"
             ]
         );
