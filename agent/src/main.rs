@@ -435,7 +435,7 @@ fn run(a: RunArgs) -> Result<()> {
         if let Some(logger) = kernel_logger {
             tokio::spawn(read_kernel_logs(logger));
         }
-        let _zds = match &a.zds_socket {
+        let zds = match &a.zds_socket {
             Some(path) => {
                 let server = zds::Zds::new();
                 server.listen(path)?;
@@ -452,7 +452,7 @@ fn run(a: RunArgs) -> Result<()> {
         }
         if a.kube.kubernetes {
             let resync = Duration::from_secs(a.resync_secs);
-            return k8s::run(&a.kube, &a.cni, resync, rec, ready).await;
+            return k8s::run(&a.kube, &a.cni, resync, rec, ready, zds).await;
         }
         if let Some(pods_file) = &a.pods_file {
             let server = cni::Server::new(
@@ -461,10 +461,11 @@ fn run(a: RunArgs) -> Result<()> {
                 a.kube.host_proc.clone(),
                 None,
                 None,
-            );
+            )
+            .with_zds(zds.clone());
             cni::start(&a.cni, a.cni.socket(false), server).await?;
         }
-        watch_pods_file(&a, rec, ready).await
+        watch_pods_file(&a, rec, ready, zds).await
     })
 }
 
@@ -503,6 +504,7 @@ async fn watch_pods_file(
     a: &RunArgs,
     rec: Arc<Mutex<Reconciler>>,
     ready: Arc<AtomicBool>,
+    zds: Option<zds::Zds>,
 ) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let pods_file = a
@@ -584,10 +586,22 @@ async fn watch_pods_file(
         }
         let rec = rec.clone();
         let started = std::time::Instant::now();
+        let zds = zds.clone();
         tokio::task::spawn_blocking(move || {
             let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
             r.apply(&parsed.pods, &parsed.invalid);
             r.dp.set_ready(true);
+            // The ambient pods for ztunnel (under the lock, so a CNI ADD's
+            // hand-over is never followed by a list without its pod):
+            // enrolled ones with their netns, the others of the file kept.
+            if let Some(z) = &zds {
+                let known = parsed
+                    .pods
+                    .iter()
+                    .filter(|s| s.mesh == policy::Mesh::Ambient)
+                    .map(|s| zds::Workload::from(ambient::AmbientPod::of(s)));
+                z.update(zds::from_pass(ambient::enrolled_pods(&r.pods), known));
+            }
         })
         .await?;
         if changed {

@@ -504,4 +504,33 @@ pods:
             );
         }
     }
+
+    /// The tests' pods-file writer (`weir_tests::podsfile`) writes what
+    /// this parser reads: every field it can set arrives.
+    #[test]
+    fn the_test_harness_writer_is_read_back() {
+        use weir_tests::podsfile::{PodEntry, pods_yaml};
+        let mut e = PodEntry::at("a", Path::new("/n/a"), &["198.18.0.1", "2001:2::1"])
+            .namespace("shop")
+            .annotate("traffic.sidecar.istio.io/excludeOutboundPorts", "3306");
+        e.mesh = Some("linkerd".into());
+        e.uid = Some("u-1".into());
+        e.service_account = Some("sa".into());
+        let plain = PodEntry::at("b", Path::new("/n/b"), &[]);
+        let f = p(&pods_yaml(&[e, plain]));
+        assert!(f.errors.is_empty(), "{:?}", f.errors);
+        let a = &f.pods[0];
+        assert_eq!((a.namespace.as_str(), a.name.as_str()), ("shop", "a"));
+        assert_eq!(a.netns, Path::new("/n/a"));
+        assert_eq!(a.ips.len(), 2);
+        assert_eq!(a.mesh, Mesh::Linkerd);
+        assert_eq!(
+            a.annotations["traffic.sidecar.istio.io/excludeOutboundPorts"],
+            "3306"
+        );
+        assert_eq!((a.uid.as_str(), a.service_account.as_str()), ("u-1", "sa"));
+        let b = &f.pods[1];
+        assert_eq!((b.namespace.as_str(), b.mesh), ("default", Mesh::Istio));
+        assert!(p(&pods_yaml(&[])).pods.is_empty());
+    }
 }

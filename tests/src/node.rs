@@ -404,17 +404,9 @@ impl Node {
             f.seek(SeekFrom::Start(self.log_offset))?;
             text.clear();
             f.read_to_string(&mut text)?;
-            if let Some(at) = text.find(APPLIED) {
+            if let Some((ms, end)) = find_applied(&text) {
                 let seen = Instant::now();
-                let rest = &text[at + APPLIED.len()..];
-                let ms = rest
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .with_context(|| format!("cannot read the time in {rest:?}"))?;
-                let end = rest
-                    .find('\n')
-                    .map_or(text.len(), |e| at + APPLIED.len() + e);
+                let ms = ms.with_context(|| format!("cannot read the time in {text:?}"))?;
                 self.log_offset += end as u64;
                 return Ok((ms, seen));
             }
@@ -680,6 +672,19 @@ impl Drop for Node {
     }
 }
 
+/// The first `pods file applied in N ms` line in `text`: N (`None` when
+/// it is not a number) and the offset of the line's end (where the next
+/// search starts).
+fn find_applied(text: &str) -> Option<(Option<u64>, usize)> {
+    let at = text.find(APPLIED)?;
+    let rest = &text[at + APPLIED.len()..];
+    let ms = rest.split_whitespace().next().and_then(|v| v.parse().ok());
+    let end = rest
+        .find('\n')
+        .map_or(text.len(), |e| at + APPLIED.len() + e);
+    Some((ms, end))
+}
+
 /// `weir status -o json` of the agent pinned under `bpffs`.
 pub fn weir_status(weir: &Path, bpffs: &Path) -> anyhow::Result<Value> {
     let out = Command::new(weir)
@@ -716,4 +721,37 @@ pub fn fully_captured(status: &Value) -> usize {
     status["pods"]
         .as_array()
         .map_or(0, |p| p.iter().filter(|p| is_fully_captured(p)).count())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_apply_time_and_where_its_line_ends() {
+        let log = "[INFO] watching\n[INFO weir] pods file applied in 12 ms\n[INFO] pods file applied in 3 ms\n";
+        let (ms, end) = find_applied(log).unwrap();
+        assert_eq!(ms, Some(12));
+        assert_eq!(&log[end..end + 1], "\n");
+        // The next search, from there, finds the next apply.
+        assert_eq!(find_applied(&log[end..]).unwrap().0, Some(3));
+        assert_eq!(
+            find_applied("[INFO] pods file applied in x ms").unwrap().0,
+            None
+        );
+        assert!(find_applied("[INFO] pods file read\n").is_none());
+    }
+
+    #[test]
+    fn counts_pods_captured_both_ways() {
+        let status = serde_json::json!({"pods": [
+            {"name": "a", "capture": true, "inbound_attached": true, "counters": {"x": 1}},
+            {"name": "b", "capture": true, "inbound_attached": false},
+            {"name": "c", "capture": false, "inbound_attached": true},
+        ]});
+        assert_eq!(fully_captured(&status), 1);
+        assert_eq!(fully_captured(&Value::Null), 0);
+        assert_eq!(pod_counters(&status, "a")["x"], 1);
+        assert_eq!(pod_counters(&status, "z"), Value::Null);
+    }
 }

@@ -31,6 +31,19 @@ pub struct PodEntry {
     /// Pod annotations.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Kubernetes pod UID (`None`: the agent's default,
+    /// `<namespace>/<name>`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+    /// The pod's service account (`None`: `default`).
+    #[serde(rename = "serviceAccount", skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    /// Pod labels (ambient enrollment: `istio.io/dataplane-mode`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Labels of the pod's namespace (ambient enrollment).
+    #[serde(rename = "namespaceLabels", skip_serializing_if = "BTreeMap::is_empty")]
+    pub namespace_labels: BTreeMap<String, String>,
 }
 
 impl PodEntry {
@@ -127,6 +140,28 @@ mod tests {
             "{text}"
         );
         assert!(pod.get("mesh").is_none(), "{text}");
+        assert!(pod.get("serviceAccount").is_none(), "{text}");
+    }
+
+    #[test]
+    fn ambient_fields_use_the_agents_names() {
+        let mut e = PodEntry::at("a", Path::new("/n/a"), &[]);
+        e.uid = Some("u-1".into());
+        e.service_account = Some("sa".into());
+        e.labels
+            .insert("istio.io/dataplane-mode".into(), "ambient".into());
+        e.namespace_labels.insert("team".into(), "x".into());
+        let text = pods_yaml(std::slice::from_ref(&e));
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+        let pod = &v["pods"][0];
+        assert_eq!(pod["uid"].as_str(), Some("u-1"), "{text}");
+        assert_eq!(pod["serviceAccount"].as_str(), Some("sa"), "{text}");
+        assert_eq!(
+            pod["labels"]["istio.io/dataplane-mode"].as_str(),
+            Some("ambient"),
+            "{text}"
+        );
+        assert_eq!(pod["namespaceLabels"]["team"].as_str(), Some("x"), "{text}");
     }
 
     #[test]

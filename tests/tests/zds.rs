@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+mod k8s_support;
+
 use serde_json::Value;
 use weir_tests::{NetNs, Proc, TempDir, spawn_in, wait_until, weir_bin};
 
@@ -58,20 +60,25 @@ impl Pod {
 
     /// The inode of ztunnel's HBONE listener in this pod, if there is one.
     fn hbone_listener(&self) -> Option<u64> {
-        self.ns.run_in(|| {
-            let port = format!(":{HBONE_PORT:04X} ");
-            ["tcp6", "tcp"].iter().find_map(|f| {
-                let text = std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).ok()?;
-                text.lines().skip(1).find_map(|l| {
-                    let cols: Vec<&str> = l.split_whitespace().collect();
-                    // local_address, state 0A (LISTEN), inode.
-                    (cols.len() > 9 && format!("{} ", cols[1]).ends_with(&port) && cols[3] == "0A")
-                        .then(|| cols[9].parse().ok())
-                        .flatten()
-                })
+        hbone_listener(&self.ns)
+    }
+}
+
+/// The inode of ztunnel's HBONE listener in `ns`, if there is one.
+fn hbone_listener(ns: &NetNs) -> Option<u64> {
+    ns.run_in(|| {
+        let port = format!(":{HBONE_PORT:04X}");
+        ["tcp6", "tcp"].iter().find_map(|f| {
+            let text = std::fs::read_to_string(format!("/proc/thread-self/net/{f}")).ok()?;
+            text.lines().skip(1).find_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                // local_address, state 0A (LISTEN), inode.
+                (cols.len() > 9 && cols[1].ends_with(&port) && cols[3] == "0A")
+                    .then(|| cols[9].parse().ok())
+                    .flatten()
             })
         })
-    }
+    })
 }
 
 /// One workloads-file entry.
@@ -400,4 +407,138 @@ fn agent_restart_leaves_ztunnel_serving_its_pods() {
         "the proxies kept running across the agent restart\n{}",
         zt.logs()
     );
+}
+
+/// A ztunnel upgrade: the new ztunnel connects while the old one still
+/// runs. New pods go to the newest connection only; deletions to both.
+#[test]
+fn adds_go_to_the_newest_ztunnel_and_deletes_to_both() {
+    let Some(bin) = setup() else { return };
+    let (a, b) = (Pod::new("a"), Pod::new("b"));
+    let mut node = Node::new();
+    node.set(&[entry(&a, Some(a.ns.path()))]);
+    node.start_agent();
+    let old = Ztunnel::start(&bin, &node.socket);
+    old.wait_up(&[&a]);
+    let new = Ztunnel::start(&bin, &node.socket);
+    new.wait_up(&[&a]);
+    node.set(&[entry(&a, Some(a.ns.path())), entry(&b, Some(b.ns.path()))]);
+    new.wait_up(&[&a, &b]);
+    assert_eq!(
+        old.up(),
+        vec![a.uid.clone()],
+        "the old ztunnel gets no new pod"
+    );
+    node.set(&[entry(&b, Some(b.ns.path()))]);
+    new.wait_up(&[&b]);
+    old.wait_up(&[]);
+}
+
+/// `weir run --zds-socket`: the agent's own reconcile pass (pods file)
+/// feeds ZDS with the ambient pods it enrolled; sidecar pods and pods it
+/// could not enroll are not handed over.
+#[test]
+fn weir_run_hands_its_enrolled_ambient_pods_to_ztunnel() {
+    use weir_tests::node::{Node as WeirNode, PodEntry};
+    let Some(bin) = setup() else { return };
+    let (a, b) = (NetNs::new("zp"), NetNs::new("zp"));
+    let sidecar = NetNs::new("zp");
+    let dir = TempDir::new("zds");
+    let socket = dir.join("ztunnel.sock");
+    let ambient = |name: &str, ns: &NetNs, ip: &str| PodEntry {
+        mesh: Some("ambient".into()),
+        ..PodEntry::new(name, ns, &[ip])
+    };
+    let gone = PodEntry {
+        netns: PathBuf::from("/nonexistent/netns/gone"),
+        ..ambient("gone", &b, "198.18.7.3")
+    };
+    let mut node = WeirNode::new();
+    node.write_pods_yaml(&[
+        ambient("a", &a, "198.18.7.1"),
+        ambient("b", &b, "198.18.7.2"),
+        PodEntry::new("side", &sidecar, &["198.18.7.4"]),
+        // Cannot be enrolled (no such netns): kept, never handed over.
+        gone.clone(),
+    ]);
+    let sock = socket.to_str().unwrap().to_string();
+    node.start_agent_with(&["--zds-socket", &sock]);
+    let zt = Ztunnel::start(&bin, &socket);
+    let up = |want: &[&str]| {
+        let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        wait_until(
+            Duration::from_secs(15),
+            &format!("ztunnel serving {want:?}"),
+            || {
+                let mut names: Vec<String> = zt
+                    .workloads()
+                    .values()
+                    .filter(|v| v["state"] == "Up")
+                    .filter_map(|v| v["info"]["name"].as_str().map(str::to_string))
+                    .collect();
+                names.sort();
+                names == want
+            },
+        );
+    };
+    up(&["a", "b"]);
+    node.wait_log("2 pods added, 1 kept");
+    assert!(hbone_listener(&a).is_some() && hbone_listener(&b).is_some());
+    assert!(
+        hbone_listener(&sidecar).is_none(),
+        "the sidecar pod is not ztunnel's"
+    );
+    // b leaves the pods file: ztunnel stops its proxy; "gone" stays kept
+    // (no delete for it).
+    node.write_pods_yaml(&[ambient("a", &a, "198.18.7.1"), gone]);
+    up(&["a"]);
+    wait_until(Duration::from_secs(5), "b's listener closed", || {
+        hbone_listener(&b).is_none()
+    });
+    let m = node.metrics();
+    assert!(m.contains("weir_zds_connections 1"), "{m}");
+    assert!(m.contains("weir_zds_workloads 2"), "{m}");
+    assert!(
+        m.contains("weir_zds_requests_total{kind=\"del\",result=\"acked\"} 1"),
+        "{m}"
+    );
+}
+
+/// A CNI ADD of an ambient pod hands it to ztunnel and returns only once
+/// ztunnel runs its proxy (as istio-cni does), and fails, naming ztunnel,
+/// while no ztunnel is connected.
+#[test]
+fn cni_add_of_an_ambient_pod_returns_once_ztunnel_serves_it() {
+    use k8s_support::CniCall;
+    use weir_tests::node::Node as WeirNode;
+    let Some(bin) = setup() else { return };
+    let pod = NetNs::new("zp");
+    let mut node = WeirNode::new();
+    // The file's netns does not exist: only the ADD knows the pod's.
+    node.write_pods_raw(&format!(
+        "pods:\n  - name: web\n    mesh: ambient\n    uid: uid-web\n    netns: /var/run/netns/weir-test-not-yet-{}\n    ips: ['198.18.6.1']\n",
+        std::process::id()
+    ));
+    let cni = node.dir.join("run/cni.sock");
+    let zsock = node.dir.join("run/ztunnel.sock");
+    node.start_agent_with(&[
+        "--zds-socket",
+        zsock.to_str().unwrap(),
+        "--cni-socket",
+        cni.to_str().unwrap(),
+    ]);
+    let add = || CniCall::add("web", "uid-web", pod.path(), &cni, &["198.18.6.1"]).run();
+    let out = add();
+    assert_ne!(out.code, 0, "no ztunnel: the ADD fails");
+    let said = format!("{} {}", out.json, out.stderr);
+    assert!(said.contains("no ztunnel is connected"), "{said}");
+    let zt = Ztunnel::start(&bin, &zsock);
+    // Its snapshot keeps the pod (not enrolled from the file alone).
+    node.wait_log("0 pods added, 1 kept");
+    let out = add();
+    assert_eq!(out.code, 0, "{} {}", out.json, out.stderr);
+    // The moment ADD returned, ztunnel runs the pod's proxy in its netns.
+    assert_eq!(zt.up(), vec!["uid-web".to_string()], "{}", zt.logs());
+    assert!(hbone_listener(&pod).is_some());
 }

@@ -98,6 +98,11 @@ enum Command {
         #[arg(last = true, value_name = "TEST_ARGS")]
         test_args: Vec<String>,
     },
+    /// Build ztunnel (Istio ambient's node proxy) from the shared source
+    /// once per machine (~6 min cold, cached under ~/.cache/weir/ztunnel;
+    /// xtask/src/ztunnel.rs) and print the binary's path: the tests of
+    /// weir as ztunnel's ZDS server run it (WEIR_ZTUNNEL_BIN).
+    Ztunnel,
     /// Build, then run `weir-testkit demo` with WEIR_BIN set.
     Run {
         /// Arguments for `weir-testkit demo`.
@@ -213,6 +218,9 @@ fn run(command: Command) -> Result<ExitCode> {
                 timeout: std::time::Duration::from_secs(timeout_min * 60),
             };
             kernel::run(&root, &object, &options)?;
+        }
+        Command::Ztunnel => {
+            println!("{}", ztunnel::ensure_ztunnel_binary(&root)?.display());
         }
         Command::Run { args } => return run_demo(&root, &args),
         Command::PeerZtunnel { binary: true, .. } => {

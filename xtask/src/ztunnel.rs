@@ -109,7 +109,11 @@ pub fn ensure_source(root: &Path) -> Result<PathBuf> {
 /// `out/rust/debug/deps/namespaced-*` is the suite.
 pub fn ensure_namespaced_build(root: &Path) -> Result<PathBuf> {
     let src = ensure_source(root)?;
-    if host::find_admin_program("protoc").is_none() {
+    // protoc, and the well-known types ztunnel's protos import
+    // (google/protobuf/*.proto, from libprotobuf-dev).
+    if host::find_admin_program("protoc").is_none()
+        || !Path::new("/usr/include/google/protobuf/empty.proto").is_file()
+    {
         crate::toolchain::apt_install(&["protobuf-compiler", "libprotobuf-dev"])?;
     }
     let cache = cache_dir();

@@ -38,27 +38,34 @@ pub struct AmbientPod {
 }
 
 /// The ambient pods among the reconciler's enrolled pods, in key order.
-/// A pod without a UID gets `namespace/name` (the pods file may omit it;
-/// ztunnel only needs it to be unique and stable).
 pub fn enrolled_pods(pods: &BTreeMap<String, Enrolled>) -> Vec<AmbientPod> {
     pods.values()
         .filter(|p| p.spec.mesh == Mesh::Ambient)
-        .map(|p| AmbientPod {
-            uid: if p.spec.uid.is_empty() {
-                p.spec.key()
+        .map(|p| AmbientPod::of(&p.spec))
+        .collect()
+}
+
+impl AmbientPod {
+    /// The pod of a spec. A pod without a UID gets `namespace/name` (the
+    /// pods file may omit it; ztunnel only needs it to be unique and
+    /// stable).
+    pub fn of(spec: &crate::podsfile::PodSpec) -> AmbientPod {
+        AmbientPod {
+            uid: if spec.uid.is_empty() {
+                spec.key()
             } else {
-                p.spec.uid.clone()
+                spec.uid.clone()
             },
-            name: p.spec.name.clone(),
-            namespace: p.spec.namespace.clone(),
-            service_account: if p.spec.service_account.is_empty() {
+            name: spec.name.clone(),
+            namespace: spec.namespace.clone(),
+            service_account: if spec.service_account.is_empty() {
                 "default".into()
             } else {
-                p.spec.service_account.clone()
+                spec.service_account.clone()
             },
-            netns: p.spec.netns.clone(),
-        })
-        .collect()
+            netns: spec.netns.clone(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -318,6 +318,9 @@ pub struct Server {
     /// Kubernetes mode: the agent's client configuration, handed on to
     /// the plugin as a kubeconfig ([`kubeconfig`]).
     plugin_kube: Option<kube::Config>,
+    /// `--zds-socket`: an ambient pod's ADD hands it to ztunnel and waits
+    /// for ztunnel's answer.
+    zds: Option<crate::zds::Zds>,
 }
 
 impl Server {
@@ -336,7 +339,14 @@ impl Server {
             registry,
             wake,
             plugin_kube: None,
+            zds: None,
         }
+    }
+
+    /// Hands ambient pods to ztunnel at ADD time ([`crate::zds`]).
+    pub fn with_zds(mut self, zds: Option<crate::zds::Zds>) -> Self {
+        self.zds = zds;
+        self
     }
 
     /// Lets the agent write a kubeconfig for the plugin from `config`
@@ -433,6 +443,10 @@ impl Server {
         let registry = self.registry.clone();
         let container_id = req.container_id.clone();
         let started = std::time::Instant::now();
+        let zds = self
+            .zds
+            .clone()
+            .filter(|_| mesh == crate::policy::Mesh::Ambient);
         let res = tokio::task::spawn_blocking(move || {
             let mut r = rec.lock().unwrap_or_else(|p| p.into_inner());
             // Registered before enrolling, under the reconciler's lock, so
@@ -454,11 +468,32 @@ impl Server {
             {
                 reg.remove(&spec.key());
             }
-            res
+            // An ambient pod goes to ztunnel now, under the reconciler's
+            // lock (no pass can publish a list without it after this).
+            res.map(|cookie| {
+                let handoff = zds.map(|z| {
+                    z.hand_over(crate::zds::Workload::from(crate::ambient::AmbientPod::of(
+                        &spec,
+                    )))
+                });
+                (cookie, handoff)
+            })
         })
         .await;
         match res {
-            Ok(Ok(cookie)) => {
+            Ok(Ok((cookie, handoff))) => {
+                if let Some(h) = handoff {
+                    let handed = match h {
+                        Ok(h) => h.wait().await,
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = handed {
+                        warn!("CNI ADD {key}: enrolled, but ztunnel did not take it: {e}");
+                        return failed(format!(
+                            "{key}: enrolled, but ztunnel did not take it: {e}"
+                        ));
+                    }
+                }
                 info!(
                     "CNI ADD {key}: enrolled ({mesh}, netns cookie {cookie}) in {} ms",
                     started.elapsed().as_millis()

@@ -248,6 +248,7 @@ pub async fn run(
     resync: Duration,
     rec: Arc<Mutex<Reconciler>>,
     ready: Arc<AtomicBool>,
+    zds: Option<crate::zds::Zds>,
 ) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let node = args
@@ -270,7 +271,8 @@ pub async fn run(
         Some(registry.clone()),
         Some(wake.clone()),
     )
-    .with_plugin_kubeconfig(kube_config);
+    .with_plugin_kubeconfig(kube_config)
+    .with_zds(zds.clone());
     crate::cni::start(cni, cni.socket(true), server).await?;
 
     let api: Api<Pod> = Api::all(client);
@@ -291,6 +293,7 @@ pub async fn run(
         reported: BTreeMap::new(),
         waiting: BTreeSet::new(),
         last_keys: None,
+        zds,
     };
     loop {
         tokio::select! {
@@ -386,6 +389,8 @@ struct Pass {
     reported: BTreeMap<String, String>,
     waiting: BTreeSet<String>,
     last_keys: Option<BTreeSet<String>>,
+    /// The ZDS server (`--zds-socket`), fed the ambient pods of each pass.
+    zds: Option<crate::zds::Zds>,
 }
 
 impl Pass {
@@ -431,6 +436,7 @@ impl Pass {
                 .collect()
         };
         let mut discovery = self.discovery.take().expect("one pass at a time");
+        let zds = self.zds.clone();
         let (rec, registry) = (rec.clone(), registry.clone());
         let (discovery, res) = tokio::task::spawn_blocking(move || {
             let uids: BTreeSet<String> = meshed
@@ -453,6 +459,26 @@ impl Pass {
             r.apply(&desired.pods, &desired.invalid);
             r.dp.set_ready(true);
             let applied: BTreeSet<String> = r.pods.keys().cloned().collect();
+            // The ambient pods for ztunnel (under the lock, so a CNI ADD's
+            // hand-over is never followed by a list without its pod):
+            // enrolled ones with their netns; the others (no netns yet,
+            // invalid) kept.
+            if let Some(z) = &zds {
+                let known = meshed
+                    .iter()
+                    .filter(|v| v.mesh() == Some(crate::policy::Mesh::Ambient))
+                    .map(|v| crate::zds::Workload {
+                        uid: v.uid.clone(),
+                        name: v.name.clone(),
+                        namespace: v.namespace.clone(),
+                        service_account: v.service_account.clone(),
+                        netns: None,
+                    });
+                z.update(crate::zds::from_pass(
+                    crate::ambient::enrolled_pods(&r.pods),
+                    known,
+                ));
+            }
             drop(r);
             (discovery, Ok((desired, applied)))
         })

@@ -66,6 +66,7 @@ use self::proto::{
     AddWorkload, DelWorkload, KeepWorkload, Request, Response, SnapshotSent, Version, WorkloadInfo,
     WorkloadRequest, WorkloadResponse, ZdsHello,
 };
+use crate::ambient::AmbientPod;
 use crate::metrics;
 
 /// How long ztunnel has to answer a request (and to say hello).
@@ -108,6 +109,37 @@ impl Workload {
     }
 }
 
+impl From<AmbientPod> for Workload {
+    fn from(p: AmbientPod) -> Self {
+        Workload {
+            uid: p.uid,
+            name: p.name,
+            namespace: p.namespace,
+            service_account: p.service_account,
+            netns: Some(p.netns),
+        }
+    }
+}
+
+/// The workloads of one reconcile pass: every enrolled ambient pod with
+/// its network namespace, and every other ambient pod the pass knows of
+/// (`known`: no network namespace yet, invalid, or not enrolled for
+/// another reason) without one, so that ztunnel keeps the proxy it may run
+/// for it and is never told to delete it.
+pub fn from_pass(
+    enrolled: Vec<AmbientPod>,
+    known: impl IntoIterator<Item = Workload>,
+) -> Vec<Workload> {
+    let mut out: BTreeMap<String, Workload> = known
+        .into_iter()
+        .map(|w| (w.uid.clone(), Workload { netns: None, ..w }))
+        .collect();
+    for p in enrolled {
+        out.insert(p.uid.clone(), Workload::from(p));
+    }
+    out.into_values().collect()
+}
+
 /// The full set of workloads, by UID.
 type Desired = Arc<BTreeMap<String, Workload>>;
 
@@ -118,6 +150,41 @@ pub struct Zds {
     desired: watch::Sender<Option<Desired>>,
     /// Connections that said hello, by id (the largest is the newest).
     live: Arc<Mutex<BTreeSet<u64>>>,
+    /// Hand-overs a CNI ADD waits for ([`Zds::hand_over`]), by UID: the
+    /// newest connection's answer once it has one.
+    handoffs: watch::Sender<BTreeMap<String, Option<Result<(), String>>>>,
+}
+
+/// A hand-over in progress: [`Handoff::wait`] for ztunnel's answer.
+pub struct Handoff {
+    zds: Zds,
+    uid: String,
+    rx: watch::Receiver<BTreeMap<String, Option<Result<(), String>>>>,
+}
+
+impl Handoff {
+    /// Waits for ztunnel's ack of the pod ([`ACK_TIMEOUT`] at most after
+    /// the requests before it); `Err` says why it did not take the pod.
+    pub async fn wait(mut self) -> Result<(), String> {
+        let uid = self.uid.clone();
+        let got = tokio::time::timeout(
+            ACK_TIMEOUT * 2,
+            self.rx.wait_for(|m| matches!(m.get(&uid), Some(Some(_)))),
+        )
+        .await;
+        let out = match got {
+            Ok(Ok(m)) => m.get(&uid).cloned().flatten().unwrap_or(Ok(())),
+            Ok(Err(_)) => Err("the ZDS server stopped".to_string()),
+            Err(_) => Err(format!(
+                "ztunnel did not take the pod within {} s",
+                (ACK_TIMEOUT * 2).as_secs()
+            )),
+        };
+        self.zds.handoffs.send_modify(|m| {
+            m.remove(&uid);
+        });
+        out
+    }
 }
 
 impl Default for Zds {
@@ -132,7 +199,58 @@ impl Zds {
         Self {
             desired: watch::Sender::new(None),
             live: Arc::new(Mutex::new(BTreeSet::new())),
+            handoffs: watch::Sender::new(BTreeMap::new()),
         }
+    }
+
+    /// Hands one pod to ztunnel now (a CNI ADD, as istio-cni does: the
+    /// pod's containers start only once ztunnel runs its proxy), on top of
+    /// the last full list; call it under the reconciler's lock, right
+    /// after enrolling the pod, so that no pass publishes a list without
+    /// it afterwards. Fails at once when no ztunnel is connected, or when
+    /// no full list was published yet (a snapshot must never come from a
+    /// partial picture).
+    pub fn hand_over(&self, w: Workload) -> Result<Handoff, String> {
+        if self.newest().is_none() {
+            return Err(
+                "no ztunnel is connected to the ZDS socket (--zds-socket): ambient pods start once ztunnel runs on the node".to_string(),
+            );
+        }
+        if self.desired.borrow().is_none() {
+            return Err("the agent has not read its pod list yet; the runtime retries".to_string());
+        }
+        let uid = w.uid.clone();
+        let rx = self.handoffs.subscribe();
+        self.handoffs.send_modify(|m| {
+            m.insert(uid.clone(), None);
+        });
+        self.desired.send_modify(|cur| {
+            let mut set = cur.as_deref().cloned().unwrap_or_default();
+            set.insert(uid.clone(), w);
+            *cur = Some(Arc::new(set));
+        });
+        Ok(Handoff {
+            zds: self.clone(),
+            uid,
+            rx,
+        })
+    }
+
+    /// Whether a CNI ADD waits for ztunnel's answer about `uid` (and has
+    /// none yet).
+    fn waiting(&self, uid: &str) -> bool {
+        matches!(self.handoffs.borrow().get(uid), Some(None))
+    }
+
+    /// Records ztunnel's answer to an add, for a CNI ADD waiting on it.
+    fn answered(&self, uid: &str, res: &Result<(), String>) {
+        self.handoffs.send_if_modified(|m| match m.get_mut(uid) {
+            Some(slot) => {
+                *slot = Some(res.clone());
+                true
+            }
+            None => false,
+        });
     }
 
     /// Publishes the full set of workloads this node runs; connected
@@ -179,9 +297,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A listening `SOCK_SEQPACKET` unix socket at `path` (its directory made
-/// if missing; a socket file already there is removed first, anything
-/// else there is an error).
+/// A listening `SOCK_SEQPACKET` unix socket at `path`, mode 0600 (its
+/// directory made if missing; a socket file already there is removed
+/// first, anything else there is an error).
 pub fn bind_seqpacket(path: &Path) -> Result<UnixListener> {
     let flag = || format!("--zds-socket {}", path.display());
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -208,6 +326,10 @@ pub fn bind_seqpacket(path: &Path) -> Result<UnixListener> {
     let addr = UnixAddr::new(path)
         .with_context(|| format!("{}: not a usable unix socket path (too long?)", flag()))?;
     bind(sock.as_raw_fd(), &addr).with_context(|| format!("{}: cannot bind", flag()))?;
+    // Root only: whoever connects receives every ambient pod's network
+    // namespace.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("{}: chmod 600", flag()))?;
     listen(&sock, Backlog::new(128).context("listen backlog")?)
         .with_context(|| format!("{}: cannot listen", flag()))?;
     let std_listener = std::os::unix::net::UnixListener::from(sock);
@@ -319,7 +441,7 @@ impl Conn {
                 }
             }
         };
-        self.snapshot(&snapshot).await?;
+        self.snapshot(&snapshot, zds).await?;
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -332,17 +454,21 @@ impl Conn {
                 continue;
             };
             let newest = zds.newest() == Some(self.id);
-            self.sync(&cur, newest).await?;
+            self.sync(&cur, newest, zds).await?;
         }
     }
 
     /// The initial list: add or keep every workload, then `SnapshotSent`.
-    async fn snapshot(&mut self, desired: &BTreeMap<String, Workload>) -> Result<(), ConnError> {
+    async fn snapshot(
+        &mut self,
+        desired: &BTreeMap<String, Workload>,
+        zds: &Zds,
+    ) -> Result<(), ConnError> {
         let (mut added, mut kept) = (0usize, 0usize);
         for w in desired.values() {
             match self.open(w) {
                 Some((fd, netns)) => {
-                    self.add(w, fd, netns).await?;
+                    self.add(w, fd, netns, zds).await?;
                     added += 1;
                 }
                 None => {
@@ -374,6 +500,7 @@ impl Conn {
         &mut self,
         desired: &BTreeMap<String, Workload>,
         newest: bool,
+        zds: &Zds,
     ) -> Result<(), ConnError> {
         let gone: Vec<String> = self
             .told
@@ -399,8 +526,11 @@ impl Conn {
                 // Known, no namespace yet: nothing to say (never a delete).
                 continue;
             }
+            // Added with this namespace already: nothing to say, unless a
+            // CNI ADD waits for ztunnel's answer (a runtime retry).
             if let Some(Told::Added(id)) = told
                 && w.netns.as_deref().and_then(|p| netns_id(p).ok()) == Some(id)
+                && !zds.waiting(&w.uid)
             {
                 continue;
             }
@@ -411,18 +541,26 @@ impl Conn {
                         w.key()
                     );
                 }
-                self.add(w, fd, netns).await?;
+                self.add(w, fd, netns, zds).await?;
             }
         }
         Ok(())
     }
 
-    async fn add(&mut self, w: &Workload, fd: OwnedFd, netns: NetnsId) -> Result<(), ConnError> {
+    async fn add(
+        &mut self,
+        w: &Workload,
+        fd: OwnedFd,
+        netns: NetnsId,
+        zds: &Zds,
+    ) -> Result<(), ConnError> {
         let req = Request::Add(AddWorkload {
             uid: w.uid.clone(),
             workload_info: Some(w.info()),
         });
-        match self.request(req, Some(&fd)).await? {
+        let res = self.request(req, Some(&fd)).await?;
+        zds.answered(&w.uid, &res);
+        match res {
             Ok(()) => info!(
                 "ZDS: pod {} (uid {}) handed to ztunnel (connection {})",
                 w.key(),

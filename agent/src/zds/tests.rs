@@ -330,6 +330,10 @@ fn bind_replaces_a_stale_socket_and_refuses_other_files() {
         drop(bind_seqpacket(&path).unwrap());
         // The file of the first listener is still there: replaced.
         assert!(path.exists());
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "root only: it hands out netns fds");
         drop(bind_seqpacket(&path).unwrap());
         let file = dir.path().join("regular");
         std::fs::write(&file, "x").unwrap();
@@ -349,6 +353,7 @@ fn open_netns_refuses_what_is_not_a_namespace() {
     assert!(e.to_string().contains("not a namespace file"), "{e}");
     assert!(open_netns(Path::new("/nonexistent")).is_err());
 }
+
 #[test]
 fn a_ztunnel_that_does_not_answer_is_disconnected() {
     let (_rt, zds, _dir, path) = server();
@@ -365,4 +370,92 @@ fn a_ztunnel_that_does_not_answer_is_disconnected() {
     let z2 = Fake::connect(&path);
     z2.expect(add_of("a"));
     z2.expect(snapshot_sent);
+}
+
+#[test]
+fn a_pass_hands_over_enrolled_pods_and_keeps_the_others() {
+    let enrolled = vec![AmbientPod {
+        uid: "a".into(),
+        name: "pod-a".into(),
+        namespace: "ns".into(),
+        service_account: "sa".into(),
+        netns: own_netns(),
+    }];
+    let known = [
+        // Also enrolled: the enrolled entry (with its netns) wins.
+        workload("a", Some(PathBuf::from("/elsewhere"))),
+        // Desired but not enrolled (no netns yet, invalid): kept.
+        workload("b", Some(PathBuf::from("/proc/1/ns/net"))),
+    ];
+    let w = from_pass(enrolled, known);
+    assert_eq!(
+        w,
+        vec![workload("a", Some(own_netns())), workload("b", None),]
+    );
+}
+
+#[test]
+fn a_hand_over_waits_for_ztunnels_answer() {
+    let (rt, zds, _dir, path) = server();
+    // No ztunnel: refused at once.
+    let e = zds
+        .hand_over(workload("b", Some(own_netns())))
+        .err()
+        .unwrap();
+    assert!(e.contains("no ztunnel is connected"), "{e}");
+    let z = Fake::connect(&path);
+    z.expect_quiet(Duration::from_millis(200));
+    // Connected, but no full list yet: refused (no partial snapshot).
+    let e = zds
+        .hand_over(workload("b", Some(own_netns())))
+        .err()
+        .unwrap();
+    assert!(e.contains("not read its pod list"), "{e}");
+    zds.update([workload("a", Some(own_netns()))]);
+    z.expect(add_of("a"));
+    z.expect(snapshot_sent);
+    // b: added, the waiter gets the ack.
+    let h = zds.hand_over(workload("b", Some(own_netns()))).unwrap();
+    let waiter = rt.spawn(h.wait());
+    z.expect(add_of("b"));
+    assert_eq!(rt.block_on(waiter).unwrap(), Ok(()));
+    // Again (a runtime retry): sent again, as it is waited for.
+    let h = zds.hand_over(workload("b", Some(own_netns()))).unwrap();
+    let waiter = rt.spawn(h.wait());
+    let (req, _) = z.next();
+    assert!(matches!(req, Request::Add(_)), "{req:?}");
+    z.ack("failure to start proxy: test");
+    let got = rt.block_on(waiter).unwrap();
+    assert_eq!(got, Err("failure to start proxy: test".to_string()));
+    // The next full list keeps b (it is enrolled): nothing to say.
+    zds.update([
+        workload("a", Some(own_netns())),
+        workload("b", Some(own_netns())),
+    ]);
+    z.expect_quiet(Duration::from_millis(300));
+}
+
+#[test]
+fn garbage_from_ztunnel_closes_only_its_connection() {
+    let (_rt, zds, _dir, path) = server();
+    zds.update([workload("a", Some(own_netns()))]);
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    connect(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+    let bad = Fake { fd };
+    bad.timeout(Duration::from_secs(5));
+    // Not a protobuf message (a truncated varint).
+    bad.send(&[0x08, 0xff, 0xff]);
+    let mut buf = [0u8; 16];
+    let n = nix::sys::socket::recv(bad.fd.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+    assert_eq!(n, 0, "the server closes that connection");
+    // The server goes on serving others.
+    let z = Fake::connect(&path);
+    z.expect(add_of("a"));
+    z.expect(snapshot_sent);
 }

@@ -502,6 +502,29 @@ fn teardown(paths: &Paths, weir: Option<&Path>, agent: Option<&mut Proc>) -> Vec
     done
 }
 
+/// Starts `cmd` (`what`, logging to `log`) in `pod`'s network namespace
+/// and its cgroup under `paths`, and waits until it creates `ready.1` (it
+/// got `ready.0`). It joins `procs` (and so is stopped at teardown) even
+/// when it fails.
+fn start_in_pod(
+    procs: &mut Vec<Proc>,
+    paths: &Paths,
+    pod: &Pod,
+    (what, cmd, log): (String, Command, &Path),
+    ready: (&str, &Path),
+) -> Result<()> {
+    let mut proc = Proc::spawn(
+        what,
+        cmd,
+        Some(&pod.netns()),
+        &paths.pods_cgroup().join(pod.name),
+        log,
+    )?;
+    let res = proc.wait_for(ready.0, || ready.1.exists());
+    procs.push(proc);
+    res
+}
+
 struct Demo {
     paths: Paths,
     weir: PathBuf,
@@ -673,16 +696,14 @@ impl Demo {
             .arg(p.sidecar_log(pod))
             .arg("--ready-file")
             .arg(&ready);
-            let mut proc = Proc::spawn(
-                format!("the sidecar of {}", pod.name),
-                cmd,
-                Some(&pod.netns()),
-                &p.pods_cgroup().join(pod.name),
-                &p.logs.join(format!("{}.sidecar.stderr", pod.name)),
+            let log = p.logs.join(format!("{}.sidecar.stderr", pod.name));
+            start_in_pod(
+                &mut self.procs,
+                p,
+                pod,
+                (format!("the sidecar of {}", pod.name), cmd, &log),
+                ("its listeners up", &ready),
             )?;
-            let res = proc.wait_for("its listeners up", || ready.exists());
-            self.procs.push(proc);
-            res?;
         }
         step(&format!(
             "sidecars (weir-testkit --uid {PROXY_UID} sidecar, :15001/:15006) in every pod"
@@ -713,16 +734,14 @@ impl Demo {
                 }
                 _ => {}
             }
-            let mut proc = Proc::spawn(
-                format!("the {} application", pod.name),
-                cmd,
-                Some(&pod.netns()),
-                &p.pods_cgroup().join(pod.name),
-                &p.logs.join(format!("{}.app.log", pod.name)),
+            let log = p.logs.join(format!("{}.app.log", pod.name));
+            start_in_pod(
+                &mut self.procs,
+                p,
+                pod,
+                (format!("the {} application", pod.name), cmd, &log),
+                ("listening", &ready),
             )?;
-            let res = proc.wait_for("listening", || ready.exists());
-            self.procs.push(proc);
-            res?;
         }
         step(&format!(
             "applications (weir-testkit --uid {APP_UID} bookinfo, :{}) in every pod",
