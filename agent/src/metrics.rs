@@ -699,6 +699,7 @@ mod tests {
         }
         for name in [
             "weir_pods_enrolled",
+            "weir_ambient_pods",
             "weir_pods_failed",
             "weir_map_entries",
             "weir_map_capacity",

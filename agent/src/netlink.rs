@@ -349,41 +349,6 @@ fn route_of(msg: &rtnetlink::packet_route::route::RouteMessage) -> Option<crate:
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rtnetlink::packet_route::address::AddressHeaderFlags;
-
-    /// REDIRECT's choice on a virtual interface: the first primary IPv4
-    /// address, the first global IPv6 address that is not tentative, in
-    /// dump order.
-    #[test]
-    fn virtual_interface_addresses_are_redirects_choice() {
-        let mut v = weir_common::VirtIface::default();
-        let none = AddressHeaderFlags::empty();
-        let dump: [(&str, AddressHeaderFlags, bool); 6] = [
-            ("10.0.2.9", AddressHeaderFlags::Secondary, true),
-            ("10.0.2.1", none, true),
-            ("10.0.3.1", none, true),
-            ("fe80::1", none, false),
-            ("fd00::9", AddressHeaderFlags::Tentative, true),
-            ("fd00::1", none, true),
-        ];
-        for (ip, flags, global) in dump {
-            virt_address(&mut v, &ip.parse().unwrap(), &flags, global);
-        }
-        assert_eq!(v.flags, weir_common::VIRT_HAS4 | weir_common::VIRT_HAS6);
-        assert_eq!(v.addr4, u32::from_ne_bytes([10, 0, 2, 1]));
-        let want: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
-        assert_eq!(v.addr6, weir_common::addr_from_octets(want.octets()));
-        // No address of a family: no flag, so the kernel drops (as
-        // REDIRECT does).
-        let mut v = weir_common::VirtIface::default();
-        virt_address(&mut v, &"fe80::2".parse().unwrap(), &none, false);
-        assert_eq!(v.flags, 0);
-    }
-}
-
 /// What istio-cni sets up in an ambient pod besides iptables, so that the
 /// application's answers to ztunnel's transparent connections (source:
 /// the client's address) are delivered back to ztunnel inside the pod
@@ -471,4 +436,39 @@ pub fn setup_ambient(netns: &Path) -> Result<()> {
         })
     })
     .with_context(|| format!("ambient routing set-up in {}", netns.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtnetlink::packet_route::address::AddressHeaderFlags;
+
+    /// REDIRECT's choice on a virtual interface: the first primary IPv4
+    /// address, the first global IPv6 address that is not tentative, in
+    /// dump order.
+    #[test]
+    fn virtual_interface_addresses_are_redirects_choice() {
+        let mut v = weir_common::VirtIface::default();
+        let none = AddressHeaderFlags::empty();
+        let dump: [(&str, AddressHeaderFlags, bool); 6] = [
+            ("10.0.2.9", AddressHeaderFlags::Secondary, true),
+            ("10.0.2.1", none, true),
+            ("10.0.3.1", none, true),
+            ("fe80::1", none, false),
+            ("fd00::9", AddressHeaderFlags::Tentative, true),
+            ("fd00::1", none, true),
+        ];
+        for (ip, flags, global) in dump {
+            virt_address(&mut v, &ip.parse().unwrap(), &flags, global);
+        }
+        assert_eq!(v.flags, weir_common::VIRT_HAS4 | weir_common::VIRT_HAS6);
+        assert_eq!(v.addr4, u32::from_ne_bytes([10, 0, 2, 1]));
+        let want: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
+        assert_eq!(v.addr6, weir_common::addr_from_octets(want.octets()));
+        // No address of a family: no flag, so the kernel drops (as
+        // REDIRECT does).
+        let mut v = weir_common::VirtIface::default();
+        virt_address(&mut v, &"fe80::2".parse().unwrap(), &none, false);
+        assert_eq!(v.flags, 0);
+    }
 }

@@ -35,6 +35,9 @@ pub struct PodStatus {
     pub inbound_port: u16,
     /// Whether capture is on.
     pub capture: bool,
+    /// `istio` ambient mode (ztunnel's in-pod rules, `POLICY_AMBIENT`),
+    /// or `sidecar` (the sidecar meshes' rules).
+    pub mode: &'static str,
     /// Primary IPv4 address.
     pub ip4: Option<String>,
     /// Primary IPv6 address.
@@ -163,6 +166,11 @@ pub fn read(bpffs: &Path) -> Result<Status> {
             outbound_port: p.outbound_port,
             inbound_port: p.inbound_port,
             capture: p.flags & (POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND) != 0,
+            mode: if p.flags & POLICY_AMBIENT != 0 {
+                "ambient"
+            } else {
+                "sidecar"
+            },
             ip4: (p.flags & POLICY_HAS_IP4 != 0).then(|| ip_of(&v4_mapped(p.pod_ip4)).to_string()),
             ip6: (p.flags & POLICY_HAS_IP6 != 0).then(|| ip_of(&p.pod_ip6).to_string()),
             inbound_attached: links.contains(&format!("netns-{cookie}")),
@@ -261,9 +269,10 @@ pub fn print(bpffs: &Path, format: Format) -> Result<()> {
             println!("pods:   {}", s.pods.len());
             for p in &s.pods {
                 println!(
-                    "  {}/{}  cookie={} out=:{} in=:{} ip4={} ip6={} capture={} inbound_attached={}",
+                    "  {}/{}  mode={} cookie={} out=:{} in=:{} ip4={} ip6={} capture={} inbound_attached={}",
                     p.namespace,
                     p.name,
+                    p.mode,
                     p.netns_cookie,
                     p.outbound_port,
                     p.inbound_port,

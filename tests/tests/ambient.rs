@@ -93,6 +93,11 @@ fn pod_to_pod(dst: &str, client_ip: &str) {
 
     let c = node.counters("client");
     assert_eq!(c["outbound_captured"], 1, "{c}");
+    // `weir status` says which rules each pod gets.
+    let st = node.status();
+    let pods = st["pods"].as_array().expect("status pods");
+    assert_eq!(pods.len(), 2, "{st}");
+    assert!(pods.iter().all(|p| p["mode"] == "ambient"), "{st}");
     let s = node.counters("server");
     assert_eq!(s["inbound_captured"], 1, "{s}");
 

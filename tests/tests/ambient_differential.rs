@@ -59,15 +59,15 @@ fn restore_input(text: &str, v6: bool) -> String {
         let l = line.trim();
         if let Some(table) = l.strip_prefix("* ") {
             blocks.push(format!("*{table}\n"));
-        } else if let Some(chain) = l.strip_prefix("-N ") {
-            if let Some(b) = blocks.last_mut() {
-                b.push_str(&format!(":{chain} - [0:0]\n"));
-            }
-        } else if l.starts_with("-A ") || l.starts_with("-I ") || l == "COMMIT" {
-            if let Some(b) = blocks.last_mut() {
-                b.push_str(l);
-                b.push('\n');
-            }
+        } else if let Some(chain) = l.strip_prefix("-N ")
+            && let Some(b) = blocks.last_mut()
+        {
+            b.push_str(&format!(":{chain} - [0:0]\n"));
+        } else if (l.starts_with("-A ") || l.starts_with("-I ") || l == "COMMIT")
+            && let Some(b) = blocks.last_mut()
+        {
+            b.push_str(l);
+            b.push('\n');
         }
     }
     let half = blocks.len() / 2;
@@ -129,7 +129,7 @@ const POD6: &str = "2001:2:0:9::1";
 const PEER6: &str = "2001:2:0:9::2";
 const PROBE4: &str = "169.254.7.127";
 
-fn world(node: &mut Node, tag: &str) -> World {
+fn world(tag: &str) -> World {
     let pod = NetNs::new(&format!("ad{tag}p"));
     let peer = NetNs::new(&format!("ad{tag}r"));
     let veth = veth_pair(
@@ -298,7 +298,7 @@ fn differential(v6: bool) {
     for (gi, g) in GOLDENS.iter().enumerate() {
         let tag = format!("{gi}{}", if v6 { 6 } else { 4 });
         // iptables world: the golden, istio-cni's policy routing.
-        let mut ipt = world(&mut node, &format!("i{tag}"));
+        let mut ipt = world(&format!("i{tag}"));
         let text = golden_text(g.file, v6);
         restore(&ipt.pod, "iptables-restore", &restore_input(&text, false));
         if v6 {
@@ -325,7 +325,7 @@ fn differential(v6: bool) {
         }
         start_processes(&mut node, &mut ipt);
         // weir world: an ambient pod of the agent.
-        let mut wr = world(&mut node, &format!("w{tag}"));
+        let mut wr = world(&format!("w{tag}"));
         let mut pod = PodEntry::new("amb", &wr.pod, &[POD4, POD6]);
         pod.mesh = Some("ambient".into());
         for (k, v) in g.annotations {
