@@ -1,6 +1,9 @@
 //! The Grafana dashboard (`deploy/grafana/weir-dashboard.json`) only
 //! queries series the agent exports: every metric name and every label in
-//! its PromQL is checked against `agent/src/metrics.rs`. No root needed.
+//! its PromQL is checked against the sources that declare the exported
+//! series: `agent/src/metrics.rs` and the counter tables of
+//! `ebpf/common/src/counters.rs` (each counter's family and label value).
+//! No root needed.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -11,6 +14,9 @@ fn repo_file(rel: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
 }
+
+/// The files that declare exported series.
+const METRIC_SOURCES: [&str; 2] = ["agent/src/metrics.rs", "ebpf/common/src/counters.rs"];
 
 /// Every `"weir_…"` string literal of metrics.rs: the exported metric names.
 fn defined_metrics(src: &str) -> BTreeSet<String> {
@@ -241,7 +247,11 @@ fn scanner_finds_metrics_labels_and_functions() {
 fn dashboard_queries_only_exported_metrics() {
     let dash: Value = serde_json::from_str(&repo_file("deploy/grafana/weir-dashboard.json"))
         .expect("weir-dashboard.json is not valid JSON");
-    let src = repo_file("agent/src/metrics.rs");
+    let src = METRIC_SOURCES
+        .iter()
+        .map(|f| repo_file(f))
+        .collect::<Vec<_>>()
+        .join("\n");
     let defined = defined_metrics(&src);
     let lits = literals(&src);
     assert!(
@@ -288,7 +298,7 @@ fn dashboard_queries_only_exported_metrics() {
         for m in &r.metrics {
             assert!(
                 exported(m),
-                "{at}: {m} is not a metric of agent/src/metrics.rs (it defines {defined:?}); expr {expr:?}"
+                "{at}: {m} is not an exported metric (the sources defines {defined:?}); expr {expr:?}"
             );
             used.insert(base(m));
         }
@@ -301,7 +311,7 @@ fn dashboard_queries_only_exported_metrics() {
         for l in r.grouping.iter().chain(r.matchers.iter().map(|(l, _)| l)) {
             assert!(
                 TARGET_LABELS.contains(&l.as_str()) || lits.contains(l),
-                "{at}: label {l} is not exported by agent/src/metrics.rs; expr {expr:?}"
+                "{at}: label {l} is not exported (metrics.rs, counters.rs); expr {expr:?}"
             );
         }
         // Fixed label values (not variables, regex alternations split).
@@ -312,7 +322,7 @@ fn dashboard_queries_only_exported_metrics() {
             for alt in v.split('|') {
                 assert!(
                     lits.contains(alt),
-                    "{at}: {l}=\"{alt}\" is not a label value of agent/src/metrics.rs; expr {expr:?}"
+                    "{at}: {l}=\"{alt}\" is not a label value of metrics.rs or counters.rs; expr {expr:?}"
                 );
             }
         }

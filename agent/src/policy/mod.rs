@@ -294,21 +294,71 @@ mod parse;
 pub use parse::istio_proxy_metadata;
 use parse::*;
 
-/// Builds a pod's rules from its mesh, addresses and annotations.
+/// What every step of [`pod_rules`] reads: the pod's mesh (and its
+/// profile), its addresses and its annotations.
+struct Input<'a> {
+    mesh: Mesh,
+    prof: Profile,
+    addrs: &'a [IpAddr],
+    annotations: &'a BTreeMap<String, String>,
+}
+
+impl Input<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.annotations.get(key).map(String::as_str)
+    }
+}
+
+/// One step of [`pod_rules`]: reads its annotations, fills its part of the
+/// rules, or names the annotation that is wrong.
+type Step = fn(&Input<'_>, &mut PodRules) -> Result<(), AnnotationError>;
+
+/// [`pod_rules`]' steps, in order. The order is part of the behaviour: the
+/// first bad annotation is the one reported, and the last two steps may take
+/// back the capture switches the first one set.
+const STEPS: [Step; 13] = [
+    interception_mode,
+    capture_ports,
+    proxy_identity,
+    outbound_cidrs,
+    outbound_ports,
+    inbound_ports,
+    mesh_extras,
+    ipv6_capture,
+    dns_capture,
+    interfaces,
+    owner_groups,
+    ambient_ingress,
+    addresses,
+];
+
+/// Builds a pod's rules from its mesh, addresses and annotations: each
+/// [`STEPS`] entry in turn.
 pub fn pod_rules(
     mesh: Mesh,
     addrs: &[IpAddr],
     annotations: &BTreeMap<String, String>,
 ) -> Result<PodRules, AnnotationError> {
-    let prof = mesh.profile();
-    let get = |k: &str| annotations.get(k).map(String::as_str);
+    let input = Input {
+        mesh,
+        prof: mesh.profile(),
+        addrs,
+        annotations,
+    };
     let mut r = PodRules::default();
-    let p = &mut r.policy;
+    for step in STEPS {
+        step(&input, &mut r)?;
+    }
+    Ok(r)
+}
 
-    let mode = get(keys::INTERCEPTION_MODE).unwrap_or("REDIRECT");
-    let capture = match mode.trim() {
-        "REDIRECT" | "" => true,
-        "NONE" => false,
+/// `sidecar.istio.io/interceptionMode`: REDIRECT captures, NONE does not,
+/// TPROXY is refused.
+fn interception_mode(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    let mode = a.get(keys::INTERCEPTION_MODE).unwrap_or("REDIRECT");
+    match mode.trim() {
+        "REDIRECT" | "" => r.policy.flags |= POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND,
+        "NONE" => {}
         "TPROXY" => {
             return Err(err(
                 keys::INTERCEPTION_MODE,
@@ -325,51 +375,65 @@ pub fn pod_rules(
                 "use REDIRECT, TPROXY or NONE",
             ));
         }
-    };
+    }
+    Ok(())
+}
 
-    p.outbound_port = match get(keys::OUTBOUND_PORT) {
+/// The proxy's ports: outbound and inbound (annotations over the profile),
+/// tunnel and DNS (the profile's).
+fn capture_ports(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    let p = &mut r.policy;
+    p.outbound_port = match a.get(keys::OUTBOUND_PORT) {
         Some(v) => single_port(keys::OUTBOUND_PORT, v)?,
-        None => prof.outbound_port,
+        None => a.prof.outbound_port,
     };
-    p.inbound_port = match get(keys::INBOUND_PORT) {
+    p.inbound_port = match a.get(keys::INBOUND_PORT) {
         Some(v) => single_port(keys::INBOUND_PORT, v)?,
-        None => prof.inbound_port,
+        None => a.prof.inbound_port,
     };
-    p.tunnel_port = prof.tunnel_port;
-    p.dns_port = prof.dns_port;
+    p.tunnel_port = a.prof.tunnel_port;
+    p.dns_port = a.prof.dns_port;
     r.listen_ports = [p.outbound_port, p.inbound_port].into_iter().collect();
+    Ok(())
+}
 
-    // The mesh's own identity annotations (Linkerd's), then weir's.
-    let (mut def_uids, mut def_gids) = (prof.uids.clone(), prof.gids.clone());
-    if mesh == Mesh::Linkerd {
-        if let Some(v) = get(keys::LINKERD_PROXY_UID) {
+/// The proxy's UIDs and GIDs: the mesh's own identity annotations
+/// (Linkerd's), then weir's; the first one is the loopback rule's identity.
+fn proxy_identity(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    let (mut def_uids, mut def_gids) = (a.prof.uids.clone(), a.prof.gids.clone());
+    if a.mesh == Mesh::Linkerd {
+        if let Some(v) = a.get(keys::LINKERD_PROXY_UID) {
             def_uids = linkerd_id(keys::LINKERD_PROXY_UID, v)?;
         }
-        if let Some(v) = get(keys::LINKERD_PROXY_GID) {
+        if let Some(v) = a.get(keys::LINKERD_PROXY_GID) {
             def_gids = linkerd_id(keys::LINKERD_PROXY_GID, v)?;
         }
     }
-    r.uids = match get(keys::PROXY_UIDS) {
+    r.uids = match a.get(keys::PROXY_UIDS) {
         Some(v) => parse_ids(keys::PROXY_UIDS, v)?,
         None => def_uids,
     };
-    r.gids = match get(keys::PROXY_GIDS) {
+    r.gids = match a.get(keys::PROXY_GIDS) {
         Some(v) => parse_ids(keys::PROXY_GIDS, v)?,
         None => def_gids,
     };
+    let p = &mut r.policy;
     (p.lo_id_kind, p.lo_id) = match (r.uids.first(), r.gids.first()) {
         (Some(u), _) => (ID_KIND_UID, *u),
         (None, Some(g)) => (ID_KIND_GID, *g),
         (None, None) => (ID_KIND_NONE, 0),
     };
+    Ok(())
+}
 
-    // Outbound CIDRs.
-    let include = get(keys::INCLUDE_OUTBOUND_IP_RANGES).unwrap_or("*");
+/// `includeOutboundIPRanges` / `excludeOutboundIPRanges`.
+fn outbound_cidrs(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    let include = a.get(keys::INCLUDE_OUTBOUND_IP_RANGES).unwrap_or("*");
     match parse_cidrs(keys::INCLUDE_OUTBOUND_IP_RANGES, include)? {
-        None => p.flags |= POLICY_OUTBOUND_ALL_CIDRS,
+        None => r.policy.flags |= POLICY_OUTBOUND_ALL_CIDRS,
         Some(set) => r.include_cidrs = set,
     }
-    if let Some(v) = get(keys::EXCLUDE_OUTBOUND_IP_RANGES) {
+    if let Some(v) = a.get(keys::EXCLUDE_OUTBOUND_IP_RANGES) {
         r.exclude_cidrs = parse_cidrs(keys::EXCLUDE_OUTBOUND_IP_RANGES, v)?.ok_or_else(|| {
             err(
                 keys::EXCLUDE_OUTBOUND_IP_RANGES,
@@ -386,128 +450,158 @@ pub fn pod_rules(
         .filter_map(|i| i.parse::<IpNet>().ok())
         .any(|n| n.addr().is_loopback())
     {
-        p.flags |= POLICY_INCLUDE_HAS_LOOPBACK;
+        r.policy.flags |= POLICY_INCLUDE_HAS_LOOPBACK;
     }
+    Ok(())
+}
 
-    // Outbound ports.
-    if let Some(v) = get(keys::INCLUDE_OUTBOUND_PORTS) {
+/// `includeOutboundPorts` / `excludeOutboundPorts`.
+fn outbound_ports(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    if let Some(v) = a.get(keys::INCLUDE_OUTBOUND_PORTS) {
         r.out_include_ports =
             parse_ports(keys::INCLUDE_OUTBOUND_PORTS, v, false)?.unwrap_or_default();
     }
-    if let Some(v) = get(keys::EXCLUDE_OUTBOUND_PORTS) {
+    if let Some(v) = a.get(keys::EXCLUDE_OUTBOUND_PORTS) {
         r.out_exclude_ports =
             parse_ports(keys::EXCLUDE_OUTBOUND_PORTS, v, false)?.unwrap_or_default();
     }
+    Ok(())
+}
 
-    // Inbound ports.
-    let inc = get(keys::INCLUDE_INBOUND_PORTS).unwrap_or("*");
+/// `includeInboundPorts` / `excludeInboundPorts`, the status port and the
+/// ports the profile always excludes.
+fn inbound_ports(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    let inc = a.get(keys::INCLUDE_INBOUND_PORTS).unwrap_or("*");
     match parse_ports(keys::INCLUDE_INBOUND_PORTS, inc, true)? {
-        None => p.flags |= POLICY_INBOUND_ALL_PORTS,
+        None => r.policy.flags |= POLICY_INBOUND_ALL_PORTS,
         Some(set) => r.in_include_ports = set,
     }
-    if let Some(v) = get(keys::EXCLUDE_INBOUND_PORTS) {
+    if let Some(v) = a.get(keys::EXCLUDE_INBOUND_PORTS) {
         r.in_exclude_ports =
             parse_ports(keys::EXCLUDE_INBOUND_PORTS, v, false)?.unwrap_or_default();
     }
-    let status_port = match get(keys::STATUS_PORT) {
+    let status_port = match a.get(keys::STATUS_PORT) {
         Some(v) if v.trim() == "0" => 0,
         Some(v) => single_port(keys::STATUS_PORT, v)?,
-        None => prof.status_port,
+        None => a.prof.status_port,
     };
     r.in_exclude_ports
-        .extend(prof.always_excluded_inbound.iter().copied());
+        .extend(a.prof.always_excluded_inbound.iter().copied());
     if status_port != 0 {
         r.in_exclude_ports.insert(status_port);
     }
     // A connection to the inbound port itself would be steered to the very
     // same listener: excluding it only saves a lookup.
-    r.in_exclude_ports.insert(p.inbound_port);
+    r.in_exclude_ports.insert(r.policy.inbound_port);
+    Ok(())
+}
 
-    // The other meshes' own annotations.
-    match mesh {
-        Mesh::Istio => {}
+/// The other meshes' own annotations and conventions.
+fn mesh_extras(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    match a.mesh {
+        Mesh::Istio => Ok(()),
         Mesh::Ambient => {
-            p.flags |= POLICY_AMBIENT;
-            // Connections to the probe address are never captured
-            // (`-d 169.254.7.127 -p tcp -j ACCEPT`), and neither are those
-            // from it or from the node itself (kubelet probes; the agent
-            // adds the node's addresses, docs/ambient.md).
-            for a in PROBE_SOURCES {
-                let net = IpNet::from(a);
-                r.exclude_cidrs.insert(net);
-                r.inbound_skip_sources.insert(net);
-            }
-            p.flags |= POLICY_INBOUND_SKIP_SOURCES;
+            ambient_extras(r);
+            Ok(())
         }
-        Mesh::Linkerd => {
-            // linkerd proxy-init: the proxy's UID and everything on lo are
-            // never captured; no "proxy to own pod" rule.
-            p.flags |= POLICY_LOOPBACK_SIMPLE;
-            // The annotations replace the injector's default list (the
-            // proxy's own ports, in the profile, are always skipped).
-            let v = get(keys::LINKERD_SKIP_INBOUND).unwrap_or(LINKERD_DEFAULT_SKIP_PORTS);
-            r.in_exclude_ports
-                .extend(parse_port_ranges(keys::LINKERD_SKIP_INBOUND, v)?);
-            let v = get(keys::LINKERD_SKIP_OUTBOUND).unwrap_or(LINKERD_DEFAULT_SKIP_PORTS);
-            r.out_exclude_ports
-                .extend(parse_port_ranges(keys::LINKERD_SKIP_OUTBOUND, v)?);
-            // `--subnets-to-ignore` only returns inbound connections *from*
-            // these subnets (PREROUTING, `-s`); outbound connections to
-            // them are captured like any other.
-            if let Some(v) = get(keys::LINKERD_SKIP_SUBNETS) {
-                r.inbound_skip_sources = parse_subnets(keys::LINKERD_SKIP_SUBNETS, v)?;
-                if !r.inbound_skip_sources.is_empty() {
-                    p.flags |= POLICY_INBOUND_SKIP_SOURCES;
-                }
-            }
-        }
-        Mesh::Kuma => {
-            // Kuma's rule order: excluded addresses and DNS first; DNS
-            // over TCP of the applications never captured.
-            p.flags |= POLICY_KUMA_ORDER;
-            if let Some(v) = get(keys::KUMA_EXCLUDE_INBOUND) {
-                r.in_exclude_ports
-                    .extend(parse_port_ranges(keys::KUMA_EXCLUDE_INBOUND, v)?);
-            }
-            let probe = match get(keys::KUMA_PROBE_PROXY_PORT) {
-                Some(v) if v.trim() == "0" => 0,
-                Some(v) => single_port(keys::KUMA_PROBE_PROXY_PORT, v)?,
-                None => KUMA_DEFAULT_PROBE_PROXY_PORT,
-            };
-            if probe != 0 {
-                r.in_exclude_ports.insert(probe);
-            }
-            if let Some(v) = get(keys::KUMA_EXCLUDE_OUTBOUND) {
-                r.out_exclude_ports
-                    .extend(parse_port_ranges(keys::KUMA_EXCLUDE_OUTBOUND, v)?);
-            }
-            if let Some(v) = get(keys::KUMA_EXCLUDE_OUTBOUND_IPS) {
-                r.exclude_cidrs
-                    .extend(parse_kuma_ips(keys::KUMA_EXCLUDE_OUTBOUND_IPS, v)?);
-            }
-            // `-s ADDR -j RETURN` in KUMA_MESH_INBOUND: like Linkerd's
-            // skip-subnets, inbound connections from these sources.
-            if let Some(v) = get(keys::KUMA_EXCLUDE_INBOUND_IPS) {
-                r.inbound_skip_sources
-                    .extend(parse_kuma_ips(keys::KUMA_EXCLUDE_INBOUND_IPS, v)?);
-                if !r.inbound_skip_sources.is_empty() {
-                    p.flags |= POLICY_INBOUND_SKIP_SOURCES;
-                }
-            }
+        Mesh::Linkerd => linkerd_extras(a, r),
+        Mesh::Kuma => kuma_extras(a, r),
+    }
+}
+
+/// Ambient: connections to the probe address are never captured
+/// (`-d 169.254.7.127 -p tcp -j ACCEPT`), and neither are those from it or
+/// from the node itself (kubelet probes; the agent adds the node's
+/// addresses, docs/ambient.md).
+fn ambient_extras(r: &mut PodRules) {
+    r.policy.flags |= POLICY_AMBIENT;
+    for a in PROBE_SOURCES {
+        let net = IpNet::from(a);
+        r.exclude_cidrs.insert(net);
+        r.inbound_skip_sources.insert(net);
+    }
+    r.policy.flags |= POLICY_INBOUND_SKIP_SOURCES;
+}
+
+/// linkerd proxy-init: the proxy's UID and everything on lo are never
+/// captured; no "proxy to own pod" rule; its skip-ports and skip-subnets.
+fn linkerd_extras(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    r.policy.flags |= POLICY_LOOPBACK_SIMPLE;
+    // The annotations replace the injector's default list (the proxy's own
+    // ports, in the profile, are always skipped).
+    let v = a
+        .get(keys::LINKERD_SKIP_INBOUND)
+        .unwrap_or(LINKERD_DEFAULT_SKIP_PORTS);
+    r.in_exclude_ports
+        .extend(parse_port_ranges(keys::LINKERD_SKIP_INBOUND, v)?);
+    let v = a
+        .get(keys::LINKERD_SKIP_OUTBOUND)
+        .unwrap_or(LINKERD_DEFAULT_SKIP_PORTS);
+    r.out_exclude_ports
+        .extend(parse_port_ranges(keys::LINKERD_SKIP_OUTBOUND, v)?);
+    // `--subnets-to-ignore` only returns inbound connections *from* these
+    // subnets (PREROUTING, `-s`); outbound connections to them are captured
+    // like any other.
+    if let Some(v) = a.get(keys::LINKERD_SKIP_SUBNETS) {
+        r.inbound_skip_sources = parse_subnets(keys::LINKERD_SKIP_SUBNETS, v)?;
+        if !r.inbound_skip_sources.is_empty() {
+            r.policy.flags |= POLICY_INBOUND_SKIP_SOURCES;
         }
     }
+    Ok(())
+}
 
-    // IPv6 capture: whether the mesh writes IPv6 rules for the pod.
-    let ipv6_default = match mesh {
+/// Kuma: its rule order (excluded addresses and DNS first; the
+/// applications' DNS over TCP never captured), its exclusions and its
+/// probe proxy port.
+fn kuma_extras(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    r.policy.flags |= POLICY_KUMA_ORDER;
+    if let Some(v) = a.get(keys::KUMA_EXCLUDE_INBOUND) {
+        r.in_exclude_ports
+            .extend(parse_port_ranges(keys::KUMA_EXCLUDE_INBOUND, v)?);
+    }
+    let probe = match a.get(keys::KUMA_PROBE_PROXY_PORT) {
+        Some(v) if v.trim() == "0" => 0,
+        Some(v) => single_port(keys::KUMA_PROBE_PROXY_PORT, v)?,
+        None => KUMA_DEFAULT_PROBE_PROXY_PORT,
+    };
+    if probe != 0 {
+        r.in_exclude_ports.insert(probe);
+    }
+    if let Some(v) = a.get(keys::KUMA_EXCLUDE_OUTBOUND) {
+        r.out_exclude_ports
+            .extend(parse_port_ranges(keys::KUMA_EXCLUDE_OUTBOUND, v)?);
+    }
+    if let Some(v) = a.get(keys::KUMA_EXCLUDE_OUTBOUND_IPS) {
+        r.exclude_cidrs
+            .extend(parse_kuma_ips(keys::KUMA_EXCLUDE_OUTBOUND_IPS, v)?);
+    }
+    // `-s ADDR -j RETURN` in KUMA_MESH_INBOUND: like Linkerd's
+    // skip-subnets, inbound connections from these sources.
+    if let Some(v) = a.get(keys::KUMA_EXCLUDE_INBOUND_IPS) {
+        r.inbound_skip_sources
+            .extend(parse_kuma_ips(keys::KUMA_EXCLUDE_INBOUND_IPS, v)?);
+        if !r.inbound_skip_sources.is_empty() {
+            r.policy.flags |= POLICY_INBOUND_SKIP_SOURCES;
+        }
+    }
+    Ok(())
+}
+
+/// IPv6 capture: whether the mesh writes IPv6 rules for the pod, over which
+/// weir's own annotation wins.
+fn ipv6_capture(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    let ipv6_default = match a.mesh {
         // istio-cni writes IPv6 rules whenever the node has IPv6.
         Mesh::Ambient => true,
         // istio-iptables writes IPv6 rules with ISTIO_DUAL_STACK, else only
         // when the pod's first address is IPv6. Without the setting weir
         // captures every family (in Kubernetes the agent fills it in from
         // the istio-proxy container, where Istio's default, off, applies).
-        Mesh::Istio => match get(keys::PROXY_CONFIG) {
+        Mesh::Istio => match a.get(keys::PROXY_CONFIG) {
             Some(v) => match istio_proxy_metadata(v, "ISTIO_DUAL_STACK")? {
-                Some(false) => addrs
+                Some(false) => a
+                    .addrs
                     .iter()
                     .find(|a| !a.is_loopback())
                     .is_some_and(|a| a.is_ipv6()),
@@ -517,7 +611,7 @@ pub fn pod_rules(
         },
         // Linkerd's Helm value `disableIPv6` defaults to true.
         Mesh::Linkerd => false,
-        Mesh::Kuma => match get(keys::KUMA_IP_FAMILY_MODE) {
+        Mesh::Kuma => match a.get(keys::KUMA_IP_FAMILY_MODE) {
             None => true,
             // kuma-init accepts these spellings, but only the exact
             // lowercase `ipv4` turns IPv6 off.
@@ -535,126 +629,154 @@ pub fn pod_rules(
             },
         },
     };
-    r.skip_ipv6 = !match get(keys::CAPTURE_IPV6) {
+    r.skip_ipv6 = !match a.get(keys::CAPTURE_IPV6) {
         Some(v) => parse_bool(keys::CAPTURE_IPV6, v, v)?,
         None => ipv6_default,
     };
+    Ok(())
+}
 
-    // DNS capture: Istio's ISTIO_META_DNS_CAPTURE, or weir's switch; Kuma
-    // captures DNS (to every server) by default on Kubernetes.
-    let mut dns = match get(keys::PROXY_CONFIG) {
+/// DNS capture: Istio's ISTIO_META_DNS_CAPTURE, ambient's per-pod switch
+/// (on by default, as istio-cni), or weir's switch; Kuma captures DNS (to
+/// every server) by default on Kubernetes. Then the resolvers it applies to.
+fn dns_capture(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    let mut dns = match a.get(keys::PROXY_CONFIG) {
         Some(v) => istio_dns_capture(v)?.unwrap_or(false),
-        None => mesh == Mesh::Kuma,
+        None => a.mesh == Mesh::Kuma,
     };
-    if mesh == Mesh::Ambient {
-        // Ambient: istio-cni's default (DNS capture on), over which the
-        // pod's own annotation wins.
-        dns = match get(keys::AMBIENT_DNS_CAPTURE) {
+    if a.mesh == Mesh::Ambient {
+        dns = match a.get(keys::AMBIENT_DNS_CAPTURE) {
             Some(v) => parse_bool(keys::AMBIENT_DNS_CAPTURE, v, v)?,
             None => true,
         };
     }
-    if let Some(v) = get(keys::DNS_CAPTURE) {
+    if let Some(v) = a.get(keys::DNS_CAPTURE) {
         dns = parse_bool(keys::DNS_CAPTURE, v, v)?;
     }
-    if dns && p.dns_port != 0 {
-        p.flags |= POLICY_CAPTURE_DNS;
-        r.listen_ports.insert(p.dns_port);
-        match get(keys::DNS_SERVERS).map(str::trim) {
-            None | Some("*") => p.flags |= POLICY_DNS_ALL_SERVERS,
-            Some(v) => {
-                for i in items(v) {
-                    let ip = i.parse::<IpAddr>().map_err(|_| {
-                        err(
-                            keys::DNS_SERVERS,
-                            v,
-                            format!("{i:?} is not an IP address"),
-                            "list the pod's resolvers (as in its /etc/resolv.conf), or \"*\"",
-                        )
-                    })?;
-                    r.dns_servers.insert(ip);
-                }
+    if !dns || r.policy.dns_port == 0 {
+        return Ok(());
+    }
+    r.policy.flags |= POLICY_CAPTURE_DNS;
+    r.listen_ports.insert(r.policy.dns_port);
+    match a.get(keys::DNS_SERVERS).map(str::trim) {
+        None | Some("*") => r.policy.flags |= POLICY_DNS_ALL_SERVERS,
+        Some(v) => {
+            for i in items(v) {
+                let ip = i.parse::<IpAddr>().map_err(|_| {
+                    err(
+                        keys::DNS_SERVERS,
+                        v,
+                        format!("{i:?} is not an IP address"),
+                        "list the pod's resolvers (as in its /etc/resolv.conf), or \"*\"",
+                    )
+                })?;
+                r.dns_servers.insert(ip);
             }
         }
     }
+    Ok(())
+}
 
-    if let Some(v) = get(keys::EXCLUDE_INTERFACES) {
-        for i in items(v) {
-            if !is_interface_name(i) {
-                return Err(err(
-                    keys::EXCLUDE_INTERFACES,
-                    v,
-                    format!("{i:?} is not an interface name"),
-                    "list interface names as seen inside the pod, e.g. net1,net2",
-                ));
-            }
-            r.exclude_ifaces.insert(i.to_string());
-        }
+/// Excluded interfaces, and KubeVirt's virtual interfaces (the older
+/// annotation counts only without the newer one, as in Istio's injector).
+fn interfaces(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    if let Some(v) = a.get(keys::EXCLUDE_INTERFACES) {
+        r.exclude_ifaces = interface_names(
+            keys::EXCLUDE_INTERFACES,
+            v,
+            "list interface names as seen inside the pod, e.g. net1,net2",
+        )?;
         if !r.exclude_ifaces.is_empty() {
-            p.flags |= POLICY_EXCLUDE_IFACES;
+            r.policy.flags |= POLICY_EXCLUDE_IFACES;
         }
     }
-    // KubeVirt's virtual interfaces; the older annotation counts only
-    // without the newer one, as in Istio's injector.
-    let virt = get(keys::REROUTE_VIRTUAL_INTERFACES)
+    let virt = a
+        .get(keys::REROUTE_VIRTUAL_INTERFACES)
         .map(|v| (keys::REROUTE_VIRTUAL_INTERFACES, v))
-        .or_else(|| get(keys::KUBEVIRT_INTERFACES).map(|v| (keys::KUBEVIRT_INTERFACES, v)));
+        .or_else(|| {
+            a.get(keys::KUBEVIRT_INTERFACES)
+                .map(|v| (keys::KUBEVIRT_INTERFACES, v))
+        });
     if let Some((key, v)) = virt {
-        for i in items(v) {
-            if !is_interface_name(i) {
-                return Err(err(
-                    key,
-                    v,
-                    format!("{i:?} is not an interface name"),
-                    "list interface names as seen inside the pod, e.g. k6t-eth0",
-                ));
-            }
-            r.virt_ifaces.insert(i.to_string());
-        }
+        r.virt_ifaces = interface_names(
+            key,
+            v,
+            "list interface names as seen inside the pod, e.g. k6t-eth0",
+        )?;
     }
+    Ok(())
+}
 
-    // Owner groups (ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]): "*" with
-    // exclusions, or an include list ("" includes nobody, as in Istio).
-    let include_groups = get(keys::OWNER_GROUPS).unwrap_or("*");
+/// A comma-separated list of interface names as seen inside the pod;
+/// `fix` is the error's advice.
+fn interface_names(
+    key: &str,
+    value: &str,
+    fix: &'static str,
+) -> Result<BTreeSet<String>, AnnotationError> {
+    items(value)
+        .map(|i| {
+            if is_interface_name(i) {
+                Ok(i.to_string())
+            } else {
+                Err(err(
+                    key,
+                    value,
+                    format!("{i:?} is not an interface name"),
+                    fix,
+                ))
+            }
+        })
+        .collect()
+}
+
+/// Owner groups (ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]): "*" with
+/// exclusions, or an include list ("" includes nobody, as in Istio).
+fn owner_groups(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    let include_groups = a.get(keys::OWNER_GROUPS).unwrap_or("*");
     if include_groups.trim() == "*" {
-        if let Some(v) = get(keys::OWNER_GROUPS_EXCLUDE) {
+        if let Some(v) = a.get(keys::OWNER_GROUPS_EXCLUDE) {
             r.owner_groups = parse_ids(keys::OWNER_GROUPS_EXCLUDE, v)?
                 .into_iter()
                 .collect();
             if !r.owner_groups.is_empty() {
-                p.flags |= POLICY_OWNER_GROUPS_EXCEPT;
+                r.policy.flags |= POLICY_OWNER_GROUPS_EXCEPT;
             }
         }
     } else {
         r.owner_groups = parse_ids(keys::OWNER_GROUPS, include_groups)?
             .into_iter()
             .collect();
-        p.flags |= POLICY_OWNER_GROUPS_ONLY;
+        r.policy.flags |= POLICY_OWNER_GROUPS_ONLY;
     }
+    Ok(())
+}
 
-    if capture {
-        p.flags |= POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND;
-    }
-    if mesh == Mesh::Ambient
-        && let Some(v) = get(keys::AMBIENT_BYPASS_INBOUND)
+/// istio-cni's ingress mode for an ambient pod: no inbound rule at all.
+fn ambient_ingress(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    if a.mesh == Mesh::Ambient
+        && let Some(v) = a.get(keys::AMBIENT_BYPASS_INBOUND)
         && parse_bool(keys::AMBIENT_BYPASS_INBOUND, v, v)?
     {
-        // istio-cni's ingress mode: no inbound rule at all.
-        p.flags &= !POLICY_CAPTURE_INBOUND;
+        r.policy.flags &= !POLICY_CAPTURE_INBOUND;
     }
+    Ok(())
+}
 
-    // Addresses: the first of each family is the pod's primary address.
-    for a in addrs {
-        r.addrs.insert(*a);
-    }
-    if let Some(v4) = addrs.iter().find_map(|a| match a {
+/// Addresses: the first of each family is the pod's primary address. An
+/// IPv6-only pod whose mesh writes no IPv6 rules is not meshed: its rules
+/// would only ever see IPv4 loopback traffic.
+fn addresses(a: &Input<'_>, r: &mut PodRules) -> Result<(), AnnotationError> {
+    r.addrs.extend(a.addrs.iter().copied());
+    let p = &mut r.policy;
+    if let Some(v4) = a.addrs.iter().find_map(|a| match a {
         IpAddr::V4(v) => Some(*v),
         IpAddr::V6(_) => None,
     }) {
         p.flags |= POLICY_HAS_IP4;
         p.pod_ip4 = u32::from_ne_bytes(v4.octets());
     }
-    let v6 = addrs.iter().find_map(|a| match a {
+    let v6 = a.addrs.iter().find_map(|a| match a {
         IpAddr::V6(v) => Some(*v),
         IpAddr::V4(_) => None,
     });
@@ -665,11 +787,9 @@ pub fn pod_rules(
         p.pod_ip6 = addr_from_octets(v6.octets());
     }
     if r.skip_ipv6 && v6.is_some() && p.flags & POLICY_HAS_IP4 == 0 {
-        // An IPv6-only pod whose mesh writes no IPv6 rules is not meshed:
-        // its rules would only ever see IPv4 loopback traffic.
         p.flags &= !(POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND);
     }
-    Ok(r)
+    Ok(())
 }
 
 /// Why `ip` cannot be a pod's own address, if it cannot: weir steers
