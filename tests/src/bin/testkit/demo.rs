@@ -192,6 +192,10 @@ pub(crate) struct DemoArgs {
     /// ztunnel` builds, ~/.cache/weir/ztunnel/62d82653/bin/ztunnel].
     #[arg(long, env = "WEIR_ZTUNNEL_BIN")]
     ztunnel_bin: Option<PathBuf>,
+    /// Copy the logs (the agent's, ztunnel's access log, the sidecars')
+    /// into this directory before removing everything (tests read them).
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
 }
 
 // ---------------------------------------------------------------------------
@@ -1318,6 +1322,21 @@ fn find_weir(flag: Option<PathBuf>) -> Result<PathBuf> {
     )
 }
 
+/// Copies the files of `from` into `to` (created); returns how many.
+fn copy_logs(from: &Path, to: &Path) -> Result<usize> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut n = 0;
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name()))
+                .with_context(|| format!("copying {}", e.path().display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 fn find_ztunnel(flag: Option<PathBuf>) -> Result<PathBuf> {
     let Some(p) = flag.or_else(ambient::default_ztunnel_bin) else {
         bail!("no ztunnel binary: set WEIR_ZTUNNEL_BIN or --ztunnel-bin");
@@ -1398,6 +1417,12 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
         ),
     }
     let outcome = run_demo(&mut demo, &args);
+    if let Some(dir) = &args.keep_logs {
+        match copy_logs(&demo.paths.logs, dir) {
+            Ok(n) => println!("\ncopied {n} logs to {}", dir.display()),
+            Err(e) => println!("\ncannot copy the logs to {}: {e:#}", dir.display()),
+        }
+    }
     println!("\nremoving everything:");
     for l in demo.teardown() {
         println!("  - {l}");

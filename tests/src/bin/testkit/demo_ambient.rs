@@ -405,7 +405,14 @@ pub(super) fn hint() -> String {
 mod tests {
     use super::*;
 
-    fn rec(dir: &str, src: &str, dst: &str, hbone: Option<&str>, src_id: &str, dst_id: &str) -> Value {
+    fn rec(
+        dir: &str,
+        src: &str,
+        dst: &str,
+        hbone: Option<&str>,
+        src_id: &str,
+        dst_id: &str,
+    ) -> Value {
         let mut r = json!({
             "level": "info", "scope": "access", "message": "connection complete",
             "direction": dir, "src.addr": src, "dst.addr": dst,
@@ -426,7 +433,8 @@ mod tests {
     const DET: &str = "spiffe://cluster.local/ns/default/sa/bookinfo-details";
 
     fn entry() -> HopIn {
-        let details = json!({"pod": "details-v1", "served": {"peer": "198.18.0.10:5555"}, "calls": []});
+        let details =
+            json!({"pod": "details-v1", "served": {"peer": "198.18.0.10:5555"}, "calls": []});
         let body = json!({
             "pod": "productpage-v1", "ok": true, "served": {"peer": "198.18.0.1:1000"},
             "calls": [{"service": "details", "dst": "198.18.0.11:9080", "local": "198.18.0.10:2100",
@@ -447,25 +455,68 @@ mod tests {
     #[test]
     fn hops_are_matched_with_ztunnel_access_logs() {
         let records = vec![
-            rec("outbound", "198.18.0.10:2100", "198.18.0.11:15008", Some("198.18.0.11:9080"), "", DET),
-            rec("inbound", "198.18.0.10:40000", "198.18.0.11:9080", Some("198.18.0.11:9080"), PP, ""),
-            rec("inbound", "198.18.0.1:1000", "198.18.0.10:9080", None, "", ""),
+            rec(
+                "outbound",
+                "198.18.0.10:2100",
+                "198.18.0.11:15008",
+                Some("198.18.0.11:9080"),
+                "",
+                DET,
+            ),
+            rec(
+                "inbound",
+                "198.18.0.10:40000",
+                "198.18.0.11:9080",
+                Some("198.18.0.11:9080"),
+                PP,
+                "",
+            ),
+            rec(
+                "inbound",
+                "198.18.0.1:1000",
+                "198.18.0.10:9080",
+                None,
+                "",
+                "",
+            ),
         ];
         let mut hops = Vec::new();
         walk(&entry(), &records, &mut HashSet::new(), &mut hops);
         assert_eq!(hops.len(), 2);
-        assert!(hops.iter().all(|h| h.ok), "{:?}", hops.iter().map(|h| &h.lines).collect::<Vec<_>>());
+        assert!(
+            hops.iter().all(|h| h.ok),
+            "{:?}",
+            hops.iter().map(|h| &h.lines).collect::<Vec<_>>()
+        );
 
         // Plain TCP between the pods (no HBONE record): not accepted.
         let plain = vec![
-            rec("outbound", "198.18.0.10:2100", "198.18.0.11:9080", None, "", ""),
-            rec("inbound", "198.18.0.10:40000", "198.18.0.11:9080", None, "", ""),
+            rec(
+                "outbound",
+                "198.18.0.10:2100",
+                "198.18.0.11:9080",
+                None,
+                "",
+                "",
+            ),
+            rec(
+                "inbound",
+                "198.18.0.10:40000",
+                "198.18.0.11:9080",
+                None,
+                "",
+                "",
+            ),
             records[2].clone(),
         ];
         let mut hops = Vec::new();
         walk(&entry(), &plain, &mut HashSet::new(), &mut hops);
         assert!(hops[0].ok && !hops[1].ok);
-        assert!(hops[1].lines.join("\n").contains("not captured"), "{:?}", hops[1].lines);
+        assert!(
+            hops[1].lines.join("\n").contains("not captured"),
+            "{:?}",
+            hops[1].lines
+        );
 
         // A record already matched by an earlier hop is not used twice.
         let mut used = HashSet::from([1]);
@@ -480,7 +531,10 @@ mod tests {
         assert_eq!(x.matches("protocol: HBONE").count(), PODS.len(), "{x}");
         assert!(x.contains("serviceAccount: bookinfo-reviews"), "{x}");
         assert!(x.contains("workloadIps: [\"198.18.0.15\"]"), "{x}");
-        assert!(x.contains("hostname: ratings.default.svc.cluster.local"), "{x}");
+        assert!(
+            x.contains("hostname: ratings.default.svc.cluster.local"),
+            "{x}"
+        );
     }
 
     #[test]
