@@ -228,7 +228,13 @@ fn ambient_demo_runs_through_ztunnel_and_cleans_up() {
         "weir_ambient_pods 6",
         "weir_zds_connections 1",
         "weir_zds_workloads 6",
+        // explain: the application's call goes to ztunnel by istio-cni's
+        // in-pod rule; ztunnel's own socket (0x539) and HBONE are left alone.
+        "verdict:  CAPTURED (redirect_outbound)",
+        "istio:    -A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
         "verdict:  NOT CAPTURED (bypass_ztunnel)",
+        "verdict:  CAPTURED (redirect_inbound)",
+        "verdict:  NOT CAPTURED (bypass_tunnel)",
     ] {
         assert!(
             stdout.contains(needle),
