@@ -922,7 +922,7 @@ impl Demo {
                 }
                 return Ok(hops.iter().all(|h| h.ok));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
