@@ -1487,7 +1487,7 @@ fn run_demo(demo: &mut Demo, args: &DemoArgs) -> Result<bool> {
         demo.paths.pods_cgroup().display(),
         demo.paths.logs.display(),
         if demo.ztunnel.is_some() {
-            format!("\n  {}", ambient::hint())
+            format!("\n  {}", ambient::hint(&demo.paths.ztunnel_log()))
         } else {
             String::new()
         },

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use super::{HopIn, HopOut, NAMESPACE, NODE_NS, PODS, Pod};
+use super::{HopIn, HopOut, NAMESPACE, PODS, Pod};
 
 /// ztunnel's network namespace (its admin, stats and readiness ports).
 pub(super) const ZTUNNEL_NS: &str = "weir-demo-ztunnel";
@@ -393,11 +393,11 @@ pub(super) fn explains() -> Vec<(&'static str, Vec<String>)> {
     ]
 }
 
-/// A hint for the interactive run.
-pub(super) fn hint() -> String {
+/// A hint for the interactive run: where ztunnel's side is.
+pub(super) fn hint(log: &Path) -> String {
     format!(
-        "ztunnel's admin: ip netns exec {ZTUNNEL_NS} curl -s localhost:15000/config_dump; \
-         the node's client: ip netns exec {NODE_NS} ..."
+        "ztunnel's access log: {}; its admin: ip netns exec {ZTUNNEL_NS} curl -s localhost:15000/config_dump",
+        log.display()
     )
 }
 
