@@ -271,6 +271,26 @@ where
     cmd
 }
 
+/// The real ztunnel binary (Istio ambient's node proxy): `WEIR_ZTUNNEL_BIN`,
+/// else where `cargo xtask ztunnel` caches it
+/// (`~/.cache/weir/ztunnel/62d82653/bin/ztunnel`, xtask/src/ztunnel.rs).
+/// `None` after [`unavailable`] (a failure under CI and `cargo xtask
+/// test`): the caller then skips.
+pub fn ztunnel_bin() -> Option<PathBuf> {
+    let from_env = std::env::var_os("WEIR_ZTUNNEL_BIN")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    let default = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/weir/ztunnel/62d82653/bin/ztunnel"));
+    if let Some(p) = from_env.or(default).filter(|p| p.is_file()) {
+        return Some(p);
+    }
+    unavailable(
+        "no ztunnel binary: set WEIR_ZTUNNEL_BIN, or run `cargo xtask ztunnel` (builds it from ../shared/reference/peers/ztunnel)",
+    );
+    None
+}
+
 /// Path of the weir agent binary.
 ///
 /// Taken from `WEIR_BIN` when set; otherwise `target/release/weir`, then

@@ -25,23 +25,6 @@ use weir_tests::{NetNs, Proc, TempDir, spawn_in, wait_until, weir_bin};
 /// ztunnel's HBONE port: it listens there in every pod it serves.
 const HBONE_PORT: u16 = 15008;
 
-/// The ztunnel binary, or `None` (after `unavailable`, which fails under
-/// CI and `cargo xtask test`).
-fn ztunnel_bin() -> Option<PathBuf> {
-    let from_env = std::env::var_os("WEIR_ZTUNNEL_BIN")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from);
-    let default = std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/weir/ztunnel/62d82653/bin/ztunnel"));
-    if let Some(p) = from_env.or(default).filter(|p| p.is_file()) {
-        return Some(p);
-    }
-    weir_tests::unavailable(
-        "no ztunnel binary: set WEIR_ZTUNNEL_BIN, or run `cargo xtask test` (builds it from ../shared/reference/peers/ztunnel)",
-    );
-    None
-}
-
 /// A pod: a network namespace and its workload entry.
 struct Pod {
     uid: String,
@@ -252,7 +235,7 @@ fn setup() -> Option<PathBuf> {
     if !weir_tests::require_root() {
         return None;
     }
-    ztunnel_bin()
+    weir_tests::ztunnel_bin()
 }
 
 #[test]

@@ -105,6 +105,12 @@ enum Command {
     Ztunnel,
     /// Build, then run `weir-testkit demo` with WEIR_BIN set.
     Run {
+        /// The ambient demo (`weir-testkit demo --ambient`): a real ztunnel
+        /// served by weir over ZDS, HBONE between the pods. Builds ztunnel
+        /// once per machine (~6 min cold, cached in ~/.cache/weir/ztunnel)
+        /// and passes it as WEIR_ZTUNNEL_BIN.
+        #[arg(long)]
+        ambient: bool,
         /// Arguments for `weir-testkit demo`.
         #[arg(last = true, value_name = "ARGS")]
         args: Vec<OsString>,
@@ -222,7 +228,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Ztunnel => {
             println!("{}", ztunnel::ensure_ztunnel_binary(&root)?.display());
         }
-        Command::Run { args } => return run_demo(&root, &args),
+        Command::Run { ambient, args } => return run_demo(&root, ambient, &args),
         Command::PeerZtunnel { binary: true, .. } => {
             println!("{}", ztunnel::ensure_ztunnel_binary(&root)?.display());
         }
@@ -324,7 +330,12 @@ fn build_all(root: &Path, profile: Profile) -> Result<PathBuf> {
 }
 
 /// Runs the demo and hands its exit code back to our caller.
-fn run_demo(root: &Path, args: &[OsString]) -> Result<ExitCode> {
+fn run_demo(root: &Path, ambient: bool, args: &[OsString]) -> Result<ExitCode> {
+    let ztunnel = if ambient {
+        Some(ztunnel::ensure_ztunnel_binary(root)?)
+    } else {
+        None
+    };
     let bin_dir = build_all(root, Profile::Release)?;
     let testkit = bin_dir.join("weir-testkit");
     ensure!(
@@ -332,8 +343,11 @@ fn run_demo(root: &Path, args: &[OsString]) -> Result<ExitCode> {
         "{} does not exist: the weir-tests package has no `weir-testkit` binary yet",
         testkit.display()
     );
-    let status = Cmd::new(&testkit)
-        .arg("demo")
+    let mut cmd = Cmd::new(&testkit).arg("demo");
+    if let Some(ztunnel) = ztunnel {
+        cmd = cmd.arg("--ambient").env(ztunnel::BIN_ENV, ztunnel);
+    }
+    let status = cmd
         .args(args)
         .env("WEIR_BIN", bin_dir.join("weir"))
         .dir(root)

@@ -75,6 +75,9 @@ pub fn describe(view: &EnrolledPod, q: &Query, outcome: Outcome) -> Explanation 
     };
     let mut notes = Vec::new();
     let untouched = format!("{dst} (untouched)");
+    // Ambient pods get istio-cni's in-pod rules (docs/ambient.md), not
+    // istio-iptables' sidecar rules: their redirects are described as such.
+    let ambient = p.flags & POLICY_AMBIENT != 0;
     // Why capture is off altogether: the pod's policy has no address of a
     // family its mesh captures (an IPv6-only pod without IPv6 rules), or
     // interceptionMode NONE (which keeps the pod's addresses).
@@ -178,6 +181,25 @@ pub fn describe(view: &EnrolledPod, q: &Query, outcome: Outcome) -> Explanation 
                     "-A OUTPUT -o <interface> -j RETURN (before ISTIO_OUTPUT)".into(),
                     untouched.clone(),
                     None,
+                ),
+                Verdict::RedirectOutbound if ambient => (
+                    format!(
+                        "ambient pod (istio-cni's in-pod rules): a TCP connection to {dip}, not {}, from a \
+                         socket not marked 0x539/0xfff (not ztunnel's): redirected to ztunnel's outbound \
+                         listener in the pod",
+                        if v6 { "::1" } else { "127.0.0.1" }
+                    ),
+                    format!(
+                        "-A ISTIO_OUTPUT ! -d {} -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports {}",
+                        localhost_cidr(v6),
+                        p.outbound_port
+                    ),
+                    format!(
+                        "{} (ztunnel's outbound listener, which reads {dst} with SO_ORIGINAL_DST; the \
+                         application's getpeername() still says {dst})",
+                        proxy_addr(dip, p.outbound_port)
+                    ),
+                    Some((p.outbound_port, v6)),
                 ),
                 Verdict::RedirectOutbound => {
                     let (why, ist) = if view.has_port(PORT_OUT_INCLUDE, d) {
@@ -477,6 +499,41 @@ pub fn describe(view: &EnrolledPod, q: &Query, outcome: Outcome) -> Explanation 
                 Verdict::BypassExcludedInterface => (
                     "the connection arrives through an interface of excludeInterfaces".into(),
                     "-A PREROUTING -i <interface> -j RETURN".into(),
+                    untouched.clone(),
+                    None,
+                ),
+                Verdict::RedirectInbound | Verdict::RedirectOutbound if ambient => (
+                    format!(
+                        "ambient pod (istio-cni's in-pod rules): TCP to port {d}, not ztunnel's HBONE \
+                         port {} and not from ztunnel (mark 0x539/0xfff): handed to ztunnel's inbound \
+                         plain-text listener in the pod",
+                        p.tunnel_port
+                    ),
+                    format!(
+                        "-A ISTIO_PRERT ! -d {} -p tcp ! --dport {} -m mark ! --mark 0x539/0xfff \
+                         -j REDIRECT --to-ports {}",
+                        localhost_cidr(v6),
+                        p.tunnel_port,
+                        p.inbound_port
+                    ),
+                    format!(
+                        "ztunnel's listener on port {} (weir_sk_lookup; the local address stays {dst}, \
+                         which SO_ORIGINAL_DST reports)",
+                        p.inbound_port
+                    ),
+                    Some((p.inbound_port, v6)),
+                ),
+                Verdict::BypassTunnel if ambient => (
+                    format!(
+                        "ambient pod: port {d} is ztunnel's HBONE port: ztunnel's own listener in the \
+                         pod takes it (mTLS from the peer's ztunnel), never redirected"
+                    ),
+                    format!(
+                        "-A ISTIO_PRERT ! -d {} -p tcp ! --dport {d} ... -j REDIRECT --to-ports {} \
+                         (does not match)",
+                        localhost_cidr(v6),
+                        p.inbound_port
+                    ),
                     untouched.clone(),
                     None,
                 ),

@@ -506,6 +506,51 @@ mod tests {
         assert!(e.notes.is_empty(), "{:?}", e.notes);
     }
 
+    /// An ambient pod's redirects are istio-cni's in-pod rules (ztunnel),
+    /// not istio-iptables' sidecar rules.
+    #[test]
+    fn ambient_redirects_name_istio_cni_rules() {
+        let v = view_of(Mesh::Ambient, &[]);
+        let e = run(&v, &q("198.18.0.2:9080", 1000, false));
+        assert_eq!(e.verdict, "redirect_outbound");
+        assert!(e.rule.contains("ambient pod"), "{}", e.rule);
+        assert!(
+            e.target.contains("ztunnel's outbound listener"),
+            "{}",
+            e.target
+        );
+        assert_eq!(
+            e.istio_rule,
+            "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001"
+        );
+        let e = run(&v, &q("[2001:2::2]:9080", 1000, false));
+        assert!(
+            e.istio_rule.starts_with("-A ISTIO_OUTPUT ! -d ::1/128 "),
+            "{}",
+            e.istio_rule
+        );
+
+        let e = run(&v, &q("198.18.0.1:9080", 0, true));
+        assert_eq!(e.verdict, "redirect_inbound");
+        assert_eq!(
+            e.istio_rule,
+            "-A ISTIO_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006"
+        );
+        assert!(
+            e.target.starts_with("ztunnel's listener on port 15006"),
+            "{}",
+            e.target
+        );
+        let e = run(&v, &q("198.18.0.1:15008", 0, true));
+        assert_eq!(e.verdict, "bypass_tunnel");
+        assert!(e.rule.contains("ztunnel's HBONE port"), "{}", e.rule);
+        assert!(!e.captured);
+
+        // Sidecar pods keep istio-iptables' wording.
+        let e = run(&view(&[]), &q("198.18.0.1:9080", 0, true));
+        assert!(e.rule.starts_with("ISTIO_INBOUND"), "{}", e.rule);
+    }
+
     #[test]
     fn a_family_the_pod_lacks_is_not_captured() {
         let ann: BTreeMap<String, String> = BTreeMap::new();

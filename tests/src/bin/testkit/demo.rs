@@ -21,6 +21,11 @@
 //! ratings. Each hop is matched against the sidecars' connection logs: the
 //! caller's sidecar must have carried it out (outbound listener) and the
 //! callee's sidecar in (inbound listener).
+//!
+//! With `--ambient` the pods have no sidecars: they are Istio ambient pods,
+//! captured in place by weir and served by a real ztunnel that weir feeds
+//! over ZDS; each hop is matched with ztunnel's access log instead
+//! (demo_ambient.rs).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -47,6 +52,9 @@ use weir_tests::{
 };
 
 use crate::bookinfo::{self, Role};
+
+#[path = "demo_ambient.rs"]
+mod ambient;
 
 /// Everything on disk lives here (pods file, logs, the bpffs mount).
 const STATE_DIR: &str = "/tmp/weir-demo";
@@ -175,6 +183,19 @@ pub(crate) struct DemoArgs {
     /// The weir agent binary [default: `weir` next to this binary].
     #[arg(long, env = "WEIR_BIN")]
     weir_bin: Option<PathBuf>,
+    /// Istio ambient instead of sidecars: the pods are ambient pods, served
+    /// by a real ztunnel (shared mode, local XDS, fake CA) connected to
+    /// weir's ZDS socket; every hop between pods goes over HBONE.
+    #[arg(long)]
+    ambient: bool,
+    /// The ztunnel binary for --ambient [default: the one `cargo xtask
+    /// ztunnel` builds, ~/.cache/weir/ztunnel/62d82653/bin/ztunnel].
+    #[arg(long, env = "WEIR_ZTUNNEL_BIN")]
+    ztunnel_bin: Option<PathBuf>,
+    /// Copy the logs (the agent's, ztunnel's access log, the sidecars')
+    /// into this directory before removing everything (tests read them).
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
 }
 
 // ---------------------------------------------------------------------------
@@ -389,6 +410,14 @@ impl Paths {
     fn sidecar_log(&self, pod: &Pod) -> PathBuf {
         self.logs.join(format!("{}.sidecar.jsonl", pod.name))
     }
+
+    fn ztunnel_log(&self) -> PathBuf {
+        self.logs.join("ztunnel.jsonl")
+    }
+
+    fn zds_socket(&self) -> PathBuf {
+        self.run.join("ztunnel.sock")
+    }
 }
 
 /// Refuses to run next to a live demo (whose state the clean-up would
@@ -529,9 +558,14 @@ struct Demo {
     paths: Paths,
     weir: PathBuf,
     testkit: PathBuf,
+    /// ztunnel's binary: the ambient demo.
+    ztunnel: Option<PathBuf>,
     metrics: SocketAddr,
     agent: Option<Proc>,
     procs: Vec<Proc>,
+    /// Ambient: how many of ztunnel's access records earlier requests
+    /// matched (a later request looks only at the records after them).
+    ztunnel_seen: std::cell::Cell<usize>,
     torn_down: bool,
 }
 
@@ -574,6 +608,9 @@ impl Demo {
         }
         for pod in PODS {
             std::fs::create_dir(p.pods_cgroup().join(pod.name))?;
+        }
+        if self.ztunnel.is_some() {
+            std::fs::create_dir(p.pods_cgroup().join("ztunnel"))?;
         }
         step(&format!(
             "cgroups {0}/agent and {0}/pods/<pod>",
@@ -624,15 +661,21 @@ impl Demo {
         ));
         check_stop()?;
 
+        let ambient = self.ztunnel.is_some();
         let entries: Vec<PodEntry> = PODS
             .iter()
             .map(|pod| {
-                PodEntry::at(
+                let mut e = PodEntry::at(
                     pod.name,
                     &Path::new("/var/run/netns").join(pod.netns()),
                     &[&pod.ip.to_string()],
                 )
-                .namespace(NAMESPACE)
+                .namespace(NAMESPACE);
+                if ambient {
+                    e.mesh = Some("ambient".into());
+                    e.service_account = Some(ambient::service_account(pod));
+                }
+                e
             })
             .collect();
         write_atomically(
@@ -655,6 +698,12 @@ impl Demo {
             .arg(&p.bpffs)
             .arg("--metrics-addr")
             .arg(self.metrics.to_string())
+            .args(
+                ambient
+                    .then(|| ["--zds-socket".into(), p.zds_socket().into_os_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -673,13 +722,69 @@ impl Demo {
         self.agent = Some(agent);
         res?;
         step(&format!(
-            "weir run --pods-file {} --cgroup {} --bpffs {} --metrics-addr {}: ready",
+            "weir run --pods-file {} --cgroup {} --bpffs {} --metrics-addr {}{}: ready",
             p.pods_file.display(),
             p.pods_cgroup().display(),
             p.bpffs.display(),
-            self.metrics
+            self.metrics,
+            if ambient {
+                format!(" --zds-socket {}", p.zds_socket().display())
+            } else {
+                String::new()
+            }
         ));
 
+        if let Some(bin) = self.ztunnel.clone() {
+            self.start_ztunnel(&bin)?;
+        } else {
+            self.start_sidecars()?;
+        }
+        self.start_apps()
+    }
+
+    /// ztunnel in shared mode on weir's ZDS socket (demo_ambient.rs), in
+    /// its own network namespace and the captured cgroup; waits until its
+    /// proxy listens (HBONE, 15008) in every pod.
+    fn start_ztunnel(&mut self, bin: &Path) -> Result<()> {
+        let p = &self.paths;
+        try_ip(&["netns", "add", ambient::ZTUNNEL_NS])?;
+        try_ip(&["-n", ambient::ZTUNNEL_NS, "link", "set", "lo", "up"])?;
+        let xds = p.state.join("ztunnel-xds.yaml");
+        write_atomically(&xds, &ambient::local_xds())?;
+        let mut cmd = Command::new(bin);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(ambient::ztunnel_env(&p.zds_socket(), &xds));
+        let mut proc = Proc::spawn(
+            "ztunnel".into(),
+            cmd,
+            Some(ambient::ZTUNNEL_NS),
+            &p.pods_cgroup().join("ztunnel"),
+            &p.ztunnel_log(),
+        )?;
+        let started = Instant::now();
+        let res = proc.wait_for("its proxy listening in every pod", || {
+            PODS.iter().all(|pod| {
+                in_netns(&pod.netns(), || ambient::listens(ambient::HBONE_PORT)).unwrap_or(false)
+            })
+        });
+        self.procs.push(proc);
+        res?;
+        step(&format!(
+            "ztunnel (PROXY_MODE=shared, INPOD_UDS={}, LOCAL_XDS_PATH={}, FAKE_CA) in netns {} and cgroup {}: \
+             weir handed it the {} ambient pods over ZDS, its proxies listen in each ({} ms)",
+            p.zds_socket().display(),
+            xds.display(),
+            ambient::ZTUNNEL_NS,
+            p.pods_cgroup().join("ztunnel").display(),
+            PODS.len(),
+            started.elapsed().as_millis()
+        ));
+        Ok(())
+    }
+
+    fn start_sidecars(&mut self) -> Result<()> {
+        let p = &self.paths;
         // Sidecars first (their listeners are recorded as they listen),
         // then the applications.
         for pod in PODS {
@@ -708,6 +813,11 @@ impl Demo {
         step(&format!(
             "sidecars (weir-testkit --uid {PROXY_UID} sidecar, :15001/:15006) in every pod"
         ));
+        Ok(())
+    }
+
+    fn start_apps(&mut self) -> Result<()> {
+        let p = &self.paths;
         for pod in PODS {
             let ready = p.run.join(format!("{}.app.ready", pod.name));
             let mut cmd = Command::new(&self.testkit);
@@ -786,13 +896,24 @@ impl Demo {
             response: reply.body.clone(),
         };
         // The sidecars log each connection before relaying it, so every
-        // record is on disk once the reply is in; read again briefly in
-        // case a write is still in flight.
+        // record is on disk once the reply is in; ztunnel logs a connection
+        // once it is closed. Read again briefly in case a write is still in
+        // flight.
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
-            let logs = self.sidecar_logs();
             let mut hops = Vec::new();
-            walk(&entry, &logs, &mut hops);
+            if self.ztunnel.is_some() {
+                let text = std::fs::read_to_string(self.paths.ztunnel_log()).unwrap_or_default();
+                let records = ambient::access_records(&text);
+                let seen = self.ztunnel_seen.get().min(records.len());
+                let mut used = std::collections::HashSet::new();
+                ambient::walk(&entry, &records[seen..], &mut used, &mut hops);
+                if hops.iter().all(|h| h.ok) || Instant::now() > deadline {
+                    self.ztunnel_seen.set(records.len());
+                }
+            } else {
+                walk(&entry, &self.sidecar_logs(), &mut hops);
+            }
             if hops.iter().all(|h| h.ok) || Instant::now() > deadline {
                 for h in &hops {
                     for line in &h.lines {
@@ -801,7 +922,7 @@ impl Demo {
                 }
                 return Ok(hops.iter().all(|h| h.ok));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -860,6 +981,38 @@ impl Demo {
             "\niptables rules in the {} network namespaces of the demo (iptables-save, ip6tables-save): {rules}",
             netns.len()
         );
+        rules == 0 && self.show_nft(&netns)
+    }
+
+    /// Prints the nft rule count of `netns` (`nft -j list ruleset`);
+    /// returns whether it is zero (or could not be checked).
+    fn show_nft(&self, netns: &[String]) -> bool {
+        let mut rules = 0;
+        for ns in netns {
+            match Command::new("ip")
+                .args(["netns", "exec", ns, "nft", "-j", "list", "ruleset"])
+                .stdin(Stdio::null())
+                .output()
+            {
+                Ok(out) if out.status.success() => {
+                    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                    rules += v["nftables"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|o| o.get("rule").is_some())
+                        .count();
+                }
+                _ => {
+                    println!("nft rules: not checked (nft is not available)");
+                    return true;
+                }
+            }
+        }
+        println!(
+            "nft rules in the {} network namespaces of the demo (nft list ruleset): {rules}",
+            netns.len()
+        );
         rules == 0
     }
 
@@ -868,7 +1021,7 @@ impl Demo {
         print!("{}", indent(&self.weir_output(&["status"])));
         let pp = &PODS[0];
         let details = &PODS[1];
-        for (what, args) in [
+        let sidecar_explains = [
             (
                 "the application's call to details",
                 vec![
@@ -902,7 +1055,13 @@ impl Demo {
                     "--inbound".into(),
                 ],
             ),
-        ] {
+        ];
+        let explains = if self.ztunnel.is_some() {
+            ambient::explains()
+        } else {
+            sidecar_explains.into()
+        };
+        for (what, args) in explains {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             println!(
                 "\n$ weir {} --bpffs {}    # {what}",
@@ -1114,8 +1273,18 @@ fn walk(hop: &HopIn, logs: &BTreeMap<&'static str, Vec<Value>>, out: &mut Vec<Ho
     out.push(HopOut { ok, lines });
     // The calls made while serving this hop.
     let callee = hop.response["pod"].as_str().and_then(Pod::by_name);
-    for call in hop.response["calls"].as_array().into_iter().flatten() {
-        let next = HopIn {
+    for next in calls_of(hop, callee) {
+        walk(&next, logs, out);
+    }
+}
+
+/// The calls `callee` made while serving `hop`, as the reply describes them.
+fn calls_of(hop: &HopIn, callee: Option<&'static Pod>) -> Vec<HopIn> {
+    hop.response["calls"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|call| HopIn {
             from: callee,
             local: call["local"].as_str().unwrap_or("-").to_string(),
             dst: call["dst"].as_str().unwrap_or("-").to_string(),
@@ -1126,9 +1295,8 @@ fn walk(hop: &HopIn, logs: &BTreeMap<&'static str, Vec<Value>>, out: &mut Vec<Ho
                 (call["status"] != json!(200)).then(|| format!("HTTP status {}", call["status"]))
             }),
             response: call["response"].clone(),
-        };
-        walk(&next, logs, out);
-    }
+        })
+        .collect()
 }
 
 fn find_weir(flag: Option<PathBuf>) -> Result<PathBuf> {
@@ -1152,6 +1320,35 @@ fn find_weir(flag: Option<PathBuf>) -> Result<PathBuf> {
         "no weir agent binary next to {}: run the demo with `cargo xtask run`, or set WEIR_BIN",
         exe.display()
     )
+}
+
+/// Copies the files of `from` into `to` (created); returns how many.
+fn copy_logs(from: &Path, to: &Path) -> Result<usize> {
+    std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    let mut n = 0;
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name()))
+                .with_context(|| format!("copying {}", e.path().display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn find_ztunnel(flag: Option<PathBuf>) -> Result<PathBuf> {
+    let Some(p) = flag.or_else(ambient::default_ztunnel_bin) else {
+        bail!("no ztunnel binary: set WEIR_ZTUNNEL_BIN or --ztunnel-bin");
+    };
+    if !p.is_file() {
+        bail!(
+            "no ztunnel binary at {}: build it with `cargo xtask ztunnel` (about 6 minutes the first time), \
+             or set WEIR_ZTUNNEL_BIN / --ztunnel-bin",
+            p.display()
+        );
+    }
+    Ok(p)
 }
 
 fn free_port() -> Result<u16> {
@@ -1188,6 +1385,11 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
         return Ok(());
     }
     let weir = weir.expect("found above");
+    let ztunnel = if args.ambient {
+        Some(find_ztunnel(args.ztunnel_bin.clone())?)
+    } else {
+        None
+    };
     let metrics_port = match args.metrics_port {
         0 => free_port()?,
         p => p,
@@ -1196,16 +1398,31 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
         paths,
         weir,
         testkit: std::env::current_exe().context("finding this executable")?,
+        ztunnel,
+        ztunnel_seen: std::cell::Cell::new(0),
         metrics: SocketAddr::from((Ipv4Addr::LOCALHOST, metrics_port)),
         agent: None,
         procs: Vec::new(),
         torn_down: false,
     };
-    println!(
-        "weir demo: a Bookinfo node with no iptables rule, captured by {}",
-        demo.weir.display()
-    );
+    match &demo.ztunnel {
+        Some(zt) => println!(
+            "weir demo (ambient): a Bookinfo node with no iptables rule, captured by {} and served by ztunnel {}",
+            demo.weir.display(),
+            zt.display()
+        ),
+        None => println!(
+            "weir demo: a Bookinfo node with no iptables rule, captured by {}",
+            demo.weir.display()
+        ),
+    }
     let outcome = run_demo(&mut demo, &args);
+    if let Some(dir) = &args.keep_logs {
+        match copy_logs(&demo.paths.logs, dir) {
+            Ok(n) => println!("\ncopied {n} logs to {}", dir.display()),
+            Err(e) => println!("\ncannot copy the logs to {}: {e:#}", dir.display()),
+        }
+    }
     println!("\nremoving everything:");
     for l in demo.teardown() {
         println!("  - {l}");
@@ -1214,7 +1431,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     match outcome {
         Ok(true) => Ok(()),
         Ok(false) => {
-            eprintln!("weir demo: some requests did not go through the expected sidecars");
+            eprintln!("weir demo: some requests did not go through the expected proxies");
             std::process::exit(1);
         }
         Err(e) if stopping() => {
@@ -1235,11 +1452,19 @@ fn run_demo(demo: &mut Demo, args: &DemoArgs) -> Result<bool> {
         good += u32::from(ok);
         all_ok &= ok;
     }
-    println!(
-        "\n{good}/{} requests went through the expected sidecars (outbound listener of the caller, \
-         inbound listener of the callee, on every hop)",
-        args.requests
-    );
+    if args.ambient {
+        println!(
+            "\n{good}/{} requests went through ztunnel (HBONE between the pods: the caller's ztunnel \
+             outbound, the callee's ztunnel inbound, with mTLS identities, on every hop)",
+            args.requests
+        );
+    } else {
+        println!(
+            "\n{good}/{} requests went through the expected sidecars (outbound listener of the caller, \
+             inbound listener of the callee, on every hop)",
+            args.requests
+        );
+    }
     all_ok &= demo.show_iptables();
     demo.show_state();
     if args.non_interactive {
@@ -1254,13 +1479,18 @@ fn run_demo(demo: &mut Demo, args: &DemoArgs) -> Result<bool> {
          \x20 {weir} explain --bpffs {bpffs} --pod {NAMESPACE}/productpage-v1 --dst {}\n\
          \x20 curl -s http://{}/metrics | grep ^weir_\n\
          \x20 bpftool prog show name weir_connect4; bpftool cgroup tree {}\n\
-         \x20 logs: {}\n\
+         \x20 logs: {}{}\n\
          Press Enter to send another request; Ctrl-C (or SIGTERM) stops and removes everything.",
         PODS[0].addr(),
         PODS[1].addr(),
         demo.metrics,
         demo.paths.pods_cgroup().display(),
         demo.paths.logs.display(),
+        if demo.ztunnel.is_some() {
+            format!("\n  {}", ambient::hint(&demo.paths.ztunnel_log()))
+        } else {
+            String::new()
+        },
     );
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
