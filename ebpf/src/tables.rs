@@ -34,7 +34,27 @@ macro_rules! kernel_pod_tables {
         bits: |$bk:ident| $bits:expr $(,)?
     })*) => {
         $( kernel_pod_table!($(#[$doc])* $name, $kind, $key, $value, $default); )*
+
+        /// Whether `key` falls in one of the pod's CIDRs of `list`: a
+        /// lookup in the LPM table `pod_tables!` names for that list
+        /// (`list:`), so a new CIDR list needs no code here.
+        #[inline(always)]
+        fn cidr_list_has(list: CidrList, key: &Key<CidrData>) -> bool {
+            $( kernel_cidr_lookup!($name, $kind, $list, list, key); )*
+            false
+        }
     };
+}
+
+/// One arm of `cidr_list_has`: LPM tables answer the list they declare;
+/// hash tables answer none.
+macro_rules! kernel_cidr_lookup {
+    ($name:ident, LpmTrie, $list:expr, $want:ident, $key:ident) => {
+        if $list == Some($want) {
+            return $name.get($key).is_some();
+        }
+    };
+    ($name:ident, Hash, $list:expr, $want:ident, $key:ident) => {};
 }
 
 macro_rules! kernel_pod_table {
@@ -401,13 +421,7 @@ impl PodTables for KernelTables<'_> {
                 addr: addr_octets(addr),
             },
         );
-        match list {
-            CidrList::OutboundExclude => CIDR_EXCLUDE.get(&key).is_some(),
-            CidrList::OutboundInclude => CIDR_INCLUDE.get(&key).is_some(),
-            CidrList::DnsServers => CIDR_DNS.get(&key).is_some(),
-            CidrList::ExcludedInterfaceRoutes => CIDR_IFACE.get(&key).is_some(),
-            CidrList::InboundSkipSources => CIDR_SKIP_SRC.get(&key).is_some(),
-        }
+        cidr_list_has(list, &key)
     }
 
     #[inline(always)]
