@@ -36,24 +36,31 @@ fn assert_nothing_left_behind() {
     assert!(!mounts.contains("/tmp/weir-demo"), "{mounts}");
 }
 
-#[test]
-fn demo_runs_end_to_end_and_cleans_up() {
-    if !require_root() {
-        return;
-    }
-    let _one = DEMO.lock().unwrap_or_else(|e| e.into_inner());
-    let out = Command::new(TESTKIT)
-        .args(["demo", "--non-interactive", "--requests", "5"])
+/// Runs a demo command (with the agent binary under test) and returns its
+/// standard output; fails the test, with both outputs, if it fails.
+fn run_demo(cmd: &mut Command) -> String {
+    let out = cmd
         .env("WEIR_BIN", weir_bin())
         .output()
         .expect("running weir-testkit demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "demo failed ({}):\n{stdout}\n{stderr}",
         out.status
     );
+    stdout
+}
+
+#[test]
+fn demo_runs_end_to_end_and_cleans_up() {
+    if !require_root() {
+        return;
+    }
+    let _one = DEMO.lock().unwrap_or_else(|e| e.into_inner());
+    let stdout =
+        run_demo(Command::new(TESTKIT).args(["demo", "--non-interactive", "--requests", "5"]));
     assert!(
         stdout.contains("5/5 requests went through the expected sidecars"),
         "{stdout}"
@@ -130,21 +137,13 @@ fn ambient_demo_runs_through_ztunnel_and_cleans_up() {
     let _one = DEMO.lock().unwrap_or_else(|e| e.into_inner());
     let logs = TempDir::new("demo-ambient-logs");
     let requests = 5;
-    let out = Command::new(TESTKIT)
-        .args(["demo", "--ambient", "--non-interactive", "--requests"])
-        .arg(requests.to_string())
-        .arg("--keep-logs")
-        .arg(logs.path())
-        .env("WEIR_BIN", weir_bin())
-        .env("WEIR_ZTUNNEL_BIN", &ztunnel)
-        .output()
-        .expect("running weir-testkit demo --ambient");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "demo failed ({}):\n{stdout}\n{stderr}",
-        out.status
+    let stdout = run_demo(
+        Command::new(TESTKIT)
+            .args(["demo", "--ambient", "--non-interactive", "--requests"])
+            .arg(requests.to_string())
+            .arg("--keep-logs")
+            .arg(logs.path())
+            .env("WEIR_ZTUNNEL_BIN", &ztunnel),
     );
     assert!(
         stdout.contains(&format!(

@@ -1170,35 +1170,66 @@ fn find<'a>(records: &'a [Value], listener: &str, peer: &str) -> Option<&'a Valu
         .find(|r| r["listener"] == json!(listener) && r["peer"] == json!(peer))
 }
 
+/// What both demos' walks start a hop with: its caller and callee as the
+/// demo prints them, and what the hop's own record already says went wrong
+/// (an error, a failed call behind it, a caller that saw another peer).
+struct HopStart {
+    /// The caller's pod name, or "client" for the node's client.
+    from: &'static str,
+    /// The demo pod the hop was dialled to, if it is one.
+    target: Option<&'static Pod>,
+    /// The callee as printed.
+    to: String,
+    /// Problems found so far.
+    problems: Vec<String>,
+}
+
+impl HopStart {
+    fn of(hop: &HopIn) -> HopStart {
+        let from = hop.from.map(|p| p.name).unwrap_or("client");
+        let target = hop
+            .dst
+            .parse::<SocketAddr>()
+            .ok()
+            .and_then(|a| Pod::by_ip(a.ip()));
+        let to = match (target, hop.service.as_str()) {
+            (Some(t), "reviews") => format!("{} {} ({})", hop.service, hop.dst, t.name),
+            (Some(t), "productpage") => format!("{} {}", t.name, hop.dst),
+            _ => format!("{} {}", hop.service, hop.dst),
+        };
+        let mut problems = Vec::new();
+        if let Some(e) = &hop.error {
+            problems.push(e.clone());
+        } else if !hop.ok {
+            problems.push("the reply says a call behind it failed".into());
+        }
+        if let Some(peer) = &hop.peer
+            && peer != &hop.dst
+        {
+            problems.push(format!(
+                "getpeername() on the caller's socket says {peer}, not {}",
+                hop.dst
+            ));
+        }
+        HopStart {
+            from,
+            target,
+            to,
+            problems,
+        }
+    }
+}
+
 /// Checks one hop against the sidecar logs, then the calls made while
 /// serving it.
 fn walk(hop: &HopIn, logs: &BTreeMap<&'static str, Vec<Value>>, out: &mut Vec<HopOut>) {
-    let from = hop.from.map(|p| p.name).unwrap_or("client");
-    let target = hop
-        .dst
-        .parse::<SocketAddr>()
-        .ok()
-        .and_then(|a| Pod::by_ip(a.ip()));
-    let to = match (target, hop.service.as_str()) {
-        (Some(t), "reviews") => format!("{} {} ({})", hop.service, hop.dst, t.name),
-        (Some(t), "productpage") => format!("{} {}", t.name, hop.dst),
-        _ => format!("{} {}", hop.service, hop.dst),
-    };
+    let HopStart {
+        from,
+        target,
+        to,
+        mut problems,
+    } = HopStart::of(hop);
     let mut lines = Vec::new();
-    let mut problems = Vec::new();
-    if let Some(e) = &hop.error {
-        problems.push(e.clone());
-    } else if !hop.ok {
-        problems.push("the reply says a call behind it failed".into());
-    }
-    if let Some(peer) = &hop.peer
-        && peer != &hop.dst
-    {
-        problems.push(format!(
-            "getpeername() on the caller's socket says {peer}, not {}",
-            hop.dst
-        ));
-    }
     // Outbound: the caller's own sidecar.
     let mut upstream_src = Some(hop.local.clone());
     if let Some(caller) = hop.from {

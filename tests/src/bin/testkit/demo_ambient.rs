@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use super::{HopIn, HopOut, NAMESPACE, PODS, Pod};
+use super::{HopIn, HopOut, HopStart, NAMESPACE, PODS, Pod};
 
 /// ztunnel's network namespace (its admin, stats and readiness ports).
 pub(super) const ZTUNNEL_NS: &str = "weir-demo-ztunnel";
@@ -167,32 +167,13 @@ pub(super) fn walk(
     used: &mut HashSet<usize>,
     out: &mut Vec<HopOut>,
 ) {
-    let from = hop.from.map(|p| p.name).unwrap_or("client");
-    let target = hop
-        .dst
-        .parse::<SocketAddr>()
-        .ok()
-        .and_then(|a| Pod::by_ip(a.ip()));
-    let to = match (target, hop.service.as_str()) {
-        (Some(t), "reviews") => format!("{} {} ({})", hop.service, hop.dst, t.name),
-        (Some(t), "productpage") => format!("{} {}", t.name, hop.dst),
-        _ => format!("{} {}", hop.service, hop.dst),
-    };
+    let HopStart {
+        from,
+        target,
+        to,
+        mut problems,
+    } = HopStart::of(hop);
     let mut lines = Vec::new();
-    let mut problems = Vec::new();
-    if let Some(e) = &hop.error {
-        problems.push(e.clone());
-    } else if !hop.ok {
-        problems.push("the reply says a call behind it failed".into());
-    }
-    if let Some(peer) = &hop.peer
-        && peer != &hop.dst
-    {
-        problems.push(format!(
-            "getpeername() on the caller's socket says {peer}, not {}",
-            hop.dst
-        ));
-    }
     let errored = |r: &Value| r["level"] != json!("info") || !field(r, "error").is_empty();
     match (hop.from, target) {
         (_, None) => problems.push(format!("{} is not a pod of the demo", hop.dst)),
