@@ -148,8 +148,8 @@ fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
         return None;
     }
     if let Some(od) = orig_dst_of(sk_ptr) {
-        // A redirected connection whose destination was lost: fail closed.
-        return (od.flags & ORIG_LOST == 0).then_some(od);
+        // The application's own socket (or a DNS socket): what it dialled.
+        return Some(od);
     }
     // SAFETY: reading fields of a valid socket.
     let sk = unsafe { &*sk_ptr };
@@ -172,8 +172,8 @@ fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
         return None;
     }
     let local_port = sk.src_port as u16;
-    // The proxy asked before its accepted socket got the hand-over (a race
-    // with the sockops callback): read the pending entry directly.
+    // A proxy's accepted socket: its connection's original destination
+    // stays in `PENDING_FLOWS` until the socket closes.
     let key = FlowKey {
         netns_cookie: cookie,
         peer_addr: peer,
@@ -184,6 +184,13 @@ fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
     if let Some(p) = PENDING_FLOWS.get_ptr(&key) {
         // SAFETY: pointer returned by a successful lookup.
         return Some(unsafe { *p });
+    }
+    // From one of the pod's own addresses to a capture port: a redirected
+    // connection whose entry the LRU map evicted before the accept (counted
+    // there). Fail closed (ENOENT) rather than answer the proxy's own port.
+    if LISTEN_PORTS.get_ptr(&local_port).is_some() && KernelTables::bare(cookie).is_pod_addr(&peer)
+    {
+        return None;
     }
     // Like conntrack for a connection that was not NATed: the local
     // address is the original destination.

@@ -1,4 +1,5 @@
-//! sockops: proxy listeners and the hand-over of original destinations.
+//! sockops: proxy listeners, and the original destinations of redirected
+//! connections kept for the proxy until its accepted socket closes.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -21,8 +22,9 @@ use crate::tables::*;
 const BPF_SOCK_OPS_STATE_CB_FLAG: i32 = bindings::BPF_SOCK_OPS_STATE_CB_FLAG as i32;
 
 /// Records proxy listeners (`listen()` on a capture port) in `LISTENERS`,
-/// and moves a redirected connection's original destination from the
-/// application's socket to the proxy's accepted socket.
+/// keys a redirected connection's original destination by its addresses
+/// in `PENDING_FLOWS` once the application's socket has its port, and
+/// forgets it when the proxy's accepted socket closes.
 #[sock_ops]
 pub fn weir_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
@@ -153,54 +155,51 @@ pub(crate) fn on_connect(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
+/// The proxy accepted a connection on a capture port. Its original
+/// destination stays in `PENDING_FLOWS`, where `weir_getsockopt` reads it
+/// (keyed by the proxy's peer, as often as the proxy asks), until this
+/// socket closes: no per-socket storage is allocated for the proxy's
+/// side, the costliest step of a redirected connection before.
 #[inline(always)]
 pub(crate) fn on_passive_established(ctx: &SockOpsContext) {
     let local_port = ctx.local_port() as u16;
     if LISTEN_PORTS.get_ptr(&local_port).is_none() {
         return;
     }
-    let key = FlowKey {
+    let key = proxy_flow_key(ctx, local_port);
+    if PENDING_FLOWS.get_ptr(&key).is_some() {
+        // Forget the entry when this socket closes (see `on_state`).
+        let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
+        return;
+    }
+    // From one of this pod's own addresses to a capture port: a connection
+    // weir redirected (it bound that source), whose entry `PENDING_FLOWS`
+    // (an LRU map) evicted under pressure. `weir_getsockopt` fails for it
+    // (ENOENT) rather than answering the proxy's own address; count it.
+    if KernelTables::bare(key.netns_cookie).is_pod_addr(&key.peer_addr) {
+        bump_node(NodeCounter::OrigDstLost);
+    }
+}
+
+/// The `PENDING_FLOWS` key of the connection a proxy socket accepted on
+/// `local_port`.
+#[inline(always)]
+fn proxy_flow_key(ctx: &SockOpsContext, local_port: u16) -> FlowKey {
+    FlowKey {
         netns_cookie: ops_cookie(ctx),
         peer_addr: ops_remote(ctx),
         peer_port: ops_remote_port(ctx),
         local_port,
         _pad: 0,
-    };
-    let Some(pending) = PENDING_FLOWS.get_ptr(&key) else {
-        // From one of this pod's own addresses to a capture port: a
-        // connection weir redirected (it bound that source), whose entry
-        // `PENDING_FLOWS` (an LRU map) evicted under pressure. Mark the
-        // proxy's socket so `SO_ORIGINAL_DST` fails (ENOENT) rather than
-        // answering the proxy's own address, and count it.
-        let t = KernelTables::bare(key.netns_cookie);
-        if t.is_pod_addr(&key.peer_addr) {
-            bump_node(NodeCounter::OrigDstLost);
-            let sk = ops_sk(ctx);
-            if !sk.is_null() {
-                let lost = OrigDst {
-                    flags: ORIG_PROXY_SIDE | ORIG_LOST,
-                    ..OrigDst::default()
-                };
-                let _ = store_orig_dst(sk, lost);
-            }
-        }
-        return;
-    };
-    // SAFETY: pointer returned by a successful lookup.
-    let mut od = unsafe { *pending };
-    od.flags = (od.flags & !ORIG_APP_SIDE) | ORIG_PROXY_SIDE;
-    let sk = ops_sk(ctx);
-    if sk.is_null() {
-        return;
-    }
-    if store_orig_dst(sk, od) {
-        let _ = PENDING_FLOWS.remove(&key);
     }
 }
 
 #[inline(always)]
 pub(crate) fn on_state(ctx: &SockOpsContext) {
-    if ctx.arg(0) == BPF_TCP_SYN_SENT && ctx.arg(1) == BPF_TCP_CLOSE {
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return;
+    }
+    if ctx.arg(0) == BPF_TCP_SYN_SENT {
         // A redirected connect was refused: nobody listens on the proxy
         // port (fail closed, as with iptables). Forget its pending entry.
         let cookie = ops_cookie(ctx);
@@ -213,5 +212,10 @@ pub(crate) fn on_state(ctx: &SockOpsContext) {
             _pad: 0,
         };
         let _ = PENDING_FLOWS.remove(&key);
+        return;
     }
+    // A proxy's accepted socket closed (only those keep this callback
+    // once established): its connection's original destination goes.
+    let key = proxy_flow_key(ctx, ctx.local_port() as u16);
+    let _ = PENDING_FLOWS.remove(&key);
 }

@@ -100,12 +100,13 @@ pub static LISTENERS: SockHash<ListenerKey, 65536> = SockHash::new();
 #[btf_map]
 pub static LISTEN_PORTS: HashMap<u16, u32, 1024, NO_PREALLOC> = HashMap::new();
 
-/// Original destinations of redirected connections between the
-/// application's `connect()` and the proxy's accept.
+/// Original destinations of redirected connections, from the
+/// application's `connect()` until the proxy's accepted socket closes
+/// (ambient: ztunnel's connections to the application, until evicted).
 #[btf_map]
 pub static PENDING_FLOWS: LruHashMap<FlowKey, OrigDst, 65536> = LruHashMap::new();
 
-/// Original destination stored on the sockets themselves (freed with them).
+/// Original destination stored on the application's socket (freed with it).
 #[btf_map]
 pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
 

@@ -403,8 +403,9 @@ pub const LISTENER_UDP: u32 = 17;
 
 /// One connection seen from the proxy: the application's address and port
 /// (the proxy's peer) and the proxy's listening port. Key of the
-/// `PENDING_FLOWS` map, which carries a redirected connection's original
-/// destination from the application's socket to the proxy's.
+/// `PENDING_FLOWS` map, which holds a redirected connection's original
+/// destination from the application's `connect()` until the proxy's
+/// accepted socket closes (`SO_ORIGINAL_DST` reads it there).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct FlowKey {
@@ -422,18 +423,12 @@ pub struct FlowKey {
 
 /// [`OrigDst`] flag: stored on the application's socket.
 pub const ORIG_APP_SIDE: u16 = 1;
-/// [`OrigDst`] flag: stored on the proxy's accepted socket.
-pub const ORIG_PROXY_SIDE: u16 = 2;
 /// [`OrigDst`] flag: the connection went to the inbound port (Istio's rule
 /// "proxy calling its own pod over loopback").
 pub const ORIG_TO_INBOUND: u16 = 4;
 /// [`OrigDst`] flag: a DNS query sent to the DNS port (UDP: replies from
 /// the DNS port are shown as coming from `addr`).
 pub const ORIG_DNS: u16 = 8;
-/// [`OrigDst`] flag: on a proxy's accepted socket, a redirected connection
-/// whose original destination was lost before the accept (`PENDING_FLOWS`
-/// evicted it): `SO_ORIGINAL_DST` fails with `ENOENT` (fail closed).
-pub const ORIG_LOST: u16 = 16;
 /// [`OrigDst`] flag: in `PENDING_FLOWS`, a connection ztunnel (ambient
 /// mode) made to the application from inside the pod; inbound capture
 /// leaves it alone (`addr`/`port`: the application's end).
