@@ -763,9 +763,9 @@ fn memory_table(s: &mut String, mem: &crate::memory::MemoryResult) {
             s,
             "\nEach connection adds one conntrack entry with iptables ({b} bytes, `nf_conntrack` \
              in /proc/slabinfo; it stays for the TIME_WAIT timeout after the close); with weir, \
-             a redirected connection's entry in `PENDING_FLOWS` (preallocated, above) lives only \
-             through the handshake, and its original destination is stored on its two sockets \
-             and freed with them."
+             a redirected connection's entry in `PENDING_FLOWS` (preallocated, above) lives \
+             until the proxy's socket closes, and its original destination is also stored on \
+             the application's socket and freed with it."
         );
     }
     if let Some(r) = mem
