@@ -70,6 +70,10 @@ pub struct KubeArgs {
     /// $KUBECONFIG or ~/.kube/config].
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// Where to record why each pod is enrolled (a pod label, its
+    /// namespace's label), for `weir status` and `weir explain`.
+    #[arg(long, env = "WEIR_STATE_FILE", default_value = crate::reasons::DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
 }
 
 /// How long the CNI server waits for the API when the watcher does not
@@ -369,6 +373,8 @@ pub async fn run(
         waiting: BTreeSet::new(),
         last_keys: None,
         zds,
+        state_file: args.state_file.clone(),
+        written: None,
     };
     loop {
         tokio::select! {
@@ -466,6 +472,9 @@ struct Pass {
     last_keys: Option<BTreeSet<String>>,
     /// The ZDS server (`--zds-socket`), fed the ambient pods of each pass.
     zds: Option<crate::zds::Zds>,
+    /// `--state-file`, and what was last written there.
+    state_file: PathBuf,
+    written: Option<crate::reasons::Reasons>,
 }
 
 impl Pass {
@@ -526,6 +535,7 @@ impl Pass {
             r.apply(&desired.pods, &desired.invalid);
             r.dp.set_ready(true);
             let applied: BTreeSet<String> = r.pods.keys().cloned().collect();
+            let reasons = crate::reasons::Reasons::of(&r.pods);
             // The ambient pods for ztunnel (under the lock, so a CNI ADD's
             // hand-over is never followed by a list without its pod):
             // enrolled ones with their netns; the others (no netns yet,
@@ -547,12 +557,12 @@ impl Pass {
                 ));
             }
             drop(r);
-            (discovery, Ok((desired, applied)))
+            (discovery, Ok((desired, applied, reasons)))
         })
         .await
         .context("reconcile task")?;
         self.discovery = Some(discovery);
-        let (desired, applied) = res.map_err(|e| {
+        let (desired, applied, reasons) = res.map_err(|e| {
             anyhow::anyhow!(
                 "cannot read the host's /proc to find pod network namespaces ({e}); nothing changed; check --host-proc and hostPID"
             )
@@ -570,6 +580,15 @@ impl Pass {
             );
         }
         self.waiting = desired.no_netns;
+        if self.written.as_ref() != Some(&reasons) {
+            match reasons.write(&self.state_file) {
+                Ok(()) => self.written = Some(reasons),
+                Err(e) => warn!(
+                    "--state-file {}: {e}; `weir status` will not show why pods are enrolled",
+                    self.state_file.display()
+                ),
+            }
+        }
         if self.last_keys.as_ref() != Some(&applied) {
             info!("Kubernetes: {} pods enrolled", applied.len());
             self.last_keys = Some(applied);
