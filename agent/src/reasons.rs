@@ -4,6 +4,10 @@
 //! captured, not why (a pod label, or its namespace's label for an
 //! ambient pod); the file adds that. An entry counts only while its netns
 //! cookie is the enrolled pod's, so a stale file says nothing wrong.
+//!
+//! The agent also reads it back at start: when namespaces cannot be read,
+//! an ambient pod its namespace's label enrolled before stays ambient
+//! (the last decision) instead of being removed because of the error.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +32,9 @@ pub struct StateFileArg {
 /// One enrolled pod.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodReason {
+    /// Its Kubernetes UID (empty when unknown).
+    #[serde(default)]
+    pub uid: String,
     /// The netns cookie it was enrolled under.
     pub netns_cookie: u64,
     /// Its mesh (`istio`, `ambient`, ...).
@@ -54,6 +61,7 @@ impl Reasons {
                     (
                         k.clone(),
                         PodReason {
+                            uid: p.spec.uid.clone(),
                             netns_cookie: p.cookie,
                             mesh: p.spec.mesh.to_string(),
                             reason: p.spec.reason.clone(),
@@ -82,6 +90,14 @@ impl Reasons {
             .unwrap_or_default()
     }
 
+    /// Whether pod `key` / `uid` was enrolled as ambient, and why.
+    pub fn ambient(&self, key: &str, uid: &str) -> Option<&str> {
+        self.pods
+            .get(key)
+            .filter(|p| p.uid == uid && p.mesh == "ambient")
+            .map(|p| p.reason.as_str())
+    }
+
     /// Why pod `key`, enrolled under `cookie`, is ambient (`None`: not
     /// recorded, or recorded for another incarnation).
     pub fn reason(&self, key: &str, cookie: u64) -> Option<&str> {
@@ -105,6 +121,7 @@ mod tests {
         r.pods.insert(
             "shop/web".into(),
             PodReason {
+                uid: "u-web".into(),
                 netns_cookie: 7,
                 mesh: "ambient".into(),
                 reason: "namespace label istio.io/dataplane-mode=ambient".into(),
@@ -113,6 +130,7 @@ mod tests {
         r.pods.insert(
             "shop/side".into(),
             PodReason {
+                uid: "u-side".into(),
                 netns_cookie: 8,
                 mesh: "istio".into(),
                 reason: String::new(),

@@ -375,6 +375,8 @@ pub async fn run(
         zds,
         state_file: args.state_file.clone(),
         written: None,
+        // A previous agent's decisions (see `PodStore::meshed_in`).
+        previous: crate::reasons::Reasons::read(&args.state_file),
     };
     loop {
         tokio::select! {
@@ -475,6 +477,8 @@ struct Pass {
     /// `--state-file`, and what was last written there.
     state_file: PathBuf,
     written: Option<crate::reasons::Reasons>,
+    /// What the file said when the agent started.
+    previous: crate::reasons::Reasons,
 }
 
 impl Pass {
@@ -492,7 +496,7 @@ impl Pass {
                 // Never act on a partial picture: the pinned state stays.
                 return Ok(());
             }
-            s.meshed_in(&n)
+            s.meshed_in(&n, self.written.as_ref().unwrap_or(&self.previous))
         };
         let hints: BTreeMap<String, PathBuf> = {
             let reg = lock(registry);

@@ -19,6 +19,9 @@ use crate::k8s::classify::{NamespaceLabels, PodView, view};
 use crate::k8s::namespaces::NamespaceStore;
 use crate::pod::{Desired, PodSpec};
 
+/// Added to the reason of an ambient pod kept by its last decision.
+const STILL: &str = " (as last decided: namespaces cannot be read now)";
+
 /// What one watcher event changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Handled {
@@ -82,10 +85,13 @@ impl PodStore {
     /// The meshed pods, decided with their namespaces' labels (cloned, to
     /// work on outside the locks); what a pass tells the CNI registry of
     /// every pod; and the pods whose verdict depends on namespace labels
-    /// that cannot be read.
+    /// that cannot be read. Such a pod that `last` (the agent's last
+    /// decisions, also a previous agent's) enrolled as ambient stays
+    /// ambient.
     pub fn meshed_in(
         &self,
         namespaces: &NamespaceStore,
+        last: &crate::reasons::Reasons,
     ) -> (Vec<PodView>, BTreeMap<String, Known>, BTreeSet<String>) {
         let mut meshed = Vec::new();
         let mut known = BTreeMap::new();
@@ -95,7 +101,18 @@ impl PodStore {
             let ns = namespaces.labels_of(&v.namespace);
             v.classify_ambient(ns);
             if matches!(ns, NamespaceLabels::Unknown) && v.depends_on_namespace() {
-                undecided.insert(v.key());
+                match last.ambient(&v.key(), &v.uid) {
+                    Some(why) => {
+                        v.verdict = crate::pod::MeshVerdict::Meshed(crate::policy::Mesh::Ambient);
+                        v.reason = match why.strip_suffix(STILL) {
+                            Some(_) => why.to_string(),
+                            None => format!("{why}{STILL}"),
+                        };
+                    }
+                    None => {
+                        undecided.insert(v.key());
+                    }
+                }
             }
             known.insert(
                 v.key(),

@@ -411,8 +411,9 @@ async fn namespace_labels_decide_ambient_and_rbac_refusal_falls_back() {
         ));
     }
     pods.handle(kube::runtime::watcher::Event::InitDone);
-    let meshed_names = |n: &NamespaceStore| {
-        let (m, known, undecided) = pods.meshed_in(n);
+    let mut last = crate::reasons::Reasons::default();
+    let meshed_names = |n: &NamespaceStore, last: &crate::reasons::Reasons| {
+        let (m, known, undecided) = pods.meshed_in(n, last);
         let names: Vec<String> = m
             .iter()
             .map(|v| format!("{} ({})", v.key(), v.reason))
@@ -430,7 +431,7 @@ async fn namespace_labels_decide_ambient_and_rbac_refusal_falls_back() {
     ));
     ns_until(&store, "the first list", |s| s.ready()).await;
     assert_eq!(
-        meshed_names(&store.lock().unwrap()),
+        meshed_names(&store.lock().unwrap(), &last),
         (
             vec![
                 "plain/own (pod label istio.io/dataplane-mode=ambient)".to_string(),
@@ -461,7 +462,7 @@ async fn namespace_labels_decide_ambient_and_rbac_refusal_falls_back() {
     })
     .await;
     assert_eq!(
-        meshed_names(&store.lock().unwrap()).0,
+        meshed_names(&store.lock().unwrap(), &last).0,
         [
             "plain/db (namespace label istio.io/dataplane-mode=ambient)",
             "plain/own (pod label istio.io/dataplane-mode=ambient)"
@@ -483,16 +484,40 @@ async fn namespace_labels_decide_ambient_and_rbac_refusal_falls_back() {
     assert!(why.contains("403") || why.contains("forbidden"), "{why}");
     assert!(why.contains("get, list and watch on namespaces"), "{why}");
     assert_eq!(
-        meshed_names(&store.lock().unwrap()),
+        meshed_names(&store.lock().unwrap(), &last),
         (
             vec!["plain/own (pod label istio.io/dataplane-mode=ambient)".to_string()],
             vec!["plain/db".to_string(), "shop/web".to_string()]
         )
     );
+    // A pod the last decisions (a previous agent's) enrolled as ambient
+    // by its namespace stays ambient.
+    last.pods.insert(
+        "shop/web".into(),
+        crate::reasons::PodReason {
+            uid: "uid-web".into(),
+            netns_cookie: 1,
+            mesh: "ambient".into(),
+            reason: "namespace label istio.io/dataplane-mode=ambient".into(),
+        },
+    );
+    assert_eq!(
+        meshed_names(&store.lock().unwrap(), &last),
+        (
+            vec![
+                "plain/own (pod label istio.io/dataplane-mode=ambient)".to_string(),
+                "shop/web (namespace label istio.io/dataplane-mode=ambient (as last decided: namespaces cannot be read now))".to_string()
+            ],
+            vec!["plain/db".to_string()]
+        )
+    );
     // Allowed again: the labels come back.
     api.forbid_namespaces(false);
     ns_until(&store, "readable again", |s| s.unreadable().is_none()).await;
-    assert_eq!(meshed_names(&store.lock().unwrap()).1, Vec::<String>::new());
+    assert_eq!(
+        meshed_names(&store.lock().unwrap(), &last).1,
+        Vec::<String>::new()
+    );
     task.abort();
 }
 
