@@ -19,6 +19,7 @@ mod pod;
 mod pod_tables;
 mod podsfile;
 mod policy;
+mod reasons;
 mod reconcile;
 mod routes;
 #[cfg(test)]
@@ -205,6 +206,8 @@ struct LogLevelArgs {
 struct StatusArgs {
     #[command(flatten)]
     bpffs: BpffsArg,
+    #[command(flatten)]
+    state: reasons::StateFileArg,
     /// Output format.
     #[arg(short, long, env = "WEIR_OUTPUT", value_enum, default_value = "text")]
     output: status::Format,
@@ -244,6 +247,8 @@ struct ExplainArgs {
     mark: u32,
     #[command(flatten)]
     bpffs: BpffsArg,
+    #[command(flatten)]
+    state: reasons::StateFileArg,
     /// Output format.
     #[arg(short, long, env = "WEIR_OUTPUT", value_enum, default_value = "text")]
     output: explain::Format,
@@ -291,8 +296,10 @@ fn main() {
     }
     let res = match cli.command {
         Command::Run(a) => run(*a),
-        Command::Status(a) => status::print(&a.bpffs.bpffs, a.output),
-        Command::Explain(a) => explain::print(&a.bpffs.bpffs, &a.query(), a.output),
+        Command::Status(a) => status::print(&a.bpffs.bpffs, &a.state.state_file, a.output),
+        Command::Explain(a) => {
+            explain::print(&a.bpffs.bpffs, &a.state.state_file, &a.query(), a.output)
+        }
         Command::Uninstall(a) => uninstall(&a),
         Command::LogLevel(a) => datapath::set_pinned_log_level(&a.bpffs.bpffs, a.level)
             .map(|()| println!("kernel log level: {:?}", a.level)),

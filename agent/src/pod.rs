@@ -63,9 +63,74 @@ pub struct PodView {
     /// address is IPv6, so that annotation is derived from `ips` (again
     /// whenever they change: [`PodView::set_ips`]).
     pub ipv6_from_first_ip: bool,
+    /// When the ambient rule decides this pod (no sidecar of any mesh, not
+    /// host network, not finished): the pod's own `istio.io/dataplane-mode`
+    /// label (an empty map without it), so the verdict can be decided again
+    /// with its namespace's labels ([`PodView::classify_ambient`]). `None`:
+    /// another rule decided.
+    pub ambient_labels: Option<BTreeMap<String, String>>,
+    /// Why an ambient pod is ambient (`pod label ...`, `namespace label
+    /// ...`); empty for other pods.
+    pub reason: String,
+}
+
+/// The ambient rule's verdict for a pod no other rule decided, with the
+/// reason an ambient pod is ambient (empty otherwise).
+pub fn ambient_verdict(
+    pod_labels: &BTreeMap<String, String>,
+    ns: NamespaceLabels<'_>,
+) -> (MeshVerdict, String) {
+    let namespace_labels = match ns {
+        NamespaceLabels::Known(l) => l,
+        NamespaceLabels::Unknown => None,
+    };
+    match crate::ambient::classify(crate::ambient::PodFacts {
+        labels: Some(pod_labels),
+        namespace_labels,
+        ..Default::default()
+    }) {
+        crate::ambient::Enrollment::Ambient(why) => (MeshVerdict::Meshed(Mesh::Ambient), why),
+        crate::ambient::Enrollment::NotAmbient(why) => (
+            MeshVerdict::NotMeshed(format!(
+                "no istio-proxy, linkerd-proxy or kuma-sidecar container, and not ambient: {why}"
+            )),
+            String::new(),
+        ),
+    }
+}
+
+/// What is known of a pod's namespace labels when its verdict is decided.
+#[derive(Clone, Copy, Debug)]
+pub enum NamespaceLabels<'a> {
+    /// These are its namespace's labels (`None`: the namespace has none,
+    /// or does not exist).
+    Known(Option<&'a BTreeMap<String, String>>),
+    /// They could not be read (no permission, the API away): pod labels
+    /// only.
+    Unknown,
 }
 
 impl PodView {
+    /// Decides the ambient verdict again with the namespace's labels (a
+    /// pod another rule decided is left as it is).
+    pub fn classify_ambient(&mut self, ns: NamespaceLabels<'_>) {
+        if let Some(labels) = &self.ambient_labels {
+            (self.verdict, self.reason) = ambient_verdict(labels, ns);
+        }
+    }
+
+    /// Whether the namespace's labels can change this pod's verdict: the
+    /// ambient rule decides it and the pod has no `istio.io/dataplane-mode`
+    /// of its own that settles it (`ambient` or `none`).
+    pub fn depends_on_namespace(&self) -> bool {
+        self.ambient_labels.as_ref().is_some_and(|l| {
+            !matches!(
+                l.get(crate::ambient::DATAPLANE_MODE).map(|v| v.trim()),
+                Some(crate::ambient::DATAPLANE_AMBIENT | crate::ambient::DATAPLANE_NONE)
+            )
+        })
+    }
+
     /// `namespace/name`, the reconciler's key.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -115,6 +180,8 @@ pub struct PodSpec {
     pub uid: String,
     /// `spec.serviceAccountName` (`default` when the pod names none).
     pub service_account: String,
+    /// Why an ambient pod is ambient (`weir status`); empty for others.
+    pub reason: String,
 }
 
 impl PodSpec {
@@ -139,6 +206,7 @@ impl PodSpec {
             rules,
             uid: v.uid.clone(),
             service_account: v.service_account.clone(),
+            reason: v.reason.clone(),
         })
     }
 }

@@ -293,19 +293,18 @@ pub fn parse(path: &Path, text: &str) -> Result<PodsFile, PodsFileError> {
         }
         // Without `mesh`, the ambient labels decide (as istio-cni does);
         // else Istio's sidecar mode, the default.
-        let mesh = match raw.mesh {
-            Some(m) => m,
+        let (mesh, reason) = match raw.mesh {
+            Some(m) if m == Mesh::Ambient => (m, "mesh: ambient in the pods file".to_string()),
+            Some(m) => (m, String::new()),
             None => {
-                let e = crate::ambient::classify(crate::ambient::PodFacts {
+                match crate::ambient::classify(crate::ambient::PodFacts {
                     labels: Some(&raw.labels),
                     annotations: Some(&raw.annotations),
                     namespace_labels: Some(&raw.namespace_labels),
                     ..Default::default()
-                });
-                if e.is_ambient() {
-                    Mesh::Ambient
-                } else {
-                    Mesh::Istio
+                }) {
+                    crate::ambient::Enrollment::Ambient(why) => (Mesh::Ambient, why),
+                    crate::ambient::Enrollment::NotAmbient(_) => (Mesh::Istio, String::new()),
                 }
             }
         };
@@ -333,6 +332,7 @@ pub fn parse(path: &Path, text: &str) -> Result<PodsFile, PodsFileError> {
                 .service_account
                 .filter(|s| !s.trim().is_empty())
                 .unwrap_or_else(|| "default".into()),
+            reason,
         });
     }
     Ok(out)
@@ -484,6 +484,8 @@ impl PodsFileSource {
             verdict: MeshVerdict::NotMeshed(why),
             bad_ips: Vec::new(),
             ipv6_from_first_ip: false,
+            ambient_labels: None,
+            reason: String::new(),
         };
         if parsed.invalid.contains(&key) {
             return Err(format!(
@@ -500,6 +502,7 @@ impl PodsFileSource {
             cgroup_uid: s.uid,
             service_account: s.service_account,
             verdict: MeshVerdict::Meshed(s.mesh),
+            reason: s.reason,
             ..not(String::new())
         })
     }

@@ -44,6 +44,9 @@ pub struct PodStatus {
     pub ip6: Option<String>,
     /// Whether its sk_lookup link is pinned.
     pub inbound_attached: bool,
+    /// Why an ambient pod is ambient (`pod label ...`, `namespace label
+    /// ...`), as the Kubernetes agent recorded it (`--state-file`).
+    pub reason: Option<String>,
     /// Counters summed over CPUs.
     pub counters: Counters,
 }
@@ -132,8 +135,10 @@ fn cstr(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-/// Reads the status from the pins under `bpffs`.
-pub fn read(bpffs: &Path) -> Result<Status> {
+/// Reads the status from the pins under `bpffs`, with the reasons
+/// recorded in `state_file`.
+pub fn read(bpffs: &Path, state_file: &Path) -> Result<Status> {
+    let reasons = crate::reasons::Reasons::read(state_file);
     let pins = Pins::new(bpffs);
     let policy: HashMap<MapData, u64, PodPolicy> =
         HashMap::try_from(Map::HashMap(open(&pins, "POD_POLICY")?))?;
@@ -159,9 +164,13 @@ pub fn read(bpffs: &Path) -> Result<Status> {
             .get(&cookie, 0)
             .map(|v| PodCounters::sum(v.iter()))
             .unwrap_or_default();
+        let (namespace, name) = (cstr(&m.namespace), cstr(&m.name));
         pods.push(PodStatus {
-            namespace: cstr(&m.namespace),
-            name: cstr(&m.name),
+            reason: reasons
+                .reason(&format!("{namespace}/{name}"), cookie)
+                .map(str::to_string),
+            namespace,
+            name,
             netns_cookie: cookie,
             outbound_port: p.outbound_port,
             inbound_port: p.inbound_port,
@@ -235,8 +244,8 @@ fn kernel_lacks() -> Vec<String> {
         .collect()
 }
 
-pub fn print(bpffs: &Path, format: Format) -> Result<()> {
-    let s = read(bpffs)?;
+pub fn print(bpffs: &Path, state_file: &Path, format: Format) -> Result<()> {
+    let s = read(bpffs, state_file)?;
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&s)?),
         Format::Text => {
@@ -281,6 +290,9 @@ pub fn print(bpffs: &Path, format: Format) -> Result<()> {
                     p.capture,
                     p.inbound_attached
                 );
+                if let Some(why) = &p.reason {
+                    println!("      {} because: {why}", p.mode);
+                }
                 let c = &p.counters;
                 println!(
                     "      captured out={} in={} out->in={}  bypassed out={} in={}  fail_closed={}  orig_dst_answered={}",

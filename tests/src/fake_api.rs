@@ -3,8 +3,10 @@
 //! `weir run --kubernetes` at it through a kubeconfig, the agent's unit
 //! tests point a kube client at [`FakeApi::url`].
 //!
-//! It serves pods (list, watch as a chunked stream of JSON lines, get)
-//! and nodes (get). Two ways to drive it, one server:
+//! It serves pods (list, watch as a chunked stream of JSON lines, get),
+//! namespaces (list, watch, get; [`FakeApi::apply_namespace`],
+//! [`FakeApi::forbid_namespaces`] for an agent whose RBAC lacks them) and
+//! nodes (get). Two ways to drive it, one server:
 //! - **as a cluster** ([`FakeApi::start`]): tests add, change and delete
 //!   pods ([`FakeApi::apply`], [`FakeApi::delete`]); lists show the current
 //!   pods, watches replay the events after their `resourceVersion` and
@@ -41,16 +43,75 @@ use tokio::sync::{mpsc, oneshot};
 /// line; `None` ends the stream (the server closed it).
 type Feed = mpsc::UnboundedSender<Option<String>>;
 
+/// The objects of one kind, their events and their watches.
 #[derive(Default)]
-struct ApiState {
-    /// Answer lists and watches from the script only.
-    scripted: bool,
-    pods: BTreeMap<String, Value>,
-    rv: u64,
+struct Objects {
+    items: BTreeMap<String, Value>,
     /// Every event sent, by resource version: a watch from version N
     /// first gets the events after N, as from the API server's cache.
     history: Vec<(u64, String)>,
     watchers: Vec<Feed>,
+}
+
+impl Objects {
+    fn broadcast(&mut self, rv: u64, line: String) {
+        self.history.push((rv, line.clone()));
+        self.watchers.retain(|w| w.send(Some(line.clone())).is_ok());
+    }
+
+    fn close_watches(&mut self) {
+        for w in std::mem::take(&mut self.watchers) {
+            let _ = w.send(None);
+        }
+    }
+
+    /// A watch from `query`'s `resourceVersion`: the events after it, then
+    /// the live ones.
+    fn watch(&mut self, query: &str) -> Response {
+        let since: u64 = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("resourceVersion="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let (tx, rx) = mpsc::unbounded_channel();
+        for (rv, line) in &self.history {
+            if *rv > since && !line.contains("\"BOOKMARK\"") && !line.contains("\"ERROR\"") {
+                let _ = tx.send(Some(line.clone()));
+            }
+        }
+        self.watchers.push(tx);
+        stream_response(rx)
+    }
+
+    /// Adds or replaces the object at `key`; the event's type.
+    fn apply(&mut self, rv: u64, key: String, mut obj: Value) {
+        obj["metadata"]["resourceVersion"] = rv.to_string().into();
+        let kind = if self.items.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.items.insert(key, obj.clone());
+        self.broadcast(rv, json!({"type": kind, "object": obj}).to_string());
+    }
+
+    fn delete(&mut self, rv: u64, key: &str) {
+        if let Some(mut obj) = self.items.remove(key) {
+            obj["metadata"]["resourceVersion"] = rv.to_string().into();
+            self.broadcast(rv, json!({"type": "DELETED", "object": obj}).to_string());
+        }
+    }
+}
+
+#[derive(Default)]
+struct ApiState {
+    /// Answer pod lists and watches from the script only.
+    scripted: bool,
+    pods: Objects,
+    namespaces: Objects,
+    /// Namespace requests answered 403 (RBAC without namespaces).
+    namespaces_forbidden: bool,
+    rv: u64,
     lists: VecDeque<(StatusCode, String)>,
     watches: VecDeque<mpsc::UnboundedReceiver<String>>,
     nodes: BTreeMap<String, Value>,
@@ -94,6 +155,8 @@ impl FakeApi {
         let state: Shared = Arc::new(Mutex::new(state));
         let app = Router::new()
             .route("/api/v1/pods", get(pods))
+            .route("/api/v1/namespaces", get(namespaces))
+            .route("/api/v1/namespaces/{name}", get(one_namespace))
             .route("/api/v1/namespaces/{ns}/pods/{name}", get(one_pod))
             .route("/api/v1/nodes/{name}", get(one_node))
             .fallback(no_such_path)
@@ -150,16 +213,39 @@ impl FakeApi {
     pub fn apply(&self, pod: Value) {
         let mut s = self.state();
         s.rv += 1;
-        let mut pod = pod;
-        pod["metadata"]["resourceVersion"] = s.rv.to_string().into();
-        let key = pod_key(&pod);
-        let kind = if s.pods.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        s.pods.insert(key, pod.clone());
-        s.broadcast(json!({"type": kind, "object": pod}).to_string());
+        let rv = s.rv;
+        s.pods.apply(rv, pod_key(&pod), pod);
+    }
+
+    /// Adds or updates namespace `name` with `labels` (and tells the
+    /// namespace watchers).
+    pub fn apply_namespace(&self, name: &str, labels: &[(&str, &str)]) {
+        let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace",
+                        "metadata": {"name": name, "uid": format!("ns-uid-{name}"), "labels": labels},
+                        "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}});
+        let mut s = self.state();
+        s.rv += 1;
+        let rv = s.rv;
+        s.namespaces.apply(rv, name.to_string(), ns);
+    }
+
+    /// Deletes namespace `name` (its pods stay: tests delete them).
+    pub fn delete_namespace(&self, name: &str) {
+        let mut s = self.state();
+        s.rv += 1;
+        let rv = s.rv;
+        s.namespaces.delete(rv, name);
+    }
+
+    /// `true`: namespace lists, watches and reads are refused with 403
+    /// Forbidden, as for an agent whose ClusterRole lacks namespaces.
+    pub fn forbid_namespaces(&self, forbidden: bool) {
+        let mut s = self.state();
+        s.namespaces_forbidden = forbidden;
+        if forbidden {
+            s.namespaces.close_watches();
+        }
     }
 
     /// Adds a pod without telling the watchers (a late watch event): only
@@ -169,23 +255,26 @@ impl FakeApi {
         s.rv += 1;
         let mut pod = pod;
         pod["metadata"]["resourceVersion"] = s.rv.to_string().into();
-        s.pods.insert(pod_key(&pod), pod);
+        s.pods.items.insert(pod_key(&pod), pod);
     }
 
     /// Serves `pod` exactly as given (its own `resourceVersion`) to direct
     /// reads and lists, without an event or a new resource version.
     pub fn put_pod(&self, pod: Value) {
-        self.state().pods.insert(pod_key(&pod), pod);
+        self.state().pods.items.insert(pod_key(&pod), pod);
     }
 
     /// Deletes pod `default/name`.
     pub fn delete(&self, name: &str) {
+        self.delete_in("default", name);
+    }
+
+    /// Deletes pod `namespace/name`.
+    pub fn delete_in(&self, namespace: &str, name: &str) {
         let mut s = self.state();
         s.rv += 1;
-        if let Some(mut pod) = s.pods.remove(&format!("default/{name}")) {
-            pod["metadata"]["resourceVersion"] = s.rv.to_string().into();
-            s.broadcast(json!({"type": "DELETED", "object": pod}).to_string());
-        }
+        let rv = s.rv;
+        s.pods.delete(rv, &format!("{namespace}/{name}"));
     }
 
     /// Sends a BOOKMARK to the watchers.
@@ -257,16 +346,15 @@ impl Drop for FakeApi {
 }
 
 impl ApiState {
+    /// Sends a pod event to the pod watchers.
     fn broadcast(&mut self, line: String) {
         let rv = self.rv;
-        self.history.push((rv, line.clone()));
-        self.watchers.retain(|w| w.send(Some(line.clone())).is_ok());
+        self.pods.broadcast(rv, line);
     }
 
     fn close_watches(&mut self) {
-        for w in std::mem::take(&mut self.watchers) {
-            let _ = w.send(None);
-        }
+        self.pods.close_watches();
+        self.namespaces.close_watches();
     }
 
     /// Records the request; the 503 to answer when the server is down.
@@ -349,7 +437,7 @@ async fn pods(State(state): State<Shared>, uri: Uri) -> Response {
                 }
                 // Nothing scripted: a quiet watch (the sender lives on in
                 // the server state, never sending).
-                None => s.watchers.push(tx),
+                None => s.pods.watchers.push(tx),
             }
             return stream_response(rx);
         }
@@ -359,25 +447,68 @@ async fn pods(State(state): State<Shared>, uri: Uri) -> Response {
         };
     }
     if watch {
-        // The events after the asked version, then the live ones.
-        let since: u64 = query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("resourceVersion="))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let (tx, rx) = mpsc::unbounded_channel();
-        for (rv, line) in &s.history {
-            if *rv > since && !line.contains("\"BOOKMARK\"") && !line.contains("\"ERROR\"") {
-                let _ = tx.send(Some(line.clone()));
-            }
-        }
-        s.watchers.push(tx);
-        return stream_response(rx);
+        return s.pods.watch(query);
     }
-    let items: Vec<&Value> = s.pods.values().collect();
+    let items: Vec<&Value> = s.pods.items.values().collect();
     let list = json!({"apiVersion": "v1", "kind": "PodList",
                       "metadata": {"resourceVersion": s.rv.to_string()}, "items": items});
     json_response(StatusCode::OK, list.to_string())
+}
+
+/// 403 for namespace requests when they are forbidden.
+fn namespaces_refused(s: &ApiState) -> Option<Response> {
+    s.namespaces_forbidden.then(|| {
+        json_response(
+            StatusCode::FORBIDDEN,
+            status(
+                403,
+                "Forbidden",
+                "namespaces is forbidden: User \"system:serviceaccount:weir-system:weir\" cannot list resource \"namespaces\" in API group \"\" at the cluster scope",
+            ),
+        )
+    })
+}
+
+async fn namespaces(State(state): State<Shared>, uri: Uri) -> Response {
+    let mut s = lock(&state);
+    if let Some(r) = s.begin(&uri) {
+        return r;
+    }
+    if let Some(r) = namespaces_refused(&s) {
+        return r;
+    }
+    let query = uri.query().unwrap_or_default();
+    if query
+        .split('&')
+        .any(|kv| kv == "watch=true" || kv == "watch=1")
+    {
+        return s.namespaces.watch(query);
+    }
+    let items: Vec<&Value> = s.namespaces.items.values().collect();
+    let list = json!({"apiVersion": "v1", "kind": "NamespaceList",
+                      "metadata": {"resourceVersion": s.rv.to_string()}, "items": items});
+    json_response(StatusCode::OK, list.to_string())
+}
+
+async fn one_namespace(
+    State(state): State<Shared>,
+    UrlPath(name): UrlPath<String>,
+    uri: Uri,
+) -> Response {
+    let mut s = lock(&state);
+    if let Some(r) = s.begin(&uri) {
+        return r;
+    }
+    if let Some(r) = namespaces_refused(&s) {
+        return r;
+    }
+    match s.namespaces.items.get(&name) {
+        Some(n) => json_response(StatusCode::OK, n.to_string()),
+        None => json_response(
+            StatusCode::NOT_FOUND,
+            status(404, "NotFound", &format!("namespaces \"{name}\" not found")),
+        ),
+    }
 }
 
 async fn one_pod(
@@ -389,7 +520,7 @@ async fn one_pod(
     if let Some(r) = s.begin(&uri) {
         return r;
     }
-    match s.pods.get(&format!("{ns}/{name}")) {
+    match s.pods.items.get(&format!("{ns}/{name}")) {
         Some(p) => json_response(StatusCode::OK, p.to_string()),
         None => json_response(
             StatusCode::NOT_FOUND,
@@ -506,6 +637,57 @@ mod tests {
         assert!(!text.contains("\"name\":\"a\""), "{text}");
         assert!(text.contains("\"name\":\"b\""), "{text}");
         assert!(text.contains("\"code\":410"), "{text}");
+    }
+
+    #[test]
+    fn namespaces_list_watch_get_and_forbidden() {
+        let api = FakeApi::start();
+        api.apply_namespace("shop", &[("istio.io/dataplane-mode", "ambient")]);
+        api.apply(pod("a"));
+        api.apply_namespace("shop", &[]);
+        api.apply_namespace("other", &[]);
+        api.delete_namespace("other");
+        let (code, body) = get(&api, "/api/v1/namespaces");
+        assert_eq!(code, 200);
+        let list: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(list["kind"], "NamespaceList");
+        assert_eq!(list["items"].as_array().unwrap().len(), 1);
+        assert_eq!(list["items"][0]["metadata"]["labels"], json!({}));
+        assert_eq!(get(&api, "/api/v1/namespaces/shop").0, 200);
+        assert_eq!(get(&api, "/api/v1/namespaces/other").0, 404);
+        // A pod list shows pods only.
+        let (_, body) = get(&api, "/api/v1/pods");
+        let list: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(list["items"].as_array().unwrap().len(), 1);
+        // A watch replays namespace events only (the label added and
+        // removed, "other" added and deleted).
+        let reader = {
+            let addr = api.addr;
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                write!(
+                    s,
+                    "GET /api/v1/namespaces?watch=true&resourceVersion=0 HTTP/1.0\r\nHost: x\r\n\r\n"
+                )
+                .unwrap();
+                let mut text = String::new();
+                s.read_to_string(&mut text).unwrap();
+                text
+            })
+        };
+        crate::wait_until(std::time::Duration::from_secs(5), "the watch", || {
+            api.requests().len() == 5
+        });
+        api.forbid_namespaces(true);
+        let text = reader.join().unwrap();
+        assert_eq!(text.matches("\"type\":").count(), 4, "{text}");
+        assert!(!text.contains("\"kind\":\"Pod\""), "{text}");
+        let (code, body) = get(&api, "/api/v1/namespaces");
+        assert_eq!(code, 403);
+        assert!(body.contains("cannot list resource"), "{body}");
+        api.forbid_namespaces(false);
+        assert_eq!(get(&api, "/api/v1/namespaces").0, 200);
     }
 
     #[test]

@@ -291,6 +291,34 @@ pub fn ztunnel_bin() -> Option<PathBuf> {
     None
 }
 
+/// ztunnel as a node proxy in shared (in-pod) mode, as the ZDS tests and
+/// the ambient demo run it: its node agent at `socket` (`INPOD_UDS`, weir's
+/// ZDS socket), workloads and services from the local XDS file `xds`
+/// (`LOCAL_XDS_PATH`, ztunnel's `LocalConfig`), certificates from its fake
+/// CA, no control plane (`XDS_ADDRESS` and `CA_ADDRESS` empty), as node
+/// `node_name`, logging at info. The environment is otherwise empty
+/// (`PATH` kept), so nothing of the caller's reaches ztunnel; callers add
+/// their own variables (e.g. `LOG_FORMAT=json`).
+pub fn ztunnel_command(
+    bin: &std::path::Path,
+    socket: &std::path::Path,
+    xds: &std::path::Path,
+    node_name: &str,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info")
+        .env("PROXY_MODE", "shared")
+        .env("INPOD_UDS", socket)
+        .env("FAKE_CA", "true")
+        .env("XDS_ADDRESS", "")
+        .env("CA_ADDRESS", "")
+        .env("LOCAL_XDS_PATH", xds)
+        .env("NODE_NAME", node_name);
+    cmd
+}
+
 /// Path of the weir agent binary.
 ///
 /// Taken from `WEIR_BIN` when set; otherwise `target/release/weir`, then

@@ -94,16 +94,7 @@ impl K8sNode {
     /// puts it in the pod's cgroup (systemd driver layout, containerd)
     /// under the node's cgroup, as the kubelet would.
     fn pod_process(&mut self, ns: &NetNs, uid: &str) {
-        let mut sleep = Command::new("sleep");
-        sleep.arg("3600");
-        let p = spawn_in(Some(ns), Some(&self.node.cgroup), sleep);
-        let uid_ = uid.replace('-', "_");
-        let dir = self.node.cgroup.path().join(format!(
-            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{}.scope",
-            &uid[..8]
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("cgroup.procs"), p.pid().to_string()).unwrap();
+        let p = k8s_support::pod_process(&self.node, ns, uid);
         self.procs.push(p);
     }
 }

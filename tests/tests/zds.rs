@@ -162,17 +162,7 @@ impl Ztunnel {
         let xds = dir.join("xds.yaml");
         std::fs::write(&xds, "workloads: []\nservices: []\n").unwrap();
         let ns = NetNs::new("zt");
-        let mut cmd = Command::new(bin);
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
-            .env("PROXY_MODE", "shared")
-            .env("INPOD_UDS", socket)
-            .env("FAKE_CA", "true")
-            .env("XDS_ADDRESS", "")
-            .env("CA_ADDRESS", "")
-            .env("LOCAL_XDS_PATH", &xds)
-            .env("NODE_NAME", "zds-test-node");
+        let cmd = weir_tests::ztunnel_command(bin, socket, &xds, "zds-test-node");
         let mut proc = spawn_in(Some(&ns), None, cmd);
         proc.wait_for_output("in-pod mode enabled", Duration::from_secs(20));
         Ztunnel {
@@ -524,4 +514,242 @@ fn cni_add_of_an_ambient_pod_returns_once_ztunnel_serves_it() {
     // The moment ADD returned, ztunnel runs the pod's proxy in its netns.
     assert_eq!(zt.up(), vec!["uid-web".to_string()], "{}", zt.logs());
     assert!(hbone_listener(&pod).is_some());
+}
+
+/// `weir run --kubernetes --zds-socket` against the fake API server, with
+/// the real ztunnel: a pod labelled ambient and a pod whose *namespace*
+/// is labelled ambient are captured and handed over; a pod labelled
+/// `none` in that namespace and a plain pod are not. Removing the
+/// namespace's label deletes its pod from ztunnel and removes its
+/// capture; labelling it again hands it over again. `weir status` and
+/// `weir explain` name the label that decided.
+#[test]
+fn k8s_mode_enrolls_by_pod_and_namespace_label_and_follows_relabelling() {
+    use k8s_support::{kubernetes_agent_command, pod_json, pod_process, state_file};
+    use weir_tests::fake_api::FakeApi;
+    use weir_tests::node::Node as WeirNode;
+    let Some(bin) = setup() else { return };
+    const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
+    let api = FakeApi::start();
+    api.apply_namespace("shop", &[AMBIENT]);
+    api.apply_namespace("plain", &[]);
+    let node = WeirNode::new();
+    api.kubeconfig(&node.dir.join("kubeconfig"));
+    // (name, namespace, pod labels, uid, address)
+    let pods = [
+        (
+            "own",
+            "plain",
+            Some("ambient"),
+            "7a000001-0000-4000-8000-000000000001",
+            "198.18.9.1",
+        ),
+        (
+            "web",
+            "shop",
+            None,
+            "7a000002-0000-4000-8000-000000000002",
+            "198.18.9.2",
+        ),
+        (
+            "out",
+            "shop",
+            Some("none"),
+            "7a000003-0000-4000-8000-000000000003",
+            "198.18.9.3",
+        ),
+        (
+            "db",
+            "plain",
+            None,
+            "7a000004-0000-4000-8000-000000000004",
+            "198.18.9.4",
+        ),
+    ];
+    let mut netns = BTreeMap::new();
+    let mut procs = Vec::new();
+    for (name, ns, mode, uid, ip) in pods {
+        let mut p = pod_json(name, uid, &[ip], &["app"], &[]);
+        p["metadata"]["namespace"] = ns.into();
+        p["spec"]["serviceAccountName"] = format!("sa-{name}").into();
+        if let Some(m) = mode {
+            p["metadata"]["labels"][AMBIENT.0] = m.into();
+        }
+        api.apply(p);
+        let n = NetNs::new("zk");
+        procs.push(pod_process(&node, &n, uid));
+        netns.insert(name, n);
+    }
+    let zsock = node.dir.join("run/ztunnel.sock");
+    let mut cmd = kubernetes_agent_command(&node);
+    cmd.arg("--cni-socket")
+        .arg(node.dir.join("run/cni.sock"))
+        .arg("--zds-socket")
+        .arg(&zsock);
+    let started = std::time::Instant::now();
+    let agent = spawn_in(None, None, cmd);
+    let zt = Ztunnel::start(&bin, &zsock);
+    let served = || -> Vec<String> {
+        let mut names: Vec<String> = zt
+            .workloads()
+            .values()
+            .filter(|v| v["state"] == "Up")
+            .filter_map(|v| {
+                Some(format!(
+                    "{}/{}",
+                    v["info"]["namespace"].as_str()?,
+                    v["info"]["name"].as_str()?
+                ))
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    let status = || -> Value {
+        let out = Command::new(weir_bin())
+            .args(["status", "-o", "json", "--bpffs"])
+            .arg(node.bpffs.path())
+            .arg("--state-file")
+            .arg(state_file(&node))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // name -> (mode, reason) of the enrolled pods.
+    let enrolled = || -> BTreeMap<String, (String, String)> {
+        status()["pods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    format!(
+                        "{}/{}",
+                        p["namespace"].as_str().unwrap(),
+                        p["name"].as_str().unwrap()
+                    ),
+                    (
+                        p["mode"].as_str().unwrap_or("").to_string(),
+                        p["reason"].as_str().unwrap_or("").to_string(),
+                    ),
+                )
+            })
+            .collect()
+    };
+    let wait = |what: &str, want: &[&str]| {
+        let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+        let ok = (0..300).any(|_| {
+            let done = served() == want && enrolled().keys().cloned().collect::<Vec<_>>() == want;
+            if !done {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            done
+        });
+        assert!(
+            ok,
+            "{what}: ztunnel serves {:?}, weir enrolled {:?}, want {want:?}\n--- agent ---\n{}\n--- ztunnel ---\n{}",
+            served(),
+            enrolled(),
+            agent.logs(),
+            zt.logs()
+        );
+    };
+    wait("at start", &["plain/own", "shop/web"]);
+    let handed_over = started.elapsed();
+    let e = enrolled();
+    assert_eq!(
+        e["shop/web"],
+        (
+            "ambient".into(),
+            "namespace label istio.io/dataplane-mode=ambient".into()
+        )
+    );
+    assert_eq!(
+        e["plain/own"],
+        (
+            "ambient".into(),
+            "pod label istio.io/dataplane-mode=ambient".into()
+        )
+    );
+    let w = zt.workloads();
+    let web = &w["7a000002-0000-4000-8000-000000000002"]["info"];
+    assert_eq!(web["serviceAccount"], "sa-web", "{w:?}");
+    for (name, listens) in [("own", true), ("web", true), ("out", false), ("db", false)] {
+        assert_eq!(
+            hbone_listener(&netns[name]).is_some(),
+            listens,
+            "{name}: ztunnel's HBONE listener\n{}",
+            zt.logs()
+        );
+    }
+    // The text forms say it too.
+    let text = Command::new(weir_bin())
+        .args(["status", "--bpffs"])
+        .arg(node.bpffs.path())
+        .arg("--state-file")
+        .arg(state_file(&node))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("ambient because: namespace label istio.io/dataplane-mode=ambient"),
+        "{text}"
+    );
+    let explain = Command::new(weir_bin())
+        .args([
+            "explain",
+            "--pod",
+            "shop/web",
+            "--dst",
+            "198.18.9.1:9080",
+            "--bpffs",
+        ])
+        .arg(node.bpffs.path())
+        .arg("--state-file")
+        .arg(state_file(&node))
+        .output()
+        .unwrap();
+    let explain = String::from_utf8_lossy(&explain.stdout);
+    assert!(
+        explain.contains("ambient:  namespace label istio.io/dataplane-mode=ambient")
+            && explain.contains("CAPTURED"),
+        "{explain}"
+    );
+
+    // The namespace loses its label: web is deleted from ztunnel (its
+    // proxy stops) and its capture removed; the pod-labelled one stays.
+    let own_listener = hbone_listener(&netns["own"]);
+    api.apply_namespace("shop", &[("team", "x")]);
+    wait("namespace unlabelled", &["plain/own"]);
+    wait_until(
+        Duration::from_secs(10),
+        "web's HBONE listener closed",
+        || hbone_listener(&netns["web"]).is_none(),
+    );
+    assert_eq!(
+        hbone_listener(&netns["own"]),
+        own_listener,
+        "own's proxy untouched"
+    );
+    let m = node.metrics();
+    assert!(
+        m.contains("weir_zds_requests_total{kind=\"del\",result=\"acked\"} 1"),
+        "{m}"
+    );
+
+    // Labelled again: handed over again; `none` still opts out.
+    api.apply_namespace("shop", &[AMBIENT]);
+    wait("namespace labelled again", &["plain/own", "shop/web"]);
+    assert!(hbone_listener(&netns["web"]).is_some());
+    assert!(hbone_listener(&netns["out"]).is_none());
+    eprintln!(
+        "k8s ZDS: pods handed to ztunnel {} ms after the agent started",
+        handed_over.as_millis()
+    );
+    drop(procs);
 }

@@ -24,6 +24,7 @@ pub enum Enrollment {
 
 impl Enrollment {
     /// Whether the pod is ambient.
+    #[cfg(test)]
     pub fn is_ambient(&self) -> bool {
         matches!(self, Enrollment::Ambient(_))
     }

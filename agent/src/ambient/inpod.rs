@@ -109,6 +109,7 @@ pub fn enroll(r: &mut Reconciler, req: &Request) -> Result<(String, u64)> {
         } else {
             req.pod.service_account.clone()
         },
+        reason: "weir inpod-enroll".into(),
     };
     let key = spec.key();
     // An earlier inpod pod with one of these addresses is gone (its

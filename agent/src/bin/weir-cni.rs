@@ -287,7 +287,7 @@ fn read_pod(path: &str, pod: &PodRef) -> Result<classify::MeshVerdict, String> {
         cfg.read_timeout = Some(API_TIMEOUT);
         cfg.default_retry = false;
         let client = kube::Client::try_from(cfg).map_err(|e| format!("kubeconfig {path}: {e}"))?;
-        let api: kube::Api<Pod> = kube::Api::namespaced(client, &pod.namespace);
+        let api: kube::Api<Pod> = kube::Api::namespaced(client.clone(), &pod.namespace);
         let got = tokio::time::timeout(API_TIMEOUT, api.get_opt(&pod.name))
             .await
             .map_err(|_| format!("no answer within {} s", API_TIMEOUT.as_secs()))?
@@ -300,7 +300,37 @@ fn read_pod(path: &str, pod: &PodRef) -> Result<classify::MeshVerdict, String> {
                 pod.uid
             ));
         }
-        Ok(classify::verdict(&p))
+        if !classify::needs_namespace(&p) {
+            return Ok(classify::verdict_in(
+                &p,
+                classify::NamespaceLabels::Known(None),
+            ));
+        }
+        // The namespace's istio.io/dataplane-mode can make it ambient.
+        type Ns = kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>;
+        let api: kube::Api<Ns> = kube::Api::all(client);
+        let got = tokio::time::timeout(API_TIMEOUT, api.get_opt(&pod.namespace))
+            .await
+            .map_err(|_| {
+                format!(
+                    "reading namespace {}: no answer within {} s",
+                    pod.namespace,
+                    API_TIMEOUT.as_secs()
+                )
+            })?;
+        let labels = match got {
+            Ok(ns) => ns.and_then(|n| n.metadata.labels),
+            // No permission to read namespaces: pod labels only, as the
+            // agent decides then too.
+            Err(kube::Error::Api(s)) if s.code == 403 => {
+                return Ok(classify::verdict_in(&p, classify::NamespaceLabels::Unknown));
+            }
+            Err(e) => return Err(format!("reading namespace {}: {e}", pod.namespace)),
+        };
+        Ok(classify::verdict_in(
+            &p,
+            classify::NamespaceLabels::Known(labels.as_ref()),
+        ))
     })
 }
 

@@ -658,6 +658,7 @@ pub fn describe(view: &EnrolledPod, q: &Query, outcome: Outcome) -> Explanation 
         counter,
         proxy_listening,
         notes,
+        enrolled_because: None,
     }
 }
 
@@ -668,6 +669,9 @@ pub const DEFAULT_UID: u32 = 1000;
 pub fn render_text(e: &Explanation) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "pod:      {} (netns cookie {})", e.pod, e.netns_cookie);
+    if let Some(why) = &e.enrolled_because {
+        let _ = writeln!(s, "ambient:  {why}");
+    }
     let mut conn = format!("{} {} to {}", e.direction, e.protocol.to_uppercase(), e.dst);
     if let Some(src) = &e.src {
         let _ = write!(conn, " from {src}");

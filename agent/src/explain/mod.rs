@@ -234,6 +234,9 @@ pub struct Explanation {
     pub proxy_listening: Option<bool>,
     /// Further remarks.
     pub notes: Vec<String>,
+    /// Why the pod is ambient (`pod label ...`, `namespace label ...`), as
+    /// the Kubernetes agent recorded it (`--state-file`).
+    pub enrolled_because: Option<String>,
 }
 
 fn open(pins: &Pins, name: &str) -> Result<MapData> {
@@ -272,7 +275,7 @@ fn split_pod(pod: &str) -> Result<(&str, &str)> {
 }
 
 /// Answers `q` from the pins under `bpffs`.
-pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
+pub fn explain(bpffs: &Path, state_file: &Path, q: &Query) -> Result<Explanation> {
     let (want_ns, want_name) = split_pod(&q.pod)?;
     if let Some(src) = q.src
         && src.is_ipv4() != q.dst.ip().is_ipv4()
@@ -341,6 +344,7 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
     })?;
 
     let entries = PodMaps::open_pinned(&pins.maps())?.entries_of(cookie)?;
+    let key = format!("{want_ns}/{want_name}");
     let mut view = EnrolledPod::new(want_ns, want_name, p, entries);
     let listeners: SockHash<MapData, ListenerKey> =
         SockHash::try_from(Map::SockHash(open(&pins, "LISTENERS")?))?;
@@ -356,7 +360,11 @@ pub fn explain(bpffs: &Path, q: &Query) -> Result<Explanation> {
     } else {
         Outcome::Decided(decide_out(&view.policy, q, &view))
     };
-    Ok(describe(&view, q, outcome))
+    let mut e = describe(&view, q, outcome);
+    e.enrolled_because = crate::reasons::Reasons::read(state_file)
+        .reason(&key, cookie)
+        .map(str::to_string);
+    Ok(e)
 }
 
 /// The shared outbound decision the kernel takes for this pod: Istio's
@@ -421,8 +429,8 @@ fn decide_in<T: PodTables>(view: &EnrolledPod, q: &Query, t: &T) -> Outcome {
 }
 
 /// Runs `weir explain` and prints the answer.
-pub fn print(bpffs: &Path, q: &Query, format: Format) -> Result<()> {
-    let e = explain(bpffs, q)?;
+pub fn print(bpffs: &Path, state_file: &Path, q: &Query, format: Format) -> Result<()> {
+    let e = explain(bpffs, state_file, q)?;
     let text = match format {
         Format::Json => format!("{}\n", serde_json::to_string_pretty(&e)?),
         Format::Text => render_text(&e),

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 
-pub use crate::pod::{MeshVerdict, PodView};
+pub use crate::pod::{MeshVerdict, NamespaceLabels, PodView};
 use crate::policy::{Mesh, keys};
 
 /// Istio's sidecar container.
@@ -157,9 +157,52 @@ fn istio_proxy_ids(pod: &Pod) -> Option<(i64, String)> {
     Some((uid, gid))
 }
 
-/// Decides whether (and how) weir captures `pod`.
+/// Decides whether (and how) weir captures `pod`, from the pod alone (as
+/// if its namespace had no labels).
+#[cfg(test)]
 pub fn verdict(pod: &Pod) -> MeshVerdict {
-    let not = |why: &str| MeshVerdict::NotMeshed(why.to_string());
+    verdict_in(pod, NamespaceLabels::Known(None))
+}
+
+/// Decides whether (and how) weir captures `pod` in a namespace with
+/// labels `ns`.
+#[allow(dead_code, reason = "weir-cni's (the agent decides on PodViews)")]
+pub fn verdict_in(pod: &Pod, ns: NamespaceLabels<'_>) -> MeshVerdict {
+    match sidecar_verdict(pod) {
+        Some(v) => v,
+        None => crate::pod::ambient_verdict(&ambient_labels(pod), ns).0,
+    }
+}
+
+/// Whether `pod`'s verdict depends on its namespace's labels (see
+/// [`PodView::depends_on_namespace`]).
+#[allow(dead_code, reason = "weir-cni's (the agent decides on PodViews)")]
+pub fn needs_namespace(pod: &Pod) -> bool {
+    sidecar_verdict(pod).is_none()
+        && !matches!(
+            ambient_labels(pod)
+                .get(crate::ambient::DATAPLANE_MODE)
+                .map(|v| v.trim()),
+            Some(crate::ambient::DATAPLANE_AMBIENT | crate::ambient::DATAPLANE_NONE)
+        )
+}
+
+/// The pod's own `istio.io/dataplane-mode` label, as a map (empty without
+/// it).
+fn ambient_labels(pod: &Pod) -> BTreeMap<String, String> {
+    pod.metadata
+        .labels
+        .iter()
+        .flatten()
+        .filter(|(k, _)| k.as_str() == crate::ambient::DATAPLANE_MODE)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The verdict of every rule but the ambient one (which also needs the
+/// namespace's labels); `None`: the ambient rule decides.
+fn sidecar_verdict(pod: &Pod) -> Option<MeshVerdict> {
+    let not = |why: &str| Some(MeshVerdict::NotMeshed(why.to_string()));
     let spec = pod.spec.as_ref();
     if spec.and_then(|s| s.host_network) == Some(true) {
         return not("host network (the pod shares the node's network namespace)");
@@ -167,7 +210,7 @@ pub fn verdict(pod: &Pod) -> MeshVerdict {
     if let Some(phase) = pod.status.as_ref().and_then(|s| s.phase.as_deref())
         && matches!(phase, "Succeeded" | "Failed")
     {
-        return MeshVerdict::NotMeshed(format!("finished (phase {phase})"));
+        return Some(MeshVerdict::NotMeshed(format!("finished (phase {phase})")));
     }
     let empty = BTreeMap::new();
     let ann = pod.metadata.annotations.as_ref().unwrap_or(&empty);
@@ -188,9 +231,9 @@ pub fn verdict(pod: &Pod) -> MeshVerdict {
             if let Some(t) = istio_proxy_type(c)
                 && t != "sidecar"
             {
-                return MeshVerdict::NotMeshed(format!(
+                return Some(MeshVerdict::NotMeshed(format!(
                     "istio-proxy runs as {t:?}, not as a sidecar (a gateway)"
-                ));
+                )));
             }
             if env_true(c, "DISABLE_ENVOY") {
                 return not("DISABLE_ENVOY is set on istio-proxy");
@@ -202,7 +245,7 @@ pub fn verdict(pod: &Pod) -> MeshVerdict {
         {
             return not("sidecar.istio.io/interceptionMode is NONE");
         }
-        return MeshVerdict::Meshed(Mesh::Istio);
+        return Some(MeshVerdict::Meshed(Mesh::Istio));
     }
     if has(LINKERD_PROXY) {
         if has(LINKERD_INIT) {
@@ -214,7 +257,7 @@ pub fn verdict(pod: &Pod) -> MeshVerdict {
         {
             return not("linkerd.io/inject is disabled");
         }
-        return MeshVerdict::Meshed(Mesh::Linkerd);
+        return Some(MeshVerdict::Meshed(Mesh::Linkerd));
     }
     if has(KUMA_SIDECAR) {
         if has(KUMA_INIT) {
@@ -226,22 +269,10 @@ pub fn verdict(pod: &Pod) -> MeshVerdict {
         {
             return not("kuma.io/sidecar-injection is disabled");
         }
-        return MeshVerdict::Meshed(Mesh::Kuma);
+        return Some(MeshVerdict::Meshed(Mesh::Kuma));
     }
-    // Istio ambient mode: the pod's own label (namespace labels are not
-    // watched yet: docs/ambient.md).
-    if crate::ambient::classify(crate::ambient::PodFacts {
-        labels: Some(labels),
-        annotations: Some(ann),
-        ..Default::default()
-    })
-    .is_ambient()
-    {
-        return MeshVerdict::Meshed(Mesh::Ambient);
-    }
-    not(
-        "no istio-proxy, linkerd-proxy or kuma-sidecar container, no istio.io/dataplane-mode=ambient label",
-    )
+    // Istio ambient mode: decided with the namespace's labels.
+    None
 }
 
 /// Reduces a pod object to what weir needs.
@@ -260,7 +291,13 @@ pub fn view(pod: &Pod) -> Result<PodView, PodError> {
         }
     }
     let mut annotations: BTreeMap<String, String> = md.annotations.clone().unwrap_or_default();
-    let verdict = verdict(pod);
+    let (verdict, ambient_labels) = match sidecar_verdict(pod) {
+        Some(v) => (v, None),
+        None => (
+            MeshVerdict::NotMeshed(String::new()),
+            Some(ambient_labels(pod)),
+        ),
+    };
     if verdict == MeshVerdict::Meshed(Mesh::Linkerd)
         && !annotations.contains_key(keys::CAPTURE_IPV6)
         && linkerd_ipv6(pod)
@@ -328,7 +365,12 @@ pub fn view(pod: &Pod) -> Result<PodView, PodError> {
         annotations,
         bad_ips,
         ipv6_from_first_ip,
+        ambient_labels,
+        reason: String::new(),
     };
+    // The pod's own label; the namespace's are added by the watcher's
+    // passes and the CNI server.
+    v.classify_ambient(NamespaceLabels::Known(None));
     v.set_ips(ips);
     Ok(v)
 }

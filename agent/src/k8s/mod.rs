@@ -15,8 +15,13 @@
 //!   and `/proc` scans happen outside the reconciler's lock.
 //! - The CNI server ([`crate::cni`]) enrolls new pods synchronously; its
 //!   pods are merged into every pass ([`crate::cni::registry`]).
+//! - A metadata-only watch on namespaces ([`namespaces`]) gives each pod
+//!   its namespace's `istio.io/dataplane-mode` (ambient enrollment), in
+//!   the passes and in the CNI server's lookup; a label change decides the
+//!   namespace's pods again on the next pass.
 
 pub mod classify;
+pub mod namespaces;
 pub mod netns;
 pub mod state;
 #[cfg(test)]
@@ -37,11 +42,12 @@ use kube::{Api, Client};
 use log::{debug, error, info, warn};
 use tokio::sync::Notify;
 
-use self::classify::{PodView, view};
+use self::classify::{NamespaceLabels, PodView, view};
+use self::namespaces::NamespaceStore;
 use self::netns::Discovery;
 use self::state::PodStore;
 use crate::cni::protocol::PodRef;
-use crate::cni::registry::{Known, Registry};
+use crate::cni::registry::Registry;
 use crate::reconcile::Reconciler;
 
 /// `weir run` options for the Kubernetes pod source.
@@ -64,6 +70,10 @@ pub struct KubeArgs {
     /// $KUBECONFIG or ~/.kube/config].
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
+    /// Where to record why each pod is enrolled (a pod label, its
+    /// namespace's label), for `weir status` and `weir explain`.
+    #[arg(long, env = "WEIR_STATE_FILE", default_value = crate::reasons::DEFAULT_STATE_FILE)]
+    pub state_file: PathBuf,
 }
 
 /// How long the CNI server waits for the API when the watcher does not
@@ -199,6 +209,7 @@ fn parse_pod_capacity(q: &str) -> Result<u32> {
 #[derive(Clone)]
 pub struct ApiLookup {
     store: Arc<Mutex<PodStore>>,
+    namespaces: Arc<Mutex<NamespaceStore>>,
     client: Client,
 }
 
@@ -209,8 +220,63 @@ impl crate::cni::PodSource for ApiLookup {
 }
 
 impl ApiLookup {
-    /// The pod `pod` (its UID checked when given).
+    /// The pod `pod` (its UID checked when given), decided with its
+    /// namespace's labels.
     pub async fn find(&self, pod: &PodRef) -> Result<PodView, String> {
+        let mut v = self.find_pod(pod).await?;
+        if v.ambient_labels.is_some() {
+            let labels = self.namespace_labels(&pod.namespace).await?;
+            v.classify_ambient(match &labels {
+                Some(l) => NamespaceLabels::Known(l.as_ref()),
+                None => NamespaceLabels::Unknown,
+            });
+        }
+        Ok(v)
+    }
+
+    /// The labels of namespace `ns` (`Some(None)`: it has none; `None`:
+    /// namespaces cannot be read, pod labels only): the watcher's store,
+    /// else the API.
+    async fn namespace_labels(
+        &self,
+        ns: &str,
+    ) -> Result<Option<Option<BTreeMap<String, String>>>, String> {
+        {
+            let s = lock(&self.namespaces);
+            if let Some(l) = s.get(ns) {
+                return Ok(Some(Some(l)));
+            }
+            if s.unreadable().is_some() {
+                return Ok(None);
+            }
+        }
+        // Not seen by the watcher yet: read it directly.
+        let api: Api<namespaces::NamespaceMeta> = Api::all(self.client.clone());
+        let got = tokio::time::timeout(GET_TIMEOUT, api.get_opt(ns))
+            .await
+            .map_err(|_| {
+                format!(
+                    "reading namespace {ns} from the Kubernetes API: no answer within {} s",
+                    GET_TIMEOUT.as_secs()
+                )
+            })?;
+        match got {
+            Ok(n) => Ok(Some(n.and_then(|n| n.metadata.labels))),
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                warn!(
+                    "reading namespace {ns}: {e}; {}; deciding with the pod's labels only",
+                    namespaces::FORBIDDEN_FIX
+                );
+                Ok(None)
+            }
+            Err(e) => Err(format!(
+                "reading namespace {ns} from the Kubernetes API: {e}"
+            )),
+        }
+    }
+
+    /// The pod `pod` as the watcher or the API has it.
+    async fn find_pod(&self, pod: &PodRef) -> Result<PodView, String> {
         let key = format!("{}/{}", pod.namespace, pod.name);
         if let Some(v) = lock(&self.store).get(&key)
             && (pod.uid.is_empty() || v.uid == pod.uid)
@@ -264,6 +330,7 @@ pub async fn run(
     let kube_config = config(args).await?;
     let client = client(kube_config.clone())?;
     let store = Arc::new(Mutex::new(PodStore::new()));
+    let ns_store = Arc::new(Mutex::new(NamespaceStore::new()));
     let registry = Arc::new(Mutex::new(Registry::default()));
     let wake = Arc::new(Notify::new());
 
@@ -271,6 +338,7 @@ pub async fn run(
         rec.clone(),
         Box::new(ApiLookup {
             store: store.clone(),
+            namespaces: ns_store.clone(),
             client: client.clone(),
         }),
         args.host_proc.clone(),
@@ -281,6 +349,11 @@ pub async fn run(
     .with_zds(zds.clone());
     crate::cni::start(cni, cni.socket(true), server).await?;
 
+    tokio::spawn(namespaces::watch(
+        Api::all(client.clone()),
+        ns_store.clone(),
+        wake.clone(),
+    ));
     let api: Api<Pod> = Api::all(client);
     info!("watching the pods of node {node}");
     tokio::spawn(watch(
@@ -300,6 +373,10 @@ pub async fn run(
         waiting: BTreeSet::new(),
         last_keys: None,
         zds,
+        state_file: args.state_file.clone(),
+        written: None,
+        // A previous agent's decisions (see `PodStore::meshed_in`).
+        previous: crate::reasons::Reasons::read(&args.state_file),
     };
     loop {
         tokio::select! {
@@ -311,12 +388,12 @@ pub async fn run(
             }
             _ = tick.tick() => {}
         }
-        if let Err(e) = pass.run(&store, &registry, &rec).await {
+        if let Err(e) = pass.run(&store, &ns_store, &registry, &rec).await {
             crate::metrics::agent().reconcile_pass(None, Duration::ZERO);
             error!("reconcile pass failed: {e:#}");
             continue;
         }
-        if lock(&store).synced() {
+        if lock(&store).synced() && lock(&ns_store).ready() {
             ready.store(true, Ordering::Relaxed);
         }
     }
@@ -397,36 +474,30 @@ struct Pass {
     last_keys: Option<BTreeSet<String>>,
     /// The ZDS server (`--zds-socket`), fed the ambient pods of each pass.
     zds: Option<crate::zds::Zds>,
+    /// `--state-file`, and what was last written there.
+    state_file: PathBuf,
+    written: Option<crate::reasons::Reasons>,
+    /// What the file said when the agent started.
+    previous: crate::reasons::Reasons,
 }
 
 impl Pass {
     async fn run(
         &mut self,
         store: &Arc<Mutex<PodStore>>,
+        namespaces: &Arc<Mutex<NamespaceStore>>,
         registry: &Arc<Mutex<Registry>>,
         rec: &Arc<Mutex<Reconciler>>,
     ) -> Result<()> {
-        let (meshed, known) = {
+        let (mut meshed, known, undecided) = {
             let s = lock(store);
-            if !s.synced() {
+            let n = lock(namespaces);
+            if !s.synced() || !n.ready() {
                 // Never act on a partial picture: the pinned state stays.
                 return Ok(());
             }
-            let known: BTreeMap<String, Known> = s
-                .pods()
-                .map(|v| {
-                    (
-                        v.key(),
-                        Known {
-                            uid: v.uid.clone(),
-                            meshed: v.mesh().is_some(),
-                        },
-                    )
-                })
-                .collect();
-            (s.meshed(), known)
+            s.meshed_in(&n, self.written.as_ref().unwrap_or(&self.previous))
         };
-        let mut meshed = meshed;
         let hints: BTreeMap<String, PathBuf> = {
             let reg = lock(registry);
             for v in meshed.iter_mut().filter(|v| v.ips.is_empty()) {
@@ -462,9 +533,13 @@ impl Pass {
             });
             let mut r = lock(&rec);
             lock(&registry).merge(&mut desired, &known);
+            // Pods only their namespace's (unreadable) labels can decide:
+            // as they are, enrolled or not.
+            desired.invalid.extend(undecided);
             r.apply(&desired.pods, &desired.invalid);
             r.dp.set_ready(true);
             let applied: BTreeSet<String> = r.pods.keys().cloned().collect();
+            let reasons = crate::reasons::Reasons::of(&r.pods);
             // The ambient pods for ztunnel (under the lock, so a CNI ADD's
             // hand-over is never followed by a list without its pod):
             // enrolled ones with their netns; the others (no netns yet,
@@ -486,12 +561,12 @@ impl Pass {
                 ));
             }
             drop(r);
-            (discovery, Ok((desired, applied)))
+            (discovery, Ok((desired, applied, reasons)))
         })
         .await
         .context("reconcile task")?;
         self.discovery = Some(discovery);
-        let (desired, applied) = res.map_err(|e| {
+        let (desired, applied, reasons) = res.map_err(|e| {
             anyhow::anyhow!(
                 "cannot read the host's /proc to find pod network namespaces ({e}); nothing changed; check --host-proc and hostPID"
             )
@@ -509,6 +584,15 @@ impl Pass {
             );
         }
         self.waiting = desired.no_netns;
+        if self.written.as_ref() != Some(&reasons) {
+            match reasons.write(&self.state_file) {
+                Ok(()) => self.written = Some(reasons),
+                Err(e) => warn!(
+                    "--state-file {}: {e}; `weir status` will not show why pods are enrolled",
+                    self.state_file.display()
+                ),
+            }
+        }
         if self.last_keys.as_ref() != Some(&applied) {
             info!("Kubernetes: {} pods enrolled", applied.len());
             self.last_keys = Some(applied);

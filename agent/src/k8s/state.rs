@@ -7,15 +7,20 @@
 //! deleted; until the first list completed the store is not `synced` and
 //! nothing is applied at all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::watcher::Event;
 use log::warn;
 
-use crate::k8s::classify::{PodView, view};
+use crate::cni::registry::Known;
+use crate::k8s::classify::{NamespaceLabels, PodView, view};
+use crate::k8s::namespaces::NamespaceStore;
 use crate::pod::{Desired, PodSpec};
+
+/// Added to the reason of an ambient pod kept by its last decision.
+const STILL: &str = " (as last decided: namespaces cannot be read now)";
 
 /// What one watcher event changed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -67,13 +72,60 @@ impl PodStore {
         self.pods.values()
     }
 
-    /// The meshed pods (cloned, to work on outside a lock).
+    /// The meshed pods by their own labels (cloned).
+    #[cfg(test)]
     pub fn meshed(&self) -> Vec<PodView> {
         self.pods
             .values()
             .filter(|v| v.mesh().is_some())
             .cloned()
             .collect()
+    }
+
+    /// The meshed pods, decided with their namespaces' labels (cloned, to
+    /// work on outside the locks); what a pass tells the CNI registry of
+    /// every pod; and the pods whose verdict depends on namespace labels
+    /// that cannot be read. Such a pod that `last` (the agent's last
+    /// decisions, also a previous agent's) enrolled as ambient stays
+    /// ambient.
+    pub fn meshed_in(
+        &self,
+        namespaces: &NamespaceStore,
+        last: &crate::reasons::Reasons,
+    ) -> (Vec<PodView>, BTreeMap<String, Known>, BTreeSet<String>) {
+        let mut meshed = Vec::new();
+        let mut known = BTreeMap::new();
+        let mut undecided = BTreeSet::new();
+        for v in self.pods.values() {
+            let mut v = v.clone();
+            let ns = namespaces.labels_of(&v.namespace);
+            v.classify_ambient(ns);
+            if matches!(ns, NamespaceLabels::Unknown) && v.depends_on_namespace() {
+                match last.ambient(&v.key(), &v.uid) {
+                    Some(why) => {
+                        v.verdict = crate::pod::MeshVerdict::Meshed(crate::policy::Mesh::Ambient);
+                        v.reason = match why.strip_suffix(STILL) {
+                            Some(_) => why.to_string(),
+                            None => format!("{why}{STILL}"),
+                        };
+                    }
+                    None => {
+                        undecided.insert(v.key());
+                    }
+                }
+            }
+            known.insert(
+                v.key(),
+                Known {
+                    uid: v.uid.clone(),
+                    meshed: v.mesh().is_some(),
+                },
+            );
+            if v.mesh().is_some() {
+                meshed.push(v);
+            }
+        }
+        (meshed, known, undecided)
     }
 
     /// Records one pod (from the CNI server's own API read): newer

@@ -287,6 +287,7 @@ async fn cni_lookup_uses_the_store_then_the_api() {
     );
     let lookup = ApiLookup {
         store: store.clone(),
+        namespaces: Arc::new(Mutex::new(NamespaceStore::new())),
         client,
     };
     let pod = |name: &str, uid: &str| PodRef {
@@ -359,4 +360,202 @@ async fn maps_are_sized_from_the_node_pod_capacity() {
     assert_eq!(parse_pod_capacity(" 250 ").unwrap(), 250);
     assert!(parse_pod_capacity("0").is_err());
     assert!(parse_pod_capacity("2000000").is_err());
+}
+
+/// A pod without a sidecar in namespace `ns`, with pod labels `labels`.
+fn bare_pod(ns: &str, name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "labels": labels},
+           "spec": {"nodeName": "node-a", "containers": [{"name": "app", "image": "app:1"}]},
+           "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.9"}]}})
+}
+
+/// Polls `f` on the namespace store until it holds (5 s at most).
+async fn ns_until(store: &Mutex<NamespaceStore>, what: &str, f: impl Fn(&NamespaceStore) -> bool) {
+    for _ in 0..500 {
+        if f(&store.lock().unwrap()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}: {:?}", store.lock().unwrap());
+}
+
+/// The metadata-only namespace watch against the fake API: labels from the
+/// list and from watch events decide the pods' ambient verdict; a
+/// forbidden list lets passes go on with pod labels only, and the pods the
+/// namespace would decide are left undecided (kept as they are).
+#[tokio::test]
+async fn namespace_labels_decide_ambient_and_rbac_refusal_falls_back() {
+    let api = FakeApi::start();
+    api.apply_namespace("shop", &[("istio.io/dataplane-mode", "ambient")]);
+    api.apply_namespace("plain", &[]);
+    let mut pods = PodStore::new();
+    pods.handle(kube::runtime::watcher::Event::Init);
+    for p in [
+        bare_pod("shop", "web", json!({})),
+        bare_pod(
+            "shop",
+            "opted-out",
+            json!({"istio.io/dataplane-mode": "none"}),
+        ),
+        bare_pod("plain", "db", json!({})),
+        bare_pod(
+            "plain",
+            "own",
+            json!({"istio.io/dataplane-mode": "ambient"}),
+        ),
+    ] {
+        pods.handle(kube::runtime::watcher::Event::InitApply(
+            serde_json::from_value(p).unwrap(),
+        ));
+    }
+    pods.handle(kube::runtime::watcher::Event::InitDone);
+    let mut last = crate::reasons::Reasons::default();
+    let meshed_names = |n: &NamespaceStore, last: &crate::reasons::Reasons| {
+        let (m, known, undecided) = pods.meshed_in(n, last);
+        let names: Vec<String> = m
+            .iter()
+            .map(|v| format!("{} ({})", v.key(), v.reason))
+            .collect();
+        assert_eq!(known.len(), 4);
+        (names, undecided.into_iter().collect::<Vec<_>>())
+    };
+
+    let store = Arc::new(Mutex::new(NamespaceStore::new()));
+    let wake = Arc::new(Notify::new());
+    let task = tokio::spawn(namespaces::watch(
+        Api::all(client(&api)),
+        store.clone(),
+        wake.clone(),
+    ));
+    ns_until(&store, "the first list", |s| s.ready()).await;
+    assert_eq!(
+        meshed_names(&store.lock().unwrap(), &last),
+        (
+            vec![
+                "plain/own (pod label istio.io/dataplane-mode=ambient)".to_string(),
+                "shop/web (namespace label istio.io/dataplane-mode=ambient)".to_string(),
+            ],
+            vec![]
+        )
+    );
+    // The metadata-only form was asked for, from the watch cache.
+    let reqs = api.requests();
+    assert!(
+        reqs.iter()
+            .any(|r| r.starts_with("/api/v1/namespaces?") && r.contains("resourceVersion=0")),
+        "{reqs:?}"
+    );
+    // A label change arrives as a watch event and wakes the loop.
+    api.apply_namespace("shop", &[]);
+    tokio::time::timeout(Duration::from_secs(5), wake.notified())
+        .await
+        .expect("a label change wakes the loop");
+    ns_until(&store, "shop without its label", |s| {
+        s.get("shop").is_some_and(|l| l.is_empty())
+    })
+    .await;
+    api.apply_namespace("plain", &[("istio.io/dataplane-mode", "ambient")]);
+    ns_until(&store, "plain labelled", |s| {
+        s.get("plain").is_some_and(|l| !l.is_empty())
+    })
+    .await;
+    assert_eq!(
+        meshed_names(&store.lock().unwrap(), &last).0,
+        [
+            "plain/db (namespace label istio.io/dataplane-mode=ambient)",
+            "plain/own (pod label istio.io/dataplane-mode=ambient)"
+        ]
+    );
+    task.abort();
+
+    // RBAC without namespaces: passes go on, pod labels only; pods their
+    // namespace would decide are undecided (neither enrolled nor removed).
+    api.forbid_namespaces(true);
+    let store = Arc::new(Mutex::new(NamespaceStore::new()));
+    let task = tokio::spawn(namespaces::watch(
+        Api::all(client(&api)),
+        store.clone(),
+        wake.clone(),
+    ));
+    ns_until(&store, "the refusal", |s| s.ready()).await;
+    let why = store.lock().unwrap().unreadable().unwrap().to_string();
+    assert!(why.contains("403") || why.contains("forbidden"), "{why}");
+    assert!(why.contains("get, list and watch on namespaces"), "{why}");
+    assert_eq!(
+        meshed_names(&store.lock().unwrap(), &last),
+        (
+            vec!["plain/own (pod label istio.io/dataplane-mode=ambient)".to_string()],
+            vec!["plain/db".to_string(), "shop/web".to_string()]
+        )
+    );
+    // A pod the last decisions (a previous agent's) enrolled as ambient
+    // by its namespace stays ambient.
+    last.pods.insert(
+        "shop/web".into(),
+        crate::reasons::PodReason {
+            uid: "uid-web".into(),
+            netns_cookie: 1,
+            mesh: "ambient".into(),
+            reason: "namespace label istio.io/dataplane-mode=ambient".into(),
+        },
+    );
+    assert_eq!(
+        meshed_names(&store.lock().unwrap(), &last),
+        (
+            vec![
+                "plain/own (pod label istio.io/dataplane-mode=ambient)".to_string(),
+                "shop/web (namespace label istio.io/dataplane-mode=ambient (as last decided: namespaces cannot be read now))".to_string()
+            ],
+            vec!["plain/db".to_string()]
+        )
+    );
+    // Allowed again: the labels come back.
+    api.forbid_namespaces(false);
+    ns_until(&store, "readable again", |s| s.unreadable().is_none()).await;
+    assert_eq!(
+        meshed_names(&store.lock().unwrap(), &last).1,
+        Vec::<String>::new()
+    );
+    task.abort();
+}
+
+/// The CNI server's lookup decides with the namespace's labels: from the
+/// namespace store, else read from the API (a namespace the watch has not
+/// delivered yet); a refused read falls back to the pod's labels.
+#[tokio::test]
+async fn cni_lookup_reads_the_namespace_labels() {
+    let api = FakeApi::start();
+    api.apply_namespace("shop", &[("istio.io/dataplane-mode", "ambient")]);
+    api.apply(bare_pod("shop", "web", json!({})));
+    api.apply(bare_pod(
+        "shop",
+        "out",
+        json!({"istio.io/dataplane-mode": "none"}),
+    ));
+    let lookup = ApiLookup {
+        store: Arc::new(Mutex::new(PodStore::new())),
+        namespaces: Arc::new(Mutex::new(NamespaceStore::new())),
+        client: client(&api),
+    };
+    let pod = |name: &str| PodRef {
+        namespace: "shop".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        service_account: String::new(),
+    };
+    let v = lookup.find(&pod("web")).await.unwrap();
+    assert_eq!(v.mesh(), Some(crate::policy::Mesh::Ambient));
+    assert_eq!(v.reason, "namespace label istio.io/dataplane-mode=ambient");
+    assert!(
+        api.requests()
+            .contains(&"/api/v1/namespaces/shop".to_string()),
+        "{:?}",
+        api.requests()
+    );
+    assert_eq!(lookup.find(&pod("out")).await.unwrap().mesh(), None);
+    api.forbid_namespaces(true);
+    let v = lookup.find(&pod("web")).await.unwrap();
+    assert_eq!(v.mesh(), None, "pod labels only: {:?}", v.verdict);
 }

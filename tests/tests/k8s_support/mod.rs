@@ -34,8 +34,38 @@ pub fn kubernetes_agent_command(node: &weir_tests::node::Node) -> Command {
         .arg(node.bpffs.path())
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{}", node.metrics_port))
+        .arg("--state-file")
+        .arg(state_file(node))
         .args(["--resync-secs", "1"]);
     cmd
+}
+
+/// The agent's `--state-file` (why each pod is enrolled) in the node's
+/// directory; `weir status --state-file` reads it.
+pub fn state_file(node: &weir_tests::node::Node) -> PathBuf {
+    node.dir.join("run/pods.json")
+}
+
+/// Starts a process of the pod (its "pause" container) in `ns` and puts
+/// it in the pod's cgroup (systemd driver layout, containerd) under the
+/// node's cgroup, as the kubelet would; the agent finds the pod's network
+/// namespace through it.
+pub fn pod_process(
+    node: &weir_tests::node::Node,
+    ns: &weir_tests::NetNs,
+    uid: &str,
+) -> weir_tests::Proc {
+    let mut sleep = Command::new("sleep");
+    sleep.arg("3600");
+    let p = weir_tests::spawn_in(Some(ns), Some(&node.cgroup), sleep);
+    let uid_ = uid.replace('-', "_");
+    let dir = node.cgroup.path().join(format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{}.scope",
+        &uid[..8]
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cgroup.procs"), p.pid().to_string()).unwrap();
+    p
 }
 
 /// The `weir-cni` binary: `WEIR_CNI_BIN`, else next to the agent.

@@ -751,10 +751,7 @@ impl Demo {
         try_ip(&["-n", ambient::ZTUNNEL_NS, "link", "set", "lo", "up"])?;
         let xds = p.state.join("ztunnel-xds.yaml");
         write_atomically(&xds, &ambient::local_xds())?;
-        let mut cmd = Command::new(bin);
-        cmd.env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .envs(ambient::ztunnel_env(&p.zds_socket(), &xds));
+        let cmd = ambient::ztunnel_command(bin, &p.zds_socket(), &xds);
         let mut proc = Proc::spawn(
             "ztunnel".into(),
             cmd,

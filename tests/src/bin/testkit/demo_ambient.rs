@@ -92,20 +92,12 @@ pub(super) fn local_xds() -> String {
     s
 }
 
-/// ztunnel's environment: shared (in-pod) mode on weir's ZDS socket,
-/// local XDS, fake CA, JSON logs with the access log at info.
-pub(super) fn ztunnel_env(socket: &Path, xds: &Path) -> Vec<(&'static str, String)> {
-    vec![
-        ("PROXY_MODE", "shared".into()),
-        ("INPOD_UDS", socket.display().to_string()),
-        ("FAKE_CA", "true".into()),
-        ("XDS_ADDRESS", String::new()),
-        ("CA_ADDRESS", String::new()),
-        ("LOCAL_XDS_PATH", xds.display().to_string()),
-        ("NODE_NAME", NODE_NAME.into()),
-        ("LOG_FORMAT", "json".into()),
-        ("RUST_LOG", "info".into()),
-    ]
+/// ztunnel in shared mode on weir's ZDS socket with the demo's local XDS
+/// (`weir_tests::ztunnel_command`), JSON logs with the access log at info.
+pub(super) fn ztunnel_command(bin: &Path, socket: &Path, xds: &Path) -> std::process::Command {
+    let mut cmd = weir_tests::ztunnel_command(bin, socket, xds, NODE_NAME);
+    cmd.env("LOG_FORMAT", "json");
+    cmd
 }
 
 /// Whether a TCP socket listens on `port` in the calling thread's network
