@@ -148,8 +148,8 @@ pub fn ensure_bpffs(bpffs: &Path) -> Result<()> {
 pub struct Capacities {
     /// Pods per node.
     pub pods: u32,
-    /// Redirected connections between connect() and the end of their
-    /// handshake with the proxy (an LRU map: preallocated).
+    /// Redirected connections, from connect() until the proxy's socket
+    /// closes (an LRU map: preallocated).
     pub pending_flows: u32,
     /// Port entries over all pods.
     pub port_rules: u32,
@@ -173,8 +173,9 @@ impl Capacities {
     pub fn for_pods(pods: u32) -> Self {
         Self {
             pods,
-            // Entries live only while a handshake is under way (a few
-            // microseconds on loopback): 32 concurrent connects per pod.
+            // One entry per open redirected connection; when full, the
+            // LRU drops those whose proxy already read them first in
+            // practice (they are the least recently used): 32 a pod.
             pending_flows: pods.saturating_mul(32).max(4096),
             // 64 ports a pod (lists of inbound/outbound ports), at least
             // room for one pod with thousands.

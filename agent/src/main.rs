@@ -159,9 +159,10 @@ struct RunArgs {
     /// CIDR_IFACE, CIDR_SKIP_SRC, SRC_ROUTES.
     #[arg(long, env = "WEIR_MAX_CIDRS", default_value_t = 262_144, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     max_cidrs: u32,
-    /// Capacity of the map of connections between connect() and the end
-    /// of their handshake with the proxy (preallocated, about 120 bytes an
-    /// entry) [default: 32 per pod, at least 4096].
+    /// Capacity of the map of redirected connections' original
+    /// destinations, from connect() until the proxy's socket closes (an
+    /// LRU map: the least recently used go first; preallocated, about 120
+    /// bytes an entry) [default: 32 per pod, at least 4096].
     #[arg(long, env = "WEIR_MAX_PENDING", value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     max_pending: Option<u32>,
     /// Capacity of the map of connections rerouted from virtual
