@@ -173,9 +173,8 @@ impl Capacities {
     pub fn for_pods(pods: u32) -> Self {
         Self {
             pods,
-            // One entry per open redirected connection; when full, the
-            // LRU drops those whose proxy already read them first in
-            // practice (they are the least recently used): 32 a pod.
+            // One entry per open redirected connection (an LRU map: when
+            // full, the least recently used go first): 32 a pod.
             pending_flows: pods.saturating_mul(32).max(4096),
             // 64 ports a pod (lists of inbound/outbound ports), at least
             // room for one pod with thousands.
