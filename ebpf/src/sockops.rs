@@ -6,7 +6,7 @@ use aya_ebpf::{
     bindings::{
         self, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
-        BPF_TCP_CLOSE, BPF_TCP_SYN_SENT, bpf_sock,
+        BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, bpf_sock,
     },
     helpers::generated::bpf_get_netns_cookie,
     macros::sock_ops,
@@ -217,5 +217,20 @@ pub(crate) fn on_state(ctx: &SockOpsContext) {
     // A proxy's accepted socket closed (only those keep this callback
     // once established): its connection's original destination goes.
     let key = proxy_flow_key(ctx, ctx.local_port() as u16);
+    let from = ctx.arg(0);
+    if from == BPF_TCP_ESTABLISHED || from == BPF_TCP_CLOSE_WAIT {
+        // Reset while the proxy still holds the socket, maybe before it
+        // asked: keep the answer on the socket itself (the rare case that
+        // pays for storage), as conntrack would still answer.
+        if let Some(p) = PENDING_FLOWS.get_ptr(&key) {
+            // SAFETY: pointer returned by a successful lookup.
+            let mut od = unsafe { *p };
+            od.flags &= !ORIG_APP_SIDE;
+            let sk = ops_sk(ctx);
+            if !sk.is_null() {
+                let _ = store_orig_dst(sk, od);
+            }
+        }
+    }
     let _ = PENDING_FLOWS.remove(&key);
 }
