@@ -609,26 +609,26 @@ mod tests {
         );
     }
 
+    /// Reads a watch at `path` to its end, on a thread.
+    fn raw_watch(api: &FakeApi, path: &str) -> std::thread::JoinHandle<String> {
+        let addr = api.addr;
+        let path = path.to_string();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            text
+        })
+    }
+
     #[test]
     fn watch_replays_the_events_after_its_version_then_closes_on_expiry() {
         let api = FakeApi::start();
         api.apply(pod("a"));
         api.apply(pod("b"));
-        let reader = {
-            let addr = api.addr;
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let mut s = std::net::TcpStream::connect(addr).unwrap();
-                write!(
-                    s,
-                    "GET /api/v1/pods?watch=true&resourceVersion=1 HTTP/1.0\r\nHost: x\r\n\r\n"
-                )
-                .unwrap();
-                let mut text = String::new();
-                s.read_to_string(&mut text).unwrap();
-                text
-            })
-        };
+        let reader = raw_watch(&api, "/api/v1/pods?watch=true&resourceVersion=1");
         crate::wait_until(std::time::Duration::from_secs(5), "the watch", || {
             api.requests().len() == 1
         });
@@ -661,21 +661,7 @@ mod tests {
         assert_eq!(list["items"].as_array().unwrap().len(), 1);
         // A watch replays namespace events only (the label added and
         // removed, "other" added and deleted).
-        let reader = {
-            let addr = api.addr;
-            std::thread::spawn(move || {
-                use std::io::{Read, Write};
-                let mut s = std::net::TcpStream::connect(addr).unwrap();
-                write!(
-                    s,
-                    "GET /api/v1/namespaces?watch=true&resourceVersion=0 HTTP/1.0\r\nHost: x\r\n\r\n"
-                )
-                .unwrap();
-                let mut text = String::new();
-                s.read_to_string(&mut text).unwrap();
-                text
-            })
-        };
+        let reader = raw_watch(&api, "/api/v1/namespaces?watch=true&resourceVersion=0");
         crate::wait_until(std::time::Duration::from_secs(5), "the watch", || {
             api.requests().len() == 5
         });
