@@ -200,7 +200,11 @@ pub struct Datapath {
     pod_policy: HashMap<MapData, u64, PodPolicy>,
     /// The per-pod tables (`weir_common::pod_tables!`).
     tables: PodMaps,
-    listen_ports: HashMap<MapData, u16, u32>,
+    /// `LISTEN_PORTS`, a bitmap of the capture ports.
+    listen_ports: Array<MapData, u64>,
+    /// What this agent last wrote to `LISTEN_PORTS` (read back at load:
+    /// the agent is its only writer).
+    listen_bits: Vec<u64>,
     listeners: aya::maps::SockHash<MapData, ListenerKey>,
     pod_counters: PerCpuHashMap<MapData, u64, PodCounters>,
     node_counters: PerCpuArray<MapData, NodeCounters>,
@@ -298,6 +302,7 @@ impl Datapath {
             pod_policy: take(&mut ebpf, "POD_POLICY")?,
             tables: PodMaps::take(&mut ebpf)?,
             listen_ports: take(&mut ebpf, "LISTEN_PORTS")?,
+            listen_bits: Vec::new(),
             listeners: take(&mut ebpf, "LISTENERS")?,
             pod_counters: take(&mut ebpf, "POD_COUNTERS")?,
             node_counters: take(&mut ebpf, "NODE_COUNTERS")?,
@@ -306,6 +311,7 @@ impl Datapath {
             ebpf,
             pins,
         };
+        dp.read_listen_bits();
         let prog: &mut SkLookup = dp
             .ebpf
             .program_mut(SK_LOOKUP)
@@ -545,11 +551,12 @@ impl Datapath {
         let mut policy = rules.policy;
         policy.pod_id = pod_id;
         new.describe_in(&mut policy);
-        for p in &rules.listen_ports {
-            self.listen_ports
-                .insert(p, 1, 0)
-                .context("LISTEN_PORTS full")?;
+        let mut bits = self.listen_bits.clone();
+        for &p in &rules.listen_ports {
+            let (word, bit) = listen_port_bit(p);
+            bits[word as usize] |= bit;
         }
+        self.write_listen_bits(bits)?;
         if self.pod_counters.get(&cookie, 0).is_err() {
             let zero = PerCpuValues::try_from(vec![
                 PodCounters::default();
@@ -623,12 +630,36 @@ impl Datapath {
 
     /// Keeps exactly `ports` in `LISTEN_PORTS`.
     pub fn sync_listen_ports(&mut self, ports: &BTreeSet<u16>) {
-        let current: Vec<u16> = self.listen_ports.keys().filter_map(|k| k.ok()).collect();
-        for p in current {
-            if !ports.contains(&p) {
-                let _ = self.listen_ports.remove(&p);
+        let mut bits = vec![0u64; LISTEN_PORT_WORDS as usize];
+        for &p in ports {
+            let (word, bit) = listen_port_bit(p);
+            bits[word as usize] |= bit;
+        }
+        if let Err(e) = self.write_listen_bits(bits) {
+            warn!("{e:#}");
+        }
+    }
+
+    /// Writes the words of the `LISTEN_PORTS` bitmap that differ from
+    /// `bits`.
+    fn write_listen_bits(&mut self, bits: Vec<u64>) -> Result<()> {
+        for (i, (&want, have)) in bits.iter().zip(self.listen_bits.iter_mut()).enumerate() {
+            if want != *have {
+                self.listen_ports
+                    .set(i as u32, want, 0)
+                    .context("writing LISTEN_PORTS")?;
+                *have = want;
             }
         }
+        Ok(())
+    }
+
+    /// Reads the `LISTEN_PORTS` bitmap as pinned (an earlier agent may have
+    /// written it).
+    fn read_listen_bits(&mut self) {
+        self.listen_bits = (0..LISTEN_PORT_WORDS)
+            .map(|i| self.listen_ports.get(&i, 0).unwrap_or(0))
+            .collect();
     }
 
     /// Entries and capacity of the per-pod maps, for `weir_map_entries`

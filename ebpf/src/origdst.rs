@@ -42,12 +42,12 @@ fn getpeer(ctx: &SockAddrContext, v6: bool) -> i32 {
         return 1;
     }
     // SAFETY: reading the `sk` field of a valid context (non-NULL).
-    let Some(od) = orig_dst_of(unsafe { sa.__bindgen_anon_1.sk }) else {
+    let sk_ptr = unsafe { sa.__bindgen_anon_1.sk };
+    // SAFETY: plain helper call on our own context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let Some(od) = app_side_orig_dst(sk_ptr, cookie) else {
         return 1;
     };
-    if od.flags & ORIG_APP_SIDE == 0 {
-        return 1;
-    }
     if v6 {
         write_words(&mut sa.user_ip6, od.addr);
     } else if is_v4_mapped(&od.addr) {
@@ -140,6 +140,39 @@ pub fn weir_getsockopt(ctx: SockoptContext) -> i32 {
     1
 }
 
+/// What the application's socket `sk_ptr` dialled, if weir redirected
+/// it: on the socket (UDP; TCP once the proxy closed first), else in
+/// `PENDING_FLOWS` by the socket's addresses (TCP).
+#[inline(always)]
+fn app_side_orig_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
+    if sk_ptr.is_null() {
+        return None;
+    }
+    if let Some(od) = orig_dst_of(sk_ptr) {
+        return (od.flags & ORIG_APP_SIDE != 0).then_some(od);
+    }
+    // SAFETY: reading fields of a valid socket.
+    let sk = unsafe { &*sk_ptr };
+    if sk.protocol != IPPROTO_TCP {
+        return None;
+    }
+    let remote_port = u16::from_be(sk.dst_port);
+    if !is_listen_port(remote_port) {
+        return None;
+    }
+    let local = if sk.family == AF_INET {
+        v4_mapped(sk.src_ip4)
+    } else {
+        read_words(&sk.src_ip6)
+    };
+    app_orig_dst(&app_flow_key(
+        cookie,
+        local,
+        sk.src_port as u16,
+        remote_port,
+    ))
+}
+
 /// The original destination of the connection behind `sk`, if weir knows
 /// it, else (for enrolled pods) the socket's own local address.
 #[inline(always)]
@@ -185,11 +218,17 @@ fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
         // SAFETY: pointer returned by a successful lookup.
         return Some(unsafe { *p });
     }
+    // The application's own socket of a redirected connection.
+    let remote_port = u16::from_be(sk.dst_port);
+    if is_listen_port(remote_port)
+        && let Some(od) = app_orig_dst(&app_flow_key(cookie, local, local_port, remote_port))
+    {
+        return Some(od);
+    }
     // From one of the pod's own addresses to a capture port: a redirected
     // connection whose entry the LRU map evicted before the accept (counted
     // there). Fail closed (ENOENT) rather than answer the proxy's own port.
-    if LISTEN_PORTS.get_ptr(&local_port).is_some() && KernelTables::bare(cookie).is_pod_addr(&peer)
-    {
+    if is_listen_port(local_port) && KernelTables::bare(cookie).is_pod_addr(&peer) {
         return None;
     }
     // Like conntrack for a connection that was not NATed: the local

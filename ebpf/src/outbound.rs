@@ -3,7 +3,9 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{bpf_sock, bpf_sock_addr},
-    helpers::generated::{bpf_bind, bpf_get_current_uid_gid, bpf_get_netns_cookie},
+    helpers::generated::{
+        bpf_bind, bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie,
+    },
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -105,15 +107,20 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         _ => return 1,
     };
 
-    // Remember where the application was going, on its own socket; the
-    // sockops program hands it to the proxy's socket once it is accepted.
+    // Remember where the application was going. TCP: until the socket's
+    // `TCP_CONNECT_CB`, which keys it by the connection's addresses in
+    // `PENDING_FLOWS` (for the proxy and for the application's
+    // `getpeername()`). UDP (DNS): on the socket itself.
     let od = OrigDst {
         addr: dst,
         port: dport,
         flags,
         pod_id: policy.pod_id,
     };
-    if !store_orig_dst((sk as *const bpf_sock).cast_mut(), od) {
+    if !udp {
+        // SAFETY: plain helper call on our own context.
+        connecting_put(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }, od);
+    } else if !store_orig_dst((sk as *const bpf_sock).cast_mut(), od) {
         bump_node(NodeCounter::OrigDstStoreFailed);
         klog!(
             warn,

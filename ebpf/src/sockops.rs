@@ -8,7 +8,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
         BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_ESTABLISHED, BPF_TCP_SYN_SENT, bpf_sock,
     },
-    helpers::generated::bpf_get_netns_cookie,
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -37,16 +37,7 @@ pub fn weir_sockops(ctx: SockOpsContext) -> u32 {
             on_passive_established(&ctx);
             fast_path_join(&ctx);
         }
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            // Connected: it was not refused, so stop the per-state
-            // callbacks that watch for a refusal (they would run for every
-            // later state change of the connection).
-            let flags = ctx.cb_flags() as i32;
-            if flags & BPF_SOCK_OPS_STATE_CB_FLAG != 0 {
-                let _ = ctx.set_cb_flags(flags & !BPF_SOCK_OPS_STATE_CB_FLAG);
-            }
-            fast_path_join(&ctx);
-        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => fast_path_join(&ctx),
         BPF_SOCK_OPS_STATE_CB => on_state(&ctx),
         _ => {}
     }
@@ -96,7 +87,7 @@ pub(crate) fn ops_sk(ctx: &SockOpsContext) -> *mut bpf_sock {
 #[inline(always)]
 pub(crate) fn on_listen(ctx: &SockOpsContext) {
     let port = ctx.local_port() as u16;
-    if LISTEN_PORTS.get_ptr(&port).is_none() {
+    if !is_listen_port(port) {
         return;
     }
     let mut key = ListenerKey {
@@ -134,24 +125,26 @@ pub(crate) fn on_connect(ctx: &SockOpsContext) {
     if sk.is_null() {
         return;
     }
-    let Some(od) = orig_dst_of(sk) else {
-        return;
-    };
-    if od.flags & ORIG_APP_SIDE == 0 {
+    // Only sockets whose connect() weir redirected (to a capture port).
+    if !is_listen_port(ops_remote_port(ctx)) {
         return;
     }
-    let key = FlowKey {
-        netns_cookie: ops_cookie(ctx),
-        peer_addr: ops_local(ctx),
-        peer_port: ctx.local_port() as u16,
-        local_port: ops_remote_port(ctx),
-        _pad: 0,
+    // SAFETY: plain helper call on our own context.
+    let sock = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(od) = connecting_take(sock) else {
+        return;
     };
+    let key = app_flow_key(
+        ops_cookie(ctx),
+        ops_local(ctx),
+        ctx.local_port() as u16,
+        ops_remote_port(ctx),
+    );
     if PENDING_FLOWS.insert(&key, &od, 0).is_err() {
         bump_node(NodeCounter::PendingInsertFailed);
     }
-    // Watch the state of this socket to count connections refused because
-    // the proxy was not listening (SYN_SENT -> CLOSE).
+    // Watch this socket's state: a refusal (SYN_SENT -> CLOSE: the proxy
+    // is not listening), and the proxy closing first (see `on_app_state`).
     let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
@@ -163,7 +156,7 @@ pub(crate) fn on_connect(ctx: &SockOpsContext) {
 #[inline(always)]
 pub(crate) fn on_passive_established(ctx: &SockOpsContext) {
     let local_port = ctx.local_port() as u16;
-    if LISTEN_PORTS.get_ptr(&local_port).is_none() {
+    if !is_listen_port(local_port) {
         return;
     }
     let key = proxy_flow_key(ctx, local_port);
@@ -196,27 +189,17 @@ fn proxy_flow_key(ctx: &SockOpsContext, local_port: u16) -> FlowKey {
 
 #[inline(always)]
 pub(crate) fn on_state(ctx: &SockOpsContext) {
-    if ctx.arg(1) != BPF_TCP_CLOSE {
-        return;
-    }
-    if ctx.arg(0) == BPF_TCP_SYN_SENT {
-        // A redirected connect was refused: nobody listens on the proxy
-        // port (fail closed, as with iptables). Forget its pending entry.
-        let cookie = ops_cookie(ctx);
-        bump_pod(cookie, PodCounter::OutboundFailClosed);
-        let key = FlowKey {
-            netns_cookie: cookie,
-            peer_addr: ops_local(ctx),
-            peer_port: ctx.local_port() as u16,
-            local_port: ops_remote_port(ctx),
-            _pad: 0,
-        };
-        let _ = PENDING_FLOWS.remove(&key);
+    let local_port = ctx.local_port() as u16;
+    if !is_listen_port(local_port) {
+        on_app_state(ctx);
         return;
     }
     // A proxy's accepted socket closed (only those keep this callback
     // once established): its connection's original destination goes.
-    let key = proxy_flow_key(ctx, ctx.local_port() as u16);
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return;
+    }
+    let key = proxy_flow_key(ctx, local_port);
     let from = ctx.arg(0);
     if from == BPF_TCP_ESTABLISHED || from == BPF_TCP_CLOSE_WAIT {
         // Reset while the proxy still holds the socket, maybe before it
@@ -233,4 +216,50 @@ pub(crate) fn on_state(ctx: &SockOpsContext) {
         }
     }
     let _ = PENDING_FLOWS.remove(&key);
+}
+
+/// State changes of an application's redirected socket: from its
+/// `TCP_CONNECT_CB` until it leaves `ESTABLISHED`.
+#[inline(always)]
+fn on_app_state(ctx: &SockOpsContext) {
+    let (from, to) = (ctx.arg(0), ctx.arg(1));
+    if to == BPF_TCP_ESTABLISHED {
+        return;
+    }
+    // Nothing to watch after this change (one callback more per
+    // connection than needed for the refusal alone).
+    let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 & !BPF_SOCK_OPS_STATE_CB_FLAG);
+    if to == BPF_TCP_CLOSE_WAIT {
+        // The proxy closed first: its socket's close will take the
+        // connection out of `PENDING_FLOWS`, while the application may
+        // still read and ask `getpeername()`. Keep the answer on the
+        // socket (only this case pays for socket storage).
+        let key = app_flow_key(
+            ops_cookie(ctx),
+            ops_local(ctx),
+            ctx.local_port() as u16,
+            ops_remote_port(ctx),
+        );
+        if let Some(od) = app_orig_dst(&key) {
+            let sk = ops_sk(ctx);
+            if !sk.is_null() {
+                let _ = store_orig_dst(sk, od);
+            }
+        }
+        return;
+    }
+    if to == BPF_TCP_CLOSE && from == BPF_TCP_SYN_SENT {
+        // A redirected connect was refused: nobody listens on the proxy
+        // port (fail closed, as with iptables). Forget its pending entry.
+        let cookie = ops_cookie(ctx);
+        bump_pod(cookie, PodCounter::OutboundFailClosed);
+        let key = FlowKey {
+            netns_cookie: cookie,
+            peer_addr: ops_local(ctx),
+            peer_port: ctx.local_port() as u16,
+            local_port: ops_remote_port(ctx),
+            _pad: 0,
+        };
+        let _ = PENDING_FLOWS.remove(&key);
+    }
 }

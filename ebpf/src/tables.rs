@@ -96,9 +96,18 @@ pub fn source_route(cookie: u64, dst: &Addr) -> Option<Addr> {
 pub static LISTENERS: SockHash<ListenerKey, 65536> = SockHash::new();
 
 /// Ports whose listeners are recorded in `LISTENERS` (every capture port
-/// of every enrolled pod).
+/// of every enrolled pod), one bit a port: asked several times per
+/// redirected connection, and an array lookup is inlined by the JIT where
+/// a hash lookup is a helper call.
 #[btf_map]
-pub static LISTEN_PORTS: HashMap<u16, u32, 1024, NO_PREALLOC> = HashMap::new();
+pub static LISTEN_PORTS: Array<u64, { LISTEN_PORT_WORDS as usize }> = Array::new();
+
+/// Whether `port` is a capture port of some enrolled pod.
+#[inline(always)]
+pub fn is_listen_port(port: u16) -> bool {
+    let (word, bit) = listen_port_bit(port);
+    matches!(LISTEN_PORTS.get(word), Some(w) if *w & bit != 0)
+}
 
 /// Original destinations of redirected connections, from the
 /// application's `connect()` until the proxy's accepted socket closes
@@ -106,9 +115,142 @@ pub static LISTEN_PORTS: HashMap<u16, u32, 1024, NO_PREALLOC> = HashMap::new();
 #[btf_map]
 pub static PENDING_FLOWS: LruHashMap<FlowKey, OrigDst, 65536> = LruHashMap::new();
 
-/// Original destination stored on the application's socket (freed with it).
+/// Redirected TCP `connect()`s between `connect4`/`connect6` and their
+/// socket's `TCP_CONNECT_CB`, a few slots per CPU: a per-CPU array has no
+/// lock and no allocation, where socket storage (two allocations and an
+/// RCU free per connection) or a hash map (a bucket lock) cost a good part
+/// of a redirected connection's CPU time.
+#[btf_map]
+pub static CONNECTING: PerCpuArray<Connecting, { CONNECTING_SLOTS as usize }> = PerCpuArray::new();
+
+/// Most CPUs searched for a `CONNECTING` slot left on another CPU (the
+/// search stops at the first CPU the kernel does not have).
+const MAX_CPUS: u32 = 1024;
+
+/// Original destination stored on a socket (freed with it): UDP sockets
+/// connected to a DNS server; the application's TCP socket once the proxy
+/// has closed its side first (`PENDING_FLOWS` forgets the connection when
+/// the proxy's socket closes, and the application may still ask
+/// `getpeername()` while it reads the rest); the proxy's socket reset
+/// before it asked.
 #[btf_map]
 pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
+
+/// Records a redirected TCP `connect()` of socket `sock` going to `od`, in
+/// this CPU's `CONNECTING` slots: a free one, else the oldest.
+#[inline(always)]
+pub fn connecting_put(sock: u64, od: OrigDst) {
+    // SAFETY: plain helper call, no arguments.
+    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
+    let mut pick: Option<*mut Connecting> = None;
+    let mut oldest = u64::MAX;
+    for i in 0..CONNECTING_SLOTS {
+        let Some(p) = CONNECTING.get_ptr_mut(i) else {
+            return;
+        };
+        // SAFETY: pointer into this CPU's slot of our array.
+        let (used, at) = unsafe { ((*p).sock, (*p).at_ns) };
+        if used == 0 {
+            pick = Some(p);
+            break;
+        }
+        if at < oldest {
+            oldest = at;
+            pick = Some(p);
+        }
+    }
+    if let Some(p) = pick {
+        // SAFETY: as above.
+        unsafe {
+            (*p).od = od;
+            (*p).at_ns = now;
+            (*p).sock = sock;
+        }
+    }
+}
+
+/// Takes the original destination [`connecting_put`] recorded for socket
+/// `sock`: from this CPU's slots, else (the task moved to another CPU
+/// during `connect()`) from any CPU's.
+#[inline(always)]
+pub fn connecting_take(sock: u64) -> Option<OrigDst> {
+    for i in 0..CONNECTING_SLOTS {
+        if let Some(p) = CONNECTING.get_ptr_mut(i) {
+            // SAFETY: pointer into this CPU's slot of our array.
+            unsafe {
+                if (*p).sock == sock {
+                    (*p).sock = 0;
+                    return Some((*p).od);
+                }
+            }
+        }
+    }
+    // Not here: the task moved to another CPU in between, or (found
+    // nowhere) weir did not redirect this connect() (a direct dial of a
+    // capture port), or its slot was reused meanwhile; the proxy's accept
+    // counts that last case as `orig_dst_lost` (a pod's own address to a
+    // capture port without an entry).
+    let found = connecting_take_any_cpu(sock);
+    if found.is_some() {
+        bump_node(NodeCounter::ConnectOtherCpu);
+    }
+    found
+}
+
+#[inline(always)]
+fn connecting_take_any_cpu(sock: u64) -> Option<OrigDst> {
+    let map = core::ptr::from_ref(&CONNECTING).cast_mut().cast();
+    for cpu in 0..MAX_CPUS {
+        for i in 0..CONNECTING_SLOTS {
+            let key = i;
+            // SAFETY: lookup in our per-CPU array with a u32 key on our
+            // stack; NULL once `cpu` is past the kernel's CPUs.
+            let p = unsafe {
+                aya_ebpf::helpers::generated::bpf_map_lookup_percpu_elem(
+                    map,
+                    (&key as *const u32).cast_mut().cast(),
+                    cpu,
+                )
+            } as *mut Connecting;
+            if p.is_null() {
+                return None;
+            }
+            // SAFETY: non-NULL slot of our value type.
+            unsafe {
+                if (*p).sock == sock {
+                    (*p).sock = 0;
+                    return Some((*p).od);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The `PENDING_FLOWS` key of a redirected connection as its
+/// application's socket sees it: its own address and port, and the port
+/// it is connected to (the proxy's).
+#[inline(always)]
+pub fn app_flow_key(cookie: u64, local: Addr, local_port: u16, remote_port: u16) -> FlowKey {
+    FlowKey {
+        netns_cookie: cookie,
+        peer_addr: local,
+        peer_port: local_port,
+        local_port: remote_port,
+        _pad: 0,
+    }
+}
+
+/// The original destination of the application's side of a redirected
+/// TCP connection (`ORIG_APP_SIDE`), from `PENDING_FLOWS` by the
+/// application socket's addresses.
+#[inline(always)]
+pub fn app_orig_dst(key: &FlowKey) -> Option<OrigDst> {
+    let p = PENDING_FLOWS.get_ptr(key)?;
+    // SAFETY: pointer returned by a successful lookup.
+    let od = unsafe { *p };
+    (od.flags & ORIG_APP_SIDE != 0).then_some(od)
+}
 
 /// The original destination stored on socket `sk`, if any (lookup only).
 #[inline(always)]

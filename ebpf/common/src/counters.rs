@@ -206,6 +206,10 @@ counters! {
         /// but whose server could not be stored on the socket: sent to the
         /// server asked, uncaptured (datagrams).
         DnsDatagramStoreFailed / dns_datagram_store_failed: "weir_dns_datagram_store_failed_total" [];
+        /// Redirected TCP `connect()` calls whose task moved to another CPU
+        /// between `connect4`/`connect6` and `TCP_CONNECT_CB`: the original
+        /// destination was found in that CPU's `CONNECTING` slots.
+        ConnectOtherCpu / connect_other_cpu: "weir_connect_handoffs_total" ["other_cpu"];
 }
 
 /// The bypass reason of a pod's `weir_connections_bypassed_total{direction="outbound"}`

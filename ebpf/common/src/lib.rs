@@ -24,11 +24,12 @@ pub use decide::*;
 /// Layout version of every map below. The agent stores it in the pinned
 /// `WEIR_META` map and refuses to reuse pinned maps written with another
 /// version (bump it whenever a struct in this crate changes, or a map's
-/// type, flags or sizing rule). v9: `PodCounters` with one unit a field
+/// type, flags or sizing rule). v10: `LISTEN_PORTS` a bitmap, the per-CPU
+/// `CONNECTING` slots, `NodeCounters::connect_other_cpu`. v9: `PodCounters` with one unit a field
 /// (DNS split by protocol, connects vs datagrams); hash maps
 /// `BPF_F_NO_PREALLOC`, sizes from the node's pod capacity, `VIRT_FLOWS`
 /// created on first use.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// `AF_INET` as the kernel reports it in BPF contexts.
 pub const AF_INET: u32 = 2;
@@ -396,10 +397,41 @@ pub struct ListenerKey {
     pub protocol: u32,
 }
 
+/// Words of the `LISTEN_PORTS` bitmap: one bit for every port.
+pub const LISTEN_PORT_WORDS: u32 = 65536 / 64;
+
+/// Where port `port` is in the `LISTEN_PORTS` bitmap: the word's index and
+/// the port's bit in it.
+#[inline(always)]
+pub const fn listen_port_bit(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1u64 << (port % 64))
+}
+
 /// [`ListenerKey::protocol`] of a TCP listener.
 pub const LISTENER_TCP: u32 = 0;
 /// [`ListenerKey::protocol`] of the DNS proxy's UDP socket.
 pub const LISTENER_UDP: u32 = 17;
+
+/// One redirected TCP `connect()` on its way from `connect4`/`connect6`
+/// (which know the original destination) to the socket's
+/// `TCP_CONNECT_CB` (which knows its port): a slot of the per-CPU
+/// `CONNECTING` array. Both run in the same system call, so the slot is
+/// on the same CPU unless the task migrated in between.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Connecting {
+    /// The socket's cookie (`bpf_get_socket_cookie`); 0: free slot.
+    pub sock: u64,
+    /// When `connect4`/`connect6` filled the slot (coarse monotonic ns): a
+    /// slot whose `connect()` failed before `TCP_CONNECT_CB` is never
+    /// emptied, and the oldest slot is the one reused.
+    pub at_ns: u64,
+    /// Where the application was going.
+    pub od: OrigDst,
+}
+
+/// Slots of `CONNECTING` per CPU.
+pub const CONNECTING_SLOTS: u32 = 4;
 
 /// One connection seen from the proxy: the application's address and port
 /// (the proxy's peer) and the proxy's listening port. Key of the
@@ -421,7 +453,8 @@ pub struct FlowKey {
     pub _pad: u32,
 }
 
-/// [`OrigDst`] flag: stored on the application's socket.
+/// [`OrigDst`] flag: the application's side of a redirected connection
+/// (what its `getpeername()` answers; the proxy's side leaves it out).
 pub const ORIG_APP_SIDE: u16 = 1;
 /// [`OrigDst`] flag: the connection went to the inbound port (Istio's rule
 /// "proxy calling its own pod over loopback").

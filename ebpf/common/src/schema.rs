@@ -264,8 +264,8 @@ pub const OTHER_MAPS: &[MapDecl] = &[
     },
     MapDecl {
         name: "LISTEN_PORTS",
-        kind: MapKind::Hash,
-        sizing: Sizing::Fixed(1024),
+        kind: MapKind::Array,
+        sizing: Sizing::Object,
         usage: false,
     },
     MapDecl {
@@ -273,6 +273,12 @@ pub const OTHER_MAPS: &[MapDecl] = &[
         kind: MapKind::LruHash,
         sizing: Sizing::PendingFlows,
         usage: true,
+    },
+    MapDecl {
+        name: "CONNECTING",
+        kind: MapKind::PerCpuArray,
+        sizing: Sizing::Object,
+        usage: false,
     },
     MapDecl {
         name: "ORIG_DST",

@@ -46,6 +46,11 @@ pub struct RunArgs {
     /// rr-sidecar, rr-full, bulk, scale, enroll, memory.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// Modes to run the workloads in (comma list) [default: all]: direct,
+    /// iptables, weir, weir_fast. One mode alone is for profiling (`perf
+    /// record` sees that mode only); the ratios need the modes they compare.
+    #[arg(long, value_delimiter = ',')]
+    pub modes: Vec<String>,
     /// Concurrent connections of the connection-rate loops.
     #[arg(long, default_value_t = 1)]
     pub crr_threads: u64,
@@ -96,6 +101,8 @@ pub struct Settings {
     pub crr_conns: u64,
     /// Concurrent connections of the connection-rate loops.
     pub crr_threads: u64,
+    /// `--modes` (empty: all).
+    pub modes: Vec<String>,
     /// Round trips per latency run.
     pub rr_requests: usize,
     /// Bytes per bulk run.
@@ -128,6 +135,7 @@ impl Settings {
             quick: q,
             crr_conns: if q { 4_000 } else { 10_000 },
             crr_threads: a.crr_threads.max(1),
+            modes: a.modes.clone(),
             rr_requests: if q { 5_000 } else { 20_000 },
             bulk_bytes: if q { 128 << 20 } else { 512 << 20 },
             scale_rules: a.scale_rules,
@@ -289,6 +297,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         let known = workloads().iter().any(|(n, _)| n == o) || o == "enroll" || o == "memory";
         if !known {
             bail!("--only {o}: unknown workload");
+        }
+    }
+    for name in &args.modes {
+        if !Mode::ALL.iter().any(|m| m.name() == name) {
+            bail!("--modes {name}: unknown mode (direct, iptables, weir, weir_fast)");
         }
     }
     let exe = std::env::current_exe().context("finding this executable")?;
@@ -574,7 +587,12 @@ fn run_workloads(
         node.pin(s.pin_cpu, s.nice)?;
     }
     for w in selected {
-        let modes: Vec<Mode> = w.modes.to_vec();
+        let modes: Vec<Mode> = w
+            .modes
+            .iter()
+            .copied()
+            .filter(|m| s.modes.is_empty() || s.modes.iter().any(|n| n == m.name()))
+            .collect();
         // Warm-up: a fifth of the work, not recorded.
         for &mode in &modes {
             check_interrupted()?;
