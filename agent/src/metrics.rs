@@ -169,6 +169,12 @@ pub const NODE_FAMILIES: &[Family] = &[
         labels: &[],
     },
     Family {
+        name: "weir_connect_handoffs_total",
+        help: "Redirected TCP connects whose original destination was handed from connect() to the connection's port on another CPU (the task moved in between; answered as usual).",
+        unit: "connections",
+        labels: &["cpu"],
+    },
+    Family {
         name: "weir_proxy_listeners_total",
         help: "Proxy listening sockets seen by weir, by whether they could be recorded in LISTENERS.",
         unit: "sockets",

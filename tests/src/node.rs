@@ -44,6 +44,14 @@ impl ClientResult {
     pub fn peer(&self) -> String {
         self.json["peer"].as_str().unwrap_or_default().to_string()
     }
+    /// What `getpeername` answered after the reply's end (the other side
+    /// had closed first).
+    pub fn peer_after_eof(&self) -> String {
+        self.json["peer_after_eof"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
     /// The echo server's reply, parsed.
     pub fn reply(&self) -> Value {
         let raw = self.json["reply"].as_str().unwrap_or_default();

@@ -73,6 +73,8 @@ fn outbound_captured(dst: &str, client_ip: &str) {
         dst,
         "getpeername must return the original destination"
     );
+    // ...also once the proxy has passed the upstream's EOF on.
+    assert_eq!(r.peer_after_eof(), dst, "{:?}", r.json);
     // ...from its pod address, as with REDIRECT.
     assert!(
         r.local().contains(client_ip),
@@ -104,6 +106,50 @@ fn outbound_captured(dst: &str, client_ip: &str) {
         c["outbound_bypassed"].as_u64().unwrap() >= 1,
         "proxy connection counted as bypass: {c}"
     );
+}
+
+/// The proxy closes its side entirely first (Envoy's TCP proxy does when
+/// the upstream closes): its socket's close takes the connection out of
+/// `PENDING_FLOWS`, while the application, in CLOSE_WAIT, may still ask
+/// `getpeername()`. With REDIRECT it still names the original
+/// destination; so must weir (the answer moves to the socket).
+fn proxy_closes_first(dst: &str) {
+    let p = two_pods();
+    let mut node = Node::with_agent();
+    node.set_pods(&[client_pod(&p)]);
+    node.sidecar_with(
+        &p.client,
+        "client-sidecar",
+        &["--uid", "1337"],
+        &["--full-close"],
+    );
+    node.echo(&p.server, 8080, "upstream", APP_UID);
+    let r = node.client_with(
+        &p.client,
+        &["--uid", &APP_UID.to_string()],
+        dst,
+        &["--after-eof-ms", "300"],
+    );
+    assert!(r.ok(), "{:?}", r.json);
+    assert_eq!(r.reply()["server"], "upstream");
+    assert_eq!(r.peer(), dst, "{:?}", r.json);
+    assert_eq!(r.peer_after_eof(), dst, "{:?}", r.json);
+}
+
+#[test]
+fn getpeername_is_the_original_after_the_proxy_closed_first_ipv4() {
+    if !require_root() {
+        return;
+    }
+    proxy_closes_first("198.18.1.2:8080");
+}
+
+#[test]
+fn getpeername_is_the_original_after_the_proxy_closed_first_ipv6() {
+    if !require_root() {
+        return;
+    }
+    proxy_closes_first("[2001:2:0:1::2]:8080");
 }
 
 #[test]

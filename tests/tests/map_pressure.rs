@@ -160,12 +160,17 @@ fn maps_are_sized_for_the_node_and_allocated_as_used() {
         ("PROXY_IDS", 440),
         ("VIRT_IFACES", 440),
         ("PORT_RULES", 8192),
-        ("LISTEN_PORTS", 1024),
     ] {
         let m = pinned_map(&node, name).unwrap();
         assert_eq!(m["max_entries"], cap, "{name}: {m}");
         assert_eq!(m["flags"].as_u64().unwrap() & 1, 1, "{name}: {m}");
     }
+    // The capture ports: a bitmap of every port (8 KiB), read by the
+    // programs several times per connection without a helper call.
+    let m = pinned_map(&node, "LISTEN_PORTS").unwrap();
+    assert_eq!(m["type"], "array", "{m}");
+    assert_eq!(m["max_entries"], 1024, "{m}");
+    assert_eq!(m["bytes_value"], 8, "{m}");
     // The preallocated LRU map is sized for handshakes in flight; the
     // fast path's map has two slots while it is off; VIRT_FLOWS waits for
     // a pod with virtual interfaces.

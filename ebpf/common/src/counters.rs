@@ -209,7 +209,7 @@ counters! {
         /// Redirected TCP `connect()` calls whose task moved to another CPU
         /// between `connect4`/`connect6` and `TCP_CONNECT_CB`: the original
         /// destination was found in that CPU's `CONNECTING` slots.
-        ConnectOtherCpu / connect_other_cpu: "weir_connect_handoffs_total" ["other_cpu"];
+        ConnectOtherCpu / connect_other_cpu: "weir_connect_handoffs_total" ["other"];
 }
 
 /// The bypass reason of a pod's `weir_connections_bypassed_total{direction="outbound"}`

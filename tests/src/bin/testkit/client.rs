@@ -38,6 +38,10 @@ pub(crate) struct ClientArgs {
     /// needs it, however slow the machine.
     #[arg(long)]
     until_file: Option<std::path::PathBuf>,
+    /// Wait this long after the reply's EOF before asking `getpeername`
+    /// again (`peer_after_eof`), so that the other side's close is done.
+    #[arg(long, default_value_t = 0)]
+    after_eof_ms: u64,
 }
 
 pub(crate) fn run(args: ClientArgs) -> Result<()> {
@@ -72,6 +76,7 @@ fn attempt(args: &ClientArgs, timeout: Duration) -> Value {
         "errno": null,
         "local": null,
         "peer": null,
+        "peer_after_eof": null,
         "reply": null,
     });
     let bind_to = args.bind.map(|ip| SocketAddr::new(ip, 0));
@@ -103,6 +108,10 @@ fn attempt(args: &ClientArgs, timeout: Duration) -> Value {
         Err((step, e)) => failure(&mut record, step, &e),
     }
     record["reply"] = json!(String::from_utf8_lossy(&reply));
+    // Once the other end has closed (its FIN read, the socket in
+    // CLOSE_WAIT): what `getpeername` says then.
+    std::thread::sleep(Duration::from_millis(args.after_eof_ms));
+    record["peer_after_eof"] = json!(conn.peer_addr().ok().map(fmt_addr));
     finish(record, started)
 }
 

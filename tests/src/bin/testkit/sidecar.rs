@@ -39,7 +39,15 @@ pub(crate) struct SidecarArgs {
     /// so the answers only come back if the pod routes them to us.
     #[arg(long)]
     ztunnel: bool,
+    /// Once the upstream has closed, close the application's connection
+    /// at once (as Envoy's TCP proxy does), instead of passing the EOF on
+    /// as a half close and waiting for the application's.
+    #[arg(long)]
+    full_close: bool,
 }
+
+/// `--full-close`.
+static FULL_CLOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `--ztunnel`, for every connection's handler.
 static ZTUNNEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -61,6 +69,7 @@ impl Kind {
 
 pub(crate) fn run(args: SidecarArgs, log: JsonLog) -> Result<()> {
     ZTUNNEL.store(args.ztunnel, std::sync::atomic::Ordering::Relaxed);
+    FULL_CLOSE.store(args.full_close, std::sync::atomic::Ordering::Relaxed);
     let ipv6 = net::ipv6_available();
     let mut listeners = Vec::new();
     for (kind, port) in [
@@ -249,6 +258,17 @@ fn relay(down: TcpStream, up: TcpStream) {
     let (Ok(down2), Ok(up2)) = (down.try_clone(), up.try_clone()) else {
         return;
     };
+    if FULL_CLOSE.load(std::sync::atomic::Ordering::Relaxed) {
+        // Upstream to application until the upstream's EOF, then close
+        // both connections entirely (the other direction's thread then
+        // sees its socket shut down).
+        std::thread::spawn(move || pipe(down2, up2));
+        let (mut from, mut to) = (up, down);
+        let _ = copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+        return;
+    }
     let t = std::thread::spawn(move || pipe(down2, up2));
     pipe(up, down);
     let _ = t.join();
