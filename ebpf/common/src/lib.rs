@@ -654,10 +654,23 @@ mod layout_tests {
         assert_eq!(size_of::<VirtIface>(), 4 + 4 + 16 + 4 + 4);
         assert_eq!(size_of::<VirtFlowKey>(), 8 + 16 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<VirtFlow>(), 16 + 2 + 2 + 4);
-        assert_eq!(size_of::<NodeCounters>(), 12 * 8);
+        assert_eq!(size_of::<NodeCounters>(), 13 * 8);
+        assert_eq!(size_of::<Connecting>(), 8 + 8 + size_of::<OrigDst>());
         assert_eq!(size_of::<FastKey>(), 8 + 16 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<FastPeer>(), size_of::<FastKey>() + 4 + 4);
         assert_eq!(size_of::<PodMeta>(), 128);
+    }
+
+    #[test]
+    fn listen_port_bits_cover_every_port_once() {
+        let mut seen = std::collections::HashSet::new();
+        for port in 0..=u16::MAX {
+            let (word, bit) = listen_port_bit(port);
+            assert!(word < LISTEN_PORT_WORDS, "{port}");
+            assert_eq!(bit.count_ones(), 1);
+            assert!(seen.insert((word, bit)), "{port}");
+        }
+        assert_eq!(listen_port_bit(15001), (234, 1 << 25));
     }
 
     #[test]

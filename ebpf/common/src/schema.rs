@@ -346,7 +346,7 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), n);
-        assert_eq!(n, 24);
+        assert_eq!(n, 25);
     }
 
     #[test]
