@@ -158,7 +158,7 @@ pub const NODE_FAMILIES: &[Family] = &[
     },
     Family {
         name: "weir_original_dst_failures_total",
-        help: "Redirected connections whose original destination could not be kept (store_failed: refused; pending_insert_failed, lost: SO_ORIGINAL_DST fails).",
+        help: "Redirected connections whose original destination could not be kept (store_failed: refused; pending_insert_failed, lost: SO_ORIGINAL_DST fails; peer_lost: getpeername() named the proxy).",
         unit: "connections",
         labels: &["reason"],
     },

@@ -160,17 +160,26 @@ fn app_side_orig_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
     if !is_listen_port(remote_port) {
         return None;
     }
-    let local = if sk.family == AF_INET {
-        v4_mapped(sk.src_ip4)
+    let (local, remote) = if sk.family == AF_INET {
+        (v4_mapped(sk.src_ip4), v4_mapped(sk.dst_ip4))
     } else {
-        read_words(&sk.src_ip6)
+        (read_words(&sk.src_ip6), read_words(&sk.dst_ip6))
     };
-    app_orig_dst(&app_flow_key(
+    let found = app_orig_dst(&app_flow_key(
         cookie,
         local,
         sk.src_port as u16,
         remote_port,
-    ))
+    ));
+    if found.is_none()
+        && is_loopback_addr(&remote)
+        && KernelTables::bare(cookie).is_pod_addr(&local)
+    {
+        // weir redirected it (it bound the pod's address towards a capture
+        // port on loopback), and `PENDING_FLOWS` evicted it since.
+        bump_node(NodeCounter::PeerLost);
+    }
+    found
 }
 
 /// The original destination of the connection behind `sk`, if weir knows

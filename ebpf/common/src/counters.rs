@@ -206,6 +206,11 @@ counters! {
         /// but whose server could not be stored on the socket: sent to the
         /// server asked, uncaptured (datagrams).
         DnsDatagramStoreFailed / dns_datagram_store_failed: "weir_dns_datagram_store_failed_total" [];
+        /// `getpeername()` on an application's redirected TCP socket (from a
+        /// pod address to a capture port on loopback) whose original
+        /// destination `PENDING_FLOWS` had evicted (more open redirected
+        /// connections than `--max-pending`): it named the proxy's address.
+        PeerLost / peer_lost: "weir_original_dst_failures_total" ["peer_lost"];
         /// Redirected TCP `connect()` calls whose task moved to another CPU
         /// between `connect4`/`connect6` and `TCP_CONNECT_CB`: the original
         /// destination was found in that CPU's `CONNECTING` slots.

@@ -654,7 +654,7 @@ mod layout_tests {
         assert_eq!(size_of::<VirtIface>(), 4 + 4 + 16 + 4 + 4);
         assert_eq!(size_of::<VirtFlowKey>(), 8 + 16 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<VirtFlow>(), 16 + 2 + 2 + 4);
-        assert_eq!(size_of::<NodeCounters>(), 13 * 8);
+        assert_eq!(size_of::<NodeCounters>(), 14 * 8);
         assert_eq!(size_of::<Connecting>(), 8 + 8 + size_of::<OrigDst>());
         assert_eq!(size_of::<FastKey>(), 8 + 16 + 16 + 2 + 2 + 4);
         assert_eq!(size_of::<FastPeer>(), size_of::<FastKey>() + 4 + 4);
