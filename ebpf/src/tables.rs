@@ -9,9 +9,10 @@
 //! `BPF_F_NO_PREALLOC` (an entry is allocated when it is inserted; only
 //! the bucket array, 16 bytes per slot, is allocated up front) and LPM
 //! tries always allocate on demand. The two LRU maps cannot be
-//! `NO_PREALLOC` (the kernel refuses it): `PENDING_FLOWS` is sized for
-//! connections in their handshake only, and `VIRT_FLOWS` is created
-//! (pinned) only when a pod first needs virtual interfaces.
+//! `NO_PREALLOC` (the kernel refuses it): `PENDING_FLOWS` is sized from
+//! the pod count (`--max-pending`) for open redirected connections, and
+//! `VIRT_FLOWS` is created (pinned) only when a pod first needs virtual
+//! interfaces.
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
@@ -110,8 +111,9 @@ pub fn is_listen_port(port: u16) -> bool {
 }
 
 /// Original destinations of redirected connections, from the
-/// application's `connect()` until the proxy's accepted socket closes
-/// (ambient: ztunnel's connections to the application, until evicted).
+/// application's `TCP_CONNECT_CB` until the proxy's accepted socket closes,
+/// read by both sockets (each computes the key from its own addresses);
+/// ambient: ztunnel's connections to the application, until evicted.
 #[btf_map]
 pub static PENDING_FLOWS: LruHashMap<FlowKey, OrigDst, 65536> = LruHashMap::new();
 

@@ -40,6 +40,10 @@ pub enum LoadKind {
         /// Response size in bytes.
         #[arg(long, default_value_t = 64)]
         resp: usize,
+        /// Bind each socket to this source address first (the port is
+        /// picked at connect time, `IP_BIND_ADDRESS_NO_PORT`).
+        #[arg(long)]
+        bind: Option<std::net::Ipv4Addr>,
     },
     /// Request latency (TCP_RR-like): one connection, `--requests`
     /// request/response round trips, one at a time.
@@ -84,7 +88,8 @@ pub fn run(kind: LoadKind) -> Result<()> {
             threads,
             req,
             resp,
-        } => crr(connect, conns, threads, req, resp)?,
+            bind,
+        } => crr(connect, conns, threads, req, resp, bind)?,
         LoadKind::Rr {
             connect,
             requests,
@@ -117,7 +122,14 @@ struct CrrCount {
     times: Vec<u32>,
 }
 
-fn crr(addr: SocketAddr, conns: u64, threads: u64, req: usize, resp: usize) -> Result<Value> {
+fn crr(
+    addr: SocketAddr,
+    conns: u64,
+    threads: u64,
+    req: usize,
+    resp: usize,
+    bind: Option<std::net::Ipv4Addr>,
+) -> Result<Value> {
     if threads == 0 || conns < threads {
         bail!("need at least one thread and one connection per thread");
     }
@@ -126,7 +138,7 @@ fn crr(addr: SocketAddr, conns: u64, threads: u64, req: usize, resp: usize) -> R
         .map(|i| {
             let n = conns / threads + u64::from(i < conns % threads);
             let barrier = barrier.clone();
-            std::thread::spawn(move || crr_thread(addr, n, req, resp, &barrier))
+            std::thread::spawn(move || crr_thread(addr, bind, n, req, resp, &barrier))
         })
         .collect();
     barrier.wait();
@@ -165,7 +177,14 @@ fn crr(addr: SocketAddr, conns: u64, threads: u64, req: usize, resp: usize) -> R
     }))
 }
 
-fn crr_thread(addr: SocketAddr, n: u64, req: usize, resp: usize, barrier: &Barrier) -> CrrCount {
+fn crr_thread(
+    addr: SocketAddr,
+    bind: Option<std::net::Ipv4Addr>,
+    n: u64,
+    req: usize,
+    resp: usize,
+    barrier: &Barrier,
+) -> CrrCount {
     let request = proto::small_request(req, resp);
     let mut response = vec![0u8; resp.max(1)];
     let mut c = CrrCount {
@@ -175,7 +194,7 @@ fn crr_thread(addr: SocketAddr, n: u64, req: usize, resp: usize, barrier: &Barri
     barrier.wait();
     for _ in 0..n {
         let t0 = Instant::now();
-        match one_crr(addr, &request, &mut response) {
+        match one_crr(addr, bind, &request, &mut response) {
             Ok(status) => {
                 c.times
                     .push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
@@ -201,8 +220,35 @@ fn crr_thread(addr: SocketAddr, n: u64, req: usize, resp: usize, barrier: &Barri
 /// `tcp_tw_reuse` in the pod so its TIME_WAIT sockets do not run the
 /// ephemeral ports out). Four system calls and a close: a plain blocking
 /// `connect`, no timeouts (the bench kills a load generator that hangs).
-fn one_crr(addr: SocketAddr, request: &[u8], response: &mut [u8]) -> io::Result<u8> {
-    let mut s = TcpStream::connect(addr)?;
+fn one_crr(
+    addr: SocketAddr,
+    bind: Option<std::net::Ipv4Addr>,
+    request: &[u8],
+    response: &mut [u8],
+) -> io::Result<u8> {
+    let mut s = match bind {
+        None => TcpStream::connect(addr)?,
+        Some(src) => {
+            use nix::sys::socket::{
+                AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt,
+                socket, sockopt,
+            };
+            use std::os::fd::AsRawFd;
+            let fd = socket(
+                AddressFamily::Inet,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )?;
+            setsockopt(&fd, sockopt::IpBindAddressNoPort, &true)?;
+            bind(
+                fd.as_raw_fd(),
+                &SockaddrStorage::from(std::net::SocketAddrV4::new(src, 0)),
+            )?;
+            connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+            TcpStream::from(fd)
+        }
+    };
     s.write_all(request)?;
     proto::read_exact_retry(&mut s, response)?;
     Ok(response[0])

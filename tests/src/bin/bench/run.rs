@@ -43,7 +43,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub reps: Option<usize>,
     /// Workloads to run (comma list) [default: all]: crr, crr-upstream,
-    /// rr-sidecar, rr-full, bulk, scale, enroll, memory.
+    /// crr-podsrc, rr-sidecar, rr-full, bulk, scale, enroll, memory.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Modes to run the workloads in (comma list) [default: all]: direct,
@@ -168,10 +168,14 @@ struct Workload {
     route: Route,
     kind: Kind,
     modes: &'static [Mode],
+    /// The application binds its pod address before connecting (so that
+    /// the direct path has the addresses `REDIRECT` gives a captured one).
+    bind_pod: bool,
 }
 
 const ALL_MODES: &[Mode] = &[Mode::Direct, Mode::Iptables, Mode::Weir, Mode::WeirFast];
 const CAPTURE_MODES: &[Mode] = &[Mode::Iptables, Mode::Weir];
+const PODSRC_MODES: &[Mode] = &[Mode::Direct, Mode::Iptables, Mode::Weir];
 
 fn workloads() -> Vec<(&'static str, Workload)> {
     let w = |key, pod, route, kind, modes| Workload {
@@ -180,11 +184,25 @@ fn workloads() -> Vec<(&'static str, Workload)> {
         route,
         kind,
         modes,
+        bind_pod: false,
     };
     vec![
         (
             "crr",
             w("crr", "a", Route::OwnSidecar, Kind::Crr, ALL_MODES),
+        ),
+        (
+            "crr-podsrc",
+            Workload {
+                bind_pod: true,
+                ..w(
+                    "crr_podsrc",
+                    "a",
+                    Route::OwnSidecar,
+                    Kind::Crr,
+                    PODSRC_MODES,
+                )
+            },
         ),
         (
             "crr-upstream",
@@ -463,6 +481,9 @@ fn load_args(w: &Workload, node: &Node, s: &Settings, scale: u64) -> Vec<String>
             &(s.bulk_bytes / scale).to_string(),
         ]),
     });
+    if w.bind_pod {
+        args.extend(["--bind".to_string(), node.pod(w.pod).ip.to_string()]);
+    }
     args
 }
 
