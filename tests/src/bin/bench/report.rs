@@ -786,8 +786,8 @@ fn memory_table(s: &mut String, mem: &crate::memory::MemoryResult) {
             "\nEach connection adds one conntrack entry with iptables ({b} bytes, `nf_conntrack` \
              in /proc/slabinfo; it stays for the TIME_WAIT timeout after the close); with weir, \
              a redirected connection's entry in `PENDING_FLOWS` (preallocated, above) lives \
-             until the proxy's socket closes, and its original destination is also stored on \
-             the application's socket and freed with it."
+             until the proxy's socket closes (and is then copied onto the application's socket, \
+             freed with it, only if the proxy closed first)."
         );
     }
     if let Some(r) = mem
