@@ -171,12 +171,7 @@ fn app_side_orig_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
         sk.src_port as u16,
         remote_port,
     ));
-    if found.is_none()
-        && is_loopback_addr(&remote)
-        && KernelTables::bare(cookie).is_pod_addr(&local)
-    {
-        // weir redirected it (it bound the pod's address towards a capture
-        // port on loopback), and `PENDING_FLOWS` evicted it since.
+    if found.is_none() && is_loopback_addr(&remote) && redirect_lost(cookie, &local, remote_port) {
         bump_node(NodeCounter::PeerLost);
     }
     found
@@ -234,10 +229,9 @@ fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
     {
         return Some(od);
     }
-    // From one of the pod's own addresses to a capture port: a redirected
-    // connection whose entry the LRU map evicted before the accept (counted
-    // there). Fail closed (ENOENT) rather than answer the proxy's own port.
-    if is_listen_port(local_port) && KernelTables::bare(cookie).is_pod_addr(&peer) {
+    // Lost (counted at the accept): fail closed rather than answer the
+    // proxy's own port.
+    if redirect_lost(cookie, &peer, local_port) {
         return None;
     }
     // Like conntrack for a connection that was not NATed: the local

@@ -165,11 +165,8 @@ pub(crate) fn on_passive_established(ctx: &SockOpsContext) {
         let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG);
         return;
     }
-    // From one of this pod's own addresses to a capture port: a connection
-    // weir redirected (it bound that source), whose entry `PENDING_FLOWS`
-    // (an LRU map) evicted under pressure. `weir_getsockopt` fails for it
-    // (ENOENT) rather than answering the proxy's own address; count it.
-    if KernelTables::bare(key.netns_cookie).is_pod_addr(&key.peer_addr) {
+    // `weir_getsockopt` fails for it (ENOENT); count it.
+    if redirect_lost(key.netns_cookie, &key.peer_addr, local_port) {
         bump_node(NodeCounter::OrigDstLost);
     }
 }

@@ -243,6 +243,17 @@ pub fn app_flow_key(cookie: u64, local: Addr, local_port: u16, remote_port: u16)
     }
 }
 
+/// Whether a connection between `app_addr` and `capture_port` that has
+/// no `PENDING_FLOWS` entry is one weir redirected and lost (the LRU map
+/// evicted it, or the hand-off from `connect()` failed): from one of the
+/// pod's own addresses (weir bound that source) to a capture port. The
+/// proxy's `SO_ORIGINAL_DST` then fails (`ENOENT`) rather than answer its
+/// own address. The one definition of "lost" for every program.
+#[inline(always)]
+pub fn redirect_lost(cookie: u64, app_addr: &Addr, capture_port: u16) -> bool {
+    is_listen_port(capture_port) && KernelTables::bare(cookie).is_pod_addr(app_addr)
+}
+
 /// The original destination of the application's side of a redirected
 /// TCP connection (`ORIG_APP_SIDE`), from `PENDING_FLOWS` by the
 /// application socket's addresses.
