@@ -414,8 +414,43 @@ fn watcher_config(node: &str) -> watcher::Config {
     cfg
 }
 
-/// Follows the watcher, feeding the store; never ends (errors are retried
-/// with the watcher's default backoff).
+/// Follows a watcher forever (errors are retried with the watcher's
+/// default backoff), for the pod and the namespace watches: `on_event`
+/// gets every event; `on_error` gets every error and whether it is the
+/// same as the one before (to log it once), after it is counted in
+/// `weir_agent_watch_errors_total`; the first event after errors logs that
+/// `what` is watched again.
+pub(crate) async fn follow<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    what: &str,
+    mut on_event: impl FnMut(Event<K>),
+    mut on_error: impl FnMut(&watcher::Error, bool),
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default,
+{
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    let mut failing: Option<String> = None;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(ev) => {
+                if let Some(e) = failing.take() {
+                    info!("Kubernetes API: watching {what} again (after: {e})");
+                }
+                on_event(ev);
+            }
+            Err(e) => {
+                crate::metrics::agent().watch_error();
+                let msg = e.to_string();
+                on_error(&e, failing.as_deref() == Some(msg.as_str()));
+                failing = Some(msg);
+            }
+        }
+    }
+}
+
+/// Follows this node's pods, feeding the store; never ends.
 async fn watch(
     api: Api<Pod>,
     cfg: watcher::Config,
@@ -423,46 +458,33 @@ async fn watch(
     registry: Arc<Mutex<Registry>>,
     wake: Arc<Notify>,
 ) {
-    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
-    let mut failing: Option<String> = None;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(ev) => {
-                if let Some(e) = failing.take() {
-                    info!("Kubernetes API: watching again (after: {e})");
-                }
-                let done = matches!(ev, Event::InitDone);
-                let h = lock(&store).handle(ev);
-                if !h.deleted.is_empty() {
-                    let mut reg = lock(&registry);
-                    for (key, uid) in &h.deleted {
-                        reg.remove_pod(key, uid);
-                    }
-                }
-                if done {
-                    let s = lock(&store);
-                    let all = s.pods().count();
-                    let meshed = s.pods().filter(|v| v.mesh().is_some()).count();
-                    info!("Kubernetes API: listed {all} pods on this node, {meshed} meshed");
-                }
-                if h.changed || !h.deleted.is_empty() {
-                    wake.notify_one();
-                }
-            }
-            Err(e) => {
-                crate::metrics::agent().watch_error();
-                let msg = e.to_string();
-                if failing.as_deref() != Some(msg.as_str()) {
-                    warn!(
-                        "Kubernetes API: {msg}; retrying with backoff (enrolled pods stay captured)"
-                    );
-                } else {
-                    debug!("Kubernetes API: {msg}");
-                }
-                failing = Some(msg);
+    let on_event = |ev: Event<Pod>| {
+        let done = matches!(ev, Event::InitDone);
+        let h = lock(&store).handle(ev);
+        if !h.deleted.is_empty() {
+            let mut reg = lock(&registry);
+            for (key, uid) in &h.deleted {
+                reg.remove_pod(key, uid);
             }
         }
-    }
+        if done {
+            let s = lock(&store);
+            let all = s.pods().count();
+            let meshed = s.pods().filter(|v| v.mesh().is_some()).count();
+            info!("Kubernetes API: listed {all} pods on this node, {meshed} meshed");
+        }
+        if h.changed || !h.deleted.is_empty() {
+            wake.notify_one();
+        }
+    };
+    let on_error = |e: &watcher::Error, repeated: bool| {
+        if repeated {
+            debug!("Kubernetes API: {e}");
+        } else {
+            warn!("Kubernetes API: {e}; retrying with backoff (enrolled pods stay captured)");
+        }
+    };
+    follow(api, cfg, "pods", on_event, on_error).await;
 }
 
 /// One reconcile pass, with what it remembers between passes (to log each

@@ -18,11 +18,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
 use kube::core::PartialObjectMeta;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use log::{debug, error, info, warn};
 use tokio::sync::Notify;
@@ -162,62 +160,51 @@ pub async fn watch(api: Api<NamespaceMeta>, store: Arc<Mutex<NamespaceStore>>, w
     let mut cfg = watcher::Config::default().any_semantic();
     // Served from the watch cache (see `watcher_config` for the pods).
     cfg.page_size = None;
-    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
-    let mut failing: Option<String> = None;
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(ev) => {
-                if let Some(e) = failing.take() {
-                    info!("Kubernetes API: watching namespaces again (after: {e})");
-                }
-                let done = matches!(ev, Event::InitDone);
-                let mut s = super::lock(&store);
-                let changed = s.handle(ev);
-                if done {
-                    let ambient = s
-                        .labels
-                        .values()
-                        .filter(|l| {
-                            l.get(DATAPLANE_MODE).map(|v| v.trim())
-                                == Some(crate::ambient::DATAPLANE_AMBIENT)
-                        })
-                        .count();
-                    info!(
-                        "Kubernetes API: listed {} namespaces, {ambient} labelled {DATAPLANE_MODE}={}",
-                        s.labels.len(),
-                        crate::ambient::DATAPLANE_AMBIENT
-                    );
-                }
-                drop(s);
-                if changed {
-                    wake.notify_one();
-                }
-            }
-            Err(e) => {
-                crate::metrics::agent().watch_error();
-                let msg = e.to_string();
-                let why = if forbidden(&e) {
-                    format!("cannot read namespaces ({msg}): {FORBIDDEN_FIX}")
-                } else {
-                    format!("cannot read namespaces ({msg})")
-                };
-                let fallback = super::lock(&store).failed(why.clone());
-                if fallback {
-                    error!(
-                        "{why}; until they can be read, ambient enrollment follows pod labels only (a namespace's {DATAPLANE_MODE} label is not seen; pods it would decide are neither enrolled nor removed)"
-                    );
-                    wake.notify_one();
-                } else if failing.as_deref() != Some(msg.as_str()) {
-                    warn!(
-                        "Kubernetes API: {why}; retrying with backoff (the labels last seen stay in use)"
-                    );
-                } else {
-                    debug!("Kubernetes API: {msg}");
-                }
-                failing = Some(msg);
-            }
+    let on_event = |ev: Event<NamespaceMeta>| {
+        let done = matches!(ev, Event::InitDone);
+        let mut s = super::lock(&store);
+        let changed = s.handle(ev);
+        if done {
+            let ambient = s
+                .labels
+                .values()
+                .filter(|l| {
+                    l.get(DATAPLANE_MODE).map(|v| v.trim())
+                        == Some(crate::ambient::DATAPLANE_AMBIENT)
+                })
+                .count();
+            info!(
+                "Kubernetes API: listed {} namespaces, {ambient} labelled {DATAPLANE_MODE}={}",
+                s.labels.len(),
+                crate::ambient::DATAPLANE_AMBIENT
+            );
         }
-    }
+        drop(s);
+        if changed {
+            wake.notify_one();
+        }
+    };
+    let on_error = |e: &watcher::Error, repeated: bool| {
+        let why = if forbidden(e) {
+            format!("cannot read namespaces ({e}): {FORBIDDEN_FIX}")
+        } else {
+            format!("cannot read namespaces ({e})")
+        };
+        let fallback = super::lock(&store).failed(why.clone());
+        if fallback {
+            error!(
+                "{why}; until they can be read, ambient enrollment follows pod labels only (a namespace's {DATAPLANE_MODE} label is not seen; pods it would decide are neither enrolled nor removed)"
+            );
+            wake.notify_one();
+        } else if !repeated {
+            warn!(
+                "Kubernetes API: {why}; retrying with backoff (the labels last seen stay in use)"
+            );
+        } else {
+            debug!("Kubernetes API: {e}");
+        }
+    };
+    super::follow(api, cfg, "namespaces", on_event, on_error).await;
 }
 
 #[cfg(test)]
