@@ -173,6 +173,23 @@ pub fn occupancy(bpffs: &Path) -> Result<BTreeMap<String, Occupancy>> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let fd = obj_get(&entry.path()).with_context(|| format!("opening pinned map {name}"))?;
         let info = map_info(&fd).with_context(|| format!("map info of {name}"))?;
+        if name == "LISTEN_PORTS" {
+            // A bitmap (an array): its entries are the ports it holds.
+            let mut ports = 0usize;
+            for word in 0..info.max_entries {
+                let v = map_lookup(&fd, &word.to_ne_bytes(), info.value_size as usize)
+                    .with_context(|| format!("reading {name}[{word}]"))?;
+                ports += v.iter().map(|b| b.count_ones() as usize).sum::<usize>();
+            }
+            out.insert(
+                name,
+                Occupancy {
+                    entries: ports,
+                    capacity: info.max_entries * 64,
+                },
+            );
+            continue;
+        }
         if !KEYED_MAP_TYPES.contains(&info.map_type) {
             continue;
         }
