@@ -551,12 +551,11 @@ impl Datapath {
         let mut policy = rules.policy;
         policy.pod_id = pod_id;
         new.describe_in(&mut policy);
-        let mut bits = self.listen_bits.clone();
         for &p in &rules.listen_ports {
             let (word, bit) = listen_port_bit(p);
-            bits[word as usize] |= bit;
+            let want = self.listen_bits[word as usize] | bit;
+            self.set_listen_word(word, want)?;
         }
-        self.write_listen_bits(bits)?;
         if self.pod_counters.get(&cookie, 0).is_err() {
             let zero = PerCpuValues::try_from(vec![
                 PodCounters::default();
@@ -635,21 +634,22 @@ impl Datapath {
             let (word, bit) = listen_port_bit(p);
             bits[word as usize] |= bit;
         }
-        if let Err(e) = self.write_listen_bits(bits) {
-            warn!("{e:#}");
+        for (word, want) in (0..LISTEN_PORT_WORDS).zip(bits) {
+            if let Err(e) = self.set_listen_word(word, want) {
+                warn!("{e:#}");
+            }
         }
     }
 
-    /// Writes the words of the `LISTEN_PORTS` bitmap that differ from
-    /// `bits`.
-    fn write_listen_bits(&mut self, bits: Vec<u64>) -> Result<()> {
-        for (i, (&want, have)) in bits.iter().zip(self.listen_bits.iter_mut()).enumerate() {
-            if want != *have {
-                self.listen_ports
-                    .set(i as u32, want, 0)
-                    .context("writing LISTEN_PORTS")?;
-                *have = want;
-            }
+    /// Sets word `word` of the `LISTEN_PORTS` bitmap to `want` (no write
+    /// when it already holds it).
+    fn set_listen_word(&mut self, word: u32, want: u64) -> Result<()> {
+        let have = &mut self.listen_bits[word as usize];
+        if *have != want {
+            self.listen_ports
+                .set(word, want, 0)
+                .context("writing LISTEN_PORTS")?;
+            *have = want;
         }
         Ok(())
     }

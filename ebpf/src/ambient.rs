@@ -73,13 +73,7 @@ pub fn on_connect(ctx: &SockOpsContext, cookie: u64, sk: *mut bpf_sock) {
             set
         );
     }
-    let key = FlowKey {
-        netns_cookie: cookie,
-        peer_addr: crate::sockops::ops_local(ctx),
-        peer_port: ctx.local_port() as u16,
-        local_port: crate::sockops::ops_remote_port(ctx),
-        _pad: 0,
-    };
+    let key = crate::sockops::app_key(ctx, cookie);
     let od = OrigDst {
         addr: remote,
         port: key.local_port,

@@ -43,9 +43,7 @@ fn getpeer(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     // SAFETY: reading the `sk` field of a valid context (non-NULL).
     let sk_ptr = unsafe { sa.__bindgen_anon_1.sk };
-    // SAFETY: plain helper call on our own context.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    let Some(od) = app_side_orig_dst(sk_ptr, cookie) else {
+    let Some(od) = app_side_orig_dst(sk_ptr, ctx) else {
         return 1;
     };
     if v6 {
@@ -144,7 +142,7 @@ pub fn weir_getsockopt(ctx: SockoptContext) -> i32 {
 /// it: on the socket (UDP; TCP once the proxy closed first), else in
 /// `PENDING_FLOWS` by the socket's addresses (TCP).
 #[inline(always)]
-fn app_side_orig_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
+fn app_side_orig_dst(sk_ptr: *mut bpf_sock, ctx: &SockAddrContext) -> Option<OrigDst> {
     if sk_ptr.is_null() {
         return None;
     }
@@ -165,6 +163,10 @@ fn app_side_orig_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
     } else {
         (read_words(&sk.src_ip6), read_words(&sk.dst_ip6))
     };
+    // Only for sockets connected to a capture port: the cookie helper is
+    // not called for every other getpeername().
+    // SAFETY: plain helper call on our own context.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let found = app_orig_dst(&app_flow_key(
         cookie,
         local,

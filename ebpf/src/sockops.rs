@@ -134,12 +134,7 @@ pub(crate) fn on_connect(ctx: &SockOpsContext) {
     let Some(od) = connecting_take(sock) else {
         return;
     };
-    let key = app_flow_key(
-        ops_cookie(ctx),
-        ops_local(ctx),
-        ctx.local_port() as u16,
-        ops_remote_port(ctx),
-    );
+    let key = app_key(ctx, ops_cookie(ctx));
     if PENDING_FLOWS.insert(&key, &od, 0).is_err() {
         bump_node(NodeCounter::PendingInsertFailed);
     }
@@ -169,6 +164,18 @@ pub(crate) fn on_passive_established(ctx: &SockOpsContext) {
     if redirect_lost(key.netns_cookie, &key.peer_addr, local_port) {
         bump_node(NodeCounter::OrigDstLost);
     }
+}
+
+/// The `PENDING_FLOWS` key of the connection whose connecting side (the
+/// application's socket; ztunnel's in ambient mode) this callback is for.
+#[inline(always)]
+pub(crate) fn app_key(ctx: &SockOpsContext, cookie: u64) -> FlowKey {
+    app_flow_key(
+        cookie,
+        ops_local(ctx),
+        ctx.local_port() as u16,
+        ops_remote_port(ctx),
+    )
 }
 
 /// The `PENDING_FLOWS` key of the connection a proxy socket accepted on
@@ -231,13 +238,7 @@ fn on_app_state(ctx: &SockOpsContext) {
         // connection out of `PENDING_FLOWS`, while the application may
         // still read and ask `getpeername()`. Keep the answer on the
         // socket (only this case pays for socket storage).
-        let key = app_flow_key(
-            ops_cookie(ctx),
-            ops_local(ctx),
-            ctx.local_port() as u16,
-            ops_remote_port(ctx),
-        );
-        if let Some(od) = app_orig_dst(&key) {
+        if let Some(od) = app_orig_dst(&app_key(ctx, ops_cookie(ctx))) {
             let sk = ops_sk(ctx);
             if !sk.is_null() {
                 let _ = store_orig_dst(sk, od);
@@ -250,13 +251,6 @@ fn on_app_state(ctx: &SockOpsContext) {
         // port (fail closed, as with iptables). Forget its pending entry.
         let cookie = ops_cookie(ctx);
         bump_pod(cookie, PodCounter::OutboundFailClosed);
-        let key = FlowKey {
-            netns_cookie: cookie,
-            peer_addr: ops_local(ctx),
-            peer_port: ctx.local_port() as u16,
-            local_port: ops_remote_port(ctx),
-            _pad: 0,
-        };
-        let _ = PENDING_FLOWS.remove(&key);
+        let _ = PENDING_FLOWS.remove(&app_key(ctx, cookie));
     }
 }

@@ -220,6 +220,25 @@ pub fn tcp_socket(dst: SocketAddr, bind_to: Option<SocketAddr>) -> io::Result<Ow
     Ok(fd)
 }
 
+/// A blocking TCP connection to `dst` from address `src`, its port picked
+/// at connect time (`IP_BIND_ADDRESS_NO_PORT`, as Envoy binds its inbound
+/// passthrough source).
+pub fn connect_from(src: std::net::IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
+    let fd = socket(
+        family_of(&dst),
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::IpBindAddressNoPort, &true)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrStorage::from(SocketAddr::new(src, 0)),
+    )?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))?;
+    Ok(TcpStream::from(fd))
+}
+
 /// Connects `fd` (from [`tcp_socket`]) to `dst`, giving up after `timeout`
 /// with `ETIMEDOUT` (a zero timeout waits as long as the kernel does).
 pub fn connect_socket(fd: OwnedFd, dst: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {

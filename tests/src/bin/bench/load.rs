@@ -228,26 +228,7 @@ fn one_crr(
 ) -> io::Result<u8> {
     let mut s = match bind {
         None => TcpStream::connect(addr)?,
-        Some(src) => {
-            use nix::sys::socket::{
-                AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt,
-                socket, sockopt,
-            };
-            use std::os::fd::AsRawFd;
-            let fd = socket(
-                AddressFamily::Inet,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )?;
-            setsockopt(&fd, sockopt::IpBindAddressNoPort, &true)?;
-            bind(
-                fd.as_raw_fd(),
-                &SockaddrStorage::from(std::net::SocketAddrV4::new(src, 0)),
-            )?;
-            connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-            TcpStream::from(fd)
-        }
+        Some(src) => weir_tests::net::connect_from(src.into(), addr)?,
     };
     s.write_all(request)?;
     proto::read_exact_retry(&mut s, response)?;

@@ -19,7 +19,7 @@
 //! of a capture mode really was captured.
 
 use std::io::{self, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -29,9 +29,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, setsockopt, socket, sockopt,
-};
 use serde_json::json;
 use weir_tests::net::{normalize, original_dst};
 
@@ -277,17 +274,7 @@ fn handle(
 fn connect_upstream(direction: Direction, dst: SocketAddr) -> io::Result<TcpStream> {
     let up = match (direction, dst) {
         (Direction::Inbound, SocketAddr::V4(_)) => {
-            let fd = socket(
-                AddressFamily::Inet,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )?;
-            setsockopt(&fd, sockopt::IpBindAddressNoPort, &true)?;
-            let src = SocketAddrV4::new(PASSTHROUGH_SOURCE, 0);
-            bind(fd.as_raw_fd(), &SockaddrStorage::from(src))?;
-            connect(fd.as_raw_fd(), &SockaddrStorage::from(dst))?;
-            TcpStream::from(fd)
+            weir_tests::net::connect_from(PASSTHROUGH_SOURCE.into(), dst)?
         }
         _ => TcpStream::connect(dst)?,
     };
