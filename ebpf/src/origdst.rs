@@ -186,46 +186,64 @@ fn original_dst(sk_ptr: *mut bpf_sock, cookie: u64) -> Option<OrigDst> {
     if sk_ptr.is_null() {
         return None;
     }
-    if let Some(od) = orig_dst_of(sk_ptr) {
-        // The application's own socket (or a DNS socket): what it dialled.
-        return Some(od);
-    }
     // SAFETY: reading fields of a valid socket.
     let sk = unsafe { &*sk_ptr };
-    if sk.protocol != IPPROTO_TCP {
-        return None;
-    }
-    let policy = pod_policy(cookie)?;
-    if policy.flags & (POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND) == 0 {
-        // interceptionMode NONE: no rules, so no conntrack answer either.
-        return None;
-    }
+    let tcp = sk.protocol == IPPROTO_TCP;
     let (local, peer) = if sk.family == AF_INET {
         (v4_mapped(sk.src_ip4), v4_mapped(sk.dst_ip4))
     } else {
         (read_words(&sk.src_ip6), read_words(&sk.dst_ip6))
     };
-    if !is_v4_mapped(&local) && !ipv6_rules(&policy) {
+    let local_port = sk.src_port as u16;
+    let remote_port = u16::from_be(sk.dst_port);
+    // A proxy's accepted socket, the question asked once per redirected
+    // connection: its original destination stays in `PENDING_FLOWS` until
+    // the socket closes. Asked first, before the pod's policy: weir
+    // redirected this connection (`ORIG_APP_SIDE`), and conntrack too
+    // answers for a NATed connection whatever the rules became since.
+    let key = FlowKey {
+        netns_cookie: cookie,
+        peer_addr: peer,
+        peer_port: remote_port,
+        local_port,
+        _pad: 0,
+    };
+    let pending = if tcp {
+        PENDING_FLOWS.get_ptr(&key)
+    } else {
+        None
+    };
+    if let Some(p) = pending {
+        // SAFETY: pointer returned by a successful lookup.
+        let od = unsafe { *p };
+        if od.flags & ORIG_APP_SIDE != 0 {
+            return Some(od);
+        }
+    }
+    if let Some(od) = orig_dst_of(sk_ptr) {
+        // The application's own socket (or a DNS socket): what it dialled.
+        return Some(od);
+    }
+    if !tcp {
+        return None;
+    }
+    let policy = pod_policy_ref(cookie)?;
+    if policy.flags & (POLICY_CAPTURE_OUTBOUND | POLICY_CAPTURE_INBOUND) == 0 {
+        // interceptionMode NONE: no rules, so no conntrack answer either.
+        return None;
+    }
+    if !is_v4_mapped(&local) && !ipv6_rules(policy) {
         // A pod whose mesh writes no ip6tables rule (Linkerd's default):
         // no conntrack answer for its IPv6 connections either (B7).
         return None;
     }
-    let local_port = sk.src_port as u16;
-    // A proxy's accepted socket: its connection's original destination
-    // stays in `PENDING_FLOWS` until the socket closes.
-    let key = FlowKey {
-        netns_cookie: cookie,
-        peer_addr: peer,
-        peer_port: u16::from_be(sk.dst_port),
-        local_port,
-        _pad: 0,
-    };
-    if let Some(p) = PENDING_FLOWS.get_ptr(&key) {
+    if let Some(p) = pending {
+        // Any other entry (ambient: ztunnel's connection to the
+        // application), for pods whose rules would have NATed it.
         // SAFETY: pointer returned by a successful lookup.
         return Some(unsafe { *p });
     }
     // The application's own socket of a redirected connection.
-    let remote_port = u16::from_be(sk.dst_port);
     if is_listen_port(remote_port)
         && let Some(od) = app_orig_dst(&app_flow_key(cookie, local, local_port, remote_port))
     {

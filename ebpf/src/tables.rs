@@ -142,30 +142,28 @@ pub static ORIG_DST: SkStorage<OrigDst> = SkStorage::new();
 /// this CPU's `CONNECTING` slots: a free one, else the oldest.
 #[inline(always)]
 pub fn connecting_put(sock: u64, od: OrigDst) {
-    // SAFETY: plain helper call, no arguments.
-    let now = unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() };
-    let mut pick: Option<*mut Connecting> = None;
-    let mut oldest = u64::MAX;
+    let mut free: Option<*mut Connecting> = None;
+    let mut oldest: Option<*mut Connecting> = None;
+    let (mut oldest_seq, mut newest_seq) = (u64::MAX, 0u64);
     for i in 0..CONNECTING_SLOTS {
         let Some(p) = CONNECTING.get_ptr_mut(i) else {
             return;
         };
         // SAFETY: pointer into this CPU's slot of our array.
-        let (used, at) = unsafe { ((*p).sock, (*p).at_ns) };
+        let (used, seq) = unsafe { ((*p).sock, (*p).seq) };
+        newest_seq = newest_seq.max(seq);
         if used == 0 {
-            pick = Some(p);
-            break;
-        }
-        if at < oldest {
-            oldest = at;
-            pick = Some(p);
+            free = free.or(Some(p));
+        } else if seq < oldest_seq {
+            oldest_seq = seq;
+            oldest = Some(p);
         }
     }
-    if let Some(p) = pick {
+    if let Some(p) = free.or(oldest) {
         // SAFETY: as above.
         unsafe {
             (*p).od = od;
-            (*p).at_ns = now;
+            (*p).seq = newest_seq.wrapping_add(1);
             (*p).sock = sock;
         }
     }

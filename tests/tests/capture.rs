@@ -152,6 +152,73 @@ fn getpeername_is_the_original_after_the_proxy_closed_first_ipv6() {
     proxy_closes_first("[2001:2:0:1::2]:8080");
 }
 
+/// The hand-off from `connect4` to `TCP_CONNECT_CB` when the task moved
+/// to another CPU in between (`CONNECTING` is per CPU): the socket's slot
+/// is found on the other CPU, the proxy and the application get its
+/// original destination, the slot is emptied, and the move is counted in
+/// `weir_connect_handoffs_total{cpu="other"}`. A move cannot be forced in
+/// the middle of `connect()`, so the client leaves the slot on CPU 1
+/// itself and connects from CPU 0 straight to the proxy's port (loopback:
+/// not redirected, so `connect4` leaves no slot of its own).
+#[test]
+fn connect_handoff_is_found_on_another_cpu() {
+    if !require_root() {
+        return;
+    }
+    let p = two_pods();
+    let mut node = Node::with_agent();
+    node.set_pods(&[client_pod(&p)]);
+    let log = node.sidecar(&p.client, "client-sidecar");
+    node.echo(&p.server, 8080, "upstream", APP_UID);
+    let series = "weir_connect_handoffs_total{cpu=\"other\"}";
+    let before = metric(&node.metrics(), series);
+    let map = node.bpffs.join("weir/maps/CONNECTING");
+    // As root (no `--uid`): the client writes weir's pinned map.
+    let r = node.client_with(
+        &p.client,
+        &[],
+        "127.0.0.1:15001",
+        &[
+            "--handoff-map",
+            map.to_str().expect("UTF-8 path"),
+            "--handoff-to",
+            "198.18.1.2:8080",
+        ],
+    );
+    assert!(r.ok(), "{:?}", r.json);
+    // The proxy got the destination left on the other CPU, and went there.
+    let recs = wait_records(&log, 1);
+    assert_eq!(recs[0]["orig_dst"], "198.18.1.2:8080", "{recs:?}");
+    assert_eq!(r.reply()["server"], "upstream", "{:?}", r.json);
+    // The application's getpeername() names it too.
+    assert_eq!(r.peer(), "198.18.1.2:8080", "{:?}", r.json);
+    assert_eq!(
+        metric(&node.metrics(), series),
+        before + 1,
+        "the move between CPUs is counted"
+    );
+    // The slot was taken: no CPU's slot holds the socket any more.
+    let cookie = r.json["handoff_cookie"].as_u64().expect("handoff_cookie");
+    let data = aya::maps::MapData::from_pin(&map).expect("CONNECTING pinned");
+    let slots: aya::maps::PerCpuArray<_, weir_common::Connecting> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).expect("per-CPU array");
+    for i in 0..weir_common::CONNECTING_SLOTS {
+        let values = slots.get(&i, 0).expect("slot");
+        assert!(
+            values.iter().all(|c| c.sock != cookie),
+            "slot {i} still holds socket {cookie}"
+        );
+    }
+}
+
+/// The value of one series (`name{labels}`) in a Prometheus text page; 0
+/// when absent.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
 #[test]
 fn outbound_ipv4_is_captured_with_original_destination() {
     if !require_root() {

@@ -422,10 +422,12 @@ pub const LISTENER_UDP: u32 = 17;
 pub struct Connecting {
     /// The socket's cookie (`bpf_get_socket_cookie`); 0: free slot.
     pub sock: u64,
-    /// When `connect4`/`connect6` filled the slot (coarse monotonic ns): a
-    /// slot whose `connect()` failed before `TCP_CONNECT_CB` is never
-    /// emptied, and the oldest slot is the one reused.
-    pub at_ns: u64,
+    /// The order in which `connect4`/`connect6` filled this CPU's slots
+    /// (one more than the highest number in them): a slot whose
+    /// `connect()` failed before `TCP_CONNECT_CB` is never emptied, and
+    /// the oldest slot (lowest number) is the one reused. A number rather
+    /// than a time: no helper call per connection.
+    pub seq: u64,
     /// Where the application was going.
     pub od: OrigDst,
 }
@@ -602,6 +604,7 @@ mod user {
     unsafe impl aya::Pod for super::ListenerKey {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::OrigDst {}
+    unsafe impl aya::Pod for super::Connecting {}
     unsafe impl aya::Pod for super::PodCounters {}
     unsafe impl aya::Pod for super::NodeCounters {}
     unsafe impl aya::Pod for super::PodMeta {}

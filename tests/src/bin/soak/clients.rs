@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use nix::errno::Errno;
 use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrIn, connect, getsockname, socket,
+    AddressFamily, SockFlag, SockType, SockaddrIn, connect, getpeername, getsockname, socket,
 };
 use serde::{Deserialize, Serialize};
 
@@ -272,6 +272,12 @@ pub struct FloodSummary {
     pub index_ranges: BTreeMap<String, (u64, u64)>,
     /// Seconds from the end of the flood to the last answer.
     pub drain_s: f64,
+    /// The application's `getpeername()` once the proxy's answer arrived,
+    /// by what it named: `original` (the destination dialled), `proxy`
+    /// (127.0.0.1:15001: the connection's `PENDING_FLOWS` entry was
+    /// evicted, counted as `peer_lost`), `other` (anything else, or an
+    /// error).
+    pub peer: BTreeMap<String, u64>,
 }
 
 impl FloodSummary {
@@ -417,6 +423,22 @@ fn finish(p: &mut Pending) -> Option<Outcome> {
 }
 
 fn record(s: &mut FloodSummary, p: &Pending, outcome: Outcome) {
+    if matches!(outcome, Outcome::Answer(_)) {
+        let what = match getpeername::<SockaddrIn>(p.fd.as_raw_fd()) {
+            Ok(a) => {
+                let peer = SocketAddr::V4(SocketAddrV4::new(a.ip(), a.port()));
+                if peer == p.dst {
+                    "original"
+                } else if peer == SocketAddr::from(([127, 0, 0, 1], 15001)) {
+                    "proxy"
+                } else {
+                    "other"
+                }
+            }
+            Err(_) => "other",
+        };
+        *s.peer.entry(what.to_string()).or_default() += 1;
+    }
     match outcome {
         Outcome::Failed(v) => {
             *s.failed.entry(v.name().to_string()).or_default() += 1;

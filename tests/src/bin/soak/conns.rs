@@ -517,6 +517,32 @@ pub fn map_full(
             "{not_right} lost, orig_dst_lost +{lost_counted}, pending_insert_failed +{insert_failed}, orig_dst_store_failed {store_failed}"
         ),
     );
+    let peer = |k: &str| sum(&|s| s.peer.get(k).copied().unwrap_or(0));
+    let (peer_original, peer_proxy, peer_other) = (peer("original"), peer("proxy"), peer("other"));
+    let peer_lost = ev(&metrics_after, "peer_lost") - ev(&metrics_before, "peer_lost");
+    r.figure(
+        "application's getpeername(): original / proxy / other",
+        format!(
+            "{} / {} / {peer_other}",
+            thousands(peer_original),
+            thousands(peer_proxy)
+        ),
+    );
+    r.must(
+        "the application's getpeername() named what it dialled, or the proxy once its entry was evicted",
+        peer_other == 0,
+        format!("{peer_other} named something else"),
+    );
+    r.must(
+        "getpeername() named the proxy exactly for the connections whose destination was lost",
+        peer_proxy == not_right,
+        format!("{peer_proxy} named the proxy, {not_right} lost at the proxy"),
+    );
+    r.must(
+        "the node counter peer_lost counts each of them",
+        peer_lost == peer_proxy,
+        format!("peer_lost +{peer_lost}, {peer_proxy} named the proxy"),
+    );
     r.must(
         "PENDING_FLOWS empty afterwards",
         pending_after == 0,

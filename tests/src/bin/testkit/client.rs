@@ -42,6 +42,17 @@ pub(crate) struct ClientArgs {
     /// again (`peer_after_eof`), so that the other side's close is done.
     #[arg(long, default_value_t = 0)]
     after_eof_ms: u64,
+    /// Weir's pinned `CONNECTING` map (needs root: give no `--uid`).
+    /// Before connecting, this process is pinned to one CPU and the
+    /// socket's original destination `--handoff-to` is left in another
+    /// CPU's slot, as if `connect4` had run there and the task had moved
+    /// before `TCP_CONNECT_CB`: the hand-off must search the other CPUs.
+    /// Connect straight to the proxy's port (no redirect of its own).
+    #[arg(long, requires = "handoff_to")]
+    handoff_map: Option<std::path::PathBuf>,
+    /// The original destination `--handoff-map` plants.
+    #[arg(long)]
+    handoff_to: Option<SocketAddr>,
 }
 
 pub(crate) fn run(args: ClientArgs) -> Result<()> {
@@ -93,6 +104,18 @@ fn attempt(args: &ClientArgs, timeout: Duration) -> Value {
         failure(&mut record, "bind", &std::io::Error::from(e));
         return finish(record, started);
     }
+    if let (Some(map), Some(to)) = (&args.handoff_map, args.handoff_to) {
+        match plant_handoff(&fd, map, to) {
+            Ok((cookie, cpus)) => {
+                record["handoff_cookie"] = json!(cookie);
+                record["handoff_cpus"] = json!(cpus);
+            }
+            Err(e) => {
+                record["error"] = json!(format!("handoff: {e:#}"));
+                return finish(record, started);
+            }
+        }
+    }
     let mut conn = match net::connect_socket(fd, args.connect, timeout) {
         Ok(c) => c,
         Err(e) => {
@@ -134,4 +157,48 @@ fn exchange(
         .map_err(|e| ("write", e))?;
     conn.read_to_end(reply).map_err(|e| ("read", e))?;
     Ok(())
+}
+
+/// `--handoff-map`: pins this process to CPU 0 and writes `to` into slot 0
+/// of CPU 1 (the other CPUs' slots keep what they hold), keyed by the
+/// socket's cookie. Returns the cookie and the CPUs `connect()` runs on
+/// (0) and the slot is on (1).
+fn plant_handoff(
+    fd: &std::os::fd::OwnedFd,
+    map: &std::path::Path,
+    to: SocketAddr,
+) -> Result<(u64, [usize; 2])> {
+    use anyhow::Context as _;
+    use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+    use weir_common::{Connecting, ORIG_APP_SIDE, OrigDst, addr_from_octets};
+
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+    anyhow::ensure!(
+        cpus >= 2,
+        "the hand-off between CPUs needs at least 2 CPUs, this machine has {cpus}"
+    );
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    let cookie = net::socket_cookie(fd)?;
+    let data = MapData::from_pin(map).with_context(|| format!("opening {}", map.display()))?;
+    let mut slots: PerCpuArray<MapData, Connecting> =
+        PerCpuArray::try_from(Map::PerCpuArray(data))?;
+    let mut values: Vec<Connecting> = slots.get(&0, 0)?.iter().copied().collect();
+    let addr = addr_from_octets(match to.ip() {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    });
+    values[1] = Connecting {
+        sock: cookie,
+        seq: values[1].seq.wrapping_add(1),
+        od: OrigDst {
+            addr,
+            port: to.port(),
+            flags: ORIG_APP_SIDE,
+            pod_id: 0,
+        },
+    };
+    slots.set(0, PerCpuValues::try_from(values)?, 0)?;
+    Ok((cookie, [0, 1]))
 }
