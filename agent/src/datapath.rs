@@ -121,6 +121,27 @@ impl Pins {
     pub fn netns_link(&self, cookie: u64) -> PathBuf {
         self.links().join(format!("netns-{cookie}"))
     }
+
+    /// Opens the pinned map `name` (for `weir status` / `explain`), with
+    /// an error that says what to check.
+    pub fn open_map(&self, name: &str) -> Result<MapData> {
+        let p = self.maps().join(name);
+        MapData::from_pin(&p).with_context(|| {
+            format!(
+                "cannot open {} (is weir installed on this node, and --bpffs right?)",
+                p.display()
+            )
+        })
+    }
+}
+
+/// A pod's namespace and name from its `POD_META` entry (NUL-padded).
+pub fn pod_meta_names(m: &PodMeta) -> (String, String) {
+    fn text(b: &[u8]) -> String {
+        let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
+        String::from_utf8_lossy(&b[..end]).into_owned()
+    }
+    (text(&m.namespace), text(&m.name))
 }
 
 /// Makes sure `bpffs` is a bpffs mount (mounting one if nothing is there).

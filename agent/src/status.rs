@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, SockHash};
 use serde::Serialize;
 use weir_common::*;
@@ -120,33 +120,18 @@ pub struct Status {
     pub kernel_lacks: Vec<String>,
 }
 
-fn open(pins: &Pins, name: &str) -> Result<MapData> {
-    let p = pins.maps().join(name);
-    MapData::from_pin(&p).with_context(|| {
-        format!(
-            "cannot open {} (is weir installed on this node, and --bpffs right?)",
-            p.display()
-        )
-    })
-}
-
-fn cstr(b: &[u8]) -> String {
-    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
-}
-
 /// Reads the status from the pins under `bpffs`, with the reasons
 /// recorded in `state_file`.
 pub fn read(bpffs: &Path, state_file: &Path) -> Result<Status> {
     let reasons = crate::reasons::Reasons::read(state_file);
     let pins = Pins::new(bpffs);
     let policy: HashMap<MapData, u64, PodPolicy> =
-        HashMap::try_from(Map::HashMap(open(&pins, "POD_POLICY")?))?;
+        HashMap::try_from(Map::HashMap(pins.open_map("POD_POLICY")?))?;
     let meta: HashMap<MapData, u64, PodMeta> =
-        HashMap::try_from(Map::HashMap(open(&pins, "POD_META")?))?;
+        HashMap::try_from(Map::HashMap(pins.open_map("POD_META")?))?;
     let counters: PerCpuHashMap<MapData, u64, PodCounters> =
-        PerCpuHashMap::try_from(Map::PerCpuHashMap(open(&pins, "POD_COUNTERS")?))?;
-    let wm: Array<MapData, WeirMeta> = Array::try_from(Map::Array(open(&pins, "WEIR_META")?))?;
+        PerCpuHashMap::try_from(Map::PerCpuHashMap(pins.open_map("POD_COUNTERS")?))?;
+    let wm: Array<MapData, WeirMeta> = Array::try_from(Map::Array(pins.open_map("WEIR_META")?))?;
     let wm = wm.get(&0, 0).unwrap_or_default();
     let mut links: Vec<String> = std::fs::read_dir(pins.links())
         .map(|rd| {
@@ -164,7 +149,7 @@ pub fn read(bpffs: &Path, state_file: &Path) -> Result<Status> {
             .get(&cookie, 0)
             .map(|v| PodCounters::sum(v.iter()))
             .unwrap_or_default();
-        let (namespace, name) = (cstr(&m.namespace), cstr(&m.name));
+        let (namespace, name) = crate::datapath::pod_meta_names(&m);
         pods.push(PodStatus {
             reason: reasons
                 .reason(&format!("{namespace}/{name}"), cookie)
@@ -215,11 +200,11 @@ pub fn read(bpffs: &Path, state_file: &Path) -> Result<Status> {
 }
 
 fn fast_path(pins: &Pins) -> Result<FastPathStatus> {
-    let switch: Array<MapData, u32> = Array::try_from(Map::Array(open(pins, "FAST_PATH")?))?;
+    let switch: Array<MapData, u32> = Array::try_from(Map::Array(pins.open_map("FAST_PATH")?))?;
     let socks: SockHash<MapData, FastKey> =
-        SockHash::try_from(Map::SockHash(open(pins, "FAST_SOCKS")?))?;
+        SockHash::try_from(Map::SockHash(pins.open_map("FAST_SOCKS")?))?;
     let node: PerCpuArray<MapData, NodeCounters> =
-        PerCpuArray::try_from(Map::PerCpuArray(open(pins, "NODE_COUNTERS")?))?;
+        PerCpuArray::try_from(Map::PerCpuArray(pins.open_map("NODE_COUNTERS")?))?;
     let n = node
         .get(&0, 0)
         .map(|v| NodeCounters::sum(v.iter()))

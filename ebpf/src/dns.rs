@@ -4,14 +4,14 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{bpf_sock, bpf_sock_addr, sk_action},
-    helpers::generated::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_sk_release},
+    helpers::generated::{bpf_get_netns_cookie, bpf_sk_release},
     macros::cgroup_sock_addr,
     programs::{SkLookupContext, SockAddrContext},
 };
 use weir_common::*;
 
 use crate::abi::*;
-use crate::outbound::source_for;
+use crate::outbound::{outbound_query, outbound_verdict, source_for};
 use crate::tables::*;
 
 /// The `LISTENERS` key of the pod's DNS proxy socket (UDP, bound to
@@ -81,33 +81,10 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     if policy.flags & POLICY_CAPTURE_DNS == 0 {
         return 1;
     }
-    let dst: Addr = if v6 {
-        read_words(&sa.user_ip6)
-    } else {
-        v4_mapped(sa.user_ip4)
-    };
-    // SAFETY: `sk` is non-NULL for sock_addr programs.
-    let sk: &bpf_sock = unsafe { &*sa.__bindgen_anon_1.sk };
-    let src: Addr = if v6 {
-        read_words(&sk.src_ip6)
-    } else {
-        v4_mapped(sk.src_ip4)
-    };
-    let ids = unsafe { bpf_get_current_uid_gid() };
-    let q = OutboundQuery {
-        dst,
-        dport,
-        src,
-        uid: ids as u32,
-        gid: (ids >> 32) as u32,
-        udp: true,
-    };
+    let (q, sk) = outbound_query(sa, v6, true);
+    let (dst, src) = (q.dst, q.src);
     let t = KernelTables::of(cookie, &policy);
-    let verdict = if policy.flags & POLICY_AMBIENT != 0 {
-        crate::ambient::outbound(&policy, &q, sk, &t)
-    } else {
-        decide_outbound(&policy, &q, &t)
-    };
+    let verdict = outbound_verdict(&policy, &q, sk, &t);
     // Datagrams, counted apart from connections.
     if verdict != Verdict::RedirectDns {
         bump_pod(cookie, PodCounter::DnsUdpDatagramsBypassed);

@@ -48,39 +48,15 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
         }
         return 1;
     };
-    let dst: Addr = if v6 {
-        read_words(&sa.user_ip6)
-    } else {
-        v4_mapped(sa.user_ip4)
-    };
-    let dport = u16::from_be(sa.user_port as u16);
-    // SAFETY: `sk` is always set (non-NULL) for sock_addr programs.
-    let sk: &bpf_sock = unsafe { &*sa.__bindgen_anon_1.sk };
-    let src: Addr = if v6 {
-        read_words(&sk.src_ip6)
-    } else {
-        v4_mapped(sk.src_ip4)
-    };
-    let ids = unsafe { bpf_get_current_uid_gid() };
-    let q = OutboundQuery {
-        dst,
-        dport,
-        src,
-        uid: ids as u32,
-        gid: (ids >> 32) as u32,
-        udp,
-    };
+    let (q, sk) = outbound_query(sa, v6, udp);
+    let (dst, dport, src) = (q.dst, q.dport, q.src);
     let mut t = KernelTables::of(cookie, policy);
     // Asked by the rules (is it a loopback route?) and below (bind the
     // pod's own address?): one lookup for both.
     if !is_loopback_addr(&dst) {
         t.learn_pod_addr(&dst);
     }
-    let verdict = if policy.flags & POLICY_AMBIENT != 0 {
-        crate::ambient::outbound(policy, &q, sk, &t)
-    } else {
-        decide_outbound(policy, &q, &t)
-    };
+    let verdict = outbound_verdict(policy, &q, sk, &t);
     let counter = if udp {
         udp_connect_counter(verdict, dport)
     } else {
@@ -190,6 +166,55 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     }
     sa.user_port = u32::from(port.to_be());
     1
+}
+
+/// What a `connect()` or `sendmsg()` asks of the rules: the destination
+/// the application named, the socket's own address, the caller's ids; and
+/// the socket (valid for the program's run, whatever happens to `sa`).
+#[inline(always)]
+pub(crate) fn outbound_query<'k>(
+    sa: &bpf_sock_addr,
+    v6: bool,
+    udp: bool,
+) -> (OutboundQuery, &'k bpf_sock) {
+    let dst: Addr = if v6 {
+        read_words(&sa.user_ip6)
+    } else {
+        v4_mapped(sa.user_ip4)
+    };
+    // SAFETY: `sk` is always set (non-NULL) for sock_addr programs.
+    let sk: &bpf_sock = unsafe { &*sa.__bindgen_anon_1.sk };
+    let src: Addr = if v6 {
+        read_words(&sk.src_ip6)
+    } else {
+        v4_mapped(sk.src_ip4)
+    };
+    // SAFETY: plain helper call, no arguments.
+    let ids = unsafe { bpf_get_current_uid_gid() };
+    let q = OutboundQuery {
+        dst,
+        dport: u16::from_be(sa.user_port as u16),
+        src,
+        uid: ids as u32,
+        gid: (ids >> 32) as u32,
+        udp,
+    };
+    (q, sk)
+}
+
+/// The verdict of the pod's rules (sidecar or ambient) for `q`.
+#[inline(always)]
+pub(crate) fn outbound_verdict<T: PodTables>(
+    policy: &PodPolicy,
+    q: &OutboundQuery,
+    sk: &bpf_sock,
+    t: &T,
+) -> Verdict {
+    if policy.flags & POLICY_AMBIENT != 0 {
+        crate::ambient::outbound(policy, q, sk, t)
+    } else {
+        decide_outbound(policy, q, t)
+    }
 }
 
 /// The source address the kernel would choose for a remote `dst`: the

@@ -239,21 +239,6 @@ pub struct Explanation {
     pub enrolled_because: Option<String>,
 }
 
-fn open(pins: &Pins, name: &str) -> Result<MapData> {
-    let p = pins.maps().join(name);
-    MapData::from_pin(&p).with_context(|| {
-        format!(
-            "cannot open {} (is weir installed on this node, and --bpffs right?)",
-            p.display()
-        )
-    })
-}
-
-fn cstr(b: &[u8]) -> String {
-    let end = b.iter().position(|c| *c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
-}
-
 /// An LPM-trie key of a per-pod CIDR map back to the network it stands for.
 fn net_of_key(k: &Key<CidrData>) -> Option<IpNet> {
     let bits = k.prefix_len().checked_sub(CIDR_COOKIE_BITS)?;
@@ -289,7 +274,7 @@ pub fn explain(bpffs: &Path, state_file: &Path, q: &Query) -> Result<Explanation
         bail!("--udp and --inbound: weir captures inbound TCP only; drop one of them");
     }
     let pins = Pins::new(bpffs);
-    let wm: Array<MapData, WeirMeta> = Array::try_from(Map::Array(open(&pins, "WEIR_META")?))?;
+    let wm: Array<MapData, WeirMeta> = Array::try_from(Map::Array(pins.open_map("WEIR_META")?))?;
     let layout = wm.get(&0, 0).context("reading WEIR_META")?.layout_version;
     if layout != LAYOUT_VERSION {
         bail!(
@@ -299,9 +284,9 @@ pub fn explain(bpffs: &Path, state_file: &Path, q: &Query) -> Result<Explanation
         );
     }
     let meta: HashMap<MapData, u64, PodMeta> =
-        HashMap::try_from(Map::HashMap(open(&pins, "POD_META")?))?;
+        HashMap::try_from(Map::HashMap(pins.open_map("POD_META")?))?;
     let policy: HashMap<MapData, u64, PodPolicy> =
-        HashMap::try_from(Map::HashMap(open(&pins, "POD_POLICY")?))?;
+        HashMap::try_from(Map::HashMap(pins.open_map("POD_POLICY")?))?;
     // Names are stored truncated to 63 bytes.
     let trunc = |s: &str| -> String {
         let b = s.as_bytes();
@@ -312,7 +297,7 @@ pub fn explain(bpffs: &Path, state_file: &Path, q: &Query) -> Result<Explanation
     let mut found = None;
     for entry in meta.iter() {
         let (cookie, m) = entry.context("reading POD_META")?;
-        let (ns, name) = (cstr(&m.namespace), cstr(&m.name));
+        let (ns, name) = crate::datapath::pod_meta_names(&m);
         if ns == want_ns && name == want_name {
             found = Some(cookie);
         }
@@ -347,7 +332,7 @@ pub fn explain(bpffs: &Path, state_file: &Path, q: &Query) -> Result<Explanation
     let key = format!("{want_ns}/{want_name}");
     let mut view = EnrolledPod::new(want_ns, want_name, p, entries);
     let listeners: SockHash<MapData, ListenerKey> =
-        SockHash::try_from(Map::SockHash(open(&pins, "LISTENERS")?))?;
+        SockHash::try_from(Map::SockHash(pins.open_map("LISTENERS")?))?;
     for k in listeners.keys() {
         let k = k.context("reading LISTENERS")?;
         if k.netns_cookie == cookie {
