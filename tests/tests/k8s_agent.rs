@@ -117,6 +117,7 @@ const UID_B: &str = "6f1e2d3c-0000-4000-8000-00000000b002";
 const UID_FRESH: &str = "6f1e2d3c-0000-4000-8000-00000000c003";
 const UID_BAD: &str = "6f1e2d3c-0000-4000-8000-00000000d004";
 const UID_PLAIN: &str = "6f1e2d3c-0000-4000-8000-00000000e005";
+const UID_SHOP: &str = "6f1e2d3c-0000-4000-8000-00000000e006";
 
 fn istio(name: &str, uid: &str, ip: &str, ann: &[(&str, &str)]) -> Value {
     let mut a = vec![(
@@ -604,6 +605,35 @@ fn k8s_agent_down_only_meshed_pods_wait() {
         .run();
     assert_eq!(dns.code, 0, "{:?} {}", dns.json, dns.stderr);
     assert!(dns.stderr.contains("excludeNamespaces"), "{}", dns.stderr);
+    // No mesh label of its own, in a namespace labelled ambient: weir-cni
+    // reads the namespace, so the pod is meshed (ambient) and waits.
+    k.api
+        .apply_namespace("shop", &[("istio.io/dataplane-mode", "ambient")]);
+    let mut shopper = pod_json("shopper", UID_SHOP, &[], &["app"], &[]);
+    shopper["metadata"]["namespace"] = "shop".into();
+    k.api.apply(shopper);
+    let shop_call = || {
+        call("shopper", UID_SHOP, &other_ns, "198.18.11.5")
+            .in_namespace("shop")
+            .run()
+    };
+    let shop = shop_call();
+    assert_eq!(shop.code, 1, "{:?} {}", shop.json, shop.stderr);
+    assert_eq!(shop.json["code"], 11, "{:?}", shop.json);
+    let msg = shop.json["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("shop/shopper") && msg.contains("meshed (ambient)"),
+        "{msg}"
+    );
+    // Not allowed to read namespaces (403): the pod's own labels decide,
+    // as in the agent; it has none, so it is not meshed and starts.
+    k.api.forbid_namespaces(true);
+    let shop = shop_call();
+    assert_eq!(shop.code, 0, "{:?} {}", shop.json, shop.stderr);
+    assert!(shop.stderr.contains("not meshed"), "{}", shop.stderr);
+    k.api.forbid_namespaces(false);
+    k.api.delete_in("shop", "shopper");
+    k.api.delete_namespace("shop");
     // The API away too: whether "plain" is meshed is unknown, so it waits.
     k.api.set_down(true);
     let unknown = call("plain", UID_PLAIN, &other_ns, "198.18.11.3").run();

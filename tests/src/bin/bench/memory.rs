@@ -32,7 +32,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
@@ -250,13 +250,39 @@ fn measure_weir(
     node.mark();
     node.write_pods_yaml(&enroll::pod_entries(set));
     node.wait_applied(enroll::APPLY_TIMEOUT)?;
-    let status = node.try_status()?;
+    // A pod the first pass could not finish is retried by the next ones:
+    // the memory is measured once every pod is captured (or the run
+    // fails, saying which pods and why).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = node.try_status()?;
+        if fully_captured(&status) == set.files.len() || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let captured = fully_captured(&status);
-    ensure!(
-        captured == set.files.len(),
-        "weir status shows {captured} of {} pods captured",
-        set.files.len()
-    );
+    if captured != set.files.len() {
+        let missing: Vec<String> = status["pods"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| !weir_tests::node::is_fully_captured(p))
+            .take(5)
+            .map(|p| p.to_string())
+            .collect();
+        let problems: Vec<String> = node
+            .agent_logs()
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(10)
+            .map(str::to_string)
+            .collect();
+        bail!(
+            "weir status shows {captured} of {} pods captured 20 s after the apply; not captured (first 5): {missing:?}; the agent's warnings: {problems:?}",
+            set.files.len()
+        );
+    }
     let maps = map_memlock(pid)?;
     let kib = enroll::bpf_map_kib(pid);
     let total: u64 = maps.values().sum();
