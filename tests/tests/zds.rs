@@ -278,15 +278,21 @@ fn pods_added_and_deleted_after_the_snapshot() {
     assert!(b.hbone_listener().is_some());
 }
 
-#[test]
-fn keep_saves_a_pod_whose_netns_cannot_be_opened() {
-    let Some(bin) = setup() else { return };
+/// Pods `a` and `b`, an agent listing both, and ztunnel serving them.
+fn two_pods_served(bin: &Path) -> (Pod, Pod, Node, Ztunnel) {
     let (a, b) = (Pod::new("a"), Pod::new("b"));
     let mut node = Node::new();
     node.set(&[entry(&a, Some(a.ns.path())), entry(&b, Some(b.ns.path()))]);
     node.start_agent();
-    let zt = Ztunnel::start(&bin, &node.socket);
+    let zt = Ztunnel::start(bin, &node.socket);
     zt.wait_up(&[&a, &b]);
+    (a, b, node, zt)
+}
+
+#[test]
+fn keep_saves_a_pod_whose_netns_cannot_be_opened() {
+    let Some(bin) = setup() else { return };
+    let (a, b, mut node, zt) = two_pods_served(&bin);
     let a_listener = a.hbone_listener().expect("a's proxy listens");
     // A new agent that cannot open a's namespace (and no longer lists b):
     // a is kept, b is dropped by ztunnel at the end of the snapshot.
@@ -314,12 +320,7 @@ fn keep_saves_a_pod_whose_netns_cannot_be_opened() {
 #[test]
 fn ztunnel_reconnect_gets_a_fresh_snapshot() {
     let Some(bin) = setup() else { return };
-    let (a, b) = (Pod::new("a"), Pod::new("b"));
-    let mut node = Node::new();
-    node.set(&[entry(&a, Some(a.ns.path())), entry(&b, Some(b.ns.path()))]);
-    node.start_agent();
-    let zt = Ztunnel::start(&bin, &node.socket);
-    zt.wait_up(&[&a, &b]);
+    let (a, b, node, zt) = two_pods_served(&bin);
     drop(zt);
     wait_until(Duration::from_secs(10), "ztunnel's proxies gone", || {
         a.hbone_listener().is_none() && b.hbone_listener().is_none()
@@ -337,12 +338,7 @@ fn ztunnel_reconnect_gets_a_fresh_snapshot() {
 #[test]
 fn a_pod_deleted_while_ztunnel_is_down_is_not_served_after() {
     let Some(bin) = setup() else { return };
-    let (a, b) = (Pod::new("a"), Pod::new("b"));
-    let mut node = Node::new();
-    node.set(&[entry(&a, Some(a.ns.path())), entry(&b, Some(b.ns.path()))]);
-    node.start_agent();
-    let zt = Ztunnel::start(&bin, &node.socket);
-    zt.wait_up(&[&a, &b]);
+    let (a, b, node, zt) = two_pods_served(&bin);
     drop(zt);
     node.wait_log("closed");
     node.set(&[entry(&a, Some(a.ns.path()))]);
@@ -357,12 +353,7 @@ fn a_pod_deleted_while_ztunnel_is_down_is_not_served_after() {
 #[test]
 fn agent_restart_leaves_ztunnel_serving_its_pods() {
     let Some(bin) = setup() else { return };
-    let (a, b) = (Pod::new("a"), Pod::new("b"));
-    let mut node = Node::new();
-    node.set(&[entry(&a, Some(a.ns.path())), entry(&b, Some(b.ns.path()))]);
-    node.start_agent();
-    let zt = Ztunnel::start(&bin, &node.socket);
-    zt.wait_up(&[&a, &b]);
+    let (a, b, mut node, zt) = two_pods_served(&bin);
     let before = (a.hbone_listener(), b.hbone_listener());
     assert!(before.0.is_some() && before.1.is_some());
     node.kill_agent();

@@ -1161,6 +1161,20 @@ struct HopOut {
     lines: Vec<String>,
 }
 
+impl HopOut {
+    /// A hop's report: a title line (✓ or ✗, `from -> to`), `lines`, then
+    /// one line per problem.
+    fn report(from: &str, to: &str, mut lines: Vec<String>, problems: &[String]) -> HopOut {
+        let ok = problems.is_empty();
+        lines.insert(
+            0,
+            format!("  {} {from} -> {to}", if ok { "✓" } else { "✗" }),
+        );
+        lines.extend(problems.iter().map(|p| format!("        PROBLEM: {p}")));
+        HopOut { ok, lines }
+    }
+}
+
 fn find<'a>(records: &'a [Value], listener: &str, peer: &str) -> Option<&'a Value> {
     records
         .iter()
@@ -1290,15 +1304,7 @@ fn walk(hop: &HopIn, logs: &BTreeMap<&'static str, Vec<Value>>, out: &mut Vec<Ho
     } else if target.is_none() {
         problems.push(format!("{} is not a pod of the demo", hop.dst));
     }
-    let ok = problems.is_empty();
-    lines.insert(
-        0,
-        format!("  {} {from} -> {to}", if ok { "✓" } else { "✗" }),
-    );
-    for p in &problems {
-        lines.push(format!("        PROBLEM: {p}"));
-    }
-    out.push(HopOut { ok, lines });
+    out.push(HopOut::report(from, &to, lines, &problems));
     // The calls made while serving this hop.
     let callee = hop.response["pod"].as_str().and_then(Pod::by_name);
     for next in calls_of(hop, callee) {

@@ -286,15 +286,7 @@ pub(super) fn walk(
             }
         }
     }
-    let ok = problems.is_empty();
-    lines.insert(
-        0,
-        format!("  {} {from} -> {to}", if ok { "✓" } else { "✗" }),
-    );
-    for p in &problems {
-        lines.push(format!("        PROBLEM: {p}"));
-    }
-    out.push(HopOut { ok, lines });
+    out.push(HopOut::report(from, &to, lines, &problems));
     let callee = hop.response["pod"].as_str().and_then(Pod::by_name);
     for next in super::calls_of(hop, callee) {
         walk(&next, records, used, out);
