@@ -224,12 +224,7 @@ pub fn tcp_socket(dst: SocketAddr, bind_to: Option<SocketAddr>) -> io::Result<Ow
 /// at connect time (`IP_BIND_ADDRESS_NO_PORT`, as Envoy binds its inbound
 /// passthrough source).
 pub fn connect_from(src: std::net::IpAddr, dst: SocketAddr) -> io::Result<TcpStream> {
-    let fd = socket(
-        family_of(&dst),
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let fd = tcp_socket(dst, None)?;
     setsockopt(&fd, sockopt::IpBindAddressNoPort, &true)?;
     bind(
         fd.as_raw_fd(),
